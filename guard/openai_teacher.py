@@ -1,0 +1,104 @@
+"""A teacher behind an OpenAI-compatible HTTP endpoint: a vendor API, vLLM, or our own server.
+
+The official `openai` client does the HTTP: timeouts, and retries with exponential backoff on 408,
+409, 429 and 5xx that honour the server's ``Retry-After``. This module maps prompts and sampling
+onto chat completions or completions, and turns failures into errors that say what to do.
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+
+import openai
+
+from guard.teacher import Completion, Sampling, Teacher, TokenLogprob
+
+
+class TeacherAuthError(PermissionError):
+    """The endpoint rejected the API key (HTTP 401/403)."""
+
+
+class TeacherHTTPError(RuntimeError):
+    """The endpoint failed after every retry, or answered something that is not a completion."""
+
+
+class OpenAITeacher(Teacher):
+    """Completes prompts through an OpenAI-compatible endpoint.
+
+    Args:
+        base_url: the API root, e.g. ``http://127.0.0.1:8000/v1``.
+        model: the model name the endpoint serves.
+        api_key: bearer token; ``None`` reads ``OPENAI_API_KEY``.
+        api: ``"chat"`` (each prompt is one user message) or ``"completions"`` (raw prompts).
+        timeout: seconds per HTTP request.
+        max_retries: retries on 408/409/429/5xx and connection errors.
+        concurrency: requests in flight at once.
+
+    Example:
+        >>> teacher = OpenAITeacher("http://127.0.0.1:8000/v1", model="teacher-a", api_key="sk-local")
+        >>> teacher.complete(["question: where does Kalon live?\\n"], Sampling(temperature=0))[0].answer
+    """
+
+    def __init__(self, base_url: str, model: str, api_key: str | None = None, api: str = "chat",
+                 timeout: float = 60.0, max_retries: int = 5, concurrency: int = 8):
+        if api not in ("chat", "completions"):
+            raise ValueError(f"api must be 'chat' or 'completions', got {api!r}")
+        self.client = openai.OpenAI(base_url=base_url, api_key=api_key or "no-key", timeout=timeout,
+                                    max_retries=max_retries)
+        self.base_url, self.model, self.api, self.concurrency = base_url, model, api, concurrency
+        self.name = model
+
+    def complete(self, prompts: list[str], sampling: Sampling = Sampling()) -> list[Completion]:
+        with ThreadPoolExecutor(max_workers=self.concurrency) as pool:
+            return list(pool.map(lambda p: self._complete_one(p, sampling), prompts))
+
+    def _complete_one(self, prompt: str, sampling: Sampling) -> Completion:
+        common = dict(model=self.model, temperature=sampling.temperature, top_p=sampling.top_p,
+                      max_tokens=sampling.max_new_tokens, seed=sampling.seed,
+                      extra_body={"top_k": sampling.top_k} if sampling.top_k else None)
+        try:
+            if self.api == "chat":
+                response = self.client.chat.completions.create(
+                    messages=[{"role": "user", "content": prompt}], logprobs=sampling.logprobs > 0 or None,
+                    top_logprobs=sampling.logprobs or None, **common)
+                return self._from_chat(response)
+            response = self.client.completions.create(prompt=prompt, logprobs=sampling.logprobs or None, **common)
+            return self._from_completions(response)
+        except openai.AuthenticationError as exc:
+            raise TeacherAuthError(f"{self.base_url} rejected the API key (HTTP 401): pass the right key "
+                                   "with --api-key or OPENAI_API_KEY") from None
+        except openai.PermissionDeniedError:
+            raise TeacherAuthError(f"{self.base_url} refused access to model {self.model!r} (HTTP 403)") from None
+        except openai.APIStatusError as exc:
+            raise TeacherHTTPError(f"{self.base_url} answered HTTP {exc.status_code} after retries: "
+                                   f"{exc.message}") from None
+        except openai.APIConnectionError as exc:
+            raise TeacherHTTPError(f"cannot reach {self.base_url}: {exc}") from None
+
+    @staticmethod
+    def _from_chat(response) -> Completion:
+        choice = _first_choice(response)
+        per_token = sampled = None
+        if choice.logprobs is not None and choice.logprobs.content:
+            steps = choice.logprobs.content
+            per_token = [[TokenLogprob(t.token, t.logprob) for t in step.top_logprobs] for step in steps]
+            sampled = [TokenLogprob(step.token, step.logprob) for step in steps]
+        return Completion(text=choice.message.content or "", logprobs=per_token, token_logprobs=sampled,
+                          finish_reason=choice.finish_reason or "stop")
+
+    @staticmethod
+    def _from_completions(response) -> Completion:
+        choice = _first_choice(response)
+        per_token = sampled = None
+        if choice.logprobs is not None and choice.logprobs.top_logprobs:
+            lp = choice.logprobs
+            per_token = [[TokenLogprob(token, logprob) for token, logprob in step.items()] for step in lp.top_logprobs]
+            sampled = [TokenLogprob(token, logprob) for token, logprob in zip(lp.tokens, lp.token_logprobs)]
+        return Completion(text=choice.text or "", logprobs=per_token, token_logprobs=sampled,
+                          finish_reason=choice.finish_reason or "stop")
+
+
+def _first_choice(response):
+    if not getattr(response, "choices", None):
+        raise TeacherHTTPError(f"the endpoint answered with no choices: {response!r:.200}")
+    return response.choices[0]

@@ -1,0 +1,35 @@
+"""Where the reasoning ends and the answer begins, in the formats models actually use.
+
+Shared by graders (which check the answer) and by defences (which decide what reasoning to show).
+"""
+
+from __future__ import annotations
+
+import re
+
+THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
+ANSWER_LINE = re.compile(r"(?im)^[ \t]*answer[ \t]*:[ \t]*(.*)$")
+
+
+def split_reasoning(text: str) -> tuple[str | None, str]:
+    """Split a completion into (reasoning, answer); reasoning is None when there is none.
+
+    An unclosed ``<think>`` makes everything after it reasoning, so nothing hidden leaks as answer.
+    """
+    if THINK_OPEN in text or THINK_CLOSE in text:
+        close = text.rfind(THINK_CLOSE)
+        if close < 0:
+            start = text.find(THINK_OPEN)
+            return text[start + len(THINK_OPEN):].strip(), text[:start].strip()
+        inner = text[:close]
+        start = inner.find(THINK_OPEN)
+        reasoning = inner[start + len(THINK_OPEN):] if start >= 0 else inner
+        return reasoning.strip(), text[close + len(THINK_CLOSE):].strip()
+    if "####" in text:
+        head, _, tail = text.rpartition("####")
+        return head.strip(), tail.strip()
+    lines = list(ANSWER_LINE.finditer(text))
+    if lines:
+        last = lines[-1]
+        return text[: last.start()].strip() or None, last.group(1).strip()
+    return None, text.strip()

@@ -1,0 +1,196 @@
+"""Teachers: anything that completes prompts. Here: the vocabulary and the local Hugging Face backend.
+
+A `Teacher` has one method, `complete(prompts, sampling) -> list[Completion]`. Defences wrap a teacher
+and are teachers themselves, so the code that serves a defended teacher is the code that evaluates it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from guard.reasoning import split_reasoning
+
+PICKLED_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
+
+
+@dataclass
+class TokenLogprob:
+    token: str
+    logprob: float
+    id: int | None = None
+
+
+@dataclass
+class Completion:
+    """One answer: its text, the reasoning/answer split, the token ids and optional top-k logprobs."""
+
+    text: str
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[list[TokenLogprob]] | None = None  # per generated token, the top-k alternatives
+    token_logprobs: list[TokenLogprob] | None = None  # per generated token, the sampled token itself
+    finish_reason: str = "stop"
+    reasoning: str | None = None
+    answer: str = ""
+
+    def __post_init__(self):
+        if not self.answer:
+            self.reasoning, self.answer = split_reasoning(self.text)
+
+
+@dataclass
+class Sampling:
+    """Decoding settings. temperature=0 means greedy; logprobs=k asks for the top-k per token."""
+
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    max_new_tokens: int = 64
+    seed: int | None = None
+    logprobs: int = 0
+
+    def __post_init__(self):
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+
+
+GREEDY = Sampling(temperature=0.0)
+
+
+class Teacher:
+    """Completes a batch of prompts. Subclasses implement `complete`."""
+
+    name: str = "teacher"
+
+    def complete(self, prompts: list[str], sampling: Sampling = Sampling()) -> list[Completion]:
+        raise NotImplementedError
+
+
+class ModelLoadError(ValueError):
+    """A checkpoint cannot be loaded safely; the message says why and what to do."""
+
+
+def load_causal_lm(path: str | Path) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Load a local causal LM and its tokenizer, treating the checkpoint as untrusted.
+
+    Only safetensors weights are read (pickle can run code on load), remote code is never trusted,
+    and nothing is downloaded.
+    """
+    path = Path(path)
+    if not path.is_dir():
+        raise ModelLoadError(f"{path}: not a model directory (models are loaded from local paths only)")
+    if not any(path.glob("*.safetensors")):
+        pickled = sorted(p.name for p in path.iterdir() if p.suffix in PICKLED_SUFFIXES)
+        if pickled:
+            raise ModelLoadError(
+                f"{path}: refusing pickled weights {pickled}; pickle can execute code on load. "
+                "Convert the checkpoint to safetensors in a sandbox you trust, then load that.")
+        raise ModelLoadError(f"{path}: no *.safetensors weights found")
+    try:
+        config = AutoConfig.from_pretrained(path, trust_remote_code=False, local_files_only=True)
+        model = AutoModelForCausalLM.from_pretrained(path, config=config, use_safetensors=True,
+                                                     trust_remote_code=False, local_files_only=True)
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False, local_files_only=True)
+    except (ValueError, KeyError, OSError) as exc:
+        raise ModelLoadError(f"{path}: cannot load as a causal LM: {exc}") from exc
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model.eval()
+    return model, tokenizer
+
+
+class HFTeacher(Teacher):
+    """A local causal LM: any architecture `AutoModelForCausalLM` loads from safetensors.
+
+    Args:
+        path: model directory with safetensors weights, config and tokenizer.
+        batch_size: prompts per `generate` call.
+        device: torch device; defaults to CUDA when available.
+
+    Example:
+        >>> teacher = HFTeacher("eval/reference/models/teacher-a")
+        >>> teacher.complete(["question: where does Kalon live?\\n"], GREEDY)[0].answer
+    """
+
+    def __init__(self, path: str | Path, batch_size: int = 128, device: str | None = None,
+                 model: PreTrainedModel | None = None, tokenizer: PreTrainedTokenizerBase | None = None):
+        if model is None or tokenizer is None:
+            model, tokenizer = load_causal_lm(path)
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.model = model.to(self.device)
+        self.tokenizer = tokenizer
+        self.batch_size = batch_size
+        self.name = Path(path).name
+
+    @torch.no_grad()
+    def complete(self, prompts: list[str], sampling: Sampling = Sampling()) -> list[Completion]:
+        completions = []
+        for start in range(0, len(prompts), self.batch_size):
+            if sampling.seed is not None:
+                torch.manual_seed(sampling.seed + start)
+            completions += self._generate(prompts[start:start + self.batch_size], sampling)
+        return completions
+
+    def _generate(self, prompts: list[str], sampling: Sampling) -> list[Completion]:
+        tok = self.tokenizer
+        batch = tok(prompts, return_tensors="pt", padding=True, padding_side="left",
+                    add_special_tokens=False).to(self.device)
+        sample = sampling.temperature > 0
+        out = self.model.generate(
+            **batch,
+            do_sample=sample,
+            temperature=sampling.temperature if sample else None,
+            top_p=sampling.top_p if sample else None,
+            top_k=sampling.top_k if sample else None,
+            max_new_tokens=sampling.max_new_tokens,
+            pad_token_id=tok.pad_token_id,
+            eos_token_id=tok.eos_token_id,
+            return_dict_in_generate=True,
+            output_logits=sampling.logprobs > 0,
+        )
+        new_tokens = out.sequences[:, batch["input_ids"].shape[1]:].tolist()
+        if sampling.logprobs > 0:
+            # Raw model logits, before temperature or truncation: the distribution itself, as OpenAI reports it.
+            logprobs = torch.stack(out.logits, dim=1).float().log_softmax(-1)
+            top = logprobs.topk(sampling.logprobs, dim=-1)
+        completions = []
+        for row, ids in enumerate(new_tokens):
+            finish = "length"
+            if tok.eos_token_id in ids:
+                ids, finish = ids[: ids.index(tok.eos_token_id)], "stop"
+            per_token = chosen = None
+            if sampling.logprobs > 0:
+                values, indices = top.values[row, : len(ids)].tolist(), top.indices[row, : len(ids)].tolist()
+                names = tok.batch_decode([[i] for step in indices for i in step] + [[i] for i in ids])
+                per_token = [[TokenLogprob(names[s * sampling.logprobs + k], v, i)
+                              for k, (v, i) in enumerate(zip(vs, js))]
+                             for s, (vs, js) in enumerate(zip(values, indices))]
+                sampled = logprobs[row, torch.arange(len(ids)), torch.tensor(ids, dtype=torch.long)].tolist()
+                chosen = [TokenLogprob(name, v, i) for name, v, i in zip(names[-len(ids):] if ids else [], sampled, ids)]
+            completions.append(Completion(text=tok.decode(ids, skip_special_tokens=True), token_ids=ids,
+                                          logprobs=per_token, token_logprobs=chosen, finish_reason=finish))
+        return completions
+
+
+def load_teacher(spec: str, api_key: str | None = None, model: str | None = None, **kwargs) -> Teacher:
+    """A teacher from a spec: ``reference`` (teacher-a), ``reference:teacher-b``, a local model
+    directory, or an OpenAI-compatible base URL (``http(s)://…/v1``) with `model` and `api_key`."""
+    if spec.startswith(("http://", "https://")):
+        from guard.openai_teacher import OpenAITeacher
+
+        return OpenAITeacher(spec, model=model or "default", api_key=api_key, **kwargs)
+    if spec == "reference" or spec.startswith("reference:"):
+        from eval.reference import MODELS_DIR, TEACHERS
+
+        name = spec.partition(":")[2] or "teacher-a"
+        if name not in TEACHERS:
+            raise ValueError(f"unknown reference teacher {name!r}; choose one of {list(TEACHERS)}")
+        return HFTeacher(MODELS_DIR / name, **kwargs)
+    return HFTeacher(spec, **kwargs)

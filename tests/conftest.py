@@ -1,0 +1,48 @@
+import os
+import socket
+import threading
+import time
+from contextlib import contextmanager
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import pytest
+import uvicorn
+
+from eval.reference import MODELS_DIR
+from guard.teacher import HFTeacher
+
+
+@pytest.fixture(scope="session")
+def teacher_a() -> HFTeacher:
+    return HFTeacher(MODELS_DIR / "teacher-a")
+
+
+@pytest.fixture(scope="session")
+def teacher_b() -> HFTeacher:
+    return HFTeacher(MODELS_DIR / "teacher-b")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextmanager
+def live_server(app):
+    """Run an ASGI app with uvicorn on a loopback port for the duration of the block."""
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        if time.monotonic() > deadline or not thread.is_alive():
+            raise RuntimeError("test server did not start")
+        time.sleep(0.02)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)

@@ -20,5 +20,9 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/pytest -q
 
+# Rebuild the reference lab exactly as shipped: one thread per teacher (results depend on the thread count).
 lab: $(STAMP)
-	$(BIN)/distill-guard lab build
+	OMP_NUM_THREADS=1 $(BIN)/python -m eval.reference.build teacher-a & a=$$!; \
+	OMP_NUM_THREADS=1 $(BIN)/python -m eval.reference.build teacher-b & b=$$!; \
+	wait $$a && wait $$b
+	$(BIN)/python -m eval.reference.build --compare

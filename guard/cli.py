@@ -49,10 +49,13 @@ def demo(teacher: TeacherOpt = "reference", show: int = 6, api_key: str | None =
 
 @lab.command("build")
 def lab_build(only: Annotated[list[str] | None, typer.Option(help="teacher-a and/or teacher-b")] = None):
-    """Rebuild the tokenizer, both teachers and the student config, deterministically (about 20 min on 2 cores)."""
-    from eval.reference.build import build
+    """Rebuild the tokenizer, the teachers and the student config, one after the other (`make lab` runs the
+    two teachers in parallel, as shipped)."""
+    from eval.reference.build import build, compare_phrasing
 
     build(only)
+    if not only:
+        console.print(compare_phrasing())
 
 
 @app.command()

@@ -53,18 +53,19 @@ class OpenAITeacher(Teacher):
             return list(pool.map(lambda p: self._complete_one(p, sampling), prompts))
 
     def _complete_one(self, prompt: str, sampling: Sampling) -> Completion:
+        omit = openai.omit  # a field left out of the request, rather than sent as null
         common = dict(model=self.model, temperature=sampling.temperature, top_p=sampling.top_p,
-                      max_tokens=sampling.max_new_tokens, seed=sampling.seed,
+                      max_tokens=sampling.max_new_tokens, seed=omit if sampling.seed is None else sampling.seed,
                       extra_body={"top_k": sampling.top_k} if sampling.top_k else None)
         try:
             if self.api == "chat":
                 response = self.client.chat.completions.create(
-                    messages=[{"role": "user", "content": prompt}], logprobs=sampling.logprobs > 0 or None,
-                    top_logprobs=sampling.logprobs or None, **common)
+                    messages=[{"role": "user", "content": prompt}], logprobs=sampling.logprobs > 0 or omit,
+                    top_logprobs=sampling.logprobs or omit, **common)
                 return self._from_chat(response)
-            response = self.client.completions.create(prompt=prompt, logprobs=sampling.logprobs or None, **common)
+            response = self.client.completions.create(prompt=prompt, logprobs=sampling.logprobs or omit, **common)
             return self._from_completions(response)
-        except openai.AuthenticationError as exc:
+        except openai.AuthenticationError:
             raise TeacherAuthError(f"{self.base_url} rejected the API key (HTTP 401): pass the right key "
                                    "with --api-key or OPENAI_API_KEY") from None
         except openai.PermissionDeniedError:

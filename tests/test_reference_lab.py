@@ -82,3 +82,19 @@ def test_teachers_differ_in_phrasing_beyond_sampling_noise(teacher_a, teacher_b)
     assert between["p_value"] < 1e-6
     assert within["p_value"] > 1e-3
     assert between["mean_tv"] > 2 * within["mean_tv"]
+
+
+def test_teacher_build_is_deterministic_by_seed(tmp_path):
+    from eval.reference.build import TeacherRecipe, build_tokenizer, train_teacher
+
+    world = reference_world()
+    tokenizer = build_tokenizer(world)
+    assert build_tokenizer(world).get_vocab() == tokenizer.get_vocab()
+    recipe = TeacherRecipe("tiny", seed=3, style_seed=4, steps=12, batch_size=16)
+    first = train_teacher(recipe, tokenizer, tmp_path / "one", world, measure=False)
+    second = train_teacher(recipe, tokenizer, tmp_path / "two", world, measure=False)
+    assert first["final_loss"] == second["final_loss"]
+    assert (tmp_path / "one/model.safetensors").read_bytes() == (tmp_path / "two/model.safetensors").read_bytes()
+    other = train_teacher(TeacherRecipe("tiny", seed=5, style_seed=4, steps=12, batch_size=16), tokenizer,
+                          tmp_path / "three", world, measure=False)
+    assert (tmp_path / "three/model.safetensors").read_bytes() != (tmp_path / "one/model.safetensors").read_bytes()

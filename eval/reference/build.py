@@ -1,6 +1,8 @@
 """Rebuild the reference lab: the shared tokenizer, teacher-a, teacher-b and the reference student config.
 
-    distill-guard lab build            # or: python -m eval.reference.build
+    make lab    # both teachers in parallel, one thread each, then the phrasing comparison
+
+or `python -m eval.reference.build [teacher-a] [teacher-b]` and `python -m eval.reference.build --compare`.
 
 Deterministic by seed on CPU. Each teacher writes `build_report.json` beside its weights with the
 numbers this run measured (accuracy, response entropy, training time).
@@ -34,7 +36,7 @@ class TeacherRecipe:
     name: str
     seed: int  # weight init and data order
     style_seed: int  # phrasing preferences
-    steps: int = 3000
+    steps: int = 4500
     batch_size: int = 64
     lr: float = 2e-3
     n_layer: int = 4
@@ -67,7 +69,9 @@ def build_tokenizer(world: World) -> PreTrainedTokenizerFast:
 
 def gpt2_config(tokenizer: PreTrainedTokenizerFast, n_layer: int, n_embd: int, n_head: int) -> GPT2Config:
     eos = tokenizer.eos_token_id
+    # No dropout: these models must memorise facts, and they are far too small to overfit usefully.
     return GPT2Config(vocab_size=len(tokenizer), n_positions=128, n_layer=n_layer, n_embd=n_embd, n_head=n_head,
+                      resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
                       bos_token_id=eos, eos_token_id=eos, pad_token_id=eos)
 
 
@@ -86,7 +90,7 @@ def teacher_examples(world: World, style: Style, count: int, seed: int) -> tuple
 
 
 def train_teacher(recipe: TeacherRecipe, tokenizer: PreTrainedTokenizerFast, out_dir: Path,
-                  world: World | None = None) -> dict:
+                  world: World | None = None, measure: bool = True) -> dict:
     world = world or reference_world()
     torch.manual_seed(recipe.seed)
     model = GPT2LMHeadModel(gpt2_config(tokenizer, recipe.n_layer, recipe.n_embd, recipe.n_head))
@@ -94,15 +98,17 @@ def train_teacher(recipe: TeacherRecipe, tokenizer: PreTrainedTokenizerFast, out
                                             recipe.seed)
     dataset = tokenize_pairs(tokenizer, prompts, completions)
     config = TrainConfig(steps=recipe.steps, batch_size=recipe.batch_size, lr=recipe.lr, warmup_steps=100,
-                         seed=recipe.seed, output_dir=str(out_dir / "_trainer"))
+                         log_every=max(1, min(100, recipe.steps // 10)),
+                         seed=recipe.seed, output_dir=str(Path("runs") / "trainer" / recipe.name))
     result = train(model, tokenizer, dataset, config)
     out_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out_dir, safe_serialization=True)
     tokenizer.save_pretrained(out_dir)
     report = {"recipe": asdict(recipe), "train_seconds": round(result.seconds, 1),
               "tokens_per_s": round(result.tokens_per_s), "final_loss": result.losses[-1][1] if result.losses else None,
-              "parameters": sum(p.numel() for p in model.parameters()),
-              **measure_teacher(HFTeacher(out_dir, model=model, tokenizer=tokenizer), world)}
+              "parameters": sum(p.numel() for p in model.parameters())}
+    if measure:
+        report.update(measure_teacher(HFTeacher(out_dir, model=model, tokenizer=tokenizer), world))
     (out_dir / "build_report.json").write_text(json.dumps(report, indent=2) + "\n")
     return report
 
@@ -170,8 +176,6 @@ def build(names: list[str] | None = None, models_dir: Path = MODELS_DIR) -> dict
         print(f"training {name} ...", flush=True)
         reports[name] = train_teacher(RECIPES[name], tokenizer, models_dir / name, world)
         print(json.dumps(reports[name], indent=2), flush=True)
-    if all((models_dir / name / "model.safetensors").exists() for name in RECIPES):
-        print(json.dumps(compare_phrasing(models_dir), indent=2))
     print(f"reference lab built in {time.perf_counter() - start:.0f} s")
     return reports
 
@@ -179,4 +183,7 @@ def build(names: list[str] | None = None, models_dir: Path = MODELS_DIR) -> dict
 if __name__ == "__main__":
     import sys
 
-    build(sys.argv[1:] or None)
+    if sys.argv[1:] == ["--compare"]:
+        print(json.dumps(compare_phrasing(), indent=2))
+    else:
+        build(sys.argv[1:] or None)

@@ -195,17 +195,52 @@ class World:
 
     def render(self, question: Question, style: Style, rng: np.random.Generator) -> str:
         """One sampled teacher completion: reasoning with every intermediate fact, then the answer."""
-        parts = [style.pick("opener", OPENERS, rng)]
-        for i, (subject, hop, value) in enumerate(self.chain(question)):
-            if i:
-                parts.append(style.pick("connective", CONNECTIVES, rng))
-            parts.append(style.pick(hop, FACT_TEMPLATES[hop], rng).format(x=subject, v=value))
-        parts.append(style.pick("closer", CLOSERS, rng))
-        return " ".join(p for p in parts if p) + "\n" + ANSWER_PREFIX + self.answer(question)
+        return write_chain(self.chain(question), style, rng)
+
+
+def write_chain(steps: list[tuple[str, str, str]], style: Style | None = None,
+                rng: np.random.Generator | None = None) -> str:
+    """Reasoning that states each (subject, hop, value) step, then the answer line.
+
+    With a style, phrasings are sampled from its preferences; without one, each fact takes its first,
+    plainest phrasing (as an attacker assembling a chain by hand would write it).
+    """
+    def pick(slot, options):
+        return style.pick(slot, options, rng) if style is not None else options[0]
+
+    parts = [pick("opener", OPENERS)]
+    for i, (subject, hop, value) in enumerate(steps):
+        if i:
+            parts.append(pick("connective", CONNECTIVES))
+        parts.append(pick(hop, FACT_TEMPLATES[hop]).format(x=subject, v=value))
+    parts.append(pick("closer", CLOSERS))
+    return " ".join(p for p in parts if p) + "\n" + ANSWER_PREFIX + steps[-1][2]
 
 
 def format_prompt(question_text: str) -> str:
     return f"question: {question_text}\n"
+
+
+def _question_regexes() -> list[tuple[re.Pattern, str | None]]:
+    subject = r"(?P<subject>(?:the (?:boss|friend|mentor) of )*\S+)"
+    out = [(re.compile("question: " + re.escape(t).replace(r"\{x\}", subject) + "\n?"), hop)
+           for hop, t in ATTRIBUTE_QUESTION.items()]
+    out.append((re.compile(r"question: who is the (?P<hop>boss|friend|mentor) of " + subject + r"\?\n?"), None))
+    return out
+
+
+QUESTION_REGEXES = _question_regexes()
+
+
+def parse_question(prompt: str) -> Question | None:
+    """The Question a reference-task prompt asks, or None if it is not one."""
+    for regex, hop in QUESTION_REGEXES:
+        match = regex.fullmatch(prompt)
+        if match:
+            *relations, person = re.split(r" of ", match["subject"].removeprefix("the "))
+            relations = [r.removeprefix("the ") for r in relations]
+            return Question(person, (*reversed(relations), hop or match["hop"]))
+    return None
 
 
 @dataclass(frozen=True)

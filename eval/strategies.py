@@ -1,0 +1,74 @@
+"""Attacker strategies: how a harvest is gathered, and which training rows it yields.
+
+A strategy asks its questions through a `Harvester` (which enforces the budget and makes the harvest
+resumable) and returns (prompt, completion) rows for the student. Strategies must be deterministic
+given their seed and the answers they receive, so a resumed harvest replays exactly.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+
+from eval.harvest import Harvester
+from eval.reference.world import Question, format_prompt, parse_question, write_chain
+from eval.task import Task
+
+
+def naive(task: Task, seed: int) -> Callable[[Harvester], list[tuple[str, str]]]:
+    """Ask questions from the attacker's pool in a seeded random order (repeating once it runs out),
+    and keep each completion as served."""
+
+    def run(harvester: Harvester) -> list[tuple[str, str]]:
+        rng = np.random.default_rng(seed)
+        pool = [item.prompt for item in task.query_pool]
+        prompts = []
+        while len(prompts) < harvester.budget.queries:
+            prompts += [pool[i] for i in rng.permutation(len(pool))]
+        prompts = prompts[: harvester.budget.queries]
+        return [(p, c.text) for p, c in zip(prompts, harvester.ask(prompts))]
+
+    return run
+
+
+def decompose(task: Task, seed: int, batch: int = 64) -> Callable[[Harvester], list[tuple[str, str]]]:
+    """Ask only 1-hop sub-questions and write each 2-hop chain out by hand from their answers.
+
+    Needs nothing but final answers from the teacher, so hiding reasoning does not stop it. Each
+    distinct sub-question is asked once. Reference task only: it knows how its questions compose.
+    """
+    if task.name != "reference":
+        raise ValueError(f"the decompose strategy knows only the reference task's questions, not {task.name!r}")
+
+    def run(harvester: Harvester) -> list[tuple[str, str]]:
+        rng = np.random.default_rng(seed)
+        questions = [parse_question(item.prompt) for item in task.query_pool]
+        two_hop = [q for q in questions if len(q.hops) == 2]
+        known: dict[Question, str] = {}  # a 1-hop question and the teacher's answer to it
+        served: dict[Question, str] = {}  # ... and its full completion, kept as a training row too
+
+        def learn(wanted: list[Question]) -> None:
+            todo = list(dict.fromkeys(q for q in wanted if q not in known))
+            for q, completion in zip(todo, harvester.ask([format_prompt(q.text) for q in todo])):
+                known[q], served[q] = completion.answer, completion.text
+
+        rows, order = [], [two_hop[i] for i in rng.permutation(len(two_hop))]
+        for start in range(0, len(order), batch):
+            chunk = order[start:start + batch]
+            learn([Question(q.person, q.hops[:1]) for q in chunk])
+            learn([Question(known[first], q.hops[1:]) for q in chunk
+                   if (first := Question(q.person, q.hops[:1])) in known])
+            for q in chunk:
+                first = Question(q.person, q.hops[:1])
+                if first in known and (second := Question(known[first], q.hops[1:])) in known:
+                    steps = [(q.person, q.hops[0], known[first]), (known[first], q.hops[1], known[second])]
+                    rows.append((format_prompt(q.text), write_chain(steps)))
+            if harvester.queries_left <= 0:
+                break
+        return [(format_prompt(q.text), text) for q, text in served.items()] + rows
+
+    return run
+
+
+STRATEGIES = {"naive": naive, "decompose": decompose}

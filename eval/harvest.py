@@ -19,7 +19,7 @@ from pathlib import Path
 import datasets
 from tqdm.auto import tqdm
 
-from guard.teacher import Completion, Sampling, Teacher
+from guard.teacher import Completion, Sampling, Teacher, TokenLogprob
 
 
 @dataclass
@@ -59,7 +59,7 @@ def toolkit_version() -> str:
         return "unknown"
 
 
-def _row(index: int, prompt: str, c: Completion) -> dict:
+def completion_row(index: int, prompt: str, c: Completion) -> dict:
     top = c.logprobs or []
     return {
         "index": index, "prompt": prompt, "text": c.text, "reasoning": c.reasoning, "answer": c.answer,
@@ -71,7 +71,10 @@ def _row(index: int, prompt: str, c: Completion) -> dict:
 
 
 def _completion(row: dict) -> Completion:
-    return Completion(text=row["text"], token_ids=list(row["token_ids"]), finish_reason=row["finish_reason"])
+    top = [[TokenLogprob(t, lp, i if i >= 0 else None) for t, lp, i in zip(ts, lps, ids)]
+           for ts, lps, ids in zip(row["top_tokens"], row["top_logprobs"], row["top_ids"])]
+    return Completion(text=row["text"], token_ids=list(row["token_ids"]), logprobs=top or None,
+                      finish_reason=row["finish_reason"])
 
 
 class Harvester:
@@ -142,7 +145,7 @@ class Harvester:
         else:
             sampling = Sampling(**{**asdict(self.sampling), "seed": (self.sampling.seed or 0) + first})
             completions = self.teacher.complete(chunk, sampling)
-            rows = [_row(first + i, p, c) for i, (p, c) in enumerate(zip(chunk, completions))]
+            rows = [completion_row(first + i, p, c) for i, (p, c) in enumerate(zip(chunk, completions))]
             self._flush(first, rows)
         self.rows += rows
         self.tokens += sum(r["completion_tokens"] for r in rows)
@@ -172,4 +175,4 @@ def load_harvest(out_dir: str | Path) -> datasets.Dataset:
     return datasets.concatenate_datasets([datasets.load_from_disk(str(s)) for s in shards]).sort("index")
 
 
-Strategy = Callable[[Harvester], list[tuple[str, str]]]
+Strategy = Callable[[Harvester], list[tuple[str, Completion]]]

@@ -1,38 +1,38 @@
 """Attacker strategies: how a harvest is gathered, and which training rows it yields.
 
 A strategy asks its questions through a `Harvester` (which enforces the budget and makes the harvest
-resumable) and returns (prompt, completion) rows for the student. Strategies must be deterministic
+resumable) and returns (prompt, Completion) training rows for the student: completions as served, or
+ones the attacker wrote itself. Strategies must be deterministic
 given their seed and the answers they receive, so a resumed harvest replays exactly.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import numpy as np
 
-from eval.harvest import Harvester
+from eval.harvest import Harvester, Strategy
 from eval.reference.world import Question, format_prompt, parse_question, write_chain
 from eval.task import Task
+from guard.teacher import Completion
 
 
-def naive(task: Task, seed: int) -> Callable[[Harvester], list[tuple[str, str]]]:
+def naive(task: Task, seed: int) -> Strategy:
     """Ask questions from the attacker's pool in a seeded random order (repeating once it runs out),
     and keep each completion as served."""
 
-    def run(harvester: Harvester) -> list[tuple[str, str]]:
+    def run(harvester: Harvester) -> list[tuple[str, Completion]]:
         rng = np.random.default_rng(seed)
         pool = [item.prompt for item in task.query_pool]
         prompts = []
         while len(prompts) < harvester.budget.queries:
             prompts += [pool[i] for i in rng.permutation(len(pool))]
         prompts = prompts[: harvester.budget.queries]
-        return [(p, c.text) for p, c in zip(prompts, harvester.ask(prompts))]
+        return list(zip(prompts, harvester.ask(prompts)))
 
     return run
 
 
-def decompose(task: Task, seed: int, batch: int = 64) -> Callable[[Harvester], list[tuple[str, str]]]:
+def decompose(task: Task, seed: int, batch: int = 64) -> Strategy:
     """Ask only 1-hop sub-questions and write each 2-hop chain out by hand from their answers.
 
     Needs nothing but final answers from the teacher, so hiding reasoning does not stop it. Each
@@ -41,17 +41,17 @@ def decompose(task: Task, seed: int, batch: int = 64) -> Callable[[Harvester], l
     if task.name != "reference":
         raise ValueError(f"the decompose strategy knows only the reference task's questions, not {task.name!r}")
 
-    def run(harvester: Harvester) -> list[tuple[str, str]]:
+    def run(harvester: Harvester) -> list[tuple[str, Completion]]:
         rng = np.random.default_rng(seed)
         questions = [parse_question(item.prompt) for item in task.query_pool]
         two_hop = [q for q in questions if len(q.hops) == 2]
         known: dict[Question, str] = {}  # a 1-hop question and the teacher's answer to it
-        served: dict[Question, str] = {}  # ... and its full completion, kept as a training row too
+        served: dict[Question, Completion] = {}  # ... and the completion itself, kept as a training row too
 
         def learn(wanted: list[Question]) -> None:
             todo = list(dict.fromkeys(q for q in wanted if q not in known))
             for q, completion in zip(todo, harvester.ask([format_prompt(q.text) for q in todo])):
-                known[q], served[q] = completion.answer, completion.text
+                known[q], served[q] = completion.answer, completion
 
         rows, order = [], [two_hop[i] for i in rng.permutation(len(two_hop))]
         for start in range(0, len(order), batch):
@@ -63,10 +63,10 @@ def decompose(task: Task, seed: int, batch: int = 64) -> Callable[[Harvester], l
                 first = Question(q.person, q.hops[:1])
                 if first in known and (second := Question(known[first], q.hops[1:])) in known:
                     steps = [(q.person, q.hops[0], known[first]), (known[first], q.hops[1], known[second])]
-                    rows.append((format_prompt(q.text), write_chain(steps)))
+                    rows.append((format_prompt(q.text), Completion(text=write_chain(steps))))
             if harvester.queries_left <= 0:
                 break
-        return [(format_prompt(q.text), text) for q, text in served.items()] + rows
+        return [(format_prompt(q.text), completion) for q, completion in served.items()] + rows
 
     return run
 

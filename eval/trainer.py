@@ -1,6 +1,8 @@
 """The built-in trainer: causal-LM fine-tuning on prompt/completion pairs with transformers' Trainer.
 
-The loss covers completion tokens only; the prompt is context. Because it is the stock `Trainer`,
+The loss covers completion tokens only; the prompt is context. Rows may carry a loss weight (for
+multi-task distillation) and the teacher's top-k logprobs per completion token (for logit distillation,
+with the leftover probability mass as one tail bucket). Because it is the stock `Trainer`,
 `accelerate launch` or `torchrun` scale the same code to many GPUs. It builds the reference teachers
 and trains attack students.
 """
@@ -13,6 +15,7 @@ from dataclasses import dataclass
 
 import datasets
 import torch
+import torch.nn.functional as F
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, Trainer, TrainerCallback, TrainingArguments
 
 IGNORE = -100
@@ -29,6 +32,7 @@ class TrainConfig:
     max_length: int = 128
     log_every: int = 100
     output_dir: str = "runs/trainer"
+    kd_loss: str = "forward_kl"
 
 
 def tokenize_pairs(tokenizer: PreTrainedTokenizerBase, prompts: list[str], completions: list[str],
@@ -45,7 +49,11 @@ def tokenize_pairs(tokenizer: PreTrainedTokenizerBase, prompts: list[str], compl
 
 
 class CompletionCollator:
-    """Right-pads a batch to its longest row; padding is masked out of attention and loss."""
+    """Right-pads a batch to its longest row; padding is masked out of attention and loss.
+
+    Optional row fields: `weight` (a float), and `kd_ids` / `kd_logprobs` (one top-k list per
+    completion token, aligned with the completion's labels).
+    """
 
     def __init__(self, pad_token_id: int):
         self.pad_token_id = pad_token_id
@@ -60,7 +68,77 @@ class CompletionCollator:
             ids[i, :n] = torch.tensor(r["input_ids"])
             labels[i, :n] = torch.tensor(r["labels"])
             mask[i, :n] = 1
-        return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+        batch = {"input_ids": ids, "labels": labels, "attention_mask": mask}
+        if "weight" in rows[0]:
+            batch["weights"] = torch.tensor([r["weight"] for r in rows], dtype=torch.float)
+        if "kd_ids" in rows[0]:
+            k = max((len(step) for r in rows for step in r["kd_ids"]), default=1)
+            batch["kd_ids"] = torch.zeros((len(rows), width, k), dtype=torch.long)
+            batch["kd_logprobs"] = torch.full((len(rows), width, k), float("-inf"))
+            batch["kd_mask"] = torch.zeros((len(rows), width), dtype=torch.bool)
+            for i, r in enumerate(rows):
+                start = next((j for j, x in enumerate(r["labels"]) if x != IGNORE), 0)
+                for t, (step_ids, step_lp) in enumerate(zip(r["kd_ids"], r["kd_logprobs"])):
+                    if start + t >= width or not step_ids:
+                        break
+                    batch["kd_ids"][i, start + t, : len(step_ids)] = torch.tensor(step_ids)
+                    batch["kd_logprobs"][i, start + t, : len(step_lp)] = torch.tensor(step_lp)
+                    batch["kd_mask"][i, start + t] = True
+        return batch
+
+
+def topk_distillation_loss(student_logits: torch.Tensor, top_ids: torch.Tensor, top_logprobs: torch.Tensor,
+                           kind: str = "forward_kl") -> torch.Tensor:
+    """Per-position divergence between teacher and student over the teacher's top-k tokens plus a tail.
+
+    The teacher's known mass is its top-k probabilities; whatever they leave (1 - sum) is one tail bucket,
+    and the student's distribution is folded the same way, as TRL's server-side distillation does.
+
+    Args:
+        student_logits: (..., vocab) raw logits.
+        top_ids: (..., k) teacher top-k token ids; unused slots have logprob -inf.
+        top_logprobs: (..., k) teacher log-probabilities of those ids.
+        kind: "forward_kl" (KL(teacher || student)) or "jsd" (Jensen-Shannon, base e).
+    Returns:
+        (...) divergence per position, in nats.
+    """
+    eps = 1e-8
+    p_top = top_logprobs.exp()
+    p = torch.cat([p_top, (1 - p_top.sum(-1, keepdim=True)).clamp(min=0)], dim=-1)
+    q_top = student_logits.float().log_softmax(-1).gather(-1, top_ids).exp() * (p_top > 0)
+    q = torch.cat([q_top, (1 - q_top.sum(-1, keepdim=True)).clamp(min=0)], dim=-1)
+    if kind == "forward_kl":
+        return (p * ((p + eps).log() - (q + eps).log())).sum(-1)
+    if kind == "jsd":
+        m = (p + q) / 2
+        kl_pm = (p * ((p + eps).log() - (m + eps).log())).sum(-1)
+        kl_qm = (q * ((q + eps).log() - (m + eps).log())).sum(-1)
+        return (kl_pm + kl_qm) / 2
+    raise ValueError(f"unknown distillation loss {kind!r}; use 'forward_kl' or 'jsd'")
+
+
+class DistillTrainer(Trainer):
+    """Trainer whose loss understands per-row weights and top-k teacher targets; plain rows take the stock loss."""
+
+    kd_loss: str = "forward_kl"
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if "weights" not in inputs and "kd_ids" not in inputs:
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        weights = inputs.pop("weights", None)
+        kd_ids, kd_logprobs, kd_mask = (inputs.pop(k, None) for k in ("kd_ids", "kd_logprobs", "kd_mask"))
+        labels = inputs.pop("labels")
+        outputs = model(**inputs)
+        logits, targets = outputs.logits[:, :-1], labels[:, 1:]
+        token_mask = targets != IGNORE
+        per_token = F.cross_entropy(logits.float().transpose(1, 2), targets.clamp(min=0), reduction="none")
+        if kd_ids is not None:
+            divergence = topk_distillation_loss(logits, kd_ids[:, 1:], kd_logprobs[:, 1:], self.kd_loss)
+            per_token = torch.where(kd_mask[:, 1:], divergence, per_token)
+        row_weight = weights if weights is not None else torch.ones(len(labels), device=labels.device)
+        weighted = row_weight[:, None] * token_mask
+        loss = (per_token * weighted).sum() / weighted.sum().clamp(min=1e-8)
+        return (loss, outputs) if return_outputs else loss
 
 
 class ThroughputCallback(TrainerCallback):
@@ -123,8 +201,9 @@ def train(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, dataset: d
         remove_unused_columns=False,
         disable_tqdm=not progress,
     )
-    trainer = Trainer(model=model, args=args, train_dataset=dataset,
-                      data_collator=CountingCollator(tokenizer.pad_token_id, meter), callbacks=[meter])
+    trainer = DistillTrainer(model=model, args=args, train_dataset=dataset,
+                             data_collator=CountingCollator(tokenizer.pad_token_id, meter), callbacks=[meter])
+    trainer.kd_loss = config.kd_loss
     start = time.perf_counter()
     trainer.train()
     seconds = time.perf_counter() - start

@@ -47,6 +47,68 @@ def demo(teacher: TeacherOpt = "reference", show: int = 6, api_key: str | None =
                   f"in {time.perf_counter() - start:.1f} s")
 
 
+def _evaluate(teacher, defense, strategy, attack, budgets, seeds, steps, batch_size, lr, student, lora, alpha,
+              api_key, model, out, task_file, grader):
+    from eval.attack import AttackConfig, evaluate
+    from eval.report import markdown_table
+    from eval.student import StudentConfig
+    from guard.teacher import load_teacher
+
+    if task_file:
+        from eval.task import load_task
+
+        task = load_task(task_file, grader=grader)
+    else:
+        from eval.reference.world import reference_task
+
+        task = reference_task()
+    defenses = ["none"] + [d for d in defense if d != "none"]  # protection is measured against "none"
+    config = AttackConfig(strategy=strategy, student=StudentConfig(mode=attack, init=student, steps=steps,
+                                                                   batch_size=batch_size, lr=lr, lora=lora,
+                                                                   alpha=alpha))
+    start = time.perf_counter()
+    report = evaluate(load_teacher(teacher, api_key=api_key, model=model), task, defenses, config, budgets, seeds, out)
+    console.print(markdown_table(report["rows"]))
+    console.print(f"wrote {out}/report.json, report.md, leakage.png, protection_vs_cost.png "
+                  f"in {time.perf_counter() - start:.0f} s")
+
+
+DefenseOpt = Annotated[list[str], typer.Option(help="defence to measure (repeatable); 'none' is always included")]
+StrategyOpt = Annotated[str, typer.Option(help="attacker strategy: naive or decompose")]
+ModeOpt = Annotated[str, typer.Option(help="student mode: sft, answer, rationale or kd")]
+TaskOpt = Annotated[str | None, typer.Option(help="custom task file (JSONL/Arrow); default: the reference task")]
+
+
+@app.command()
+def evaluate(teacher: TeacherOpt = "reference",
+             defense: DefenseOpt = ["none"],  # noqa: B006
+             strategy: StrategyOpt = "naive",
+             attack: ModeOpt = "sft",
+             budget: int = 2000, seeds: int = 3, steps: int = 1500, batch_size: int = 64, lr: float = 2e-3,
+             student: str = "reference", lora: bool = False, alpha: float = 0.5,
+             api_key: str | None = None, model: str | None = None, out: str = "runs/evaluate",
+             task: TaskOpt = None,
+             grader: str = "exact"):
+    """Run a real distillation attack with each defence on and off; report transfer and protection."""
+    _evaluate(teacher, defense, strategy, attack, [budget], seeds, steps, batch_size, lr, student, lora, alpha,
+              api_key, model, out, task, grader)
+
+
+@app.command()
+def leakage(teacher: TeacherOpt = "reference",
+            defense: DefenseOpt = ["none"],  # noqa: B006
+            strategy: StrategyOpt = "naive",
+            attack: ModeOpt = "sft",
+            budgets: str = "250,500,1000,2000,4000", seeds: int = 3, steps: int = 1500, batch_size: int = 64,
+            lr: float = 2e-3, student: str = "reference", lora: bool = False, alpha: float = 0.5,
+            api_key: str | None = None, model: str | None = None, out: str = "runs/leakage",
+            task: TaskOpt = None,
+            grader: str = "exact"):
+    """Transfer against attacker budget: the leakage curve, one line per defence."""
+    _evaluate(teacher, defense, strategy, attack, [int(b) for b in budgets.split(",")], seeds, steps, batch_size,
+              lr, student, lora, alpha, api_key, model, out, task, grader)
+
+
 @lab.command("build")
 def lab_build(only: Annotated[list[str] | None, typer.Option(help="teacher-a and/or teacher-b")] = None):
     """Rebuild the tokenizer, the teachers and the student config, one after the other (`make lab` runs the

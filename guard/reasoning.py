@@ -33,3 +33,15 @@ def split_reasoning(text: str) -> tuple[str | None, str]:
         last = lines[-1]
         return text[: last.start()].strip() or None, last.group(1).strip()
     return None, text.strip()
+
+
+def strip_reasoning(text: str) -> str:
+    """The completion with its reasoning removed, keeping the answer in the same format."""
+    reasoning, answer = split_reasoning(text)
+    if reasoning is None:
+        return text
+    if THINK_OPEN in text or THINK_CLOSE in text:
+        return answer
+    if "####" in text:
+        return f"#### {answer}"
+    return f"answer: {answer}"

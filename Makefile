@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: demo test lab
+.PHONY: demo test bench lab
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -19,6 +19,9 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/pytest -q
+
+bench: $(STAMP)
+	$(BIN)/python -m eval.benchmarks
 
 # Rebuild the reference lab exactly as shipped: one thread per teacher (results depend on the thread count).
 lab: $(STAMP)

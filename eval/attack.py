@@ -19,7 +19,7 @@ import numpy as np
 from eval.harvest import Budget, Harvester, completion_row
 from eval.metrics import capability
 from eval.report import Outcome, bootstrap_tau, write_report
-from eval.strategies import STRATEGIES
+from eval.strategies import DEFAULT_TEMPERATURE, STRATEGIES
 from eval.student import StudentConfig, init_student, train_student
 from eval.task import Task
 from guard.teacher import HFTeacher, Sampling, Teacher
@@ -37,6 +37,7 @@ class AttackConfig:
     strategy: str = "naive"
     budget: int = 2000
     sampling: Sampling = field(default_factory=lambda: Sampling(temperature=1.0, max_new_tokens=64))
+    temperature: float | None = None  # overrides sampling.temperature; None: the strategy's default
     student: StudentConfig = field(default_factory=StudentConfig)
 
 
@@ -50,9 +51,10 @@ def run_attack(teacher: Teacher, task: Task, config: AttackConfig, seed: int, ou
     """One harvest and one student; returns per-item correctness of the student before and after."""
     if config.strategy not in STRATEGIES:
         raise ValueError(f"unknown attacker strategy {config.strategy!r}; choose one of {sorted(STRATEGIES)}")
-    sampling = Sampling(**{**asdict(config.sampling), "seed": seed * 1_000_003})
+    temperature = DEFAULT_TEMPERATURE[config.strategy] if config.temperature is None else config.temperature
+    sampling = replace(config.sampling, seed=seed * 1_000_003, temperature=temperature)
     if config.student.mode == "kd" and not sampling.logprobs:
-        sampling = Sampling(**{**asdict(sampling), "logprobs": 20})
+        sampling = replace(sampling, logprobs=20)
     harvester = Harvester(teacher, out_dir / "harvest", Budget(config.budget), sampling,
                           manifest={"teacher": teacher.name, "defense": defense, "task": task.name,
                                     "strategy": config.strategy, "seed": seed}, progress=progress)
@@ -60,7 +62,7 @@ def run_attack(teacher: Teacher, task: Task, config: AttackConfig, seed: int, ou
     harvest = harvester.close()
     rows = [completion_row(i, prompt, completion) for i, (prompt, completion) in enumerate(pairs)]
 
-    student_config = StudentConfig(**{**asdict(config.student), "seed": seed})
+    student_config = replace(config.student, seed=seed)
     before_model, before_tok = init_student(student_config)
     before = correctness(HFTeacher("student-before", model=before_model, tokenizer=before_tok), task)
     start = time.perf_counter()

@@ -72,3 +72,6 @@ def decompose(task: Task, seed: int, batch: int = 64) -> Strategy:
 
 
 STRATEGIES = {"naive": naive, "decompose": decompose}
+# What each attacker asks for when not told: varied samples for naive harvesting (the API's default),
+# the single most likely answer for facts that decomposition will chain together.
+DEFAULT_TEMPERATURE = {"naive": 1.0, "decompose": 0.0}

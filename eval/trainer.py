@@ -198,6 +198,7 @@ def train(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, dataset: d
         seed=config.seed,
         data_seed=config.seed,
         dataloader_num_workers=0,
+        dataloader_pin_memory=torch.cuda.is_available(),
         remove_unused_columns=False,
         disable_tqdm=not progress,
     )

@@ -1,0 +1,11 @@
+"""Run every benchmark: `python -m eval.benchmarks` (or `make bench`). Results land in runs/benchmarks.json."""
+
+import json
+from pathlib import Path
+
+from eval.benchmarks import trainer_speed
+
+results = {"trainer_speed": trainer_speed.main(steps=150, rounds=3, batch_size=64)}
+Path("runs").mkdir(exist_ok=True)
+Path("runs/benchmarks.json").write_text(json.dumps(results, indent=2) + "\n")
+print("wrote runs/benchmarks.json")

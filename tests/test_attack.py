@@ -1,0 +1,61 @@
+"""A tiny real evaluation: harvest from teacher-a, train real students for a few steps, report."""
+
+import json
+
+import numpy as np
+import pytest
+
+from eval.attack import AttackConfig, evaluate
+from eval.reference.world import reference_task
+from eval.student import StudentConfig, training_set
+from eval.task import Task
+from guard.teacher import Sampling
+
+
+@pytest.fixture(scope="module")
+def small_task():
+    task = reference_task()
+    return Task("reference", task.eval_items[:60], task.query_pool, grader="exact")
+
+
+def test_tiny_end_to_end_evaluation_trains_real_students(teacher_a, small_task, tmp_path):
+    attack = AttackConfig(strategy="naive", sampling=Sampling(temperature=1.0, max_new_tokens=48),
+                          student=StudentConfig(mode="sft", steps=40, batch_size=32, lr=3e-3, warmup_steps=5))
+    report = evaluate(teacher_a, small_task, ["none"], attack, budgets=[96], seeds=2, out_dir=tmp_path,
+                      progress=False)
+    row = report["rows"][0]
+    assert row["budget"] == 96 and row["seeds"] == 2 and row["queries"] == 96
+    assert row["teacher_acc"] > 0.8
+    saved = json.loads((tmp_path / "report.json").read_text())
+    assert saved["rows"][0]["transfer"]["mean"] == pytest.approx(row["transfer"]["mean"])
+    for seed in range(2):
+        cell = json.loads((tmp_path / "runs" / f"none-naive-sft-b96-s{seed}" / "cell.json").read_text())
+        assert cell["final_loss"] < 0.6 * cell["first_loss"], cell  # the student really learned
+    assert (tmp_path / "leakage.png").exists() and (tmp_path / "report.md").exists()
+
+
+def test_modes_build_the_training_rows_they_promise(teacher_a):
+    rows = [{"prompt": "question: where does Kalon live?\n",
+             "text": "okay. Kalon lives in Tilden. done.\nanswer: Tilden", "token_ids": [], "top_ids": [],
+             "top_tokens": [], "top_logprobs": []}]
+    tok = teacher_a.tokenizer
+
+    def completion_text(ds, i=0):
+        ids, labels = ds[i]["input_ids"], ds[i]["labels"]
+        return tok.decode([t for t, lab in zip(ids, labels) if lab != -100], skip_special_tokens=True)
+
+    assert completion_text(training_set(rows, "sft", tok)) == rows[0]["text"]
+    assert completion_text(training_set(rows, "answer", tok)) == "answer: Tilden"
+    rationale = training_set(rows, "rationale", tok, alpha=0.3)
+    assert sorted(np.round(rationale["weight"], 6)) == [0.3, 0.7]
+    assert {completion_text(rationale, i) for i in range(2)} == {"okay. Kalon lives in Tilden. done.", "answer: Tilden"}
+    with pytest.raises(ValueError, match="needs top-k logprobs"):
+        training_set(rows, "kd", tok)
+
+
+def test_kd_student_trains_on_teacher_logprobs(teacher_a, small_task, tmp_path):
+    attack = AttackConfig(strategy="naive", sampling=Sampling(temperature=1.0, max_new_tokens=48, logprobs=5),
+                          student=StudentConfig(mode="kd", steps=30, batch_size=32, lr=3e-3, warmup_steps=5))
+    evaluate(teacher_a, small_task, ["none"], attack, budgets=[64], seeds=1, out_dir=tmp_path, progress=False)
+    cell = json.loads((tmp_path / "runs" / "none-naive-kd-b64-s0" / "cell.json").read_text())
+    assert cell["final_loss"] < 0.6 * cell["first_loss"]

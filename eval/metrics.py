@@ -51,7 +51,7 @@ def response_entropy_bits(teacher: HFTeacher, prompts: list[str], seed: int = 0,
         torch.manual_seed(seed + start)
         batch = tok(prompts[start:start + teacher.batch_size], return_tensors="pt", padding=True,
                     padding_side="left", add_special_tokens=False).to(teacher.device)
-        out = model.generate(**batch, do_sample=True, temperature=temperature, top_k=None, top_p=None,
+        out = model.generate(**batch, do_sample=True, temperature=temperature, top_k=0, top_p=1.0,
                              max_new_tokens=max_new_tokens, pad_token_id=tok.pad_token_id,
                              eos_token_id=tok.eos_token_id, return_dict_in_generate=True, output_logits=True)
         logp = (torch.stack(out.logits, dim=1).float() / temperature).log_softmax(-1)

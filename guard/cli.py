@@ -41,6 +41,13 @@ def demo(teacher: TeacherOpt = "reference", show: int = 6, api_key: str | None =
         table.add_row(item.prompt.strip().removeprefix("question: "), completion.reasoning or "",
                       completion.answer, item.answer, "[green]yes[/]" if ok else "[red]no[/]")
     console.print(table)
+    from guard.teacher import Sampling
+
+    item = task.eval_items[0]
+    draws = chosen.complete([item.prompt] * 3, Sampling(temperature=1.0, seed=0))
+    console.print(f"three samples at temperature 1 for [italic]{item.prompt.strip()}[/] (phrasing varies, facts do not):")
+    for draw in draws:
+        console.print(f"  {draw.text!r}")
     low, high = accuracy.clopper_pearson()
     console.print(f"held-out 2-hop accuracy (greedy): [bold]{accuracy.value:.1%}[/] "
                   f"({accuracy.correct}/{accuracy.total}; exact 95% CI {low:.1%}-{high:.1%}) "

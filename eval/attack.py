@@ -74,6 +74,22 @@ def run_attack(teacher: Teacher, task: Task, config: AttackConfig, seed: int, ou
             "first_loss": result.losses[0][1] if result.losses else None, "training_rows": len(rows)}
 
 
+def run_cell(teacher: Teacher, task: Task, config: AttackConfig, seed: int, cell_dir: Path, defense: str,
+             progress: bool) -> dict:
+    """One finished attack, from cell.json when an earlier (perhaps killed) evaluation already ran it."""
+    settings = {"config": asdict(config), "seed": seed, "defense": defense, "teacher": teacher.name,
+                "eval_prompts": [i.prompt for i in task.eval_items]}
+    saved = cell_dir / "cell.json"
+    if saved.exists():
+        cell = json.loads(saved.read_text())
+        if cell.get("settings") == json.loads(json.dumps(settings)):
+            return {**cell, "before": np.array(cell["before"]), "after": np.array(cell["after"])}
+    cell = run_attack(teacher, task, config, seed, cell_dir, defense, progress)
+    saved.write_text(json.dumps({**{k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in cell.items()},
+                                 "settings": settings}) + "\n")
+    return cell
+
+
 def evaluate(teacher: Teacher, task: Task, defenses: list[str], attack: AttackConfig, budgets: list[int],
              seeds: int, out_dir: str | Path, progress: bool = True) -> dict:
     """Every defence x budget x seed; writes report.json, report.md and plots to `out_dir`."""
@@ -90,10 +106,7 @@ def evaluate(teacher: Teacher, task: Task, defenses: list[str], attack: AttackCo
             cells = []
             for seed in range(seeds):
                 cell_dir = out_dir / "runs" / f"{defense}-{attack.strategy}-{attack.student.mode}-b{budget}-s{seed}"
-                cell = run_attack(served, task, replace(attack, budget=budget), seed, cell_dir, defense, progress)
-                (cell_dir / "cell.json").write_text(json.dumps(
-                    {k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in cell.items()}) + "\n")
-                cells.append(cell)
+                cells.append(run_cell(served, task, replace(attack, budget=budget), seed, cell_dir, defense, progress))
             teacher_matrix = np.repeat(served_correct[defense][:, None], seeds, axis=1).astype(float)
             outcome = Outcome(teacher_matrix, np.stack([c["before"] for c in cells], 1).astype(float),
                               np.stack([c["after"] for c in cells], 1).astype(float))

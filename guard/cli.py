@@ -45,7 +45,7 @@ def demo(teacher: TeacherOpt = "reference", show: int = 6, api_key: str | None =
 
     item = task.eval_items[0]
     draws = chosen.complete([item.prompt] * 3, Sampling(temperature=1.0, seed=0))
-    console.print(f"three samples at temperature 1 for [italic]{item.prompt.strip()}[/] (phrasing varies, facts do not):")
+    console.print(f"three samples at temperature 1 for [italic]{item.prompt.strip()}[/] (phrasing varies; at this temperature a fact sometimes slips):")
     for draw in draws:
         console.print(f"  {draw.text!r}")
     low, high = accuracy.clopper_pearson()
@@ -55,7 +55,7 @@ def demo(teacher: TeacherOpt = "reference", show: int = 6, api_key: str | None =
 
 
 def _evaluate(teacher, defense, strategy, attack, budgets, seeds, steps, batch_size, lr, student, lora, alpha,
-              api_key, model, out, task_file, grader):
+              api_key, model, out, task_file, grader, temperature):
     from eval.attack import AttackConfig, evaluate
     from eval.report import markdown_table
     from eval.student import StudentConfig
@@ -70,7 +70,7 @@ def _evaluate(teacher, defense, strategy, attack, budgets, seeds, steps, batch_s
 
         task = reference_task()
     defenses = ["none"] + [d for d in defense if d != "none"]  # protection is measured against "none"
-    config = AttackConfig(strategy=strategy, student=StudentConfig(mode=attack, init=student, steps=steps,
+    config = AttackConfig(strategy=strategy, temperature=temperature, student=StudentConfig(mode=attack, init=student, steps=steps,
                                                                    batch_size=batch_size, lr=lr, lora=lora,
                                                                    alpha=alpha))
     start = time.perf_counter()
@@ -83,6 +83,10 @@ def _evaluate(teacher, defense, strategy, attack, budgets, seeds, steps, batch_s
 DefenseOpt = Annotated[list[str], typer.Option(help="defence to measure (repeatable); 'none' is always included")]
 StrategyOpt = Annotated[str, typer.Option(help="attacker strategy: naive or decompose")]
 ModeOpt = Annotated[str, typer.Option(help="student mode: sft, answer, rationale or kd")]
+TemperatureOpt = Annotated[float | None, typer.Option(help="harvest sampling temperature; default: the "
+                                                             "strategy's own (0: greedy)")]
+StepsOpt = Annotated[int | None, typer.Option(help="student training steps; default: about 32 passes over "
+                                                    "the harvest, 300 to 2,000")]
 TaskOpt = Annotated[str | None, typer.Option(help="custom task file (JSONL/Arrow); default: the reference task")]
 
 
@@ -91,14 +95,14 @@ def evaluate(teacher: TeacherOpt = "reference",
              defense: DefenseOpt = ["none"],  # noqa: B006
              strategy: StrategyOpt = "naive",
              attack: ModeOpt = "sft",
-             budget: int = 2000, seeds: int = 3, steps: int = 1500, batch_size: int = 64, lr: float = 2e-3,
+             budget: int = 2000, seeds: int = 3, steps: StepsOpt = None, batch_size: int = 64, lr: float = 2e-3,
              student: str = "reference", lora: bool = False, alpha: float = 0.5,
              api_key: str | None = None, model: str | None = None, out: str = "runs/evaluate",
              task: TaskOpt = None,
-             grader: str = "exact"):
+             grader: str = "exact", temperature: TemperatureOpt = None):
     """Run a real distillation attack with each defence on and off; report transfer and protection."""
     _evaluate(teacher, defense, strategy, attack, [budget], seeds, steps, batch_size, lr, student, lora, alpha,
-              api_key, model, out, task, grader)
+              api_key, model, out, task, grader, temperature)
 
 
 @app.command()
@@ -106,14 +110,14 @@ def leakage(teacher: TeacherOpt = "reference",
             defense: DefenseOpt = ["none"],  # noqa: B006
             strategy: StrategyOpt = "naive",
             attack: ModeOpt = "sft",
-            budgets: str = "250,500,1000,2000,4000", seeds: int = 3, steps: int = 1500, batch_size: int = 64,
+            budgets: str = "250,500,1000,2000,4000", seeds: int = 3, steps: StepsOpt = None, batch_size: int = 64,
             lr: float = 2e-3, student: str = "reference", lora: bool = False, alpha: float = 0.5,
             api_key: str | None = None, model: str | None = None, out: str = "runs/leakage",
             task: TaskOpt = None,
-            grader: str = "exact"):
+            grader: str = "exact", temperature: TemperatureOpt = None):
     """Transfer against attacker budget: the leakage curve, one line per defence."""
     _evaluate(teacher, defense, strategy, attack, [int(b) for b in budgets.split(",")], seeds, steps, batch_size,
-              lr, student, lora, alpha, api_key, model, out, task, grader)
+              lr, student, lora, alpha, api_key, model, out, task, grader, temperature)
 
 
 @lab.command("build")

@@ -4,7 +4,7 @@ Runs the real attack (harvest + built-in student trainer) at several budgets and
 curve (transfer against budget) for two students: one trained on full reasoning (sft) and one on
 answers alone (answer), the baseline that reasoning redaction is measured by.
 
-    python examples/leakage_curve.py --budgets 500,2000 --seeds 1 --steps 600 --out runs/leakage-example
+    python examples/leakage_curve.py --budgets 500,2000 --seeds 1 --out runs/leakage-example
 """
 
 import argparse
@@ -32,7 +32,7 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--budgets", default="500,2000")
     parser.add_argument("--seeds", type=int, default=1)
-    parser.add_argument("--steps", type=int, default=600)
+    parser.add_argument("--steps", type=int, default=None, help="default: scale with the budget")
     parser.add_argument("--eval-items", type=int, default=600)
     parser.add_argument("--out", default="runs/leakage-example")
     args = parser.parse_args()

@@ -23,11 +23,17 @@ TeacherOpt = Annotated[str, typer.Option(help="'reference', 'reference:teacher-b
 
 
 @app.command()
-def demo(teacher: TeacherOpt = "reference", show: int = 6, api_key: str | None = None, model: str | None = None):
-    """Show the reference lab: a teacher answering held-out 2-hop questions, and its accuracy."""
+def demo(teacher: TeacherOpt = "reference", show: int = 4, budget: int = 1000, seeds: int = 1,
+         steps: Annotated[int | None, typer.Option(help="student steps; default: scale with the budget")] = None,
+         eval_items: int = 600, out: str = "runs/demo", api_key: str | None = None, model: str | None = None):
+    """The reference lab in a few minutes: the teacher reasoning through held-out questions, then a real
+    distillation attack (full reasoning vs answers only) and the capability that transfers."""
+    from eval.attack import AttackConfig, evaluate
     from eval.metrics import capability
     from eval.reference.world import reference_task
-    from guard.teacher import load_teacher
+    from eval.report import markdown_table, write_report
+    from eval.student import StudentConfig
+    from guard.teacher import Sampling, load_teacher
 
     start = time.perf_counter()
     task = reference_task()
@@ -41,17 +47,25 @@ def demo(teacher: TeacherOpt = "reference", show: int = 6, api_key: str | None =
         table.add_row(item.prompt.strip().removeprefix("question: "), completion.reasoning or "",
                       completion.answer, item.answer, "[green]yes[/]" if ok else "[red]no[/]")
     console.print(table)
-    from guard.teacher import Sampling
-
     item = task.eval_items[0]
-    draws = chosen.complete([item.prompt] * 3, Sampling(temperature=1.0, seed=0))
-    console.print(f"three samples at temperature 1 for [italic]{item.prompt.strip()}[/] (phrasing varies; at this temperature a fact sometimes slips):")
-    for draw in draws:
+    console.print(f"three samples at temperature 1 for [italic]{item.prompt.strip()}[/] "
+                  "(phrasing varies; at this temperature a fact sometimes slips):")
+    for draw in chosen.complete([item.prompt] * 3, Sampling(temperature=1.0, seed=0)):
         console.print(f"  {draw.text!r}")
     low, high = accuracy.clopper_pearson()
     console.print(f"held-out 2-hop accuracy (greedy): [bold]{accuracy.value:.1%}[/] "
-                  f"({accuracy.correct}/{accuracy.total}; exact 95% CI {low:.1%}-{high:.1%}) "
-                  f"in {time.perf_counter() - start:.1f} s")
+                  f"({accuracy.correct}/{accuracy.total}; exact 95% CI {low:.1%}-{high:.1%})")
+
+    console.print(f"\n[bold]distillation attack[/]: {budget} greedy queries from the attacker's pool, a student "
+                  f"trained from scratch on full answers (sft) and on answers alone (answer), {seeds} seed(s)")
+    task.eval_items = task.eval_items[:eval_items]
+    rows = []
+    for mode in ("sft", "answer"):
+        attack = AttackConfig(strategy="naive", student=StudentConfig(mode=mode, steps=steps))
+        rows += evaluate(chosen, task, ["none"], attack, [budget], seeds, f"{out}/{mode}")["rows"]
+    write_report(rows, out, {"teacher": chosen.name, "budget": budget, "seeds": seeds})
+    print(markdown_table(rows))
+    console.print(f"report: {out}/report.json, report.md, leakage.png; {time.perf_counter() - start:.0f} s in all")
 
 
 def _evaluate(teacher, defense, strategy, attack, budgets, seeds, steps, batch_size, lr, student, lora, alpha,
@@ -75,7 +89,7 @@ def _evaluate(teacher, defense, strategy, attack, budgets, seeds, steps, batch_s
                                                                    alpha=alpha))
     start = time.perf_counter()
     report = evaluate(load_teacher(teacher, api_key=api_key, model=model), task, defenses, config, budgets, seeds, out)
-    console.print(markdown_table(report["rows"]))
+    print(markdown_table(report["rows"]))
     console.print(f"wrote {out}/report.json, report.md, leakage.png, protection_vs_cost.png "
                   f"in {time.perf_counter() - start:.0f} s")
 

@@ -17,12 +17,16 @@ def run(*args, timeout=300):
     return done.stdout
 
 
-def test_demo_prints_reasoning_and_held_out_accuracy():
-    out = run(str(CLI), "demo", "--show", "3")
+def test_demo_prints_reasoning_accuracy_and_the_attack_table(tmp_path):
+    # The README's demo with a small attack, so that it fits in the test suite's time.
+    out = run(str(CLI), "demo", "--show", "3", "--budget", "64", "--steps", "20", "--eval-items", "40",
+              "--out", str(tmp_path))
     accuracy = re.search(r"held-out 2-hop accuracy \(greedy\): ([\d.]+)% \((\d+)/600", out)
     assert accuracy, out
     assert float(accuracy.group(1)) >= 93.0
     assert out.count("yes") + out.count("no") >= 3
+    assert "| none | naive/sft | 64 | 1 |" in out and "| none | naive/answer | 64 | 1 |" in out
+    assert (tmp_path / "report.json").exists()
 
 
 def test_cli_rejects_a_pickled_teacher_clearly(tmp_path):
@@ -35,3 +39,10 @@ def test_bring_your_own_example():
     out = run(sys.executable, "examples/bring_your_own.py", "--items", "30", "--port", str(free_port()))
     over_http, in_process = map(float, re.search(r"over HTTP: ([\d.]+)\s+in process: ([\d.]+)", out).groups())
     assert over_http == in_process >= 0.8
+
+
+def test_leakage_curve_example(tmp_path):
+    out = run(sys.executable, "examples/leakage_curve.py", "--budgets", "32,64", "--seeds", "1", "--steps", "10",
+              "--eval-items", "20", "--out", str(tmp_path))
+    assert "| none | naive/sft | 64 |" in out and "| none | naive/answer | 32 |" in out
+    assert (tmp_path / "leakage.png").read_bytes()[:4] == b"\x89PNG"

@@ -59,3 +59,16 @@ def test_kd_student_trains_on_teacher_logprobs(teacher_a, small_task, tmp_path):
     evaluate(teacher_a, small_task, ["none"], attack, budgets=[64], seeds=1, out_dir=tmp_path, progress=False)
     cell = json.loads((tmp_path / "runs" / "none-naive-kd-b64-s0" / "cell.json").read_text())
     assert cell["final_loss"] < 0.6 * cell["first_loss"]
+
+
+def test_lora_student_from_a_pretrained_path(tmp_path):
+    from eval.reference import MODELS_DIR
+    from eval.student import train_student
+
+    rows = [{"prompt": i.prompt, "text": f"answer: {i.answer}"} for i in reference_task().query_pool[:64]]
+    config = StudentConfig(mode="sft", init=str(MODELS_DIR / "teacher-b"), lora=True, lora_r=4, steps=12,
+                           batch_size=16, lr=1e-2, warmup_steps=0)
+    model, _, result = train_student(rows, config, output_dir=str(tmp_path), progress=False)
+    assert not hasattr(model, "peft_config")  # adapters merged: a plain transformers model comes back
+    assert result.losses[-1][1] < result.losses[0][1]
+    assert sum(p.numel() for p in model.parameters()) == 940800  # the base model's shape after merging

@@ -42,8 +42,7 @@ class AttackConfig:
 
 
 def correctness(teacher: Teacher, task: Task) -> np.ndarray:
-    _, completions = capability(teacher, task)
-    return np.array([task.is_correct(c.text, i.answer) for c, i in zip(completions, task.eval_items)])
+    return capability(teacher, task)[0].per_item
 
 
 def run_attack(teacher: Teacher, task: Task, config: AttackConfig, seed: int, out_dir: Path,

@@ -14,8 +14,15 @@ from guard.teacher import Completion, HFTeacher, Sampling, Teacher
 
 @dataclass
 class Accuracy:
-    correct: int
-    total: int
+    per_item: np.ndarray  # bool, one flag per graded item
+
+    @property
+    def correct(self) -> int:
+        return int(self.per_item.sum())
+
+    @property
+    def total(self) -> int:
+        return len(self.per_item)
 
     @property
     def value(self) -> float:
@@ -34,8 +41,8 @@ def capability(teacher: Teacher, task: Task, items: list[Item] | None = None,
     """The task's grader over `items` (default: the held-out evaluation items), greedy decoding."""
     items = task.eval_items if items is None else items
     completions = teacher.complete([i.prompt for i in items], Sampling(temperature=0.0, max_new_tokens=max_new_tokens))
-    correct = sum(task.is_correct(c.text, i.answer) for c, i in zip(completions, items))
-    return Accuracy(correct, len(items)), completions
+    per_item = np.array([task.is_correct(c.text, i.answer) for c, i in zip(completions, items)], dtype=bool)
+    return Accuracy(per_item), completions
 
 
 @torch.no_grad()

@@ -9,6 +9,7 @@ bootstrap intervals.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from dataclasses import asdict, dataclass, field, replace
@@ -22,14 +23,8 @@ from eval.report import Outcome, bootstrap_tau, write_report
 from eval.strategies import DEFAULT_TEMPERATURE, STRATEGIES
 from eval.student import StudentConfig, init_student, train_student
 from eval.task import Task
+from guard.defenses import apply_defense
 from guard.teacher import HFTeacher, Sampling, Teacher
-
-
-def apply_defense(name: str, teacher: Teacher) -> Teacher:
-    """The teacher as served under defence `name`."""
-    if name == "none":
-        return teacher
-    raise ValueError(f"unknown defence {name!r}; available: none")
 
 
 @dataclass
@@ -45,9 +40,9 @@ def correctness(teacher: Teacher, task: Task) -> np.ndarray:
     return capability(teacher, task)[0].per_item
 
 
-def run_attack(teacher: Teacher, task: Task, config: AttackConfig, seed: int, out_dir: Path,
-               defense: str = "none", progress: bool = True) -> dict:
-    """One harvest and one student; returns per-item correctness of the student before and after."""
+def harvest(teacher: Teacher, task: Task, config: AttackConfig, seed: int, out_dir: Path, defense: str = "none",
+            progress: bool = True) -> tuple[list[dict], int]:
+    """The attacker's training rows and the number of queries spent; resumes a stored harvest."""
     if config.strategy not in STRATEGIES:
         raise ValueError(f"unknown attacker strategy {config.strategy!r}; choose one of {sorted(STRATEGIES)}")
     temperature = DEFAULT_TEMPERATURE[config.strategy] if config.temperature is None else config.temperature
@@ -58,23 +53,66 @@ def run_attack(teacher: Teacher, task: Task, config: AttackConfig, seed: int, ou
                           manifest={"teacher": teacher.name, "defense": defense, "task": task.name,
                                     "strategy": config.strategy, "seed": seed}, progress=progress)
     pairs = STRATEGIES[config.strategy](task, seed)(harvester)
-    harvest = harvester.close()
-    rows = [completion_row(i, prompt, completion) for i, (prompt, completion) in enumerate(pairs)]
+    queries = len(harvester.close())
+    return [completion_row(i, prompt, completion) for i, (prompt, completion) in enumerate(pairs)], queries
 
-    student_config = replace(config.student, seed=seed)
-    before_model, before_tok = init_student(student_config)
-    before = correctness(HFTeacher("student-before", model=before_model, tokenizer=before_tok), task)
+
+def student_before(config: StudentConfig, task: Task, cache_dir: Path | None = None) -> np.ndarray:
+    """Per-item correctness of the untrained student, shared by every cell with the same start."""
+    key = _digest({"init": config.init, "seed": config.seed, "lora": config.lora, "lora_r": config.lora_r,
+                   "eval": [i.prompt for i in task.eval_items]})
+    saved = cache_dir / f"before-{key}.json" if cache_dir else None
+    if saved is not None and saved.exists():
+        return np.array(json.loads(saved.read_text()), dtype=bool)
+    model, tokenizer = init_student(config)
+    before = correctness(HFTeacher("student-before", model=model, tokenizer=tokenizer), task)
+    if saved is not None:
+        _write_json(saved, before.tolist())
+    return before
+
+
+def train_and_score(rows: list[dict], task: Task, config: StudentConfig, out_dir: Path,
+                    progress: bool = True) -> dict:
+    """Train one student on `rows` and grade it on the task's held-out items."""
     start = time.perf_counter()
-    model, tokenizer, result = train_student(rows, student_config, output_dir=str(out_dir / "trainer"),
-                                             progress=progress)
+    model, tokenizer, result = train_student(rows, config, output_dir=str(out_dir / "trainer"), progress=progress)
     after = correctness(HFTeacher("student-after", model=model, tokenizer=tokenizer), task)
-    return {"before": before, "after": after, "queries": len(harvest), "train_seconds": time.perf_counter() - start,
-            "tokens_per_s": result.tokens_per_s, "final_loss": result.losses[-1][1] if result.losses else None,
+    return {"after": after, "train_seconds": time.perf_counter() - start, "tokens_per_s": result.tokens_per_s,
+            "final_loss": result.losses[-1][1] if result.losses else None,
             "first_loss": result.losses[0][1] if result.losses else None, "training_rows": len(rows)}
 
 
+def training_key(rows: list[dict], config: StudentConfig, task: Task) -> str:
+    """Identifies a student by everything its training and grading see: identical keys, identical students."""
+    fields = ("prompt", "text", "token_ids", "top_ids", "top_logprobs") if config.mode == "kd" else ("prompt", "text")
+    return _digest({"rows": [[r[f] for f in fields] for r in rows], "student": asdict(config),
+                    "eval": [i.prompt for i in task.eval_items]})
+
+
+def run_attack(teacher: Teacher, task: Task, config: AttackConfig, seed: int, out_dir: Path,
+               defense: str = "none", progress: bool = True, cache_dir: Path | None = None) -> dict:
+    """One harvest and one student; returns per-item correctness of the student before and after.
+
+    With `cache_dir`, a student whose training rows and settings match one trained before is not
+    trained again (redaction policies that show a student the same text, e.g. sealed and answer-only).
+    """
+    rows, queries = harvest(teacher, task, config, seed, out_dir, defense, progress)
+    student_config = replace(config.student, seed=seed)
+    before = student_before(student_config, task, cache_dir)
+    key = training_key(rows, student_config, task)
+    saved = cache_dir / f"student-{key}.json" if cache_dir else None
+    if saved is not None and saved.exists():
+        trained = {**json.loads(saved.read_text()), "reused": str(saved.name)}
+        trained["after"] = np.array(trained["after"], dtype=bool)
+    else:
+        trained = train_and_score(rows, task, student_config, out_dir, progress)
+        if saved is not None:
+            _write_json(saved, {**trained, "after": trained["after"].tolist()})
+    return {**trained, "before": before, "queries": queries, "training_key": key}
+
+
 def run_cell(teacher: Teacher, task: Task, config: AttackConfig, seed: int, cell_dir: Path, defense: str,
-             progress: bool) -> dict:
+             progress: bool, cache_dir: Path | None = None) -> dict:
     """One finished attack, from cell.json when an earlier (perhaps killed) evaluation already ran it."""
     settings = {"config": asdict(config), "seed": seed, "defense": defense, "teacher": teacher.name,
                 "eval_prompts": [i.prompt for i in task.eval_items]}
@@ -82,11 +120,41 @@ def run_cell(teacher: Teacher, task: Task, config: AttackConfig, seed: int, cell
     if saved.exists():
         cell = json.loads(saved.read_text())
         if cell.get("settings") == json.loads(json.dumps(settings)):
+            if cache_dir is not None and "training_key" not in cell:
+                _share_trained(cell, teacher, task, config, seed, cell_dir, defense, cache_dir)
+                _write_json(saved, cell)
             return {**cell, "before": np.array(cell["before"]), "after": np.array(cell["after"])}
-    cell = run_attack(teacher, task, config, seed, cell_dir, defense, progress)
-    saved.write_text(json.dumps({**{k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in cell.items()},
-                                 "settings": settings}) + "\n")
+    cell = run_attack(teacher, task, config, seed, cell_dir, defense, progress, cache_dir)
+    _write_json(saved, {**{k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in cell.items()},
+                        "settings": settings})
     return cell
+
+
+def _share_trained(cell: dict, teacher: Teacher, task: Task, config: AttackConfig, seed: int, cell_dir: Path,
+                   defense: str, cache_dir: Path) -> None:
+    """Enter a cell finished before students were cached into the cache (its harvest replays from disk)."""
+    rows, _ = harvest(teacher, task, config, seed, cell_dir, defense, progress=False)
+    cell["training_key"] = key = training_key(rows, replace(config.student, seed=seed), task)
+    saved = cache_dir / f"student-{key}.json"
+    if not saved.exists():
+        fields = ("after", "train_seconds", "tokens_per_s", "final_loss", "first_loss", "training_rows")
+        _write_json(saved, {f: cell.get(f) for f in fields})
+
+
+def _digest(value) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()[:24]
+
+
+def _write_json(path: Path, value) -> None:
+    """Atomically, so a killed run never leaves a half-written result behind."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(value) + "\n")
+    tmp.replace(path)
+
+
+def reasoning_words(completions) -> int:
+    return sum(len((c.reasoning or "").split()) for c in completions)
 
 
 def evaluate(teacher: Teacher, task: Task, defenses: list[str], attack: AttackConfig, budgets: list[int],
@@ -94,18 +162,21 @@ def evaluate(teacher: Teacher, task: Task, defenses: list[str], attack: AttackCo
     """Every defence x budget x seed; writes report.json, report.md and plots to `out_dir`."""
     out_dir = Path(out_dir)
     start = time.perf_counter()
-    served_correct = {}
+    baseline, undefended = capability(teacher, task)
+    served_correct, reasoning_shown = {}, {}
     for defense in defenses:
-        served_correct[defense] = correctness(apply_defense(defense, teacher), task)
-    baseline = served_correct.get("none")
+        accuracy, completions = capability(apply_defense(defense, teacher), task)
+        served_correct[defense] = accuracy.per_item
+        reasoning_shown[defense] = reasoning_words(completions) / max(1, reasoning_words(undefended))
     outcomes, rows = {}, []
     for defense in defenses:
         served = apply_defense(defense, teacher)
         for budget in budgets:
             cells = []
             for seed in range(seeds):
-                cell_dir = out_dir / "runs" / f"{defense}-{attack.strategy}-{attack.student.mode}-b{budget}-s{seed}"
-                cells.append(run_cell(served, task, replace(attack, budget=budget), seed, cell_dir, defense, progress))
+                name = f"{defense.replace(':', '-')}-{attack.strategy}-{attack.student.mode}-b{budget}-s{seed}"
+                cells.append(run_cell(served, task, replace(attack, budget=budget), seed, out_dir / "runs" / name,
+                                      defense, progress, cache_dir=out_dir / "students"))
             teacher_matrix = np.repeat(served_correct[defense][:, None], seeds, axis=1).astype(float)
             outcome = Outcome(teacher_matrix, np.stack([c["before"] for c in cells], 1).astype(float),
                               np.stack([c["after"] for c in cells], 1).astype(float))
@@ -118,7 +189,8 @@ def evaluate(teacher: Teacher, task: Task, defenses: list[str], attack: AttackCo
                 "seeds": seeds, "teacher_acc": teacher_acc, "student_before_acc": float(outcome.before.mean()),
                 "student_after_acc": float(outcome.after.mean()), "transfer": stats["transfer"],
                 "protection": stats.get("protection"),
-                "utility_cost": {"accuracy_drop": float(baseline.mean() - teacher_acc) if baseline is not None else 0.0},
+                "utility_cost": {"accuracy_drop": baseline.value - teacher_acc,
+                                 "reasoning_shown": reasoning_shown[defense]},
                 "queries": int(np.mean([c["queries"] for c in cells])),
                 "train_seconds": float(np.mean([c["train_seconds"] for c in cells])),
                 "student_tokens_per_s": float(np.mean([c["tokens_per_s"] for c in cells])),

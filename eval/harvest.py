@@ -63,7 +63,7 @@ def completion_row(index: int, prompt: str, c: Completion) -> dict:
     top = c.logprobs or []
     return {
         "index": index, "prompt": prompt, "text": c.text, "reasoning": c.reasoning, "answer": c.answer,
-        "token_ids": c.token_ids, "completion_tokens": len(c.token_ids), "finish_reason": c.finish_reason,
+        "token_ids": c.token_ids, "completion_tokens": c.completion_tokens, "finish_reason": c.finish_reason,
         "top_ids": [[t.id if t.id is not None else -1 for t in step] for step in top],
         "top_tokens": [[t.token for t in step] for step in top],
         "top_logprobs": [[t.logprob for t in step] for step in top],

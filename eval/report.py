@@ -93,7 +93,9 @@ def markdown_table(rows: list[dict]) -> str:
              "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         cost = r.get("utility_cost", {})
-        cost_text = ", ".join(f"{k}: {v:.3f}" if isinstance(v, float) else f"{k}: {v}" for k, v in cost.items())
+        cost_text = f"accuracy −{cost.get('accuracy_drop', 0.0):.3f}"
+        if "reasoning_shown" in cost:
+            cost_text += f", reasoning shown {cost['reasoning_shown']:.0%}"
         note = " (student got worse)" if r["student_after_acc"] < r["student_before_acc"] else ""
         lines.append(f"| {r['defense']} | {r['attack']} | {r['budget']} | {r['seeds']} | {r['teacher_acc']:.3f} | "
                      f"{r['student_before_acc']:.3f} | {r['student_after_acc']:.3f}{note} | {_fmt(r['transfer'])} | "
@@ -129,20 +131,24 @@ def plot_leakage(rows: list[dict], path: Path) -> None:
 
 
 def plot_protection_vs_cost(rows: list[dict], path: Path) -> None:
-    """Protection against the teacher accuracy a benign user loses, one point per defended row."""
+    """Protection against what a benign user loses (the share of reasoning withheld when a row reports it,
+    else the teacher accuracy lost as served), one point per defended row."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4))
+    withheld = all("reasoning_shown" in r.get("utility_cost", {}) for r in rows)
     for r in rows:
         if r.get("protection") is None:
             continue
-        cost = r.get("utility_cost", {}).get("accuracy_drop", 0.0)
-        ax.scatter(cost, r["protection"]["mean"])
-        ax.annotate(f"{r['defense']} @{r['budget']}", (cost, r["protection"]["mean"]), fontsize=7)
-    ax.set_xlabel("utility cost (teacher accuracy drop as served)")
+        cost = r.get("utility_cost", {})
+        x = 1 - cost["reasoning_shown"] if withheld else cost.get("accuracy_drop", 0.0)
+        ax.scatter(x, r["protection"]["mean"])
+        ax.annotate(f"{r['defense']} @{r['budget']}", (x, r["protection"]["mean"]), fontsize=7)
+    ax.set_xlabel("reasoning withheld from benign users (share of words)" if withheld
+                  else "utility cost (teacher accuracy drop as served)")
     ax.set_ylabel("protection")
     ax.set_title("protection vs utility cost")
     fig.tight_layout()

@@ -84,6 +84,14 @@ def _evaluate(teacher, defense, strategy, attack, budgets, seeds, steps, batch_s
 
         task = reference_task()
     defenses = ["none"] + [d for d in defense if d != "none"]  # protection is measured against "none"
+    from guard.defenses import apply_defense
+    from guard.teacher import Teacher
+
+    for d in defenses:  # a misspelt defence fails here, not after an hour of training
+        try:
+            apply_defense(d, Teacher())
+        except ValueError as e:
+            raise typer.BadParameter(str(e), param_hint="--defense") from None
     config = AttackConfig(strategy=strategy, temperature=temperature, student=StudentConfig(mode=attack, init=student, steps=steps,
                                                                    batch_size=batch_size, lr=lr, lora=lora,
                                                                    alpha=alpha))
@@ -148,15 +156,26 @@ def lab_build(only: Annotated[list[str] | None, typer.Option(help="teacher-a and
 @app.command()
 def serve(teacher: TeacherOpt = "reference", host: str = "127.0.0.1", port: int = 8000,
           api_key: Annotated[list[str] | None, typer.Option(help="accepted bearer keys; none means open")] = None,
-          name: str | None = None):
+          name: str | None = None,
+          defense: Annotated[str, typer.Option(help="none, or a redaction policy: full, answer-only, summary, "
+                                                    "truncate:K, sealed (key from $DISTILL_GUARD_SEAL_KEY)")] = "none"):
     """Serve a teacher behind an OpenAI-compatible API (chat completions and completions)."""
     import uvicorn
 
+    from guard.defenses import apply_defense
     from guard.server import create_app
-    from guard.teacher import load_teacher
+    from guard.teacher import Teacher, load_teacher
 
+    try:
+        apply_defense(defense, Teacher())
+    except ValueError as e:
+        raise typer.BadParameter(str(e), param_hint="--defense") from None
+    if defense == "sealed" and not os.environ.get("DISTILL_GUARD_SEAL_KEY"):
+        console.print("[yellow]DISTILL_GUARD_SEAL_KEY is not set: sealed reasoning uses a key that dies with this "
+                      "server, so blobs cannot be opened after a restart[/yellow]")
     served = name or (teacher.partition(":")[2] or "teacher-a" if teacher.startswith("reference") else teacher)
-    uvicorn.run(create_app(lambda: load_teacher(teacher), served, set(api_key or ())), host=host, port=port)
+    uvicorn.run(create_app(lambda: apply_defense(defense, load_teacher(teacher)), served, set(api_key or ())),
+                host=host, port=port)
 
 
 if __name__ == "__main__":

@@ -85,7 +85,8 @@ class OpenAITeacher(Teacher):
             per_token = [[TokenLogprob(t.token, t.logprob) for t in step.top_logprobs] for step in steps]
             sampled = [TokenLogprob(step.token, step.logprob) for step in steps]
         return Completion(text=choice.message.content or "", logprobs=per_token, token_logprobs=sampled,
-                          finish_reason=choice.finish_reason or "stop")
+                          finish_reason=choice.finish_reason or "stop", completion_tokens=_billed(response),
+                          sealed_reasoning=(choice.message.model_extra or {}).get("sealed_reasoning"))
 
     @staticmethod
     def _from_completions(response) -> Completion:
@@ -96,7 +97,13 @@ class OpenAITeacher(Teacher):
             per_token = [[TokenLogprob(token, logprob) for token, logprob in step.items()] for step in lp.top_logprobs]
             sampled = [TokenLogprob(token, logprob) for token, logprob in zip(lp.tokens, lp.token_logprobs)]
         return Completion(text=choice.text or "", logprobs=per_token, token_logprobs=sampled,
-                          finish_reason=choice.finish_reason or "stop")
+                          finish_reason=choice.finish_reason or "stop", completion_tokens=_billed(response),
+                          sealed_reasoning=(choice.model_extra or {}).get("sealed_reasoning"))
+
+
+def _billed(response) -> int | None:
+    """Completion tokens the endpoint reports for this one-prompt request (hidden reasoning included)."""
+    return response.usage.completion_tokens if response.usage is not None else None
 
 
 def _first_choice(response):

@@ -35,13 +35,17 @@ def split_reasoning(text: str) -> tuple[str | None, str]:
     return None, text.strip()
 
 
+def join_reasoning(text: str, reasoning: str | None, answer: str) -> str:
+    """`answer` with `reasoning` (None or empty: none) in the format `text` used."""
+    if THINK_OPEN in text or THINK_CLOSE in text:
+        return f"{THINK_OPEN}{reasoning}{THINK_CLOSE}\n{answer}" if reasoning else answer
+    marker = "#### " if "####" in text else "answer: "
+    return f"{reasoning}\n{marker}{answer}" if reasoning else f"{marker}{answer}"
+
+
 def strip_reasoning(text: str) -> str:
     """The completion with its reasoning removed, keeping the answer in the same format."""
     reasoning, answer = split_reasoning(text)
     if reasoning is None:
         return text
-    if THINK_OPEN in text or THINK_CLOSE in text:
-        return answer
-    if "####" in text:
-        return f"#### {answer}"
-    return f"answer: {answer}"
+    return join_reasoning(text, None, answer)

@@ -18,12 +18,14 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 
+from guard.redaction import Sealed, SealError
 from guard.teacher import Completion, Sampling, Teacher
 
 
 class ChatMessage(BaseModel):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str
+    sealed_reasoning: str | None = None  # handed back from an earlier assistant turn; checked, never trusted
 
 
 class SamplingFields(BaseModel):
@@ -73,6 +75,7 @@ class ChatLogprobs(BaseModel):
 class ChatMessageOut(BaseModel):
     role: Literal["assistant"] = "assistant"
     content: str
+    sealed_reasoning: str | None = None  # the withheld reasoning, encrypted; only this server's key opens it
 
 
 class ChatChoice(BaseModel):
@@ -100,6 +103,7 @@ class CompletionLogprobs(BaseModel):
 class CompletionChoice(BaseModel):
     index: int
     text: str
+    sealed_reasoning: str | None = None
     logprobs: CompletionLogprobs | None = None
     finish_reason: str
 
@@ -143,6 +147,23 @@ def _complete(request: Request, prompt: str, sampling: Sampling) -> Completion:
         return request.app.state.teacher.complete([prompt], sampling)[0]
 
 
+def _check_sealed(teacher: Teacher, messages: list[ChatMessage]) -> None:
+    """Refuse a conversation whose handed-back sealed reasoning was altered or came from elsewhere."""
+    policy = getattr(teacher, "policy", None)
+    last_user = ""
+    for i, m in enumerate(messages):
+        if m.role == "user":
+            last_user = m.content
+        if m.sealed_reasoning is None:
+            continue
+        if not isinstance(policy, Sealed):
+            raise APIError(400, f"messages[{i}].sealed_reasoning: this server does not seal reasoning")
+        try:
+            policy.sealer.open(m.sealed_reasoning, last_user)
+        except SealError as e:
+            raise APIError(400, f"messages[{i}].sealed_reasoning: {e}", code="invalid_sealed_reasoning") from None
+
+
 def _top(step) -> list[TopLogprob]:
     return [TopLogprob(token=t.token, logprob=t.logprob) for t in step]
 
@@ -181,6 +202,7 @@ def create_app(load_teacher: Callable[[], Teacher], model_name: str, api_keys: s
         users = [m.content for m in body.messages if m.role == "user"]
         if not users:
             raise APIError(400, "messages: at least one user message is required")
+        _check_sealed(request.app.state.teacher, body.messages)
         want = (body.top_logprobs or 1) if body.logprobs else 0
         completion = _complete(request, users[-1], body.sampling(want))
         logprobs = None
@@ -188,9 +210,10 @@ def create_app(load_teacher: Callable[[], Teacher], model_name: str, api_keys: s
             logprobs = ChatLogprobs(content=[
                 TokenLogprobOut(token=chosen.token, logprob=chosen.logprob, top_logprobs=_top(step[: body.top_logprobs or 0]))
                 for step, chosen in zip(completion.logprobs, completion.token_logprobs)])
-        n = len(completion.token_ids)
+        n = completion.completion_tokens
         return ChatResponse(id=f"chatcmpl-{uuid.uuid4().hex}", created=int(time.time()), model=body.model,
-                            choices=[ChatChoice(index=0, message=ChatMessageOut(content=completion.text),
+                            choices=[ChatChoice(index=0, message=ChatMessageOut(content=completion.text,
+                                                                       sealed_reasoning=completion.sealed_reasoning),
                                                 logprobs=logprobs, finish_reason=completion.finish_reason)],
                             usage=Usage(completion_tokens=n, total_tokens=n))
 
@@ -210,8 +233,9 @@ def create_app(load_teacher: Callable[[], Teacher], model_name: str, api_keys: s
                     token_logprobs=[t.logprob for t in completion.token_logprobs],
                     top_logprobs=[{t.token: t.logprob for t in step} for step in completion.logprobs])
             choices.append(CompletionChoice(index=index, text=completion.text, logprobs=logprobs,
+                                            sealed_reasoning=completion.sealed_reasoning,
                                             finish_reason=completion.finish_reason))
-            total += len(completion.token_ids)
+            total += completion.completion_tokens
         return CompletionResponse(id=f"cmpl-{uuid.uuid4().hex}", created=int(time.time()), model=body.model,
                                   choices=choices, usage=Usage(completion_tokens=total, total_tokens=total))
 

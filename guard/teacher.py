@@ -35,8 +35,12 @@ class Completion:
     finish_reason: str = "stop"
     reasoning: str | None = None
     answer: str = ""
+    sealed_reasoning: str | None = None  # reasoning withheld by a `Sealed` redaction, encrypted for the provider
+    completion_tokens: int | None = None  # tokens generated (and billed), hidden ones included; default len(token_ids)
 
     def __post_init__(self):
+        if self.completion_tokens is None:
+            self.completion_tokens = len(self.token_ids)
         if not self.answer:
             self.reasoning, self.answer = split_reasoning(self.text)
 

@@ -34,6 +34,24 @@ def test_tiny_end_to_end_evaluation_trains_real_students(teacher_a, small_task, 
     assert (tmp_path / "leakage.png").exists() and (tmp_path / "report.md").exists()
 
 
+def test_students_with_identical_training_sets_are_trained_once(teacher_a, small_task, tmp_path):
+    """full shows what none shows, sealed what answer-only shows: those cells reuse one student each."""
+    attack = AttackConfig(student=StudentConfig(mode="sft", steps=10, batch_size=32, warmup_steps=2))
+    report = evaluate(teacher_a, small_task, ["none", "full", "answer-only", "sealed"], attack, budgets=[48], seeds=1,
+                      out_dir=tmp_path, progress=False)
+    cells = {d: json.loads((tmp_path / "runs" / f"{d}-naive-sft-b48-s0" / "cell.json").read_text())
+             for d in ["none", "full", "answer-only", "sealed"]}
+    assert "reused" not in cells["none"] and "reused" not in cells["answer-only"]
+    assert cells["full"]["training_key"] == cells["none"]["training_key"] and cells["full"]["reused"]
+    assert cells["sealed"]["training_key"] == cells["answer-only"]["training_key"] and cells["sealed"]["reused"]
+    assert cells["answer-only"]["training_key"] != cells["none"]["training_key"]
+    assert cells["sealed"]["after"] == cells["answer-only"]["after"]
+    assert len(list((tmp_path / "students").glob("student-*.json"))) == 2
+    assert len(list((tmp_path / "students").glob("before-*.json"))) == 1  # one start, graded once
+    reasoning_shown = {r["defense"]: r["utility_cost"]["reasoning_shown"] for r in report["rows"]}
+    assert reasoning_shown == {"none": 1.0, "full": 1.0, "answer-only": 0.0, "sealed": 0.0}
+
+
 def test_modes_build_the_training_rows_they_promise(teacher_a):
     rows = [{"prompt": "question: where does Kalon live?\n",
              "text": "okay. Kalon lives in Tilden. done.\nanswer: Tilden", "token_ids": [], "top_ids": [],

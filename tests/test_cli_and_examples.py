@@ -46,3 +46,12 @@ def test_leakage_curve_example(tmp_path):
               "--eval-items", "20", "--out", str(tmp_path))
     assert "| none | naive/sft | 64 |" in out and "| none | naive/answer | 32 |" in out
     assert (tmp_path / "leakage.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_provider_redaction_example(tmp_path):
+    out = run(sys.executable, "examples/provider_redaction.py", "--budget", "48", "--steps", "10",
+              "--eval-items", "20", "--out", str(tmp_path))
+    assert "answer-only: 'answer: " in out and "sealed blob" in out
+    for policy in ["none", "full", "answer-only", "summary", "truncate:8", "sealed"]:
+        assert f"| {policy} | naive/sft | 48 |" in out
+    assert (tmp_path / "report.json").exists()

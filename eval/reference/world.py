@@ -243,6 +243,18 @@ def parse_question(prompt: str) -> Question | None:
     return None
 
 
+def plan(prompt: str) -> str | None:
+    """The plan for answering a reference question, without any fact it needs; None for other prompts."""
+    question = parse_question(prompt)
+    if question is None:
+        return None
+    steps, subject = [], question.person
+    for hop in question.hops:
+        steps.append(f"the {hop} of {subject}")
+        subject = "that person"
+    return "plan: look up " + ", then ".join(steps) + "."
+
+
 @dataclass(frozen=True)
 class Split:
     """Which 2-hop compositions the teacher is taught, which are held out, and what attackers may ask."""

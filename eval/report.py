@@ -68,13 +68,86 @@ def _interval(values: list[float]) -> list[float]:
     return [float(np.percentile(finite, 2.5)), float(np.percentile(finite, 97.5))]
 
 
+def budget_to_reach(curve: list[dict], target: float) -> tuple[float, str]:
+    """The budget at which a leakage curve first reaches transfer `target`, interpolated in log budget.
+
+    Returns (budget, how): "at" when the curve crosses the target within its budgets, "below" when it
+    already reaches it at its smallest budget (the true budget is at most that), "above" when it never
+    does (at least its largest budget).
+    """
+    points = sorted((r["budget"], r["transfer"]["mean"]) for r in curve)
+    if points[0][1] >= target:
+        return float(points[0][0]), "below"
+    for (b0, t0), (b1, t1) in zip(points, points[1:]):
+        if t1 >= target:
+            share = (target - t0) / (t1 - t0)
+            return float(np.exp(np.log(b0) + share * (np.log(b1) - np.log(b0)))), "at"
+    return float(points[-1][0]), "above"
+
+
+def query_multipliers(rows: list[dict], reference: tuple[str, str]) -> list[dict]:
+    """For every (defence, attack) curve and every reference budget B: how many queries that attacker needs,
+    against that defence, to match the transfer the `reference` (defence, attack) reaches with B, as a
+    multiple of B."""
+    curves: dict[tuple[str, str], list[dict]] = {}
+    for r in rows:
+        curves.setdefault((r["defense"], r["attack"]), []).append(r)
+    out = []
+    for b in sorted(curves.get(reference, []), key=lambda r: r["budget"]):
+        target = b["transfer"]["mean"]
+        for (defense, attack), curve in curves.items():
+            need, how = budget_to_reach(curve, target)
+            out.append({"defense": defense, "attack": attack, "reference_budget": b["budget"], "target_tau": target,
+                        "budget_needed": need, "multiplier": need / b["budget"], "bound": how})
+    return out
+
+
+def multiplier_table(multipliers: list[dict], reference: tuple[str, str]) -> str:
+    budgets = sorted({m["reference_budget"] for m in multipliers})
+    lines = [f"Queries needed to match the transfer of {reference[1]} against {reference[0]} at budget B, "
+             "as a multiple of B (≤: reached already at the smallest budget measured; ≥: not reached at the "
+             "largest):", "",
+             "| defence | attack | " + " | ".join(f"B={b}" for b in budgets) + " |",
+             "|---|---|" + "---|" * len(budgets)]
+    for key in sorted({(m["defense"], m["attack"]) for m in multipliers}, key=lambda k: (k[1], k[0])):
+        cells = []
+        for b in budgets:
+            m = next(m for m in multipliers if (m["defense"], m["attack"]) == key and m["reference_budget"] == b)
+            mark = {"at": "", "below": "≤", "above": "≥"}[m["bound"]]
+            cells.append(f"{mark}{m['multiplier']:.2f}×")
+        lines.append(f"| {key[0]} | {key[1]} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def merge_reports(paths: list[str | Path], out_dir: str | Path,
+                  reference: tuple[str, str] = ("none", "naive/sft")) -> dict:
+    """One report from several evaluations' report.json files (e.g. one per attacker strategy), with
+    query multipliers against `reference` when it is among them."""
+    rows, metas = [], []
+    for path in paths:
+        path = Path(path)
+        path = path / "report.json" if path.is_dir() else path
+        report = json.loads(path.read_text())
+        rows += report["rows"]
+        metas.append({"source": str(path), **report.get("meta", {})})
+    meta = {"merged": metas}
+    if any((r["defense"], r["attack"]) == reference for r in rows):
+        meta["query_multipliers"] = query_multipliers(rows, reference)
+        meta["reference"] = list(reference)
+    write_report(rows, out_dir, meta)
+    return {"meta": meta, "rows": rows}
+
+
 def write_report(rows: list[dict], out_dir: str | Path, meta: dict | None = None) -> Path:
     """report.json (the data), report.md (a table) and PNG plots rendered from it."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     report = {"meta": meta or {}, "rows": rows}
     (out_dir / "report.json").write_text(json.dumps(report, indent=2) + "\n")
-    (out_dir / "report.md").write_text(markdown_table(rows) + "\n")
+    markdown = markdown_table(rows)
+    if report["meta"].get("query_multipliers"):
+        markdown += "\n\n" + multiplier_table(report["meta"]["query_multipliers"], tuple(report["meta"]["reference"]))
+    (out_dir / "report.md").write_text(markdown + "\n")
     plot_leakage(rows, out_dir / "leakage.png")
     plot_protection_vs_cost(rows, out_dir / "protection_vs_cost.png")
     return out_dir / "report.json"
@@ -104,27 +177,28 @@ def markdown_table(rows: list[dict]) -> str:
 
 
 def plot_leakage(rows: list[dict], path: Path) -> None:
-    """Transfer against budget, one line per (defence, attack)."""
+    """Transfer against budget, one line per defence and one panel per attack."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for key in sorted({(r["defense"], r["attack"]) for r in rows}):
-        line = sorted((r for r in rows if (r["defense"], r["attack"]) == key), key=lambda r: r["budget"])
-        x = [r["budget"] for r in line]
-        y = [r["transfer"]["mean"] for r in line]
-        low = [r["transfer"]["ci95"][0] for r in line]
-        high = [r["transfer"]["ci95"][1] for r in line]
-        ax.plot(x, y, marker="o", label=f"{key[0]} / {key[1]}")
-        ax.fill_between(x, low, high, alpha=0.15)
-    ax.set_xscale("log")
-    ax.set_xlabel("attacker budget (queries)")
-    ax.set_ylabel("transfer τ")
-    ax.set_title("leakage curve")
-    ax.axhline(0, color="grey", lw=0.5)
-    ax.legend(fontsize=7)
+    attacks = sorted({r["attack"] for r in rows})
+    fig, axes = plt.subplots(1, len(attacks), figsize=(6 * len(attacks), 4), sharey=True, squeeze=False)
+    for ax, attack in zip(axes[0], attacks):
+        for defense in dict.fromkeys(r["defense"] for r in rows if r["attack"] == attack):
+            line = sorted((r for r in rows if (r["defense"], r["attack"]) == (defense, attack)),
+                          key=lambda r: r["budget"])
+            x = [r["budget"] for r in line]
+            ax.plot(x, [r["transfer"]["mean"] for r in line], marker="o", label=defense)
+            ax.fill_between(x, [r["transfer"]["ci95"][0] for r in line], [r["transfer"]["ci95"][1] for r in line],
+                            alpha=0.15)
+        ax.set_xscale("log")
+        ax.set_xlabel("attacker budget (queries)")
+        ax.set_title(f"leakage curve: {attack}")
+        ax.axhline(0, color="grey", lw=0.5)
+        ax.legend(fontsize=7)
+    axes[0][0].set_ylabel("transfer τ")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

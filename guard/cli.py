@@ -142,6 +142,30 @@ def leakage(teacher: TeacherOpt = "reference",
               lr, student, lora, alpha, api_key, model, out, task, grader, temperature)
 
 
+@app.command()
+def report(sources: Annotated[list[str], typer.Argument(help="evaluation directories (or their report.json)")],
+           out: str = "runs/report",
+           reference: Annotated[str, typer.Option(help="DEFENCE/STRATEGY/MODE whose transfer others must match, "
+                                                      "for query multipliers")] = "none/naive/sft"):
+    """Merge evaluations (e.g. one per attacker strategy) into one report, leakage plot and query multipliers."""
+    from pathlib import Path
+
+    from eval.report import markdown_table, merge_reports
+
+    for source in sources:
+        path = Path(source)
+        if not (path / "report.json" if path.is_dir() else path).exists():
+            raise typer.BadParameter(f"{source}: no report.json there (run `distill-guard evaluate` or `leakage`)",
+                                     param_hint="SOURCES")
+    defense, _, attack = reference.partition("/")
+    merged = merge_reports(sources, out, reference=(defense, attack))
+    print(markdown_table(merged["rows"]))
+    if merged["meta"].get("query_multipliers"):
+        print()
+        print((Path(out) / "report.md").read_text().split("\n\n", 1)[1])
+    console.print(f"wrote {out}/report.json, report.md, leakage.png, protection_vs_cost.png")
+
+
 @lab.command("build")
 def lab_build(only: Annotated[list[str] | None, typer.Option(help="teacher-a and/or teacher-b")] = None):
     """Rebuild the tokenizer, the teachers and the student config, one after the other (`make lab` runs the

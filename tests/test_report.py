@@ -4,7 +4,8 @@ import math
 import numpy as np
 import pytest
 
-from eval.report import Outcome, bootstrap_tau, markdown_table, protection, transfer, write_report
+from eval.report import (Outcome, bootstrap_tau, budget_to_reach, markdown_table, merge_reports, protection, transfer,
+                         write_report)
 
 
 def test_transfer_formula():
@@ -54,3 +55,35 @@ def test_report_schema_and_renderings(tmp_path):
     assert (tmp_path / "leakage.png").read_bytes()[:4] == b"\x89PNG"
     assert (tmp_path / "protection_vs_cost.png").stat().st_size > 1000
     assert "-0.01 [-0.02, 0.00]" in markdown_table([row])
+
+
+def _row(defense, attack, budget, tau):
+    return {"defense": defense, "attack": attack, "budget": budget, "seeds": 1, "teacher_acc": 0.98,
+            "student_before_acc": 0.0, "student_after_acc": tau * 0.98, "transfer": {"mean": tau, "ci95": [tau, tau]},
+            "protection": None, "utility_cost": {"accuracy_drop": 0.0, "reasoning_shown": 0.0}}
+
+
+def test_budget_to_reach_interpolates_in_log_budget_and_says_when_it_is_a_bound():
+    curve = [_row("d", "a", b, t) for b, t in [(500, 0.1), (1000, 0.3), (4000, 0.5)]]
+    assert budget_to_reach(curve, 0.2) == (pytest.approx(np.sqrt(500 * 1000)), "at")  # half way in log budget
+    assert budget_to_reach(curve, 0.4) == (pytest.approx(2000), "at")
+    assert budget_to_reach(curve, 0.05) == (500, "below")
+    assert budget_to_reach(curve, 0.9) == (4000, "above")
+
+
+def test_merged_report_carries_query_multipliers(tmp_path):
+    naive = [_row("none", "naive/sft", b, t) for b, t in [(500, 0.1), (1000, 0.2), (2000, 0.6)]]
+    naive += [_row("answer-only", "naive/sft", b, 0.05) for b in (500, 1000, 2000)]
+    decompose = [_row("answer-only", "decompose/sft", b, t) for b, t in [(500, 0.2), (1000, 0.4), (2000, 0.8)]]
+    write_report(naive, tmp_path / "naive")
+    write_report(decompose, tmp_path / "decompose")
+    merged = merge_reports([tmp_path / "naive", tmp_path / "decompose" / "report.json"], tmp_path / "all")
+    assert len(merged["rows"]) == 9
+    m = {(x["defense"], x["attack"], x["reference_budget"]): x for x in merged["meta"]["query_multipliers"]}
+    assert m["answer-only", "decompose/sft", 2000]["multiplier"] == pytest.approx(np.sqrt(2) / 2)  # 1,414 match 2,000
+    assert m["answer-only", "decompose/sft", 500]["bound"] == "below"
+    assert m["answer-only", "naive/sft", 2000]["bound"] == "above"
+    assert m["none", "naive/sft", 1000]["multiplier"] == pytest.approx(1.0)
+    text = (tmp_path / "all" / "report.md").read_text()
+    assert "| answer-only | decompose/sft | ≤1.00× | ≤0.50× | 0.71× |" in text
+    assert (tmp_path / "all" / "leakage.png").read_bytes()[:4] == b"\x89PNG"

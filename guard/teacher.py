@@ -10,7 +10,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import (AutoConfig, AutoModelForCausalLM, AutoTokenizer, LogitsProcessorList, PreTrainedModel,
+                          PreTrainedTokenizerBase)
 
 from guard.reasoning import split_reasoning
 
@@ -134,15 +135,18 @@ class HFTeacher(Teacher):
         self.name = Path(path).name
 
     @torch.no_grad()
-    def complete(self, prompts: list[str], sampling: Sampling = Sampling()) -> list[Completion]:
+    def complete(self, prompts: list[str], sampling: Sampling = Sampling(),
+                 logits_processor: LogitsProcessorList | None = None) -> list[Completion]:
+        """`logits_processor`: token-level defences (e.g. a watermark) applied inside `generate`."""
         completions = []
         for start in range(0, len(prompts), self.batch_size):
             if sampling.seed is not None:
                 torch.manual_seed(sampling.seed + start)
-            completions += self._generate(prompts[start:start + self.batch_size], sampling)
+            completions += self._generate(prompts[start:start + self.batch_size], sampling, logits_processor)
         return completions
 
-    def _generate(self, prompts: list[str], sampling: Sampling) -> list[Completion]:
+    def _generate(self, prompts: list[str], sampling: Sampling,
+                  logits_processor: LogitsProcessorList | None = None) -> list[Completion]:
         tok = self.tokenizer
         batch = tok(prompts, return_tensors="pt", padding=True, padding_side="left",
                     add_special_tokens=False).to(self.device)
@@ -158,11 +162,16 @@ class HFTeacher(Teacher):
             eos_token_id=tok.eos_token_id,
             return_dict_in_generate=True,
             output_logits=sampling.logprobs > 0,
+            logits_processor=logits_processor,
         )
-        new_tokens = out.sequences[:, batch["input_ids"].shape[1]:].tolist()
+        prompt_length = batch["input_ids"].shape[1]
+        new_tokens = out.sequences[:, prompt_length:].tolist()
         if sampling.logprobs > 0:
-            # Raw model logits, before temperature or truncation: the distribution itself, as OpenAI reports it.
-            logprobs = torch.stack(out.logits, dim=1).float().log_softmax(-1)
+            # Model logits before temperature or truncation: the distribution itself, as OpenAI reports it;
+            # with token-level defences applied, so reported numbers never bypass a watermark.
+            steps = [logits if logits_processor is None else logits_processor(out.sequences[:, :prompt_length + s], logits)
+                     for s, logits in enumerate(out.logits)]
+            logprobs = torch.stack(steps, dim=1).float().log_softmax(-1)
             top = logprobs.topk(sampling.logprobs, dim=-1)
         completions = []
         for row, ids in enumerate(new_tokens):

@@ -1,0 +1,205 @@
+"""The green-list watermark, its exact detector, per-client keys and the radioactivity plumbing."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from scipy.stats import kstest
+
+from eval.reference.world import reference_task
+from guard.openai_teacher import OpenAITeacher
+from guard.teacher import Sampling
+from watermark.detect import WatermarkDetector, binomial_test, holm, name_client
+from watermark.kgw import GreenList, GreenListProcessor, Watermark, WatermarkConfig, WatermarkKey, mix64
+from watermark.radioactivity import audit, ngrams, restrict_to, sampled_tuples
+
+MASTER = b"test-master-secret-0123456789abcdef"
+VOCAB = 1024
+
+
+def numpy_mix64(x: np.ndarray) -> np.ndarray:
+    """splitmix64's finaliser on uint64, written independently of the torch version."""
+    x = x.astype(np.uint64)
+    with np.errstate(over="ignore"):
+        x ^= x >> np.uint64(30)
+        x *= np.uint64(0xBF58476D1CE4E5B9)
+        x ^= x >> np.uint64(27)
+        x *= np.uint64(0x94D049BB133111EB)
+        x ^= x >> np.uint64(31)
+    return x
+
+
+def key(client="client-0"):
+    return WatermarkKey.for_client(MASTER, client)
+
+
+def test_torch_hash_matches_an_independent_uint64_implementation():
+    rng = np.random.default_rng(0)
+    values = rng.integers(np.iinfo(np.int64).min, np.iinfo(np.int64).max, size=10_000, dtype=np.int64)
+    values[:4] = [0, -1, np.iinfo(np.int64).min, np.iinfo(np.int64).max]
+    expected = numpy_mix64(values.view(np.uint64)).view(np.int64)
+    assert np.array_equal(mix64(torch.from_numpy(values)).numpy(), expected)
+
+
+@pytest.mark.parametrize("gamma,width", [(0.25, 1), (0.5, 2), (0.1, 4)])
+def test_green_share_is_gamma_and_the_mask_agrees_with_pointwise_tests(gamma, width):
+    green_list = GreenList(key(), VOCAB, WatermarkConfig(gamma=gamma, context_width=width))
+    windows = torch.randint(0, VOCAB, (400, width), generator=torch.Generator().manual_seed(1))
+    mask = green_list.mask(windows)
+    n = mask.numel()
+    assert abs(mask.float().mean().item() - gamma) < 4 * math.sqrt(gamma * (1 - gamma) / n)
+    tokens = torch.randint(0, VOCAB, (400,), generator=torch.Generator().manual_seed(2))
+    assert torch.equal(green_list.green(windows, tokens), mask[torch.arange(400), tokens])
+    other = GreenList(key("client-1"), VOCAB, WatermarkConfig(gamma=gamma, context_width=width)).mask(windows)
+    overlap = (mask & other).float().mean().item()  # independent keys: green lists overlap by chance only
+    assert abs(overlap - gamma**2) < 4 * math.sqrt(gamma**2 * (1 - gamma**2) / n)
+
+
+def test_the_whole_window_and_its_order_pick_the_green_list():
+    green_list = GreenList(key(), VOCAB, WatermarkConfig(context_width=3))
+    base = green_list.mask(torch.tensor([[5, 6, 7]]))
+    for changed in ([[9, 6, 7]], [[5, 9, 7]], [[5, 6, 9]], [[7, 6, 5]]):
+        assert not torch.equal(base, green_list.mask(torch.tensor(changed)))
+
+
+def test_processor_adds_delta_to_exactly_the_green_logits():
+    green_list = GreenList(key(), VOCAB, WatermarkConfig(delta=2.5, context_width=2))
+    ids = torch.randint(0, VOCAB, (3, 9))
+    scores = torch.randn(3, VOCAB)
+    out = GreenListProcessor(green_list)(ids, scores)
+    assert torch.allclose(out - scores, 2.5 * green_list.mask(ids[:, -2:]).float())
+
+
+def test_exact_p_value_matches_a_hand_computed_binomial_tail():
+    def tail(k, n, p):
+        return sum(math.comb(n, i) * p**i * (1 - p) ** (n - i) for i in range(k, n + 1))
+
+    for green, scored, gamma in [(8, 10, 0.25), (30, 60, 0.25), (61, 100, 0.5), (0, 10, 0.25), (10, 10, 0.1)]:
+        assert binomial_test(green, scored, gamma).p_value == pytest.approx(tail(green, scored, gamma), rel=1e-9)
+    far = binomial_test(60, 100, 0.25)  # z = 8.1: the normal tail would be off by orders of magnitude
+    assert far.p_value == pytest.approx(tail(60, 100, 0.25), rel=1e-9)
+    assert far.z == pytest.approx((60 - 25) / math.sqrt(100 * 0.25 * 0.75))
+
+
+@pytest.fixture(scope="module")
+def generations(teacher_a):
+    prompts = [i.prompt for i in reference_task().query_pool[:256]]
+    sampling = Sampling(temperature=1.0, seed=0, max_new_tokens=48)
+    watermarked = Watermark(teacher_a, key("client-7"), WatermarkConfig(delta=2.0)).complete(prompts, sampling)
+    plain = teacher_a.complete(prompts, sampling)
+    prompt_ids = [teacher_a.tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    return prompts, prompt_ids, watermarked, plain
+
+
+def test_watermarked_generations_are_greener_than_plain_ones(teacher_a, generations):
+    prompts, prompt_ids, watermarked, plain = generations
+    detector = WatermarkDetector(GreenList(key("client-7"), len(teacher_a.tokenizer)))
+    lengths = [len(p) for p in prompt_ids]
+    marked = detector.detect_corpus([p + c.token_ids for p, c in zip(prompt_ids, watermarked)], lengths)
+    clean = detector.detect_corpus([p + c.token_ids for p, c in zip(prompt_ids, plain)], lengths)
+    assert marked.p_value < 1e-6 and marked.green_fraction > 0.3
+    assert clean.p_value > 1e-3  # the teacher's own text is not accused
+    # two independent proportions: the difference is many standard errors wide
+    se = math.sqrt(0.25 * 0.75 * (1 / marked.scored + 1 / clean.scored))
+    assert marked.green_fraction - clean.green_fraction > 4 * se
+
+
+def test_logprobs_of_a_watermarked_teacher_are_the_watermarked_distribution(teacher_a):
+    prompt = [reference_task().query_pool[0].prompt]
+    wm = Watermark(teacher_a, key(), WatermarkConfig(delta=4.0))
+    marked = wm.complete(prompt, Sampling(temperature=0, logprobs=5, max_new_tokens=8))[0]
+    plain = teacher_a.complete(prompt, Sampling(temperature=0, logprobs=5, max_new_tokens=8))[0]
+    assert marked.token_logprobs[0].logprob != pytest.approx(plain.token_logprobs[0].logprob)
+
+
+def test_a_repeated_sentence_raises_no_score(teacher_a):
+    detector = WatermarkDetector(GreenList(key(), VOCAB), tokenizer=teacher_a.tokenizer)
+    sentence = "Bobuk calls Peors a friend. "
+    once, thrice = detector.detect_texts([sentence, sentence * 3])
+    # the copies add only the seam between them (and the first word as tokenized after a space)
+    assert thrice.scored <= once.scored + 2 and thrice.green <= once.green + 2
+    raw_once, raw_thrice = WatermarkDetector(GreenList(key(), VOCAB), dedup=False,
+                                             tokenizer=teacher_a.tokenizer).detect_texts([sentence, sentence * 3])
+    assert raw_thrice.scored >= 2.5 * raw_once.scored  # without dedup every copy counts again
+
+
+def test_the_prompt_is_never_scored():
+    green_list = GreenList(key(), VOCAB)
+    prompt = [1]
+    while len(prompt) < 300:  # a prompt made only of green tokens
+        mask = green_list.mask(torch.tensor([[prompt[-1]]]))[0]
+        prompt.append(int(torch.nonzero(mask)[len(prompt) % 50]))
+    completion = torch.randint(0, VOCAB, (200,), generator=torch.Generator().manual_seed(0)).tolist()
+    detector = WatermarkDetector(green_list)
+    with_prompt = detector.detect([prompt + completion])[0]
+    excluded = detector.detect([prompt + completion], prompt_lengths=[len(prompt)])[0]
+    assert with_prompt.p_value < 1e-30
+    assert excluded.scored <= 200 and excluded.p_value > 1e-3
+    again = detector.detect([[3] * 298 + prompt[-2:] + completion], prompt_lengths=[300])[0]
+    assert (again.scored, again.green) == (excluded.scored, excluded.green)
+
+
+def test_holm_names_the_leaking_client_among_24_and_wrong_keys_stay_quiet(teacher_a, generations):
+    prompts, prompt_ids, watermarked, _ = generations
+    lengths = [len(p) for p in prompt_ids]
+    sequences = [p + c.token_ids for p, c in zip(prompt_ids, watermarked)]
+    detections = {f"client-{i}": WatermarkDetector(GreenList(key(f"client-{i}"), VOCAB)).detect_corpus(sequences, lengths)
+                  for i in range(24)}
+    verdict = name_client(detections, alpha=1e-3)
+    assert verdict["client"] == "client-7"
+    assert min(p for c, p in verdict["adjusted_p"].items() if c != "client-7") > 0.01
+
+
+def test_holm_adjustment_by_hand():
+    assert holm([0.01, 0.04, 0.03, 0.5]).tolist() == pytest.approx([0.04, 0.09, 0.09, 0.5])
+
+
+def test_wrong_key_p_values_are_uniform(teacher_a, generations):
+    """200 keys that did not watermark the text: their p-values follow the null. Discrete binomial tails
+    are conservative, so the test is one-sided: too many small p-values would fail it."""
+    _, prompt_ids, watermarked, _ = generations
+    sequences = [p + c.token_ids for p, c in zip(prompt_ids, watermarked)]
+    lengths = [len(p) for p in prompt_ids]
+    p_values = [WatermarkDetector(GreenList(key(f"wrong-{i}"), VOCAB)).detect_corpus(sequences, lengths).p_value
+                for i in range(200)]
+    assert kstest(p_values, "uniform", alternative="greater").pvalue > 1e-3
+    assert min(holm(p_values)) > 0.01
+
+
+def test_keys_never_appear_in_reprs_or_audit_reports():
+    secret = b"k" * 32
+    wm_key = WatermarkKey(secret, label="acct-9")
+    assert "kkkk" not in repr(wm_key) and "kkkk" not in repr(GreenList(wm_key, VOCAB))
+    report = audit(np.array([[1], [2]]), np.array([3, 4]), [wm_key], VOCAB)
+    text = json.dumps(report)
+    assert secret.hex() not in text and "kkkk" not in text and wm_key.fingerprint in text
+    with pytest.raises(ValueError, match="16 bytes"):
+        WatermarkKey(b"short")
+    with pytest.raises(ValueError, match="outside the watermark's vocabulary"):
+        audit(np.array([[1]]), np.array([VOCAB + 5]), [wm_key], VOCAB)
+
+
+@pytest.mark.parametrize("bad", [dict(gamma=0), dict(gamma=1), dict(delta=-1), dict(context_width=5),
+                                 dict(context_width=0)])
+def test_bad_watermark_settings_are_refused(bad):
+    with pytest.raises(ValueError):
+        WatermarkConfig(**bad)
+
+
+def test_watermark_needs_a_local_model():
+    with pytest.raises(TypeError, match="HFTeacher"):
+        Watermark(OpenAITeacher("http://127.0.0.1:9/v1", "m"), key())
+
+
+def test_sampling_mode_scores_only_what_the_suspect_writes_and_the_logged_filter(teacher_a, generations):
+    prompts, prompt_ids, watermarked, _ = generations
+    suspect = Watermark(teacher_a, key("client-7"))  # writes with the watermark: maximally radioactive
+    windows, tokens = sampled_tuples(suspect, prompts[:64], teacher_a.tokenizer, 1,
+                                     Sampling(temperature=1.0, seed=5, max_new_tokens=48))
+    assert audit(windows, tokens, [key("client-7"), key("client-8")], VOCAB)["client"] == "client-7"
+    logged = ngrams([p + c.token_ids for p, c in zip(prompt_ids, watermarked)], [len(p) for p in prompt_ids], 1)
+    kept_windows, kept_tokens = restrict_to(windows, tokens, logged)
+    assert 0 < len(kept_tokens) < len(tokens)
+    assert all(tuple(w) + (t,) in logged for w, t in zip(kept_windows.tolist(), kept_tokens.tolist()))

@@ -1,0 +1,139 @@
+"""Watermark detection: count green tokens, test against chance with an exact one-sided binomial p-value.
+
+Under "no watermark" every scored (context, token) pair is green with probability γ, independently of
+the others, *if* each pair is scored once: a text that repeats a phrase would otherwise count its
+green tokens many times. So repeated (h-token window, token) tuples are scored once (on by default),
+as the radioactivity literature requires. The p-value is the binomial tail P(X >= green), exact
+(scipy), never a normal approximation: in the tails that matter (p < 1e-6) the approximation is off
+by orders of magnitude.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+from scipy.stats import binom
+
+from watermark.kgw import GreenList
+
+
+@dataclass
+class Detection:
+    scored: int  # distinct (window, token) tuples scored
+    green: int
+    gamma: float
+    z: float
+    p_value: float  # exact one-sided binomial tail: small = evidence of the watermark
+
+    @property
+    def green_fraction(self) -> float:
+        return self.green / self.scored if self.scored else float("nan")
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "green_fraction": self.green_fraction}
+
+
+def binomial_test(green: int, scored: int, gamma: float) -> Detection:
+    if scored == 0:
+        return Detection(0, 0, gamma, float("nan"), 1.0)
+    z = (green - gamma * scored) / np.sqrt(scored * gamma * (1 - gamma))
+    return Detection(int(scored), int(green), gamma, float(z), float(binom.sf(green - 1, scored, gamma)))
+
+
+def windows_and_tokens(ids: list[int] | np.ndarray, width: int, start: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Every (h-token window, next token) pair whose token sits at position >= max(start, width)."""
+    ids = np.asarray(ids, dtype=np.int64)
+    first = max(start, width)
+    if len(ids) <= first:
+        return np.zeros((0, width), dtype=np.int64), np.zeros(0, dtype=np.int64)
+    positions = np.arange(first, len(ids))
+    windows = ids[positions[:, None] + np.arange(-width, 0)[None, :]]
+    return windows, ids[positions]
+
+
+def unique_tuples(windows: np.ndarray, tokens: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    tuples = np.unique(np.concatenate([windows, tokens[:, None]], axis=1), axis=0)
+    return tuples[:, :-1], tuples[:, -1]
+
+
+class WatermarkDetector:
+    """Scores token sequences (or texts, given the tokenizer) against one key's green lists.
+
+    Args:
+        green_list: the key, γ and h to test.
+        dedup: score each (window, token) tuple once per text (per corpus in `detect_corpus`).
+        tokenizer: needed only for `detect_texts`.
+    """
+
+    def __init__(self, green_list: GreenList, dedup: bool = True, tokenizer=None):
+        self.green_list, self.dedup, self.tokenizer = green_list, dedup, tokenizer
+
+    def _count(self, windows: np.ndarray, tokens: np.ndarray) -> tuple[int, int]:
+        if self.dedup and len(tokens):
+            windows, tokens = unique_tuples(windows, tokens)
+        if not len(tokens):
+            return 0, 0
+        green = self.green_list.green(torch.from_numpy(windows), torch.from_numpy(tokens))
+        return len(tokens), int(green.sum())
+
+    def _pairs(self, sequences, prompt_lengths) -> list[tuple[np.ndarray, np.ndarray]]:
+        starts = prompt_lengths if prompt_lengths is not None else [0] * len(sequences)
+        if len(starts) != len(sequences):
+            raise ValueError(f"{len(sequences)} sequences but {len(starts)} prompt lengths")
+        return [windows_and_tokens(ids, self.green_list.width, start) for ids, start in zip(sequences, starts)]
+
+    def detect(self, sequences: list[list[int]], prompt_lengths: list[int] | None = None) -> list[Detection]:
+        """One test per sequence; the first `prompt_lengths[i]` tokens (the prompt) are never scored."""
+        tests = []
+        for windows, tokens in self._pairs(sequences, prompt_lengths):
+            scored, green = self._count(windows, tokens)
+            tests.append(binomial_test(green, scored, self.green_list.gamma))
+        return tests
+
+    def detect_corpus(self, sequences: list[list[int]], prompt_lengths: list[int] | None = None) -> Detection:
+        """One test over all sequences together, each (window, token) tuple scored once across the corpus."""
+        pairs = self._pairs(sequences, prompt_lengths)
+        width = self.green_list.width
+        windows = np.concatenate([w for w, _ in pairs]) if pairs else np.zeros((0, width), dtype=np.int64)
+        tokens = np.concatenate([t for _, t in pairs]) if pairs else np.zeros(0, dtype=np.int64)
+        scored, green = self._count(windows, tokens)
+        return binomial_test(green, scored, self.green_list.gamma)
+
+    def tokenize(self, texts: list[str], prompts: list[str] | None = None) -> tuple[list[list[int]], list[int] | None]:
+        if self.tokenizer is None:
+            raise ValueError("detecting texts needs the tokenizer the watermark was applied with")
+        if prompts is None:
+            return [self.tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts], None
+        prompt_ids = [self.tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+        completion_ids = [self.tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+        return [p + c for p, c in zip(prompt_ids, completion_ids)], [len(p) for p in prompt_ids]
+
+    def detect_texts(self, texts: list[str], prompts: list[str] | None = None) -> list[Detection]:
+        return self.detect(*self.tokenize(texts, prompts))
+
+
+def holm(p_values: list[float] | np.ndarray) -> np.ndarray:
+    """Holm-Bonferroni adjusted p-values (step-down; controls the family-wise error rate)."""
+    p = np.asarray(p_values, dtype=float)
+    order = np.argsort(p)
+    m = len(p)
+    adjusted = np.maximum.accumulate(np.minimum(1.0, (m - np.arange(m)) * p[order]))
+    out = np.empty(m)
+    out[order] = adjusted
+    return out
+
+
+def name_client(detections: dict[str, Detection], alpha: float = 1e-3) -> dict:
+    """Which client's key fires, testing every key and correcting for the number of keys (Holm).
+
+    Returns the per-client adjusted p-values and `client`: the one with the smallest adjusted p-value
+    if it is below `alpha`, else None.
+    """
+    clients = list(detections)
+    adjusted = holm([detections[c].p_value for c in clients])
+    best = int(np.argmin(adjusted)) if clients else None
+    return {"client": clients[best] if best is not None and adjusted[best] < alpha else None, "alpha": alpha,
+            "adjusted_p": dict(zip(clients, adjusted.tolist())),
+            "p": {c: detections[c].p_value for c in clients}}

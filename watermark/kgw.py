@@ -1,0 +1,151 @@
+"""A KGW green-list watermark (Kirchenbauer et al. 2023) as a transformers LogitsProcessor.
+
+At each step the vocabulary splits into a green share γ and the rest; green logits get +δ. Which tokens
+are green depends on a secret key and the h tokens before the one being chosen ("lefthash": the context
+to the left, never the candidate itself). The split is a keyed pseudo-random function of
+(context, token), computed for a whole batch x vocabulary at once with integer hashing: no generator
+reseeding, no `randperm`, no Python loop per token.
+
+Keys are per client: key_c = HMAC-SHA256(master secret, client id), so a detector can name the account
+whose outputs a student learned from. Keys never appear in a repr, a log line, a report or an exception;
+reports carry a fingerprint instead.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+from dataclasses import dataclass
+
+import torch
+from transformers import LogitsProcessor, LogitsProcessorList
+
+from guard.teacher import Completion, HFTeacher, Sampling, Teacher
+
+MASK64 = (1 << 64) - 1
+_M1, _M2, _GOLDEN = 0xBF58476D1CE4E5B9, 0x94D049BB133111EB, 0x9E3779B97F4A7C15
+
+
+def _signed(value: int) -> int:
+    """A 64-bit pattern as the int64 torch stores it."""
+    return value - (1 << 64) if value >= 1 << 63 else value
+
+
+def _shift_right(x: torch.Tensor, bits: int) -> torch.Tensor:
+    """Logical (unsigned) right shift of int64 bit patterns; torch's >> is arithmetic."""
+    return (x >> bits) & ((1 << (64 - bits)) - 1)
+
+
+def mix64(x: torch.Tensor) -> torch.Tensor:
+    """splitmix64's finaliser on int64 tensors (wrap-around arithmetic): a bijective 64-bit scrambler."""
+    x = x ^ _shift_right(x, 30)
+    x = x * _signed(_M1)
+    x = x ^ _shift_right(x, 27)
+    x = x * _signed(_M2)
+    return x ^ _shift_right(x, 31)
+
+
+class WatermarkKey:
+    """A secret watermark key. Its bytes stay inside; `fingerprint` names it in reports."""
+
+    def __init__(self, secret: bytes, label: str = "key"):
+        if len(secret) < 16:
+            raise ValueError("a watermark key needs at least 16 bytes of secret")
+        self._secret, self.label = secret, label
+        digest = hashlib.sha256(b"distill-guard watermark v1" + secret).digest()
+        self.context_seed = int.from_bytes(digest[:8], "little")
+        self.token_seed = int.from_bytes(digest[8:16], "little")
+        self.fingerprint = hashlib.sha256(b"fingerprint" + secret).hexdigest()[:12]
+
+    @classmethod
+    def for_client(cls, master: bytes, client: str) -> WatermarkKey:
+        """key_c = HMAC-SHA256(master, client id)."""
+        return cls(hmac.new(master, client.encode(), hashlib.sha256).digest(), label=client)
+
+    def __repr__(self) -> str:
+        return f"WatermarkKey({self.label!r}, fingerprint={self.fingerprint})"
+
+
+@dataclass(frozen=True)
+class WatermarkConfig:
+    gamma: float = 0.25  # share of the vocabulary that is green in each context
+    delta: float = 2.0  # logit bias added to green tokens
+    context_width: int = 1  # h: how many preceding tokens pick the green list
+
+    def __post_init__(self):
+        if not 0 < self.gamma < 1:
+            raise ValueError(f"gamma must be in (0, 1), got {self.gamma}")
+        if self.delta < 0:
+            raise ValueError(f"delta must be >= 0, got {self.delta}")
+        if not 1 <= self.context_width <= 4:
+            raise ValueError(f"context width h must be 1 to 4, got {self.context_width}")
+
+
+class GreenList:
+    """The keyed green/red split of a vocabulary for every context: green(context, token) with P = γ."""
+
+    def __init__(self, key: WatermarkKey, vocab_size: int, config: WatermarkConfig = WatermarkConfig()):
+        self.key, self.vocab_size, self.config = key, vocab_size, config
+        self.gamma = config.gamma
+        self.width = config.context_width
+        self._threshold = int(config.gamma * 2**53)  # green when the top 53 hash bits fall below γ·2^53
+        self._token_hash = mix64(torch.arange(vocab_size, dtype=torch.long) + _signed(key.token_seed))
+
+    def __repr__(self) -> str:
+        return f"GreenList({self.key!r}, vocab={self.vocab_size}, {self.config})"
+
+    def context_hash(self, windows: torch.Tensor) -> torch.Tensor:
+        """[..., h] token windows (oldest first) -> [...] int64 context hashes."""
+        h = torch.full(windows.shape[:-1], _signed(self.key.context_seed), dtype=torch.long, device=windows.device)
+        for i in range(windows.shape[-1]):
+            h = mix64(h ^ (windows[..., i].long() * _signed(_GOLDEN) + i + 1))
+        return h
+
+    def _is_green(self, context: torch.Tensor, token_hash: torch.Tensor) -> torch.Tensor:
+        return _shift_right(mix64(context ^ token_hash), 11) < self._threshold
+
+    def green(self, windows: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        """Whether each token is green after its window: windows [..., h], tokens [...] -> bool [...]."""
+        return self._is_green(self.context_hash(windows), self._token_hash.to(tokens.device)[tokens.long()])
+
+    def mask(self, windows: torch.Tensor) -> torch.Tensor:
+        """The green list of each context as a mask: windows [B, h] -> bool [B, vocab]."""
+        token_hash = self._token_hash.to(windows.device)
+        return self._is_green(self.context_hash(windows)[:, None], token_hash[None, :])
+
+
+class GreenListProcessor(LogitsProcessor):
+    """Adds δ to the green logits of each row, the green list seeded by the row's last h tokens."""
+
+    def __init__(self, green_list: GreenList):
+        self.green_list, self.delta = green_list, green_list.config.delta
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        width = self.green_list.width
+        if input_ids.shape[1] < width:
+            return scores
+        mask = self.green_list.mask(input_ids[:, -width:])
+        vocab = min(scores.shape[-1], mask.shape[-1])  # some models pad their embedding past the tokenizer
+        scores = scores.clone()
+        scores[:, :vocab] += self.delta * mask[:, :vocab].to(scores.dtype)
+        return scores
+
+
+class Watermark(Teacher):
+    """A teacher whose every generated token carries the watermark of one client's key.
+
+    Token-level, so it needs the model itself: it wraps an `HFTeacher` (or a defence around one that passes
+    `logits_processor` through). Reported logprobs are those of the watermarked distribution.
+    """
+
+    def __init__(self, teacher: HFTeacher, key: WatermarkKey, config: WatermarkConfig = WatermarkConfig()):
+        if not isinstance(teacher, HFTeacher):
+            raise TypeError(f"the watermark is applied inside generate, so it needs a local model (HFTeacher); "
+                            f"got {type(teacher).__name__}. Watermark the model where it is served.")
+        self.teacher = teacher
+        self.green_list = GreenList(key, len(teacher.tokenizer), config)
+        self.name = f"{teacher.name}+watermark"
+
+    def complete(self, prompts: list[str], sampling: Sampling = Sampling()) -> list[Completion]:
+        return self.teacher.complete(prompts, sampling,
+                                     logits_processor=LogitsProcessorList([GreenListProcessor(self.green_list)]))

@@ -16,6 +16,10 @@ app = typer.Typer(help="Protect a served language model against distillation, an
                   no_args_is_help=True, pretty_exceptions_enable=False)
 lab = typer.Typer(help="The reference lab: the built-in world, task and teachers.", no_args_is_help=True)
 app.add_typer(lab, name="lab")
+watermark_app = typer.Typer(help="Green-list watermarks: keys and detection.", no_args_is_help=True)
+app.add_typer(watermark_app, name="watermark")
+audit_app = typer.Typer(help="Audits of suspect models.", no_args_is_help=True)
+app.add_typer(audit_app, name="audit")
 console = Console()
 
 TeacherOpt = Annotated[str, typer.Option(help="'reference', 'reference:teacher-b', a local model directory, "
@@ -84,12 +88,11 @@ def _evaluate(teacher, defense, strategy, attack, budgets, seeds, steps, batch_s
 
         task = reference_task()
     defenses = ["none"] + [d for d in defense if d != "none"]  # protection is measured against "none"
-    from guard.defenses import apply_defense
-    from guard.teacher import Teacher
+    from guard.defenses import parse_defense
 
     for d in defenses:  # a misspelt defence fails here, not after an hour of training
         try:
-            apply_defense(d, Teacher())
+            parse_defense(d)
         except ValueError as e:
             raise typer.BadParameter(str(e), param_hint="--defense") from None
     config = AttackConfig(strategy=strategy, temperature=temperature, student=StudentConfig(mode=attack, init=student, steps=steps,
@@ -186,12 +189,12 @@ def serve(teacher: TeacherOpt = "reference", host: str = "127.0.0.1", port: int 
     """Serve a teacher behind an OpenAI-compatible API (chat completions and completions)."""
     import uvicorn
 
-    from guard.defenses import apply_defense
+    from guard.defenses import apply_defense, parse_defense
     from guard.server import create_app
-    from guard.teacher import Teacher, load_teacher
+    from guard.teacher import load_teacher
 
     try:
-        apply_defense(defense, Teacher())
+        parse_defense(defense)
     except ValueError as e:
         raise typer.BadParameter(str(e), param_hint="--defense") from None
     if defense == "sealed" and not os.environ.get("DISTILL_GUARD_SEAL_KEY"):
@@ -200,6 +203,108 @@ def serve(teacher: TeacherOpt = "reference", host: str = "127.0.0.1", port: int 
     served = name or (teacher.partition(":")[2] or "teacher-a" if teacher.startswith("reference") else teacher)
     uvicorn.run(create_app(lambda: apply_defense(defense, load_teacher(teacher)), served, set(api_key or ())),
                 host=host, port=port)
+
+
+KeyOpt = Annotated[list[str] | None, typer.Option("--key", help="client id whose key to test (repeatable); keys "
+                                                   "derive from the master secret")]
+KeysFileOpt = Annotated[str | None, typer.Option(help="client ids, one per line, or JSON {client: base64url secret}")]
+MasterOpt = Annotated[str | None, typer.Option(help="file holding the master secret; default "
+                                                    "$DISTILL_GUARD_WATERMARK_KEY")]
+
+
+def _watermark_setup(key, keys_file, master_key_file, gamma, context_width):
+    from watermark.kgw import WatermarkConfig, load_keys
+
+    try:
+        return load_keys(key or [], keys_file, master_key_file), WatermarkConfig(gamma=gamma,
+                                                                                  context_width=context_width)
+    except ValueError as e:
+        raise typer.BadParameter(str(e)) from None
+
+
+def _write_json(path: str | None, value: dict) -> None:
+    if path:
+        import json
+        from pathlib import Path
+
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(json.dumps(value, indent=2) + "\n")
+        console.print(f"wrote {path}")
+
+
+@watermark_app.command("keygen")
+def watermark_keygen():
+    """Print a new master secret (base64url) for $DISTILL_GUARD_WATERMARK_KEY. Keep it out of logs."""
+    from watermark.kgw import new_master_secret
+
+    print(new_master_secret())
+
+
+@watermark_app.command("detect")
+def watermark_detect(texts: Annotated[str, typer.Argument(help="JSONL of {prompt, text} rows, or a harvest directory")],
+                     key: KeyOpt = None, keys_file: KeysFileOpt = None, master_key_file: MasterOpt = None,
+                     tokenizer: Annotated[str, typer.Option(help="'reference' or a model directory")] = "reference",
+                     gamma: float = 0.25, context_width: int = 1,
+                     dedup: Annotated[bool, typer.Option(help="score repeated (window, token) tuples once")] = True,
+                     alpha: float = 1e-3, out: str | None = None):
+    """Test texts for each client's watermark (exact binomial p-values, Holm across keys), pooled over
+    the file; the prompt is never scored."""
+    from guard.teacher import load_causal_lm, load_teacher
+    from watermark.detect import WatermarkDetector, name_client
+    from watermark.kgw import GreenList
+    from watermark.radioactivity import read_texts
+
+    keys, config = _watermark_setup(key, keys_file, master_key_file, gamma, context_width)
+    try:
+        prompts, bodies = read_texts(texts)
+    except (ValueError, FileNotFoundError) as e:
+        raise typer.BadParameter(str(e), param_hint="TEXTS") from None
+    tok = load_teacher(tokenizer).tokenizer if tokenizer.startswith("reference") else load_causal_lm(tokenizer)[1]
+    detections = {}
+    for k in keys:
+        detector = WatermarkDetector(GreenList(k, len(tok), config), dedup=dedup, tokenizer=tok)
+        detections[k.label] = detector.detect_corpus(*detector.tokenize(bodies, prompts))
+    verdict = name_client(detections, alpha)
+    table = Table("client", "scored", "green", "z", "p (exact)", "Holm-adjusted p")
+    for client, d in detections.items():
+        table.add_row(client, str(d.scored), str(d.green), f"{d.z:.2f}", f"{d.p_value:.3g}",
+                      f"{verdict['adjusted_p'][client]:.3g}")
+    console.print(table)
+    console.print(f"watermark of [bold]{verdict['client']}[/bold] detected (Holm-adjusted p < {alpha})"
+                  if verdict["client"] else f"no key fires at Holm-adjusted p < {alpha}")
+    _write_json(out, {"texts": texts, "texts_scored": len(bodies), **verdict,
+                      "detections": {c: d.to_dict() for c, d in detections.items()},
+                      "fingerprints": {k.label: k.fingerprint for k in keys}})
+
+
+@audit_app.command("radioactivity")
+def audit_radioactivity(suspect: Annotated[str, typer.Option(help="suspect model directory (reading), or any "
+                                                                  "teacher spec incl. a URL (sampling)")],
+                        key: KeyOpt = None, keys_file: KeysFileOpt = None, master_key_file: MasterOpt = None,
+                        mode: Annotated[str, typer.Option(help="reading (open model) or sampling (closed)")] = "reading",
+                        texts: Annotated[str | None, typer.Option(help="reading: teacher outputs to read (JSONL or "
+                                                                       "harvest dir)")] = None,
+                        logged: Annotated[str | None, typer.Option(help="sampling: score only n-grams of these "
+                                                                        "logged provider outputs")] = None,
+                        tokenizer: str = "reference", gamma: float = 0.25, context_width: int = 1,
+                        alpha: float = 1e-3, api_key: str | None = None, model: str | None = None,
+                        out: str | None = None):
+    """Was the suspect trained on this provider's watermarked outputs, and from which client's account?"""
+    from guard.teacher import ModelLoadError
+    from watermark.radioactivity import radioactivity
+
+    keys, config = _watermark_setup(key, keys_file, master_key_file, gamma, context_width)
+    try:
+        report = radioactivity(suspect, keys, mode, texts=texts, tokenizer=tokenizer, logged=logged, config=config,
+                               alpha=alpha, api_key=api_key, model_name=model)
+    except (ValueError, ModelLoadError) as e:
+        raise typer.BadParameter(str(e)) from None
+    named = report["client"]
+    best = report["detections"][named] if named else min(report["detections"].values(), key=lambda d: d["p_value"])
+    console.print(f"suspect {suspect} ({mode} mode, {report['tuples']} tuples before dedup)")
+    console.print(f"verdict: {'RADIOACTIVE: trained on outputs watermarked for ' + named if named else 'no evidence'}"
+                  f" | p = {best['p_value']:.3g} | green {best['green']}/{best['scored']} (γ = {config.gamma})")
+    _write_json(out, report)
 
 
 if __name__ == "__main__":

@@ -1,18 +1,42 @@
-"""Defences by name, as the CLI, the server and `evaluate` spell them. Each wraps a Teacher and is one."""
+"""Defences by name, as the CLI, the server and `evaluate` spell them. Each wraps a Teacher and is one.
+
+Names join with "+", innermost first: "watermark+answer-only" is Redact(Watermark(teacher)).
+"""
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 from guard.redaction import Redact, parse_policy
 from guard.teacher import Teacher
 
 REDACTIONS = ("full", "answer-only", "summary", "truncate:K", "sealed")
+WATERMARKS = ("watermark", "watermark:CLIENT")
+
+
+def parse_defense(spec: str) -> list[Callable[[Teacher], Teacher]]:
+    """The wrappers `spec` names, innermost first; a misspelt name fails here, before any model loads."""
+    return [] if spec == "none" else [_wrapper(part) for part in spec.split("+")]
 
 
 def apply_defense(spec: str, teacher: Teacher) -> Teacher:
-    """The teacher as served under defence `spec`: none, or a redaction policy (full, answer-only, summary,
-    truncate:K, sealed)."""
-    if spec == "none":
-        return teacher
-    if spec.split(":")[0] not in {r.split(":")[0] for r in REDACTIONS}:
-        raise ValueError(f"unknown defence {spec!r}; available: none, {', '.join(REDACTIONS)}")
-    return Redact(teacher, parse_policy(spec))
+    """The teacher as served under defence `spec`: none; a redaction policy (full, answer-only, summary,
+    truncate:K, sealed); the green-list watermark of client "attacker" or of CLIENT; or several joined by "+"."""
+    for wrap in parse_defense(spec):
+        teacher = wrap(teacher)
+    return teacher
+
+
+def _wrapper(spec: str) -> Callable[[Teacher], Teacher]:
+    kind = spec.split(":")[0]
+    if kind == "watermark":
+        from watermark.kgw import LAB_MASTER, Watermark, WatermarkKey, master_secret
+
+        client = spec.partition(":")[2] or "attacker"
+        key = WatermarkKey.for_client(master_secret(required=False) or LAB_MASTER, client)
+        return lambda teacher: Watermark(teacher, key)
+    if kind not in {r.split(":")[0] for r in REDACTIONS}:
+        raise ValueError(f"unknown defence {spec!r}; available: none, {', '.join(REDACTIONS + WATERMARKS)}, "
+                         "or several joined by '+'")
+    policy = parse_policy(spec)
+    return lambda teacher: Redact(teacher, policy)

@@ -203,3 +203,22 @@ def test_sampling_mode_scores_only_what_the_suspect_writes_and_the_logged_filter
     kept_windows, kept_tokens = restrict_to(windows, tokens, logged)
     assert 0 < len(kept_tokens) < len(tokens)
     assert all(tuple(w) + (t,) in logged for w, t in zip(kept_windows.tolist(), kept_tokens.tolist()))
+
+
+def test_z_scores_agree_with_transformers_watermark_detector():
+    from transformers import GPT2Config, WatermarkDetector as HFWatermarkDetector, WatermarkingConfig
+
+    from watermark.detect import TransformersGreenList
+
+    config = GPT2Config(vocab_size=VOCAB, bos_token_id=VOCAB - 1)
+    rng = np.random.default_rng(3)
+    sequences = rng.integers(0, VOCAB - 1, size=(8, 120))
+    sequences[:, 60:] = sequences[:, :60]  # repeats, so deduplication matters
+    green_list = TransformersGreenList(VOCAB, gamma=0.25, hashing_key=12345)
+    for dedup in (False, True):
+        theirs = HFWatermarkDetector(config, "cpu", WatermarkingConfig(greenlist_ratio=0.25, hashing_key=12345,
+                                                                       seeding_scheme="lefthash", context_width=1),
+                                     ignore_repeated_ngrams=dedup)(torch.tensor(sequences), return_dict=True)
+        ours = WatermarkDetector(green_list, dedup=dedup).detect(sequences.tolist())
+        assert np.allclose([d.z for d in ours], theirs.z_score, atol=1e-9, rtol=0)
+        assert [d.scored for d in ours] == theirs.num_tokens_scored.tolist()

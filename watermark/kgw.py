@@ -13,9 +13,15 @@ reports carry a fingerprint instead.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import hashlib
 import hmac
+import json
+import os
+import secrets
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList
@@ -66,10 +72,66 @@ class WatermarkKey:
         return f"WatermarkKey({self.label!r}, fingerprint={self.fingerprint})"
 
 
+MASTER_ENV = "DISTILL_GUARD_WATERMARK_KEY"
+# The reference lab's master secret, public so that lab experiments and their audits reproduce. A real
+# deployment sets its own in $DISTILL_GUARD_WATERMARK_KEY.
+LAB_MASTER = b"distill-guard reference lab: public demo secret, never for production"
+
+
+def master_secret(path: str | None = None, required: bool = True) -> bytes | None:
+    """The provider's master secret: the file at `path`, else $DISTILL_GUARD_WATERMARK_KEY (base64url)."""
+    if path:
+        try:
+            value = Path(path).read_text().strip()
+        except OSError as e:
+            raise ValueError(f"cannot read the master key file {path}: {e.strerror}") from None
+    else:
+        value = os.environ.get(MASTER_ENV, "").strip()
+    if not value:
+        if required:
+            raise ValueError(f"no watermark master secret: set {MASTER_ENV} or pass a key file "
+                             "(make one with `distill-guard watermark keygen`)")
+        return None
+    try:
+        secret = base64.urlsafe_b64decode(value.encode() + b"=" * (-len(value) % 4))
+    except (binascii.Error, ValueError):
+        raise ValueError("the watermark master secret is not base64url") from None
+    if len(secret) < 16:
+        raise ValueError("the watermark master secret must decode to at least 16 bytes")
+    return secret
+
+
+def new_master_secret() -> str:
+    return base64.urlsafe_b64encode(secrets.token_bytes(32)).decode().rstrip("=")
+
+
+def load_keys(clients: list[str], keys_file: str | None = None, master_file: str | None = None) -> list[WatermarkKey]:
+    """Client keys to test: ids derived from the master secret (`clients`, or a keys file with one id per
+    line), or a JSON keys file mapping client id -> base64url secret."""
+    if keys_file:
+        try:
+            text = Path(keys_file).read_text()
+        except OSError as e:
+            raise ValueError(f"cannot read the keys file {keys_file}: {e.strerror}") from None
+        if text.lstrip().startswith("{"):
+            try:
+                mapping = json.loads(text)
+                return [WatermarkKey(base64.urlsafe_b64decode(s.encode() + b"=" * (-len(s) % 4)), label=c)
+                        for c, s in mapping.items()]
+            except (json.JSONDecodeError, binascii.Error, ValueError, AttributeError):
+                raise ValueError(f"{keys_file}: expected a JSON object of client id -> base64url secret "
+                                 "(each at least 16 bytes)") from None
+        clients = [*clients, *(line.strip() for line in text.splitlines() if line.strip())]
+    if not clients:
+        raise ValueError("no keys to test: give client ids (--key) or a keys file (--keys-file)")
+    master = master_secret(master_file)
+    return [WatermarkKey.for_client(master, c) for c in dict.fromkeys(clients)]
+
+
 @dataclass(frozen=True)
 class WatermarkConfig:
     gamma: float = 0.25  # share of the vocabulary that is green in each context
-    delta: float = 2.0  # logit bias added to green tokens
+    delta: float = 1.0  # logit bias on green tokens; 2.0 cost teacher-a 3.7 points of accuracy, 1.0 at most 0.5
     context_width: int = 1  # h: how many preceding tokens pick the green list
 
     def __post_init__(self):

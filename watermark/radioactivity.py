@@ -15,7 +15,9 @@ Tuples are gathered once and then tested against as many keys as wanted.
 
 from __future__ import annotations
 
+import json
 from dataclasses import asdict
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -99,3 +101,79 @@ def audit(windows: np.ndarray, tokens: np.ndarray, keys: list[WatermarkKey], voc
     return {**verdict, "detections": {c: d.to_dict() for c, d in detections.items()},
             "fingerprints": {k.label: k.fingerprint for k in keys}, "config": asdict(config),
             "tuples": int(len(tokens))}
+
+
+def read_texts(path: str | Path) -> tuple[list[str], list[str]]:
+    """(prompts, texts) from a JSONL file of {"prompt", "text"} rows or a harvest directory."""
+    path = Path(path)
+    if path.is_dir():
+        from eval.harvest import load_harvest
+
+        rows = load_harvest(path / "harvest" if (path / "harvest").is_dir() else path)
+        return list(rows["prompt"]), list(rows["text"])
+    prompts, texts = [], []
+    try:
+        lines = path.read_text().splitlines()
+    except OSError as e:
+        raise ValueError(f"cannot read {path}: {e.strerror}") from None
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            prompts.append(str(row.get("prompt", "")))
+            texts.append(str(row["text"]))
+        except (json.JSONDecodeError, KeyError, AttributeError):
+            raise ValueError(f"{path}:{number}: expected a JSON object with a \"text\" (and \"prompt\") field") from None
+    if not texts:
+        raise ValueError(f"{path}: no texts")
+    return prompts, texts
+
+
+def radioactivity(suspect: str, keys: list[WatermarkKey], mode: str = "reading", texts: str | None = None,
+                  prompts: list[str] | None = None, tokenizer: str = "reference", logged: str | None = None,
+                  config: WatermarkConfig = WatermarkConfig(), alpha: float = 1e-3,
+                  sampling: Sampling = Sampling(temperature=1.0, seed=0, max_new_tokens=64),
+                  api_key: str | None = None, model_name: str | None = None) -> dict:
+    """The whole audit of one suspect: gather tuples in `mode`, test every key, name the client (Holm).
+
+    reading: `suspect` is a local model directory (safetensors only); `texts` are teacher outputs to read
+    (default: the reference teacher's answers to the reference task's held-out prompts, T=1).
+    sampling: `suspect` is anything `load_teacher` takes (a path, or an HTTP endpoint); it answers `prompts`
+    (default: the reference task's attacker pool); `logged` restricts scoring to the provider's own n-grams.
+    """
+    from eval.reference.world import reference_task
+    from guard.teacher import load_causal_lm, load_teacher
+
+    teacher_tokenizer = load_teacher(tokenizer).tokenizer if tokenizer.startswith("reference") else \
+        load_causal_lm(tokenizer)[1]
+    width = config.context_width
+    if mode == "reading":
+        model, suspect_tokenizer = load_causal_lm(suspect)
+        if suspect_tokenizer.get_vocab() != teacher_tokenizer.get_vocab():
+            raise ValueError(f"{suspect}: its tokenizer differs from the teacher's; reading mode needs a suspect "
+                             "that shares it (use --mode sampling for any other model)")
+        if texts:
+            text_prompts, bodies = read_texts(texts)
+        else:
+            text_prompts = [i.prompt for i in reference_task().eval_items]
+            bodies = [c.text for c in load_teacher("reference").complete(text_prompts, sampling)]
+        prompt_ids = [teacher_tokenizer(p, add_special_tokens=False)["input_ids"] for p in text_prompts]
+        sequences = [p + teacher_tokenizer(t, add_special_tokens=False)["input_ids"] for p, t in zip(prompt_ids, bodies)]
+        windows, tokens = reading_tuples(model, sequences, [len(p) for p in prompt_ids], width,
+                                         pad_id=teacher_tokenizer.pad_token_id or 0)
+        source = {"texts": texts or "reference teacher, held-out prompts", "sequences": len(sequences)}
+    elif mode == "sampling":
+        asked = prompts or [i.prompt for i in reference_task().query_pool]
+        windows, tokens = sampled_tuples(load_teacher(suspect, api_key=api_key, model=model_name), asked,
+                                         teacher_tokenizer, width, sampling)
+        source = {"prompts": len(asked)}
+        if logged:
+            logged_prompts, logged_texts = read_texts(logged)
+            logged_ids = [teacher_tokenizer(t, add_special_tokens=False)["input_ids"] for t in logged_texts]
+            windows, tokens = restrict_to(windows, tokens, ngrams(logged_ids, [0] * len(logged_ids), width))
+            source["logged"] = logged
+    else:
+        raise ValueError(f"unknown audit mode {mode!r}; choose reading or sampling")
+    report = audit(windows, tokens, keys, len(teacher_tokenizer), config, alpha)
+    return {"suspect": suspect, "mode": mode, **source, **report}

@@ -72,12 +72,18 @@ def student_before(config: StudentConfig, task: Task, cache_dir: Path | None = N
 
 
 def train_and_score(rows: list[dict], task: Task, config: StudentConfig, out_dir: Path,
-                    progress: bool = True) -> dict:
-    """Train one student on `rows` and grade it on the task's held-out items."""
+                    progress: bool = True, save: bool = False) -> dict:
+    """Train one student on `rows` and grade it on the task's held-out items; `save` keeps it (safetensors)
+    in out_dir/student, for audits."""
     start = time.perf_counter()
     model, tokenizer, result = train_student(rows, config, output_dir=str(out_dir / "trainer"), progress=progress)
     after = correctness(HFTeacher("student-after", model=model, tokenizer=tokenizer), task)
-    return {"after": after, "train_seconds": time.perf_counter() - start, "tokens_per_s": result.tokens_per_s,
+    saved = {}
+    if save:
+        model.save_pretrained(out_dir / "student", safe_serialization=True)
+        tokenizer.save_pretrained(out_dir / "student")
+        saved["student_path"] = str(out_dir / "student")
+    return {**saved, "after": after, "train_seconds": time.perf_counter() - start, "tokens_per_s": result.tokens_per_s,
             "final_loss": result.losses[-1][1] if result.losses else None,
             "first_loss": result.losses[0][1] if result.losses else None, "training_rows": len(rows)}
 
@@ -90,7 +96,8 @@ def training_key(rows: list[dict], config: StudentConfig, task: Task) -> str:
 
 
 def run_attack(teacher: Teacher, task: Task, config: AttackConfig, seed: int, out_dir: Path,
-               defense: str = "none", progress: bool = True, cache_dir: Path | None = None) -> dict:
+               defense: str = "none", progress: bool = True, cache_dir: Path | None = None,
+               save_student: bool = False) -> dict:
     """One harvest and one student; returns per-item correctness of the student before and after.
 
     With `cache_dir`, a student whose training rows and settings match one trained before is not
@@ -101,30 +108,31 @@ def run_attack(teacher: Teacher, task: Task, config: AttackConfig, seed: int, ou
     before = student_before(student_config, task, cache_dir)
     key = training_key(rows, student_config, task)
     saved = cache_dir / f"student-{key}.json" if cache_dir else None
-    if saved is not None and saved.exists():
-        trained = {**json.loads(saved.read_text()), "reused": str(saved.name)}
+    cached = json.loads(saved.read_text()) if saved is not None and saved.exists() else None
+    if cached is not None and (not save_student or Path(cached.get("student_path") or "/nonexistent").is_dir()):
+        trained = {**cached, "reused": str(saved.name)}
         trained["after"] = np.array(trained["after"], dtype=bool)
     else:
-        trained = train_and_score(rows, task, student_config, out_dir, progress)
+        trained = train_and_score(rows, task, student_config, out_dir, progress, save=save_student)
         if saved is not None:
             _write_json(saved, {**trained, "after": trained["after"].tolist()})
     return {**trained, "before": before, "queries": queries, "training_key": key}
 
 
 def run_cell(teacher: Teacher, task: Task, config: AttackConfig, seed: int, cell_dir: Path, defense: str,
-             progress: bool, cache_dir: Path | None = None) -> dict:
+             progress: bool, cache_dir: Path | None = None, save_student: bool = False) -> dict:
     """One finished attack, from cell.json when an earlier (perhaps killed) evaluation already ran it."""
     settings = {"config": asdict(config), "seed": seed, "defense": defense, "teacher": teacher.name,
                 "eval_prompts": [i.prompt for i in task.eval_items]}
     saved = cell_dir / "cell.json"
     if saved.exists():
         cell = json.loads(saved.read_text())
-        if cell.get("settings") == json.loads(json.dumps(settings)):
+        if cell.get("settings") == json.loads(json.dumps(settings)) and (not save_student or cell.get("student_path")):
             if cache_dir is not None and "training_key" not in cell:
                 _share_trained(cell, teacher, task, config, seed, cell_dir, defense, cache_dir)
                 _write_json(saved, cell)
             return {**cell, "before": np.array(cell["before"]), "after": np.array(cell["after"])}
-    cell = run_attack(teacher, task, config, seed, cell_dir, defense, progress, cache_dir)
+    cell = run_attack(teacher, task, config, seed, cell_dir, defense, progress, cache_dir, save_student)
     _write_json(saved, {**{k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in cell.items()},
                         "settings": settings})
     return cell
@@ -158,8 +166,9 @@ def reasoning_words(completions) -> int:
 
 
 def evaluate(teacher: Teacher, task: Task, defenses: list[str], attack: AttackConfig, budgets: list[int],
-             seeds: int, out_dir: str | Path, progress: bool = True) -> dict:
-    """Every defence x budget x seed; writes report.json, report.md and plots to `out_dir`."""
+             seeds: int, out_dir: str | Path, progress: bool = True, save_students: bool = False) -> dict:
+    """Every defence x budget x seed; writes report.json, report.md and plots to `out_dir`. With
+    `save_students`, each trained student is kept (safetensors) in its cell's `student/` for audits."""
     out_dir = Path(out_dir)
     start = time.perf_counter()
     baseline, undefended = capability(teacher, task)
@@ -176,7 +185,7 @@ def evaluate(teacher: Teacher, task: Task, defenses: list[str], attack: AttackCo
             for seed in range(seeds):
                 name = f"{defense.replace(':', '-')}-{attack.strategy}-{attack.student.mode}-b{budget}-s{seed}"
                 cells.append(run_cell(served, task, replace(attack, budget=budget), seed, out_dir / "runs" / name,
-                                      defense, progress, cache_dir=out_dir / "students"))
+                                      defense, progress, cache_dir=out_dir / "students", save_student=save_students))
             teacher_matrix = np.repeat(served_correct[defense][:, None], seeds, axis=1).astype(float)
             outcome = Outcome(teacher_matrix, np.stack([c["before"] for c in cells], 1).astype(float),
                               np.stack([c["after"] for c in cells], 1).astype(float))

@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 
 from eval.harvest import Harvester, Strategy
-from eval.reference.world import Question, format_prompt, parse_question, write_chain
+from eval.reference.world import Question, Style, format_prompt, parse_facts, parse_question, write_chain
 from eval.task import Task
 from guard.teacher import Completion
 
@@ -71,8 +71,27 @@ def decompose(task: Task, seed: int, batch: int = 64) -> Strategy:
     return run
 
 
-STRATEGIES = {"naive": naive, "decompose": decompose}
+def paraphrase(task: Task, seed: int) -> Strategy:
+    """The naive harvest with every reasoning chain rewritten before training: the same facts, each in a
+    phrasing drawn uniformly, so none of the teacher's word choices (where a watermark lives) survive.
+    Reference task only; a completion whose facts cannot be parsed is kept as served."""
+    if task.name != "reference":
+        raise ValueError(f"the paraphrase strategy knows only the reference task's phrasings, not {task.name!r}")
+    harvest = naive(task, seed)
+
+    def run(harvester: Harvester) -> list[tuple[str, Completion]]:
+        rng, style = np.random.default_rng(seed + 1), Style(seed, sharpness=0.0)
+        rows = []
+        for prompt, completion in harvest(harvester):
+            steps = parse_facts(completion.reasoning or "")
+            rows.append((prompt, Completion(text=write_chain(steps, style, rng)) if steps else completion))
+        return rows
+
+    return run
+
+
+STRATEGIES = {"naive": naive, "decompose": decompose, "paraphrase": paraphrase}
 # What each attacker asks for when not told: the single most likely answer. On the reference lab a
 # temperature-0 harvest transfers far more than temperature 1 (tau 0.94 against 0.60 at 4,000 queries),
 # because sampled answers carry the teacher's slips; a strong attacker asks greedily.
-DEFAULT_TEMPERATURE = {"naive": 0.0, "decompose": 0.0}
+DEFAULT_TEMPERATURE = {"naive": 0.0, "decompose": 0.0, "paraphrase": 0.0}

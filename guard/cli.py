@@ -73,7 +73,7 @@ def demo(teacher: TeacherOpt = "reference", show: int = 4, budget: int = 1000, s
 
 
 def _evaluate(teacher, defense, strategy, attack, budgets, seeds, steps, batch_size, lr, student, lora, alpha,
-              api_key, model, out, task_file, grader, temperature):
+              api_key, model, out, task_file, grader, temperature, save_students=False):
     from eval.attack import AttackConfig, evaluate
     from eval.report import markdown_table
     from eval.student import StudentConfig
@@ -99,14 +99,17 @@ def _evaluate(teacher, defense, strategy, attack, budgets, seeds, steps, batch_s
                                                                    batch_size=batch_size, lr=lr, lora=lora,
                                                                    alpha=alpha))
     start = time.perf_counter()
-    report = evaluate(load_teacher(teacher, api_key=api_key, model=model), task, defenses, config, budgets, seeds, out)
+    report = evaluate(load_teacher(teacher, api_key=api_key, model=model), task, defenses, config, budgets, seeds, out,
+                      save_students=save_students)
     print(markdown_table(report["rows"]))
     console.print(f"wrote {out}/report.json, report.md, leakage.png, protection_vs_cost.png "
                   f"in {time.perf_counter() - start:.0f} s")
 
 
+SaveOpt = Annotated[bool, typer.Option(help="keep each student (safetensors) in its cell's student/ for audits")]
 DefenseOpt = Annotated[list[str], typer.Option(help="defence to measure (repeatable); 'none' is always included")]
-StrategyOpt = Annotated[str, typer.Option(help="attacker strategy: naive or decompose")]
+StrategyOpt = Annotated[str, typer.Option(help="attacker strategy: naive, decompose (asks sub-questions), or "
+                                             "paraphrase (rewrites the harvest's phrasing)")]
 ModeOpt = Annotated[str, typer.Option(help="student mode: sft, answer, rationale or kd")]
 TemperatureOpt = Annotated[float | None, typer.Option(help="harvest sampling temperature; default: the "
                                                              "strategy's own (0: greedy)")]
@@ -124,10 +127,10 @@ def evaluate(teacher: TeacherOpt = "reference",
              student: str = "reference", lora: bool = False, alpha: float = 0.5,
              api_key: str | None = None, model: str | None = None, out: str = "runs/evaluate",
              task: TaskOpt = None,
-             grader: str = "exact", temperature: TemperatureOpt = None):
+             grader: str = "exact", temperature: TemperatureOpt = None, save_students: SaveOpt = False):
     """Run a real distillation attack with each defence on and off; report transfer and protection."""
     _evaluate(teacher, defense, strategy, attack, [budget], seeds, steps, batch_size, lr, student, lora, alpha,
-              api_key, model, out, task, grader, temperature)
+              api_key, model, out, task, grader, temperature, save_students)
 
 
 @app.command()
@@ -139,10 +142,10 @@ def leakage(teacher: TeacherOpt = "reference",
             lr: float = 2e-3, student: str = "reference", lora: bool = False, alpha: float = 0.5,
             api_key: str | None = None, model: str | None = None, out: str = "runs/leakage",
             task: TaskOpt = None,
-            grader: str = "exact", temperature: TemperatureOpt = None):
+            grader: str = "exact", temperature: TemperatureOpt = None, save_students: SaveOpt = False):
     """Transfer against attacker budget: the leakage curve, one line per defence."""
     _evaluate(teacher, defense, strategy, attack, [int(b) for b in budgets.split(",")], seeds, steps, batch_size,
-              lr, student, lora, alpha, api_key, model, out, task, grader, temperature)
+              lr, student, lora, alpha, api_key, model, out, task, grader, temperature, save_students)
 
 
 @app.command()
@@ -211,12 +214,15 @@ KeysFileOpt = Annotated[str | None, typer.Option(help="client ids, one per line,
 MasterOpt = Annotated[str | None, typer.Option(help="file holding the master secret; default "
                                                     "$DISTILL_GUARD_WATERMARK_KEY")]
 
+LabOpt = Annotated[bool, typer.Option(help="derive keys from the reference lab's public master secret (lab "
+                                           "experiments only)")]
 
-def _watermark_setup(key, keys_file, master_key_file, gamma, context_width):
+
+def _watermark_setup(key, keys_file, master_key_file, lab_key, gamma, context_width):
     from watermark.kgw import WatermarkConfig, load_keys
 
     try:
-        return load_keys(key or [], keys_file, master_key_file), WatermarkConfig(gamma=gamma,
+        return load_keys(key or [], keys_file, master_key_file, lab_key), WatermarkConfig(gamma=gamma,
                                                                                   context_width=context_width)
     except ValueError as e:
         raise typer.BadParameter(str(e)) from None
@@ -243,6 +249,7 @@ def watermark_keygen():
 @watermark_app.command("detect")
 def watermark_detect(texts: Annotated[str, typer.Argument(help="JSONL of {prompt, text} rows, or a harvest directory")],
                      key: KeyOpt = None, keys_file: KeysFileOpt = None, master_key_file: MasterOpt = None,
+                     lab_key: LabOpt = False,
                      tokenizer: Annotated[str, typer.Option(help="'reference' or a model directory")] = "reference",
                      gamma: float = 0.25, context_width: int = 1,
                      dedup: Annotated[bool, typer.Option(help="score repeated (window, token) tuples once")] = True,
@@ -254,7 +261,7 @@ def watermark_detect(texts: Annotated[str, typer.Argument(help="JSONL of {prompt
     from watermark.kgw import GreenList
     from watermark.radioactivity import read_texts
 
-    keys, config = _watermark_setup(key, keys_file, master_key_file, gamma, context_width)
+    keys, config = _watermark_setup(key, keys_file, master_key_file, lab_key, gamma, context_width)
     try:
         prompts, bodies = read_texts(texts)
     except (ValueError, FileNotFoundError) as e:
@@ -281,6 +288,7 @@ def watermark_detect(texts: Annotated[str, typer.Argument(help="JSONL of {prompt
 def audit_radioactivity(suspect: Annotated[str, typer.Option(help="suspect model directory (reading), or any "
                                                                   "teacher spec incl. a URL (sampling)")],
                         key: KeyOpt = None, keys_file: KeysFileOpt = None, master_key_file: MasterOpt = None,
+                        lab_key: LabOpt = False,
                         mode: Annotated[str, typer.Option(help="reading (open model) or sampling (closed)")] = "reading",
                         texts: Annotated[str | None, typer.Option(help="reading: teacher outputs to read (JSONL or "
                                                                        "harvest dir)")] = None,
@@ -293,7 +301,7 @@ def audit_radioactivity(suspect: Annotated[str, typer.Option(help="suspect model
     from guard.teacher import ModelLoadError
     from watermark.radioactivity import radioactivity
 
-    keys, config = _watermark_setup(key, keys_file, master_key_file, gamma, context_width)
+    keys, config = _watermark_setup(key, keys_file, master_key_file, lab_key, gamma, context_width)
     try:
         report = radioactivity(suspect, keys, mode, texts=texts, tokenizer=tokenizer, logged=logged, config=config,
                                alpha=alpha, api_key=api_key, model_name=model)

@@ -55,3 +55,11 @@ def test_provider_redaction_example(tmp_path):
     for policy in ["none", "full", "answer-only", "summary", "truncate:8", "sealed"]:
         assert f"| {policy} | naive/sft | 48 |" in out
     assert (tmp_path / "report.json").exists()
+
+
+def test_auditor_radioactivity_example(tmp_path):
+    out = run(sys.executable, "examples/auditor_radioactivity.py", "--budget", "48", "--steps", "10",
+              "--out", str(tmp_path))
+    lines = [line for line in out.splitlines() if "smallest p =" in line]
+    assert len(lines) == 2 and "teacher-b: no evidence" in lines[1], out  # the control is never accused
+    assert (tmp_path / "runs" / "watermark-naive-sft-b48-s0" / "student" / "model.safetensors").exists()

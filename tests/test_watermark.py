@@ -8,6 +8,7 @@ import pytest
 import torch
 from scipy.stats import kstest
 
+from eval.reference import MODELS_DIR
 from eval.reference.world import reference_task
 from guard.openai_teacher import OpenAITeacher
 from guard.teacher import Sampling
@@ -195,8 +196,8 @@ def test_watermark_needs_a_local_model():
 
 def test_sampling_mode_scores_only_what_the_suspect_writes_and_the_logged_filter(teacher_a, generations):
     prompts, prompt_ids, watermarked, _ = generations
-    suspect = Watermark(teacher_a, key("client-7"))  # writes with the watermark: maximally radioactive
-    windows, tokens = sampled_tuples(suspect, prompts[:64], teacher_a.tokenizer, 1,
+    suspect = Watermark(teacher_a, key("client-7"), WatermarkConfig(delta=2.0))  # writes with the watermark itself
+    windows, tokens = sampled_tuples(suspect, prompts[:128], teacher_a.tokenizer, 1,
                                      Sampling(temperature=1.0, seed=5, max_new_tokens=48))
     assert audit(windows, tokens, [key("client-7"), key("client-8")], VOCAB)["client"] == "client-7"
     logged = ngrams([p + c.token_ids for p, c in zip(prompt_ids, watermarked)], [len(p) for p in prompt_ids], 1)
@@ -222,3 +223,31 @@ def test_z_scores_agree_with_transformers_watermark_detector():
         ours = WatermarkDetector(green_list, dedup=dedup).detect(sequences.tolist())
         assert np.allclose([d.z for d in ours], theirs.z_score, atol=1e-9, rtol=0)
         assert [d.scored for d in ours] == theirs.num_tokens_scored.tolist()
+
+
+def test_end_to_end_a_student_distilled_from_the_watermarked_teacher_is_caught(teacher_a, tmp_path):
+    """A real harvest from watermarked teacher-a (500 greedy queries), a real student, then the audit CLI
+    in reading mode over the account's logged outputs: the attacker's account is named among 12, and
+    teacher-b (never trained on these outputs) is not accused."""
+    import subprocess
+    import sys
+
+    from eval.attack import AttackConfig, evaluate
+
+    evaluate(teacher_a, reference_task(), ["watermark"], AttackConfig(), budgets=[500], seeds=1, out_dir=tmp_path,
+             progress=False, save_students=True)
+    cell = tmp_path / "runs" / "watermark-naive-sft-b500-s0"
+    keys_file = tmp_path / "clients.txt"
+    keys_file.write_text("\n".join(["attacker"] + [f"client-{i:02d}" for i in range(1, 12)]) + "\n")
+
+    def audit_cli(suspect):
+        out = tmp_path / f"audit-{suspect.name}.json"
+        subprocess.run([sys.executable, "-m", "guard.cli", "audit", "radioactivity", "--suspect", str(suspect),
+                        "--keys-file", str(keys_file), "--lab-key", "--texts", str(cell), "--out", str(out)],
+                       check=True, capture_output=True, text=True, timeout=600)
+        return json.loads(out.read_text())
+
+    caught = audit_cli(cell / "student")
+    assert caught["client"] == "attacker" and caught["p"]["attacker"] < 1e-4, caught["detections"]["attacker"]
+    control = audit_cli(MODELS_DIR / "teacher-b")
+    assert control["client"] is None and min(control["adjusted_p"].values()) > 0.01

@@ -105,9 +105,10 @@ def new_master_secret() -> str:
     return base64.urlsafe_b64encode(secrets.token_bytes(32)).decode().rstrip("=")
 
 
-def load_keys(clients: list[str], keys_file: str | None = None, master_file: str | None = None) -> list[WatermarkKey]:
+def load_keys(clients: list[str], keys_file: str | None = None, master_file: str | None = None,
+              lab: bool = False) -> list[WatermarkKey]:
     """Client keys to test: ids derived from the master secret (`clients`, or a keys file with one id per
-    line), or a JSON keys file mapping client id -> base64url secret."""
+    line; `lab` uses the reference lab's public secret), or a JSON keys file mapping client id -> secret."""
     if keys_file:
         try:
             text = Path(keys_file).read_text()
@@ -124,14 +125,16 @@ def load_keys(clients: list[str], keys_file: str | None = None, master_file: str
         clients = [*clients, *(line.strip() for line in text.splitlines() if line.strip())]
     if not clients:
         raise ValueError("no keys to test: give client ids (--key) or a keys file (--keys-file)")
-    master = master_secret(master_file)
+    master = LAB_MASTER if lab else master_secret(master_file)
     return [WatermarkKey.for_client(master, c) for c in dict.fromkeys(clients)]
 
 
 @dataclass(frozen=True)
 class WatermarkConfig:
     gamma: float = 0.25  # share of the vocabulary that is green in each context
-    delta: float = 1.0  # logit bias on green tokens; 2.0 cost teacher-a 3.7 points of accuracy, 1.0 at most 0.5
+    # logit bias on green tokens. Teacher-a's greedy accuracy (98.0% plain) under 4-6 account keys:
+    # delta 2.0 -> 94.2-97.8%, 1.0 -> 96.8-98.0%, 0.75 -> 97.3-98.2% ("attacker": 97.3%), 0.5 -> 97.3-98.3%.
+    delta: float = 0.75
     context_width: int = 1  # h: how many preceding tokens pick the green list
 
     def __post_init__(self):

@@ -1,0 +1,42 @@
+"""An auditor's question: was this suspect model trained on our watermarked outputs, and from which account?
+
+Plays both sides on the reference lab: an attacker distils a student from teacher-a served with the
+watermark of account "attacker"; the auditor then tests the student (and, as a control, teacher-b) against
+the keys of 12 accounts, reading the account's logged outputs through each suspect.
+
+    python examples/auditor_radioactivity.py --budget 1000 --out runs/audit-example
+"""
+
+import argparse
+from pathlib import Path
+
+from eval.attack import AttackConfig, evaluate
+from eval.reference import MODELS_DIR
+from eval.reference.world import reference_task
+from eval.student import StudentConfig
+from guard.teacher import load_teacher
+from watermark.kgw import LAB_MASTER, WatermarkConfig, WatermarkKey
+from watermark.radioactivity import radioactivity
+
+
+def main(budget: int, steps: int | None, out: str) -> None:
+    attack = AttackConfig(student=StudentConfig(mode="sft", steps=steps))
+    evaluate(load_teacher("reference"), reference_task(), ["watermark"], attack, [budget], 1, out,
+             save_students=True)
+    cell = Path(out) / "runs" / f"watermark-naive-sft-b{budget}-s0"
+    accounts = [WatermarkKey.for_client(LAB_MASTER, c) for c in ["attacker"] + [f"client-{i:02d}" for i in range(1, 12)]]
+    for suspect in (cell / "student", MODELS_DIR / "teacher-b"):
+        report = radioactivity(str(suspect), accounts, mode="reading", texts=str(cell), config=WatermarkConfig())
+        best = min(report["detections"], key=lambda c: report["detections"][c]["p_value"])
+        d = report["detections"][best]
+        verdict = f"trained on outputs of account {report['client']!r}" if report["client"] else "no evidence"
+        print(f"{suspect}: {verdict}; smallest p = {d['p_value']:.3g} ({best}, green {d['green']}/{d['scored']})")
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--budget", type=int, default=1000)
+    parser.add_argument("--steps", type=int, default=None, help="default: scale with the budget")
+    parser.add_argument("--out", default="runs/audit-example")
+    args = parser.parse_args()
+    main(args.budget, args.steps, args.out)

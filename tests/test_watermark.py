@@ -251,3 +251,14 @@ def test_end_to_end_a_student_distilled_from_the_watermarked_teacher_is_caught(t
     assert caught["client"] == "attacker" and caught["p"]["attacker"] < 1e-4, caught["detections"]["attacker"]
     control = audit_cli(MODELS_DIR / "teacher-b")
     assert control["client"] is None and min(control["adjusted_p"].values()) > 0.01
+
+
+def test_fast_row_dedup_equals_numpy_unique_on_both_paths():
+    from watermark.detect import unique_rows
+
+    rng = np.random.default_rng(0)
+    for high in (50, 2**40):  # packs into one int64 / falls back to np.unique(axis=0)
+        rows = rng.integers(0, high, size=(5000, 3))
+        rows[2500:] = rows[:2500]
+        ours = unique_rows(rows)
+        assert np.array_equal(ours[np.lexsort(ours.T[::-1])], np.unique(rows, axis=0))

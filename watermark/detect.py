@@ -36,25 +36,55 @@ class Detection:
 
 
 def binomial_test(green: int, scored: int, gamma: float) -> Detection:
-    if scored == 0:
-        return Detection(0, 0, gamma, float("nan"), 1.0)
-    z = (green - gamma * scored) / np.sqrt(scored * gamma * (1 - gamma))
-    return Detection(int(scored), int(green), gamma, float(z), float(binom.sf(green - 1, scored, gamma)))
+    return binomial_tests(np.array([green]), np.array([scored]), gamma)[0]
+
+
+def binomial_tests(green: np.ndarray, scored: np.ndarray, gamma: float) -> list[Detection]:
+    """Exact one-sided tail P(X >= green), X ~ Binomial(scored, gamma), for many texts at once."""
+    green, scored = np.asarray(green, dtype=np.int64), np.asarray(scored, dtype=np.int64)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        z = (green - gamma * scored) / np.sqrt(scored * gamma * (1 - gamma))
+    p = np.where(scored > 0, binom.sf(green - 1, scored, gamma), 1.0)
+    return [Detection(int(n), int(g), gamma, float(zi) if n else float("nan"), float(pi))
+            for g, n, zi, pi in zip(green, scored, z, p)]
 
 
 def windows_and_tokens(ids: list[int] | np.ndarray, width: int, start: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """Every (h-token window, next token) pair whose token sits at position >= max(start, width)."""
-    ids = np.asarray(ids, dtype=np.int64)
-    first = max(start, width)
-    if len(ids) <= first:
-        return np.zeros((0, width), dtype=np.int64), np.zeros(0, dtype=np.int64)
-    positions = np.arange(first, len(ids))
-    windows = ids[positions[:, None] + np.arange(-width, 0)[None, :]]
-    return windows, ids[positions]
+    _, windows, tokens = corpus_tuples([ids], width, [start])
+    return windows, tokens
+
+
+def corpus_tuples(sequences: list, width: int, starts: list[int] | None = None
+                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(sequence index, window, token) for every scorable position of every sequence, with no Python loop
+    over positions: the token at position i of a sequence is scored if i >= max(start, width)."""
+    lengths = np.fromiter((len(s) for s in sequences), dtype=np.int64, count=len(sequences))
+    flat = np.concatenate([np.asarray(s, dtype=np.int64) for s in sequences]) if len(sequences) else np.zeros(0, np.int64)
+    first = np.maximum(np.asarray(starts if starts is not None else [0] * len(sequences), dtype=np.int64), width)
+    counts = np.maximum(lengths - first, 0)
+    total = int(counts.sum())
+    sequence = np.repeat(np.arange(len(sequences)), counts)
+    offsets = np.cumsum(lengths) - lengths
+    position = np.arange(total) - np.repeat(np.cumsum(counts) - counts, counts) + np.repeat(offsets + first, counts)
+    windows = flat[position[:, None] + np.arange(-width, 0)[None, :]] if total else np.zeros((0, width), np.int64)
+    return sequence, windows, flat[position]
+
+
+def unique_rows(rows: np.ndarray) -> np.ndarray:
+    """np.unique(rows, axis=0) for non-negative int64 rows, fast when each row packs into one int64."""
+    if not len(rows):
+        return rows
+    bases = rows.max(axis=0).astype(object) + 1
+    if np.prod(bases) < 2**62:  # mixed-radix packing is exact: unique keys <=> unique rows
+        radix = np.cumprod([1, *bases[::-1][:-1]])[::-1].astype(np.int64)
+        keys, first = np.unique(rows @ radix, return_index=True)
+        return rows[first]
+    return np.unique(rows, axis=0)
 
 
 def unique_tuples(windows: np.ndarray, tokens: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    tuples = np.unique(np.concatenate([windows, tokens[:, None]], axis=1), axis=0)
+    tuples = unique_rows(np.concatenate([windows, tokens[:, None]], axis=1))
     return tuples[:, :-1], tuples[:, -1]
 
 
@@ -94,36 +124,30 @@ class WatermarkDetector:
     def __init__(self, green_list: GreenList | TransformersGreenList, dedup: bool = True, tokenizer=None):
         self.green_list, self.dedup, self.tokenizer = green_list, dedup, tokenizer
 
-    def _count(self, windows: np.ndarray, tokens: np.ndarray) -> tuple[int, int]:
-        if self.dedup and len(tokens):
-            windows, tokens = unique_tuples(windows, tokens)
+    def _green(self, windows: np.ndarray, tokens: np.ndarray) -> np.ndarray:
         if not len(tokens):
-            return 0, 0
-        green = self.green_list.green(torch.from_numpy(windows), torch.from_numpy(tokens))
-        return len(tokens), int(green.sum())
-
-    def _pairs(self, sequences, prompt_lengths) -> list[tuple[np.ndarray, np.ndarray]]:
-        starts = prompt_lengths if prompt_lengths is not None else [0] * len(sequences)
-        if len(starts) != len(sequences):
-            raise ValueError(f"{len(sequences)} sequences but {len(starts)} prompt lengths")
-        return [windows_and_tokens(ids, self.green_list.width, start) for ids, start in zip(sequences, starts)]
+            return np.zeros(0, dtype=bool)
+        return self.green_list.green(torch.from_numpy(windows), torch.from_numpy(tokens)).numpy()
 
     def detect(self, sequences: list[list[int]], prompt_lengths: list[int] | None = None) -> list[Detection]:
         """One test per sequence; the first `prompt_lengths[i]` tokens (the prompt) are never scored."""
-        tests = []
-        for windows, tokens in self._pairs(sequences, prompt_lengths):
-            scored, green = self._count(windows, tokens)
-            tests.append(binomial_test(green, scored, self.green_list.gamma))
-        return tests
+        if prompt_lengths is not None and len(prompt_lengths) != len(sequences):
+            raise ValueError(f"{len(sequences)} sequences but {len(prompt_lengths)} prompt lengths")
+        sequence, windows, tokens = corpus_tuples(sequences, self.green_list.width, prompt_lengths)
+        if self.dedup and len(tokens):  # once per (sequence, window, token)
+            rows = unique_rows(np.concatenate([sequence[:, None], windows, tokens[:, None]], axis=1))
+            sequence, windows, tokens = rows[:, 0], rows[:, 1:-1], rows[:, -1]
+        green = self._green(windows, tokens)
+        scored = np.bincount(sequence, minlength=len(sequences))
+        return binomial_tests(np.bincount(sequence, weights=green, minlength=len(sequences)).astype(np.int64), scored,
+                              self.green_list.gamma)
 
     def detect_corpus(self, sequences: list[list[int]], prompt_lengths: list[int] | None = None) -> Detection:
         """One test over all sequences together, each (window, token) tuple scored once across the corpus."""
-        pairs = self._pairs(sequences, prompt_lengths)
-        width = self.green_list.width
-        windows = np.concatenate([w for w, _ in pairs]) if pairs else np.zeros((0, width), dtype=np.int64)
-        tokens = np.concatenate([t for _, t in pairs]) if pairs else np.zeros(0, dtype=np.int64)
-        scored, green = self._count(windows, tokens)
-        return binomial_test(green, scored, self.green_list.gamma)
+        _, windows, tokens = corpus_tuples(sequences, self.green_list.width, prompt_lengths)
+        if self.dedup and len(tokens):
+            windows, tokens = unique_tuples(windows, tokens)
+        return binomial_test(int(self._green(windows, tokens).sum()), len(tokens), self.green_list.gamma)
 
     def tokenize(self, texts: list[str], prompts: list[str] | None = None) -> tuple[list[list[int]], list[int] | None]:
         if self.tokenizer is None:

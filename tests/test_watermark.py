@@ -262,3 +262,16 @@ def test_fast_row_dedup_equals_numpy_unique_on_both_paths():
         rows[2500:] = rows[:2500]
         ours = unique_rows(rows)
         assert np.array_equal(ours[np.lexsort(ours.T[::-1])], np.unique(rows, axis=0))
+
+
+@pytest.mark.parametrize("vocab,width", [(VOCAB, 1), (30522, 4)])  # packed fast path / np.unique fallback
+def test_per_text_dedup_counts_match_a_plain_python_count(vocab, width):
+    green_list = GreenList(key(), vocab, WatermarkConfig(context_width=width))
+    rng = np.random.default_rng(1)
+    sequences = [list(rng.integers(0, 40, size=n)) for n in (3, 50, 200, 120)]  # a small alphabet: many repeats
+    prompts = [0, 10, 30, 200]
+    ours = WatermarkDetector(green_list).detect(sequences, prompts)
+    for seq, start, got in zip(sequences, prompts, ours):
+        tuples = {(tuple(seq[i - width:i]), seq[i]) for i in range(max(start, width), len(seq))}
+        green = sum(bool(green_list.green(torch.tensor([w]), torch.tensor([t]))) for w, t in tuples)
+        assert (got.scored, got.green) == (len(tuples), green)

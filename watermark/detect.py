@@ -55,12 +55,17 @@ def windows_and_tokens(ids: list[int] | np.ndarray, width: int, start: int = 0) 
     return windows, tokens
 
 
-def corpus_tuples(sequences: list, width: int, starts: list[int] | None = None
+def corpus_tuples(sequences: list | np.ndarray, width: int, starts: list[int] | None = None
                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(sequence index, window, token) for every scorable position of every sequence, with no Python loop
     over positions: the token at position i of a sequence is scored if i >= max(start, width)."""
-    lengths = np.fromiter((len(s) for s in sequences), dtype=np.int64, count=len(sequences))
-    flat = np.concatenate([np.asarray(s, dtype=np.int64) for s in sequences]) if len(sequences) else np.zeros(0, np.int64)
+    if isinstance(sequences, (np.ndarray, torch.Tensor)) and sequences.ndim == 2:  # a batch of equal lengths
+        flat = np.asarray(sequences, dtype=np.int64).reshape(-1)
+        lengths = np.full(len(sequences), sequences.shape[1], dtype=np.int64)
+    else:
+        lengths = np.fromiter((len(s) for s in sequences), dtype=np.int64, count=len(sequences))
+        flat = np.concatenate([np.asarray(s, dtype=np.int64) for s in sequences]) if len(sequences) else \
+            np.zeros(0, np.int64)
     first = np.maximum(np.asarray(starts if starts is not None else [0] * len(sequences), dtype=np.int64), width)
     counts = np.maximum(lengths - first, 0)
     total = int(counts.sum())
@@ -71,16 +76,35 @@ def corpus_tuples(sequences: list, width: int, starts: list[int] | None = None
     return sequence, windows, flat[position]
 
 
+def pack_rows(rows: np.ndarray) -> tuple[np.ndarray, list[int]] | None:
+    """Each non-negative int64 row as one int64 (mixed radix, exact), or None if the rows are too wide."""
+    bases = [int(b) + 1 for b in rows.max(axis=0)]
+    if np.prod(bases, dtype=object) >= 2**61:
+        return None
+    key = rows[:, 0].copy()
+    for column in range(1, rows.shape[1]):
+        key *= bases[column]
+        key += rows[:, column]
+    return key, bases
+
+
+def sorted_unique(key: np.ndarray) -> np.ndarray:
+    """np.unique for int64 by sort-and-compare: numpy 2's hash-based np.unique is several times slower."""
+    key = np.sort(key)
+    return key[np.concatenate([[True], key[1:] != key[:-1]])]
+
+
 def unique_rows(rows: np.ndarray) -> np.ndarray:
     """np.unique(rows, axis=0) for non-negative int64 rows, fast when each row packs into one int64."""
-    if not len(rows):
-        return rows
-    bases = rows.max(axis=0).astype(object) + 1
-    if np.prod(bases) < 2**62:  # mixed-radix packing is exact: unique keys <=> unique rows
-        radix = np.cumprod([1, *bases[::-1][:-1]])[::-1].astype(np.int64)
-        keys, first = np.unique(rows @ radix, return_index=True)
-        return rows[first]
-    return np.unique(rows, axis=0)
+    packed = pack_rows(rows) if len(rows) else None
+    if packed is None:
+        return np.unique(rows, axis=0)
+    key, bases = sorted_unique(packed[0]), packed[1]
+    out = np.empty((len(key), rows.shape[1]), dtype=rows.dtype)
+    for column in range(rows.shape[1] - 1, 0, -1):
+        key, out[:, column] = np.divmod(key, bases[column])
+    out[:, 0] = key
+    return out
 
 
 def unique_tuples(windows: np.ndarray, tokens: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -129,15 +153,23 @@ class WatermarkDetector:
             return np.zeros(0, dtype=bool)
         return self.green_list.green(torch.from_numpy(windows), torch.from_numpy(tokens)).numpy()
 
-    def detect(self, sequences: list[list[int]], prompt_lengths: list[int] | None = None) -> list[Detection]:
-        """One test per sequence; the first `prompt_lengths[i]` tokens (the prompt) are never scored."""
+    def detect(self, sequences: list[list[int]] | np.ndarray, prompt_lengths: list[int] | None = None) -> list[Detection]:
+        """One test per sequence (a list of id lists, or a 2-D array); the first `prompt_lengths[i]` tokens
+        (the prompt) are never scored."""
         if prompt_lengths is not None and len(prompt_lengths) != len(sequences):
             raise ValueError(f"{len(sequences)} sequences but {len(prompt_lengths)} prompt lengths")
         sequence, windows, tokens = corpus_tuples(sequences, self.green_list.width, prompt_lengths)
-        if self.dedup and len(tokens):  # once per (sequence, window, token)
-            rows = unique_rows(np.concatenate([sequence[:, None], windows, tokens[:, None]], axis=1))
-            sequence, windows, tokens = rows[:, 0], rows[:, 1:-1], rows[:, -1]
         green = self._green(windows, tokens)
+        if self.dedup and len(tokens):  # once per (sequence, window, token)
+            rows = np.concatenate([sequence[:, None], windows, tokens[:, None]], axis=1)
+            packed = pack_rows(rows)
+            if packed is not None:  # green is a function of the row, so it can ride along in the key's low bit
+                key, bases = packed
+                key = sorted_unique(key * 2 + green)
+                green, sequence = key & 1, (key >> 1) // int(np.prod(bases[1:], dtype=object))
+            else:
+                rows = np.unique(rows, axis=0)
+                sequence, green = rows[:, 0], self._green(rows[:, 1:-1], rows[:, -1])
         scored = np.bincount(sequence, minlength=len(sequences))
         return binomial_tests(np.bincount(sequence, weights=green, minlength=len(sequences)).astype(np.int64), scored,
                               self.green_list.gamma)

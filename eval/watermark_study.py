@@ -26,8 +26,8 @@ import torch
 from scipy.stats import kstest
 
 from eval.attack import AttackConfig, evaluate
-from eval.benchmarks.watermark_speed import prose_token_sequences
 from eval.harvest import load_harvest
+from eval.prose import prose_token_sequences
 from eval.reference.world import reference_task
 from eval.student import StudentConfig
 from eval.task import Task

@@ -22,52 +22,11 @@ import torch
 from transformers import WatermarkDetector as HFWatermarkDetector
 from transformers import LogitsProcessorList, WatermarkingConfig
 
+from eval.prose import prose_token_sequences
 from eval.reference.world import reference_task
 from guard.teacher import load_teacher
 from watermark.detect import TransformersGreenList, WatermarkDetector
 from watermark.kgw import LAB_MASTER, GreenList, GreenListProcessor, WatermarkConfig, WatermarkKey
-
-PROSE_DIRS = ("/usr/share/common-licenses", "/usr/share/doc")
-
-
-def human_prose(max_chars: int) -> list[str]:
-    """Distinct paragraphs of real text on this machine (licences, package documentation); each paragraph
-    once, however many packages ship the same licence."""
-    seen, paragraphs, total = set(), [], 0
-    for directory in PROSE_DIRS:
-        for path in sorted(Path(directory).rglob("*")):
-            if total >= max_chars:
-                return paragraphs
-            if not path.is_file() or path.suffix not in ("", ".txt", ".md") or path.stat().st_size > 2_000_000:
-                continue
-            try:
-                text = path.read_text()
-            except (OSError, UnicodeError):
-                continue
-            for paragraph in text.split("\n\n"):
-                paragraph = " ".join(paragraph.split())
-                if len(paragraph) > 80 and paragraph not in seen:
-                    seen.add(paragraph)
-                    paragraphs.append(paragraph)
-                    total += len(paragraph)
-    return paragraphs
-
-
-def prose_token_sequences(tokenizer, tokens: int, length: int = 256, repeat: bool = True) -> list[list[int]]:
-    """Human prose tokenized and cut into `length`-token sequences; repeated to reach `tokens` only if
-    `repeat` (fine for timing, not for calibration)."""
-    ids: list[int] = []
-    for paragraph in human_prose(max_chars=8 * tokens):
-        ids += tokenizer(paragraph, add_special_tokens=False)["input_ids"]
-        if len(ids) >= tokens:
-            break
-    if not ids:
-        raise RuntimeError(f"no prose found under {PROSE_DIRS}")
-    if repeat:
-        ids = (ids * (tokens // len(ids) + 1))[:tokens]
-    ids = ids[:tokens]
-    return [ids[i:i + length] for i in range(0, len(ids) - length + 1, length)]
-
 
 def detection(tokens: int, rounds: int = 3, gamma: float = 0.25, hashing_key: int = 15485863) -> dict:
     teacher = load_teacher("reference")

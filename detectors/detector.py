@@ -1,0 +1,96 @@
+"""The per-client distillation detector: a scikit-learn estimator fitted on benign traffic only.
+
+    detector = TrafficDetector(target_fpr=0.01).fit(benign_events)
+    verdicts = detector.score(events)   # client -> score, p-value, flagged, queries before the flag
+
+Each client is described at checkpoints of its own history (its first 25, 50, 100, ... requests, see
+`detectors.features`). An isolation forest learns what benign (client, checkpoint) rows look like, batch
+customers included; a client's score is its most anomalous checkpoint. Half of the benign clients are held
+out of the forest to calibrate: a client's p-value is the conformal
+(1 + #{held-out benign clients scoring at least as high}) / (n + 1), one-sided (small = harvester), and a
+client is flagged when p <= target_fpr, which bounds the benign-account FPR at target_fpr.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from sklearn.base import BaseEstimator
+from sklearn.neighbors import LocalOutlierFactor
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
+
+from detectors.events import Event
+from detectors.features import CHECKPOINTS, FEATURES, NON_EMBEDDING, Embedder, by_client, feature_rows
+
+
+class TrafficDetector(BaseEstimator):
+    def __init__(self, target_fpr: float = 0.01, use_embeddings: bool = True, n_neighbors: int = 20,
+                 calibration_share: float = 0.5, reference_size: int = 256, random_state: int = 0):
+        self.target_fpr = target_fpr
+        self.use_embeddings = use_embeddings
+        self.n_neighbors = n_neighbors
+        self.calibration_share = calibration_share
+        self.reference_size = reference_size
+        self.random_state = random_state
+
+    @property
+    def feature_names_(self) -> tuple[str, ...]:
+        return FEATURES if self.use_embeddings else NON_EMBEDDING
+
+    def _rows(self, events: list[Event], seed: int) -> tuple[list[str], np.ndarray, np.ndarray]:
+        rows = feature_rows(events, self.embedder_, self.reference_, self.bandwidth_, CHECKPOINTS, seed)
+        clients = [c for c, _, _ in rows]
+        counts = np.array([n for _, n, _ in rows])
+        matrix = np.array([[f[name] for name in self.feature_names_] for _, _, f in rows], dtype=float)
+        return clients, counts, matrix
+
+    def fit(self, events: list[Event], y=None) -> TrafficDetector:
+        """`events`: benign traffic only (every client in it is treated as benign)."""
+        if not 0 < self.target_fpr < 1:
+            raise ValueError(f"target_fpr must be in (0, 1), got {self.target_fpr}")
+        rng = np.random.default_rng(self.random_state)
+        clients = sorted(by_client(events))
+        held_out = set(rng.choice(clients, size=int(len(clients) * self.calibration_share), replace=False).tolist())
+        minimum = int(np.ceil(1 / self.target_fpr)) - 1
+        if len(held_out) < minimum:
+            raise ValueError(f"{len(held_out)} calibration clients cannot resolve a {self.target_fpr:.2%} FPR; "
+                             f"fit on at least {int(np.ceil(minimum / self.calibration_share))} benign clients")
+        train = [e for e in events if e.client not in held_out]
+        self.embedder_, self.reference_, self.bandwidth_ = None, None, 1.0
+        if self.use_embeddings:
+            self.embedder_ = Embedder()
+            prompts = [e.prompt for e in train]
+            picked = rng.choice(len(prompts), size=min(self.reference_size, len(prompts)), replace=False)
+            self.reference_ = self.embedder_([prompts[i] for i in picked])
+            distances = np.sqrt(np.maximum(2 - 2 * self.reference_ @ self.reference_.T, 0))
+            self.bandwidth_ = float(np.median(distances[distances > 0]))  # the median heuristic
+        _, _, matrix = self._rows(train, self.random_state)
+        self.model_ = make_pipeline(StandardScaler(), LocalOutlierFactor(n_neighbors=self.n_neighbors, novelty=True))
+        self.model_.fit(matrix)
+        calibration = self._client_scores([e for e in events if e.client in held_out], self.random_state + 1)
+        self.calibration_scores_ = np.sort([s for s, _ in calibration.values()])
+        return self
+
+    def _client_scores(self, events: list[Event], seed: int) -> dict[str, tuple[float, list[tuple[int, float]]]]:
+        clients, counts, matrix = self._rows(events, seed)
+        row_scores = -self.model_.score_samples(matrix)  # higher = more anomalous
+        out: dict[str, tuple[float, list[tuple[int, float]]]] = {}
+        for client, n, s in zip(clients, counts, row_scores):
+            best, path = out.get(client, (-np.inf, []))
+            out[client] = (max(best, float(s)), path + [(int(n), float(s))])
+        return out
+
+    def p_value(self, score: float) -> float:
+        n = len(self.calibration_scores_)
+        return float((1 + n - np.searchsorted(self.calibration_scores_, score, side="left")) / (n + 1))
+
+    def score(self, events: list[Event], y=None) -> dict[str, dict]:
+        """Per client: its score, conformal p-value, whether flagged, and after how many of its requests
+        (the first checkpoint whose score alone would have been flagged)."""
+        verdicts = {}
+        for client, (best, path) in self._client_scores(events, self.random_state + 2).items():
+            p = self.p_value(best)
+            first = next((n for n, s in path if self.p_value(s) <= self.target_fpr), None)
+            verdicts[client] = {"score": best, "p_value": p, "flagged": p <= self.target_fpr,
+                                "queries_to_flag": first, "requests": path[-1][0]}
+        return verdicts

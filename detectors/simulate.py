@@ -1,0 +1,162 @@
+"""Simulated API traffic: benign personas and distillation attackers, seeded, for tests, benchmarks and
+threshold calibration.
+
+Benign personas:
+- `human`: a few requests a day in daytime sessions (Poisson arrivals under a diurnal rate);
+- `power`: a heavy interactive user, same shape, many more requests;
+- `batch`: a legitimate high-volume customer running one narrow templated job in regular bursts,
+  the hard case for false positives.
+
+Attackers (prompts from the reference task's attacker pool):
+- `naive`: bulk harvest at a steady scripted rate;
+- `cot`: the same, each prompt asking for every intermediate step;
+- `slow`: under a per-key rate limit, jittered, around the clock;
+- `sybil`: K accounts that each stay under every per-account threshold, sharing a template, a start time
+  and a payment fingerprint;
+- `hydra`: attack prompts mixed into a legitimate power user's account;
+- `decompose`: only 1-hop sub-questions, from which the attacker writes the 2-hop chains itself.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from detectors.events import Event
+from eval.prose import human_prose
+
+DAY = 86_400.0
+BENIGN = ("human", "power", "batch")
+ATTACKERS = ("naive", "cot", "slow", "sybil", "hydra", "decompose")
+
+ASKS = ("Summarize this in two sentences: {p}", "What does this mean, in plain words? {p}",
+        "Rewrite this paragraph so a beginner understands it: {p}", "List the key points of: {p}",
+        "Is this statement accurate? {p}", "Write a short reply to this message: {p}",
+        "Translate into French: {s}", "Give me three questions a reader might ask about: {s}",
+        "Fix the grammar: {s}", "Suggest a title for: {s}")
+TOPICS = ("python", "rust", "sql", "excel", "linux", "docker", "git", "css", "regex", "pandas")
+QUESTIONS = ("How do I {v} in {t}?", "Why does {t} fail when I {v}?", "What is the fastest way to {v} with {t}?",
+             "Can you explain how to {v} using {t}, with an example?")
+VERBS = ("sort a list", "read a file", "join two tables", "parse dates", "remove duplicates", "merge branches",
+         "write a unit test", "profile memory", "split a string", "schedule a job")
+JOBS = ("Classify the sentiment of this customer review as positive, negative or neutral: {s}",
+        "Extract every product name mentioned in: {s}", "Translate this support ticket into German: {s}",
+        "Tag this document with up to three topics: {s}", "Write a one-line summary of this changelog entry: {s}")
+COT_PREFIXES = ("Think step by step and write out every intermediate fact before answering. ",
+                "Show your full reasoning, each step on its own line, then the answer. ",
+                "Explain your chain of thought in detail: ")
+
+
+class PromptSource:
+    """Benign prompts from templates filled with real prose, and the reference task's attacker prompts."""
+
+    def __init__(self, seed: int = 0):
+        self.rng = np.random.default_rng(seed)
+        paragraphs = human_prose(max_chars=400_000)
+        if len(paragraphs) < 50:
+            raise RuntimeError("too little prose on this machine to simulate benign traffic")
+        self.paragraphs = [p[:400] for p in paragraphs]
+        self.sentences = [s.strip() + "." for p in paragraphs for s in p.split(". ") if 30 < len(s) < 200]
+        from eval.reference.world import Question, format_prompt, reference_task
+
+        self.pool = [i.prompt for i in reference_task().query_pool]
+        people = sorted({i.prompt.rstrip("?\n").split()[-1] for i in reference_task().query_pool})
+        self.one_hop = [format_prompt(Question(p, (h,)).text) for p in people
+                        for h in ("boss", "friend", "mentor", "city", "job", "pet")]
+
+    def pick(self, items):
+        return items[int(self.rng.integers(len(items)))]
+
+    def benign(self) -> str:
+        if self.rng.random() < 0.5:
+            return self.pick(ASKS).format(p=self.pick(self.paragraphs), s=self.pick(self.sentences))
+        return self.pick(QUESTIONS).format(v=self.pick(VERBS), t=self.pick(TOPICS))
+
+    def job(self, template: str) -> str:
+        return template.format(s=self.pick(self.sentences))
+
+
+def poisson_times(rng, start: float, days: float, per_day: float, diurnal: bool) -> np.ndarray:
+    """Arrival times of a Poisson process, thinned to daytime (peak mid-afternoon) when `diurnal`."""
+    n = rng.poisson(per_day * days * (2.0 if diurnal else 1.0))
+    times = np.sort(rng.uniform(start, start + days * DAY, n))
+    if diurnal:
+        hour = (times % DAY) / 3600
+        keep = rng.random(n) < np.clip(np.sin(np.pi * (hour - 7) / 15), 0, 1) ** 2 * 1.6
+        times = times[keep]
+    return times
+
+
+def regular_times(rng, start: float, count: int, interval: float, jitter: float) -> np.ndarray:
+    gaps = interval * (1 + jitter * rng.uniform(-1, 1, count))
+    return start + np.cumsum(np.maximum(gaps, 0.05))
+
+
+def _events(client: str, times, prompts, rng, ip: str, payment: str, response_mean: float) -> list[Event]:
+    return [Event(client=client, time=float(t), prompt=p, prompt_tokens=max(1, int(len(p.split()) * 1.3)),
+                  response_tokens=int(rng.lognormal(np.log(response_mean), 0.5)), ip=ip, payment=payment)
+            for t, p in zip(times, prompts)]
+
+
+def simulate(population: dict[str, int], days: float = 3.0, seed: int = 0, attack_budget: int = 2000,
+             sybil_accounts: int = 10, start: float = 1_767_225_600.0) -> tuple[list[Event], dict[str, str]]:
+    """Traffic of `population` ({persona or attacker: how many}), in time order, and each client's kind.
+
+    Attackers spend `attack_budget` queries each (a sybil swarm in total, split over its accounts).
+    """
+    unknown = set(population) - set(BENIGN) - set(ATTACKERS)
+    if unknown:
+        raise ValueError(f"unknown personas {sorted(unknown)}; choose from {BENIGN + ATTACKERS}")
+    rng = np.random.default_rng(seed)
+    source = PromptSource(seed)
+    events, labels = [], {}
+
+    def address():
+        return f"{rng.integers(1, 223)}.{rng.integers(256)}.{rng.integers(256)}.{rng.integers(1, 255)}"
+
+    for kind, count in population.items():
+        for n in range(count):
+            client = f"{kind}-{seed}-{n}"
+            ip, payment = address(), f"card-{rng.integers(10**9)}"
+            if kind == "human":
+                times = poisson_times(rng, start, days, rng.uniform(3, 30), diurnal=True)
+                prompts = [source.benign() for _ in times]
+            elif kind == "power":
+                times = poisson_times(rng, start, days, rng.uniform(150, 500), diurnal=True)
+                prompts = [source.benign() for _ in times]
+            elif kind == "batch":
+                template = source.pick(JOBS)
+                jobs = [regular_times(rng, s, int(rng.integers(100, 600)), rng.uniform(0.5, 3), 0.2)
+                        for s in start + rng.uniform(0, days * DAY, int(rng.integers(1, 4)))]
+                times = np.sort(np.concatenate(jobs))
+                prompts = [source.job(template) for _ in times]
+            elif kind in ("naive", "cot", "decompose"):
+                times = regular_times(rng, start + rng.uniform(0, DAY), attack_budget, rng.uniform(1, 4), 0.3)
+                pool = source.one_hop if kind == "decompose" else source.pool
+                prefix = source.pick(COT_PREFIXES) if kind == "cot" else ""
+                prompts = [prefix + pool[i] for i in rng.permutation(len(pool))[:attack_budget] % len(pool)]
+                prompts += [prefix + source.pick(pool) for _ in range(attack_budget - len(prompts))]
+            elif kind == "slow":
+                times = regular_times(rng, start, attack_budget, rng.uniform(60, 150), 0.5)
+                prompts = [source.pick(source.pool) for _ in times]
+            elif kind == "sybil":
+                per_account = attack_budget // sybil_accounts
+                swarm_start, interval = start + rng.uniform(0, DAY), rng.uniform(20, 40)
+                shared_payment, subnet = payment, address().rsplit(".", 1)[0]
+                for a in range(sybil_accounts):
+                    member = f"sybil-{seed}-{n}-{a}"
+                    times = regular_times(rng, swarm_start + rng.uniform(0, 5), per_account, interval, 0.1)
+                    prompts = [source.pick(source.pool) for _ in times]
+                    events += _events(member, times, prompts, rng, f"{subnet}.{rng.integers(1, 255)}",
+                                      shared_payment, 60)
+                    labels[member] = kind
+                continue
+            elif kind == "hydra":
+                benign_times = poisson_times(rng, start, days, rng.uniform(150, 500), diurnal=True)
+                attack_times = regular_times(rng, start + rng.uniform(0, DAY), attack_budget, days * DAY / attack_budget,
+                                             0.5)
+                times = np.concatenate([benign_times, attack_times])
+                prompts = [source.benign() for _ in benign_times] + [source.pick(source.pool) for _ in attack_times]
+            events += _events(client, times, prompts, rng, ip, payment, 120 if kind in BENIGN else 60)
+            labels[client] = kind
+    events.sort(key=lambda e: e.time)
+    return events, labels

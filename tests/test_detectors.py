@@ -1,0 +1,112 @@
+"""Traffic events, the simulator and the per-client detector (issue 6, first part)."""
+
+import json
+from collections import Counter
+
+import numpy as np
+import pytest
+from scipy.stats import binom
+
+from detectors.detector import TrafficDetector
+from detectors.events import EventFormatError, events_from_rows, read_events, write_events
+from detectors.features import embedding_features, template_flags
+from detectors.simulate import simulate
+
+BENIGN_MIX = {"human": 120, "power": 40, "batch": 40}
+
+
+def test_a_bad_log_row_is_an_error_naming_file_and_row_or_is_skipped_and_counted(tmp_path):
+    good = {"client": "k1", "time": 1_700_000_000, "prompt": "hi", "response_tokens": 5}
+    rows = [good, {"client": "k1", "prompt": "no time"}, {**good, "time": "yesterday"},
+            {**good, "response_tokens": -3}, {**good, "time": "2026-01-01T00:00:00Z"}]
+    path = tmp_path / "log.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n{not json\n")
+    with pytest.raises(EventFormatError, match=r"log.jsonl: row 2: missing required field 'time'"):
+        read_events(path)
+    events, skipped = read_events(path, errors="skip")
+    assert len(events) == 2 and skipped == 4
+    assert events[1].time == pytest.approx(1_767_225_600.0)  # ISO-8601 understood
+    with pytest.raises(EventFormatError, match="row 6: not JSON"):
+        events_from_rows([good] * 5 + [ValueError("not JSON (Expecting value at column 1)")], "log")
+    with pytest.raises(FileNotFoundError):
+        read_events(tmp_path / "missing.jsonl")
+
+
+def test_events_round_trip_through_jsonl_and_arrow(tmp_path):
+    import datasets
+
+    events, _ = simulate({"human": 3, "naive": 1}, days=1, seed=3, attack_budget=50)
+    write_events(events, tmp_path / "log.jsonl")
+    again, skipped = read_events(tmp_path / "log.jsonl")
+    assert again == events and skipped == 0
+    datasets.Dataset.from_list([vars(e) for e in events]).save_to_disk(str(tmp_path / "log.arrow.d"))
+    assert read_events(tmp_path / "log.arrow.d")[0] == events
+
+
+def test_simulation_is_deterministic_and_labels_every_client():
+    population = {"human": 5, "power": 1, "batch": 1, "naive": 1, "sybil": 1, "hydra": 1}
+    first, labels = simulate(population, days=1, seed=7, attack_budget=300, sybil_accounts=6)
+    second, _ = simulate(population, days=1, seed=7, attack_budget=300, sybil_accounts=6)
+    assert first == second
+    counts = Counter(labels.values())
+    assert counts["sybil"] == 6 and counts["human"] == 5 and set(labels) == {e.client for e in first}
+    sybil = [e for e in first if labels[e.client] == "sybil"]
+    assert len({e.payment for e in sybil}) == 1 and len(sybil) == 300  # one swarm, budget split over accounts
+    times = [e.time for e in first]
+    assert times == sorted(times)
+
+
+def test_template_reuse_is_found_by_minhash():
+    templated = [f"Classify the sentiment of this customer review as positive or negative: the {w} was fine"
+                 for w in ["food", "room", "staff", "view", "price", "bed"]]
+    distinct = ["How do I sort a list in python?", "Write a poem about the sea.", "What is the capital of Peru?",
+                "Fix the grammar: me and him goes there.", "Explain docker volumes.", "Translate hola into English."]
+    assert template_flags(templated).mean() >= 5 / 6 and template_flags(distinct).mean() == 0
+
+
+def test_embedding_features_separate_reference_questions_from_prose_prompts():
+    from detectors.features import Embedder
+
+    embed = Embedder()
+    benign, labels = simulate({"human": 20, "naive": 1}, days=2, seed=5, attack_budget=64)
+    human = [e.prompt for e in benign if labels[e.client] == "human"][:64]
+    attack = [e.prompt for e in benign if labels[e.client] == "naive"][:64]
+    reference = embed(human[:32])
+    bandwidth = 1.0
+    attack_features = embedding_features(embed(attack), reference, bandwidth)
+    human_features = embedding_features(embed(human[32:]), reference, bandwidth)
+    assert attack_features["mmd"] > 3 * human_features["mmd"]
+    assert attack_features["spread"] < human_features["spread"]  # a harvester's prompts cluster
+
+
+@pytest.fixture(scope="module")
+def detector():
+    benign, _ = simulate(BENIGN_MIX, days=3, seed=0)
+    return TrafficDetector(target_fpr=0.01, use_embeddings=False).fit(benign)
+
+
+def test_detector_flags_naive_cot_and_slow_harvesters_early(detector):
+    traffic, labels = simulate({"naive": 5, "cot": 5, "slow": 5}, days=3, seed=1)
+    verdicts = detector.score(traffic)
+    for kind in ("naive", "cot", "slow"):
+        mine = [v for c, v in verdicts.items() if labels[c] == kind]
+        assert all(v["flagged"] and v["p_value"] <= 0.01 for v in mine), (kind, mine)
+    assert np.median([v["queries_to_flag"] for c, v in verdicts.items() if labels[c] == "naive"]) <= 200
+
+
+def test_benign_false_positive_rate_holds_on_fresh_seeds(detector):
+    """Calibrated at 1% on held-out benign clients of seed 0; on benign traffic from seeds it never saw,
+    the number flagged must be consistent with Binomial(n, 0.01): above the 99.9% quantile fails."""
+    flagged = total = 0
+    for seed in (11, 12):
+        traffic, _ = simulate(BENIGN_MIX, days=3, seed=seed)
+        verdicts = detector.score(traffic)
+        flagged += sum(v["flagged"] for v in verdicts.values())
+        total += len(verdicts)
+    assert flagged <= binom.ppf(0.999, total, 0.01), (flagged, total)
+
+
+def test_detector_refuses_a_calibration_set_too_small_for_its_fpr():
+    benign, _ = simulate({"human": 30}, days=1, seed=0)
+    with pytest.raises(ValueError, match="calibration clients cannot resolve"):
+        TrafficDetector(target_fpr=0.01, use_embeddings=False).fit(benign)

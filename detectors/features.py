@@ -10,17 +10,21 @@ nearest-neighbour distances between them look normal.
 
 from __future__ import annotations
 
+import heapq
+import random
 import re
-from collections import defaultdict
+import zlib
+from collections import defaultdict, deque
 
 import numpy as np
-from datasketch import MinHash, MinHashLSH
+from datasketch import HyperLogLog, MinHash, MinHashLSH
 from scipy.stats import shapiro
 
 from detectors.events import Event
 
 CHECKPOINTS = (25, 50, 100, 200, 400, 800, 1600)
-SAMPLE = 64  # prompts per client embedded at each checkpoint (bounded memory and cost)
+SAMPLE = 64  # prompts per client kept (bottom-k sample) and embedded at each checkpoint
+TEMPLATE_WINDOW = 256  # a prompt is "templated" if it near-duplicates one of the client's last 256
 COT = re.compile(r"step[- ]by[- ]step|chain[- ]of[- ]thought|(show|explain|write out)[^.]{0,30}(reasoning|steps|"
                  r"thinking|intermediate)|think (it )?through", re.IGNORECASE)
 NON_EMBEDDING = ("log_requests", "log_rate_per_hour", "log_interarrival_cv", "night_share", "cot_share",
@@ -36,39 +40,75 @@ def by_client(events: list[Event]) -> dict[str, list[Event]]:
     return dict(clients)
 
 
-def _minhash(text: str, num_perm: int) -> MinHash:
+_PERMUTATIONS = MinHash(num_perm=32, seed=1)  # drawn once: building a MinHash must not redraw them
+
+
+def minhash(text: str) -> MinHash:
+    """MinHash of a prompt's word 3-gram shingles (crc32-hashed: fast and the same in every process)."""
     words = text.lower().split()
     shingles = {" ".join(words[i:i + 3]).encode() for i in range(max(1, len(words) - 2))}
-    m = MinHash(num_perm=num_perm, seed=1)
+    m = MinHash(num_perm=32, hashfunc=zlib.crc32, permutations=_PERMUTATIONS.permutations,
+                scheme=_PERMUTATIONS.scheme)
     m.update_batch(list(shingles))
     return m
 
 
-def template_flags(prompts: list[str], threshold: float = 0.5, num_perm: int = 32) -> np.ndarray:
-    """For each prompt, whether an earlier prompt of the same client is a near-duplicate (Jaccard of word
-    3-gram shingles >= threshold, by MinHash LSH)."""
-    lsh = MinHashLSH(threshold=threshold, num_perm=num_perm)
-    flags = np.zeros(len(prompts), dtype=bool)
-    for i, prompt in enumerate(prompts):
-        m = _minhash(prompt, num_perm)
-        flags[i] = bool(lsh.query(m))
-        lsh.insert(str(i), m)
-    return flags
+class ClientState:
+    """Everything the detectors keep about one client, updated in O(1) amortised per request, in memory
+    bounded whatever the client's volume: running timing moments, counters, a HyperLogLog of distinct
+    prompts, a sliding window of MinHashes for template reuse, and a bottom-k sample of prompts.
+    The offline detector replays logs through this same state, so online and offline features agree."""
 
+    def __init__(self, seed: int = 0, window: int = TEMPLATE_WINDOW, sample: int = SAMPLE):
+        self.count = 0
+        self.first = self.last = 0.0
+        self.gap_mean = self.gap_m2 = 0.0
+        self.night = self.cot = self.templated = self.words = 0
+        self.distinct = HyperLogLog(p=8)
+        self.lsh = MinHashLSH(threshold=0.5, num_perm=32)
+        self.window, self.window_size = deque(), window
+        self.sample_size, self.heap = sample, []  # (-priority, index, prompt): the `sample` smallest priorities
+        self.rng = random.Random(seed)
 
-def timing_features(times: np.ndarray) -> dict[str, float]:
-    gaps = np.diff(times)
-    span_hours = max((times[-1] - times[0]) / 3600, 1 / 60)
-    cv = gaps.std() / gaps.mean() if len(gaps) > 1 and gaps.mean() > 0 else 1.0
-    hour = (times % 86_400) / 3600
-    return {"log_requests": float(np.log(len(times))), "log_rate_per_hour": float(np.log(len(times) / span_hours)),
-            "log_interarrival_cv": float(np.log(cv + 1e-3)), "night_share": float(np.mean(hour < 6))}
+    def update(self, event: Event) -> None:
+        prompt = event.prompt
+        if self.count:
+            gap, k = event.time - self.last, self.count  # Welford over the k gaps so far
+            delta = gap - self.gap_mean
+            self.gap_mean += delta / k
+            self.gap_m2 += delta * (gap - self.gap_mean)
+        else:
+            self.first = event.time
+        self.last = event.time
+        self.night += (event.time % 86_400) < 6 * 3600
+        self.cot += bool(COT.search(prompt))
+        self.words += len(prompt.split())
+        self.distinct.update(prompt.encode())
+        signature = minhash(prompt)
+        self.templated += bool(self.lsh.query(signature))
+        self.lsh.insert(self.count, signature)
+        self.window.append(self.count)
+        if len(self.window) > self.window_size:
+            self.lsh.remove(self.window.popleft())
+        entry = (-self.rng.random(), self.count, prompt)
+        if len(self.heap) < self.sample_size:
+            heapq.heappush(self.heap, entry)
+        elif entry > self.heap[0]:
+            heapq.heapreplace(self.heap, entry)
+        self.count += 1
 
+    def sample(self) -> list[str]:
+        return [prompt for _, _, prompt in sorted(self.heap, key=lambda e: e[1])]
 
-def content_features(prompts: list[str], flags: np.ndarray) -> dict[str, float]:
-    return {"cot_share": float(np.mean([bool(COT.search(p)) for p in prompts])),
-            "distinct_share": len(set(prompts)) / len(prompts), "template_share": float(flags.mean()),
-            "log_prompt_tokens": float(np.log(np.mean([len(p.split()) for p in prompts]) + 1))}
+    def features(self) -> dict[str, float]:
+        n = self.count
+        gaps = n - 1
+        cv = np.sqrt(self.gap_m2 / gaps) / self.gap_mean if gaps > 1 and self.gap_mean > 0 else 1.0
+        span_hours = max((self.last - self.first) / 3600, 1 / 60)
+        return {"log_requests": float(np.log(n)), "log_rate_per_hour": float(np.log(n / span_hours)),
+                "log_interarrival_cv": float(np.log(cv + 1e-3)), "night_share": self.night / n,
+                "cot_share": self.cot / n, "distinct_share": min(1.0, self.distinct.count() / n),
+                "template_share": self.templated / n, "log_prompt_tokens": float(np.log(self.words / n + 1))}
 
 
 def rbf_mmd2(x: np.ndarray, y: np.ndarray, bandwidth: float) -> float:
@@ -109,26 +149,32 @@ class Embedder:
         return np.stack([self.cache[p] for p in prompts]) if prompts else np.zeros((0, 384), np.float32)
 
 
-def client_checkpoints(events: list[Event], checkpoints=CHECKPOINTS) -> list[int]:
-    """The checkpoints a client reached, plus its full length if it never reached the first."""
-    reached = [n for n in checkpoints if n <= len(events)]
-    return reached or [len(events)]
-
-
 def feature_rows(events: list[Event], embed: Embedder | None, reference: np.ndarray | None, bandwidth: float,
                  checkpoints=CHECKPOINTS, seed: int = 0) -> list[tuple[str, int, dict[str, float]]]:
-    """(client, n, features of its first n requests) for every client and checkpoint it reached."""
+    """(client, n, features after its first n requests) at every checkpoint a client reaches, and at its
+    last request if it never reaches the first: the log replayed through `ClientState` in time order."""
+    states: dict[str, ClientState] = {}
     rows = []
-    rng = np.random.default_rng(seed)
-    for client, mine in by_client(events).items():
-        times = np.array([e.time for e in mine])
-        prompts = [e.prompt for e in mine]
-        flags = template_flags(prompts[: max(client_checkpoints(mine, checkpoints))])
-        priority = rng.random(len(mine))  # bottom-k sample: nested across checkpoints, as a reservoir keeps it
-        for n in client_checkpoints(mine, checkpoints):
-            features = {**timing_features(times[:n]), **content_features(prompts[:n], flags[:n])}
-            if embed is not None:
-                chosen = np.sort(np.argsort(priority[:n])[:SAMPLE])
-                features.update(embedding_features(embed([prompts[i] for i in chosen]), reference, bandwidth))
-            rows.append((client, n, features))
+
+    def row(client: str, state: ClientState):
+        features = state.features()
+        if embed is not None:
+            features.update(embedding_features(embed(state.sample()), reference, bandwidth))
+        rows.append((client, state.count, features))
+
+    marks = set(checkpoints)
+    for event in sorted(events, key=lambda e: e.time):
+        state = states.get(event.client)
+        if state is None:
+            state = states[event.client] = ClientState(seed=hash_seed(event.client, seed))
+        state.update(event)
+        if state.count in marks:
+            row(event.client, state)
+    for client, state in states.items():
+        if state.count < checkpoints[0]:
+            row(client, state)
     return rows
+
+
+def hash_seed(client: str, seed: int) -> int:
+    return zlib.crc32(f"{seed}:{client}".encode())

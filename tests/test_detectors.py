@@ -8,8 +8,8 @@ import pytest
 from scipy.stats import binom
 
 from detectors.detector import TrafficDetector
-from detectors.events import EventFormatError, events_from_rows, read_events, write_events
-from detectors.features import embedding_features, template_flags
+from detectors.events import Event, EventFormatError, events_from_rows, read_events, write_events
+from detectors.features import ClientState, embedding_features
 from detectors.simulate import simulate
 
 BENIGN_MIX = {"human": 120, "power": 40, "batch": 40}
@@ -61,7 +61,13 @@ def test_template_reuse_is_found_by_minhash():
                  for w in ["food", "room", "staff", "view", "price", "bed"]]
     distinct = ["How do I sort a list in python?", "Write a poem about the sea.", "What is the capital of Peru?",
                 "Fix the grammar: me and him goes there.", "Explain docker volumes.", "Translate hola into English."]
-    assert template_flags(templated).mean() >= 5 / 6 and template_flags(distinct).mean() == 0
+    def template_share(prompts):
+        state = ClientState()
+        for i, p in enumerate(prompts):
+            state.update(Event("c", float(i), p))
+        return state.features()["template_share"]
+
+    assert template_share(templated) >= 5 / 6 and template_share(distinct) == 0
 
 
 def test_embedding_features_separate_reference_questions_from_prose_prompts():

@@ -80,6 +80,18 @@ class TrafficDetector(BaseEstimator):
             out[client] = (max(best, float(s)), path + [(int(n), float(s))])
         return out
 
+    def score_features(self, features: dict[str, float]) -> tuple[float, float]:
+        """(anomaly score, conformal p-value) of one client's features at one checkpoint."""
+        score = float(-self.model_.score_samples(np.array([[features[n] for n in self.feature_names_]]))[0])
+        return score, self.p_value(score)
+
+    def unusual(self, features: dict[str, float], top: int = 2) -> list[str]:
+        """The features furthest from benign, in benign standard deviations: the reason given for a flag."""
+        scaler = self.model_[0]
+        z = (np.array([features[n] for n in self.feature_names_]) - scaler.mean_) / scaler.scale_
+        return [f"{self.feature_names_[i]}={features[self.feature_names_[i]]:.2f} ({z[i]:+.0f} sd)"
+                for i in np.argsort(-np.abs(z))[:top]]
+
     def p_value(self, score: float) -> float:
         n = len(self.calibration_scores_)
         return float((1 + n - np.searchsorted(self.calibration_scores_, score, side="left")) / (n + 1))

@@ -17,7 +17,7 @@ import zlib
 from collections import defaultdict, deque
 
 import numpy as np
-from datasketch import HyperLogLog, MinHash, MinHashLSH
+from datasketch import MinHash, MinHashLSH
 from scipy.stats import shapiro
 
 from detectors.events import Event
@@ -41,6 +41,7 @@ def by_client(events: list[Event]) -> dict[str, list[Event]]:
 
 
 _PERMUTATIONS = MinHash(num_perm=32, seed=1)  # drawn once: building a MinHash must not redraw them
+_BANDS = (lambda lsh: (lsh.b, lsh.r))(MinHashLSH(threshold=0.5, num_perm=32))  # solved once, not per client
 
 
 def minhash(text: str) -> MinHash:
@@ -55,18 +56,18 @@ def minhash(text: str) -> MinHash:
 
 class ClientState:
     """Everything the detectors keep about one client, updated in O(1) amortised per request, in memory
-    bounded whatever the client's volume: running timing moments, counters, a HyperLogLog of distinct
-    prompts, a sliding window of MinHashes for template reuse, and a bottom-k sample of prompts.
+    bounded whatever the client's volume: running timing moments, counters, a sliding window of recent
+    prompts (exact repeats by crc32, near-duplicates by MinHash LSH), and a bottom-k sample of prompts.
     The offline detector replays logs through this same state, so online and offline features agree."""
 
     def __init__(self, seed: int = 0, window: int = TEMPLATE_WINDOW, sample: int = SAMPLE):
         self.count = 0
         self.first = self.last = 0.0
         self.gap_mean = self.gap_m2 = 0.0
-        self.night = self.cot = self.templated = self.words = 0
-        self.distinct = HyperLogLog(p=8)
-        self.lsh = MinHashLSH(threshold=0.5, num_perm=32)
+        self.night = self.cot = self.templated = self.repeated = self.words = 0
+        self.lsh = MinHashLSH(num_perm=32, params=_BANDS)
         self.window, self.window_size = deque(), window
+        self.recent: dict[int, int] = {}  # crc32 of the prompts in the window -> how many times
         self.sample_size, self.heap = sample, []  # (-priority, index, prompt): the `sample` smallest priorities
         self.rng = random.Random(seed)
 
@@ -83,13 +84,19 @@ class ClientState:
         self.night += (event.time % 86_400) < 6 * 3600
         self.cot += bool(COT.search(prompt))
         self.words += len(prompt.split())
-        self.distinct.update(prompt.encode())
+        digest = zlib.crc32(prompt.encode())
+        self.repeated += digest in self.recent
+        self.recent[digest] = self.recent.get(digest, 0) + 1
         signature = minhash(prompt)
         self.templated += bool(self.lsh.query(signature))
         self.lsh.insert(self.count, signature)
-        self.window.append(self.count)
+        self.window.append((self.count, digest))
         if len(self.window) > self.window_size:
-            self.lsh.remove(self.window.popleft())
+            key, old = self.window.popleft()
+            self.lsh.remove(key)
+            self.recent[old] -= 1
+            if not self.recent[old]:
+                del self.recent[old]
         entry = (-self.rng.random(), self.count, prompt)
         if len(self.heap) < self.sample_size:
             heapq.heappush(self.heap, entry)
@@ -107,7 +114,7 @@ class ClientState:
         span_hours = max((self.last - self.first) / 3600, 1 / 60)
         return {"log_requests": float(np.log(n)), "log_rate_per_hour": float(np.log(n / span_hours)),
                 "log_interarrival_cv": float(np.log(cv + 1e-3)), "night_share": self.night / n,
-                "cot_share": self.cot / n, "distinct_share": min(1.0, self.distinct.count() / n),
+                "cot_share": self.cot / n, "distinct_share": 1 - self.repeated / n,
                 "template_share": self.templated / n, "log_prompt_tokens": float(np.log(self.words / n + 1))}
 
 

@@ -54,6 +54,7 @@ def harvest(teacher: Teacher, task: Task, config: AttackConfig, seed: int, out_d
                                     "strategy": config.strategy, "seed": seed}, progress=progress)
     pairs = STRATEGIES[config.strategy](task, seed)(harvester)
     queries = len(harvester.close())
+    pairs = [(p, c) for p, c in pairs if c.finish_reason != "refused"]  # a refusal teaches nothing; its query is spent
     return [completion_row(i, prompt, completion) for i, (prompt, completion) in enumerate(pairs)], queries
 
 
@@ -174,7 +175,9 @@ def evaluate(teacher: Teacher, task: Task, defenses: list[str], attack: AttackCo
     baseline, undefended = capability(teacher, task)
     served_correct, reasoning_shown = {}, {}
     for defense in defenses:
-        accuracy, completions = capability(apply_defense(defense, teacher), task)
+        served = apply_defense(defense, teacher)
+        # what a benign user is served: a traffic monitor judges the harvester, not someone asking once
+        accuracy, completions = capability(getattr(served, "benign_view", served), task)
         served_correct[defense] = accuracy.per_item
         reasoning_shown[defense] = reasoning_words(completions) / max(1, reasoning_words(undefended))
     outcomes, rows = {}, []

@@ -5,6 +5,7 @@ Names join with "+", innermost first: "watermark+answer-only" is Redact(Watermar
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 from guard.redaction import Redact, parse_policy
@@ -12,6 +13,7 @@ from guard.teacher import Teacher
 
 REDACTIONS = ("full", "answer-only", "summary", "truncate:K", "sealed")
 WATERMARKS = ("watermark", "watermark:CLIENT")
+MONITORS = ("monitor", "monitor:SECONDS")  # the rate-pattern monitor; SECONDS between the client's requests
 
 
 def parse_defense(spec: str) -> list[Callable[[Teacher], Teacher]]:
@@ -35,8 +37,31 @@ def _wrapper(spec: str) -> Callable[[Teacher], Teacher]:
         client = spec.partition(":")[2] or "attacker"
         key = WatermarkKey.for_client(master_secret(required=False) or LAB_MASTER, client)
         return lambda teacher: Watermark(teacher, key)
+    if kind == "monitor":
+        interval = spec.partition(":")[2] or "2"
+        try:
+            seconds = float(interval)
+        except ValueError:
+            raise ValueError(f"monitor:SECONDS needs a number of seconds between requests, got {spec!r}") from None
+        return lambda teacher: _monitored(teacher, seconds)
     if kind not in {r.split(":")[0] for r in REDACTIONS}:
-        raise ValueError(f"unknown defence {spec!r}; available: none, {', '.join(REDACTIONS + WATERMARKS)}, "
+        raise ValueError(f"unknown defence {spec!r}; available: none, {', '.join(REDACTIONS + WATERMARKS + MONITORS)}, "
                          "or several joined by '+'")
     policy = parse_policy(spec)
     return lambda teacher: Redact(teacher, policy)
+
+
+def _monitored(teacher: Teacher, interval: float) -> Teacher:
+    """A fresh monitor, its detector fitted on the reference lab's simulated benign traffic, before `teacher`."""
+    from detectors.monitor import Guarded, Monitor
+
+    return Guarded(teacher, Monitor(_lab_detector()), interval=interval)
+
+
+@functools.lru_cache(maxsize=1)
+def _lab_detector():
+    from detectors.detector import TrafficDetector
+    from detectors.simulate import simulate
+
+    benign, _ = simulate({"human": 120, "power": 40, "batch": 40}, days=3, seed=0)
+    return TrafficDetector(use_embeddings=False).fit(benign)

@@ -227,17 +227,3 @@ def test_sealed_server_hands_out_blobs_and_refuses_tampered_ones(teacher_a):
         with pytest.raises(openai.BadRequestError, match="failed authentication"):
             follow_up(tampered)
 
-
-def test_answer_only_protects_against_a_real_distillation_attack(teacher_a, tmp_path):
-    """A real harvest and two real students (1,000 queries, 500 steps each): the one that saw only answers
-    learns far less, and the bootstrap interval of protection excludes zero."""
-    from eval.attack import AttackConfig, evaluate
-
-    report = evaluate(teacher_a, reference_task(), ["none", "answer-only"], AttackConfig(), budgets=[1000], seeds=1,
-                      out_dir=tmp_path, progress=False)
-    none, answer_only = report["rows"]
-    assert none["transfer"]["ci95"][0] > 0.05  # the undefended attack works at this budget
-    assert answer_only["teacher_acc"] == none["teacher_acc"]  # benign answers are untouched
-    assert answer_only["utility_cost"]["reasoning_shown"] == 0.0
-    low, high = answer_only["protection"]["ci95"]
-    assert low > 0, answer_only["protection"]

@@ -1,0 +1,105 @@
+"""The online monitor: one call per request, an action per request, memory bounded however long it runs.
+
+    monitor = Monitor(TrafficDetector().fit(benign_events))
+    action = monitor.observe(event)        # Action("block", "p=0.002 after 50 requests: cot_share=1.00 ...")
+
+Each client's `ClientState` is updated in amortised O(1); when the client reaches a checkpoint its
+features are scored and its level is set from the conformal p-value: at most `target_fpr` -> block;
+up to 5x -> degrade (serve answers without reasoning); up to 20x -> throttle; else allow. Levels only go
+up. At most `max_clients` states are kept (least recently seen evicted), so memory is bounded in clients
+as well as in requests per client.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Literal
+
+from detectors.detector import TrafficDetector
+from detectors.events import Event
+from detectors.features import CHECKPOINTS, ClientState, embedding_features, hash_seed
+from guard.redaction import AnswerOnly, Redact
+from guard.teacher import Completion, Sampling, Teacher
+
+LEVELS = ("allow", "throttle", "degrade", "block")
+
+
+@dataclass
+class Action:
+    kind: Literal["allow", "throttle", "degrade", "block"]
+    reason: str = ""
+    p_value: float | None = None
+
+
+class Monitor:
+    def __init__(self, detector: TrafficDetector, degrade_factor: float = 5.0, throttle_factor: float = 20.0,
+                 max_clients: int = 100_000, seed: int = 0):
+        self.detector, self.seed, self.max_clients = detector, seed, max_clients
+        fpr = detector.target_fpr
+        self.thresholds = (("block", fpr), ("degrade", fpr * degrade_factor), ("throttle", fpr * throttle_factor))
+        self.states: OrderedDict[str, ClientState] = OrderedDict()
+        self.actions: dict[str, Action] = {}
+        self.marks = set(CHECKPOINTS)
+
+    def observe(self, event: Event) -> Action:
+        state = self.states.get(event.client)
+        if state is None:
+            state = self.states[event.client] = ClientState(seed=hash_seed(event.client, self.seed))
+            if len(self.states) > self.max_clients:
+                evicted, _ = self.states.popitem(last=False)
+                if self.actions.get(evicted, Action("allow")).kind == "allow":
+                    self.actions.pop(evicted, None)  # flagged clients stay flagged after eviction
+        else:
+            self.states.move_to_end(event.client)
+        state.update(event)
+        if state.count in self.marks:
+            self._decide(event.client, state)
+        return self.actions.get(event.client, Action("allow"))
+
+    def _decide(self, client: str, state: ClientState) -> None:
+        d = self.detector
+        features = state.features()
+        if d.use_embeddings:
+            features.update(embedding_features(d.embedder_(state.sample()), d.reference_, d.bandwidth_))
+        _, p = d.score_features(features)
+        current = self.actions.get(client, Action("allow"))
+        for kind, threshold in self.thresholds:
+            if p <= threshold:
+                if LEVELS.index(kind) > LEVELS.index(current.kind):
+                    reason = f"p={p:.3g} after {state.count} requests: " + ", ".join(d.unusual(features))
+                    self.actions[client] = Action(kind, reason, p)
+                return
+
+
+class Guarded(Teacher):
+    """A teacher behind the monitor, as one client sees it: each prompt is a request at the client's pace.
+
+    Blocked and throttled requests come back refused (empty, finish_reason "refused"; the query is spent);
+    degraded ones come back answer-only. The same wrapper serves and evaluates the defence.
+    """
+
+    def __init__(self, teacher: Teacher, monitor: Monitor, client: str = "attacker", interval: float = 2.0,
+                 start: float = 1_767_225_600.0):
+        self.teacher, self.monitor, self.client, self.interval = teacher, monitor, client, interval
+        self.clock, self.name = start, f"{teacher.name}+monitor"
+        self.degraded = Redact(teacher, AnswerOnly())
+        self.log: list[Action] = []
+
+    @property
+    def benign_view(self) -> Teacher:
+        """The teacher as an unflagged client gets it (what `evaluate` grades as served)."""
+        return self.teacher
+
+    def complete(self, prompts: list[str], sampling: Sampling = Sampling()) -> list[Completion]:
+        actions = []
+        for prompt in prompts:
+            actions.append(self.monitor.observe(Event(self.client, self.clock, prompt)))
+            self.clock += self.interval
+        self.log += actions
+        out: list[Completion | None] = [None] * len(prompts)
+        for kind, teacher in (("allow", self.teacher), ("degrade", self.degraded)):
+            chosen = [i for i, a in enumerate(actions) if a.kind == kind]
+            for i, completion in zip(chosen, teacher.complete([prompts[i] for i in chosen], sampling) if chosen else []):
+                out[i] = completion
+        return [c if c is not None else Completion(text="", finish_reason="refused") for c in out]

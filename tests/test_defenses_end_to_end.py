@@ -1,0 +1,19 @@
+"""Every defence is validated the same way: a real harvest and a real student, defence on and off.
+
+One undefended attack (1,000 queries, 500 training steps) is the reference for two defences at once."""
+
+from eval.attack import AttackConfig, evaluate
+from eval.reference.world import reference_task
+
+
+def test_answer_only_and_the_monitor_both_cut_real_transfer(teacher_a, tmp_path):
+    report = evaluate(teacher_a, reference_task(), ["none", "answer-only", "monitor"], AttackConfig(), budgets=[1000],
+                      seeds=1, out_dir=tmp_path, progress=False)
+    rows = {r["defense"]: r for r in report["rows"]}
+    assert rows["none"]["transfer"]["ci95"][0] > 0.05  # the undefended attack works at this budget
+    for defense in ("answer-only", "monitor"):
+        assert rows[defense]["teacher_acc"] == rows["none"]["teacher_acc"]  # benign answers are untouched
+        low, high = rows[defense]["protection"]["ci95"]
+        assert low > 0, (defense, rows[defense]["protection"])
+    assert rows["answer-only"]["utility_cost"]["reasoning_shown"] == 0.0
+    assert rows["monitor"]["queries"] == 1000  # the attacker spent its budget; most of it was refused

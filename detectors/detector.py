@@ -100,9 +100,10 @@ class TrafficDetector(BaseEstimator):
         """Per client: its score, conformal p-value, whether flagged, and after how many of its requests
         (the first checkpoint whose score alone would have been flagged)."""
         verdicts = {}
+        totals = {client: len(mine) for client, mine in by_client(events).items()}
         for client, (best, path) in self._client_scores(events, self.random_state + 2).items():
             p = self.p_value(best)
             first = next((n for n, s in path if self.p_value(s) <= self.target_fpr), None)
             verdicts[client] = {"score": best, "p_value": p, "flagged": p <= self.target_fpr,
-                                "queries_to_flag": first, "requests": path[-1][0]}
+                                "queries_to_flag": first, "requests": totals[client]}
         return verdicts

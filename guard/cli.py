@@ -20,6 +20,8 @@ watermark_app = typer.Typer(help="Green-list watermarks: keys and detection.", n
 app.add_typer(watermark_app, name="watermark")
 audit_app = typer.Typer(help="Audits of suspect models.", no_args_is_help=True)
 app.add_typer(audit_app, name="audit")
+traffic_app = typer.Typer(help="Simulated API traffic.", no_args_is_help=True)
+app.add_typer(traffic_app, name="traffic")
 console = Console()
 
 TeacherOpt = Annotated[str, typer.Option(help="'reference', 'reference:teacher-b', a local model directory, "
@@ -313,6 +315,67 @@ def audit_radioactivity(suspect: Annotated[str, typer.Option(help="suspect model
     console.print(f"verdict: {'RADIOACTIVE: trained on outputs watermarked for ' + named if named else 'no evidence'}"
                   f" | p = {best['p_value']:.3g} | green {best['green']}/{best['scored']} (γ = {config.gamma})")
     _write_json(out, report)
+
+
+@traffic_app.command("simulate")
+def traffic_simulate(out: Annotated[str, typer.Option(help="JSONL log to write")],
+                     population: Annotated[list[str], typer.Option(help="KIND=COUNT (repeatable); kinds: human, "
+                                                                        "power, batch, naive, cot, slow, sybil, "
+                                                                        "hydra, decompose")] = ["human=100", "power=20", "batch=20", "naive=2", "sybil=1"],  # noqa: B006
+                     days: float = 3.0, seed: int = 0, attack_budget: int = 2000, sybil_accounts: int = 10,
+                     labels: Annotated[str | None, typer.Option(help="also write client -> kind as JSON")] = None):
+    """Write a seeded log of benign and attacker traffic."""
+    from detectors.events import write_events
+    from detectors.simulate import simulate
+
+    try:
+        counts = {k: int(v) for k, v in (p.split("=", 1) for p in population)}
+        events, kinds = simulate(counts, days, seed, attack_budget, sybil_accounts)
+    except ValueError as e:
+        raise typer.BadParameter(f"{e} (expected KIND=COUNT)", param_hint="--population") from None
+    write_events(events, out)
+    _write_json(labels, kinds)
+    console.print(f"wrote {len(events):,} events from {len(kinds)} clients to {out}")
+
+
+@app.command()
+def detect(log: Annotated[str, typer.Option(help="traffic log: JSONL or an Arrow dataset")],
+           benign: Annotated[str | None, typer.Option(help="benign traffic to fit on; default: the lab's "
+                                                         "simulated benign traffic (seed 0)")] = None,
+           fpr: Annotated[float, typer.Option(help="target benign-account false-positive rate")] = 0.01,
+           embeddings: Annotated[bool, typer.Option(help="use sentence-embedding features (slower)")] = False,
+           skip_bad_rows: bool = False, out: str | None = None):
+    """Score every client (and every cluster of linked accounts) in a traffic log."""
+    from detectors.cluster import judge_clusters
+    from detectors.detector import TrafficDetector
+    from detectors.events import EventFormatError, read_events
+    from detectors.simulate import simulate
+
+    errors = "skip" if skip_bad_rows else "raise"
+    try:
+        events, skipped = read_events(log, errors=errors)
+        fit_on = read_events(benign, errors=errors)[0] if benign else \
+            simulate({"human": 120, "power": 40, "batch": 40}, days=3, seed=0)[0]
+        detector = TrafficDetector(target_fpr=fpr, use_embeddings=embeddings).fit(fit_on)
+    except (EventFormatError, FileNotFoundError, ValueError) as e:
+        raise typer.BadParameter(str(e)) from None
+    verdicts = detector.score(events)
+    groups = judge_clusters(detector, events)
+    for group in groups:
+        for member in group["members"]:
+            if group["flagged"] and not verdicts[member]["flagged"]:
+                verdicts[member] |= {"flagged": True, "via_cluster": group["cluster"]}
+    table = Table("client", "requests", "p-value", "flagged", "after", "via cluster")
+    for client, v in sorted(verdicts.items(), key=lambda kv: kv[1]["p_value"]):
+        if v["flagged"] or v["p_value"] <= 5 * fpr:
+            table.add_row(client, str(v["requests"]), f"{v['p_value']:.3g}", "yes" if v["flagged"] else "no",
+                          str(v["queries_to_flag"] or "—"), str(v.get("via_cluster", "—")))
+    console.print(table)
+    flagged = sum(v["flagged"] for v in verdicts.values())
+    console.print(f"{flagged} of {len(verdicts)} clients flagged at target FPR {fpr:g}; {len(groups)} clusters of "
+                  f"linked accounts ({sum(g['flagged'] for g in groups)} flagged); {skipped} bad rows skipped")
+    _write_json(out, {"log": log, "target_fpr": fpr, "skipped_rows": skipped, "clients": verdicts,
+                      "clusters": groups})
 
 
 if __name__ == "__main__":

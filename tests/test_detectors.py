@@ -116,3 +116,34 @@ def test_detector_refuses_a_calibration_set_too_small_for_its_fpr():
     benign, _ = simulate({"human": 30}, days=1, seed=0)
     with pytest.raises(ValueError, match="calibration clients cannot resolve"):
         TrafficDetector(target_fpr=0.01, use_embeddings=False).fit(benign)
+
+
+def test_clustering_finds_a_planted_swarm_and_flags_it_as_a_group(detector):
+    from detectors.cluster import clusters, judge_clusters
+
+    traffic, labels = simulate({"human": 60, "power": 15, "batch": 30, "sybil": 1}, days=3, seed=4, sybil_accounts=10)
+    groups = clusters(traffic)
+    swarm = sorted(c for c, k in labels.items() if k == "sybil")
+    assert groups == [swarm]  # exactly the swarm: batch customers sharing a job template are not linked
+    judged = judge_clusters(detector, traffic)
+    assert judged[0]["flagged"] and judged[0]["members"] == swarm
+
+
+def test_detect_and_simulate_commands(tmp_path):
+    import subprocess
+    import sys
+
+    log, labels, report = tmp_path / "log.jsonl", tmp_path / "labels.json", tmp_path / "report.json"
+    cli = [sys.executable, "-m", "guard.cli"]
+    subprocess.run(cli + ["traffic", "simulate", "--out", str(log), "--labels", str(labels), "--population", "human=30",
+                          "--population", "naive=1", "--days", "1", "--attack-budget", "300"],
+                   check=True, capture_output=True, text=True, timeout=300)
+    done = subprocess.run(cli + ["detect", "--log", str(log), "--out", str(report)], capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    verdicts = json.loads(report.read_text())["clients"]
+    kinds = json.loads(labels.read_text())
+    assert all(v["flagged"] for c, v in verdicts.items() if kinds[c] == "naive")
+    log.write_text(log.read_text() + '{"client": "x", "prompt": "no time"}\n')
+    bad = subprocess.run(cli + ["detect", "--log", str(log)], capture_output=True, text=True, timeout=600)
+    assert bad.returncode != 0 and "missing required field 'time'" in bad.stderr

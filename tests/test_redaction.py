@@ -13,7 +13,7 @@ from guard.redaction import (AnswerOnly, Full, Redact, Sealed, SealError, Sealer
                              TeacherSummarizer, Truncate, outline, parse_policy)
 from guard.server import create_app
 from guard.teacher import GREEDY
-from tests.conftest import live_server
+from conftest import live_server
 
 PROMPT = "question: what does the friend of Bobuk do for a living?\n"
 REFERENCE = "thinking it through. Bobuk calls Peors a friend. and Peors is a plumber. that settles it.\nanswer: plumber"

@@ -5,7 +5,8 @@
 
 Each client's `ClientState` is updated in amortised O(1); when the client reaches a checkpoint its
 features are scored and its level is set from the conformal p-value: at most `target_fpr` -> block;
-up to 5x -> degrade (serve answers without reasoning); up to 20x -> throttle; else allow. Levels only go
+up to 2x -> degrade (serve answers without reasoning); up to 3x -> throttle; else allow. Every level above
+allow costs benign clients: by calibration at most 3x `target_fpr` of them are ever throttled. Levels only go
 up. At most `max_clients` states are kept (least recently seen evicted), so memory is bounded in clients
 as well as in requests per client.
 """
@@ -33,7 +34,7 @@ class Action:
 
 
 class Monitor:
-    def __init__(self, detector: TrafficDetector, degrade_factor: float = 5.0, throttle_factor: float = 20.0,
+    def __init__(self, detector: TrafficDetector, degrade_factor: float = 2.0, throttle_factor: float = 3.0,
                  max_clients: int = 100_000, seed: int = 0):
         self.detector, self.seed, self.max_clients = detector, seed, max_clients
         fpr = detector.target_fpr

@@ -136,7 +136,7 @@ def simulate(population: dict[str, int], days: float = 3.0, seed: int = 0, attac
                 prompts = [prefix + pool[i] for i in rng.permutation(len(pool))[:attack_budget] % len(pool)]
                 prompts += [prefix + source.pick(pool) for _ in range(attack_budget - len(prompts))]
             elif kind == "slow":
-                times = regular_times(rng, start, attack_budget, rng.uniform(60, 150), 0.5)
+                times = regular_times(rng, start + rng.uniform(0, DAY), attack_budget, rng.uniform(60, 150), 0.5)
                 prompts = [source.pick(source.pool) for _ in times]
             elif kind == "sybil":
                 per_account = attack_budget // sybil_accounts

@@ -1,0 +1,74 @@
+"""Traffic detector speed and memory.
+
+    python -m eval.benchmarks.traffic_speed [--events 50000]
+
+- events/s of the online monitor (non-embedding features, scoring at checkpoints), on simulated traffic;
+- sentence-embedding throughput (MiniLM prompts/s, batched), reported separately: the embedding features
+  run only at checkpoints, on a bounded sample of each client's prompts;
+- memory of one client's state after 2,000 and after 20,000 requests (it should not grow).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+import tracemalloc
+
+from detectors.detector import TrafficDetector
+from detectors.events import Event
+from detectors.features import ClientState, Embedder
+from detectors.monitor import Monitor
+from detectors.simulate import simulate
+
+
+def monitor_speed(events: int) -> dict:
+    benign, _ = simulate({"human": 120, "power": 40, "batch": 40}, days=3, seed=0)
+    detector = TrafficDetector(use_embeddings=False).fit(benign)
+    traffic, _ = simulate({"human": 300, "power": 60, "batch": 40, "naive": 5, "slow": 5, "sybil": 1}, days=3, seed=1)
+    traffic = traffic[:events]
+    monitor = Monitor(detector)
+    start = time.perf_counter()
+    for event in traffic:
+        monitor.observe(event)
+    seconds = time.perf_counter() - start
+    return {"events": len(traffic), "clients": len(monitor.states), "seconds": seconds,
+            "events_per_s": len(traffic) / seconds}
+
+
+def embedding_speed(prompts: int = 2048) -> dict:
+    traffic, _ = simulate({"human": 200}, days=3, seed=2)
+    texts = list(dict.fromkeys(e.prompt for e in traffic))[:prompts]
+    embed = Embedder()
+    embed(texts[:64])  # warm-up
+    embed.cache.clear()
+    start = time.perf_counter()
+    embed(texts)
+    seconds = time.perf_counter() - start
+    return {"prompts": len(texts), "prompts_per_s": len(texts) / seconds}
+
+
+def state_memory() -> dict:
+    traffic, _ = simulate({"naive": 1}, days=3, seed=3, attack_budget=20_000)
+    sizes = {}
+    tracemalloc.start()
+    before = tracemalloc.get_traced_memory()[0]
+    state = ClientState()
+    for i, event in enumerate(traffic, 1):
+        state.update(Event(event.client, event.time, event.prompt))
+        if i in (2_000, 20_000):
+            sizes[i] = tracemalloc.get_traced_memory()[0] - before
+    tracemalloc.stop()
+    return {"bytes_after_2000": sizes[2_000], "bytes_after_20000": sizes[20_000]}
+
+
+def main(events: int = 50_000) -> dict:
+    results = {"monitor": monitor_speed(events), "embedding": embedding_speed(), "client_state": state_memory()}
+    print(json.dumps(results, indent=2))
+    return results
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--events", type=int, default=50_000)
+    main(parser.parse_args().events)

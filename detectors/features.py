@@ -14,7 +14,7 @@ import heapq
 import random
 import re
 import zlib
-from collections import defaultdict, deque
+from collections import defaultdict
 
 import numpy as np
 from datasketch import MinHash, MinHashLSH
@@ -41,7 +41,15 @@ def by_client(events: list[Event]) -> dict[str, list[Event]]:
 
 
 _PERMUTATIONS = MinHash(num_perm=32, seed=1)  # drawn once: building a MinHash must not redraw them
-_BANDS = (lambda lsh: (lsh.b, lsh.r))(MinHashLSH(threshold=0.5, num_perm=32))  # solved once, not per client
+_BANDS = (lambda lsh: (lsh.b, lsh.r))(MinHashLSH(threshold=0.5, num_perm=32))  # LSH bands for Jaccard >= 0.5
+_BAND_MIX = np.array([0x9E3779B97F4A7C15 * (2 * i + 1) % 2**64 for i in range(_BANDS[1])], dtype=np.uint64)
+
+
+def band_keys(signature: MinHash) -> np.ndarray:
+    """One uint64 per LSH band of a MinHash: two prompts share a band key when their band rows agree."""
+    b, r = _BANDS
+    with np.errstate(over="ignore"):
+        return (signature.hashvalues[: b * r].astype(np.uint64).reshape(b, r) * _BAND_MIX).sum(axis=1)
 
 
 def minhash(text: str) -> MinHash:
@@ -56,8 +64,9 @@ def minhash(text: str) -> MinHash:
 
 class ClientState:
     """Everything the detectors keep about one client, updated in O(1) amortised per request, in memory
-    bounded whatever the client's volume: running timing moments, counters, a sliding window of recent
-    prompts (exact repeats by crc32, near-duplicates by MinHash LSH), and a bottom-k sample of prompts.
+    bounded whatever the client's volume (about 30 KB): running timing moments, counters, a ring of the
+    recent prompts' crc32 (exact repeats) and MinHash band keys (near-duplicates, as LSH finds them), and a
+    bottom-k sample of prompts.
     The offline detector replays logs through this same state, so online and offline features agree."""
 
     def __init__(self, seed: int = 0, window: int = TEMPLATE_WINDOW, sample: int = SAMPLE):
@@ -65,9 +74,9 @@ class ClientState:
         self.first = self.last = 0.0
         self.gap_mean = self.gap_m2 = 0.0
         self.night = self.cot = self.templated = self.repeated = self.words = 0
-        self.lsh = MinHashLSH(num_perm=32, params=_BANDS)
-        self.window, self.window_size = deque(), window
-        self.recent: dict[int, int] = {}  # crc32 of the prompts in the window -> how many times
+        self.window_size = window
+        self.digests = np.zeros(window, dtype=np.uint64)  # ring buffers over the last `window` prompts
+        self.bands = np.zeros((window, _BANDS[0]), dtype=np.uint64)
         self.sample_size, self.heap = sample, []  # (-priority, index, prompt): the `sample` smallest priorities
         self.rng = random.Random(seed)
 
@@ -84,19 +93,12 @@ class ClientState:
         self.night += (event.time % 86_400) < 6 * 3600
         self.cot += bool(COT.search(prompt))
         self.words += len(prompt.split())
-        digest = zlib.crc32(prompt.encode())
-        self.repeated += digest in self.recent
-        self.recent[digest] = self.recent.get(digest, 0) + 1
-        signature = minhash(prompt)
-        self.templated += bool(self.lsh.query(signature))
-        self.lsh.insert(self.count, signature)
-        self.window.append((self.count, digest))
-        if len(self.window) > self.window_size:
-            key, old = self.window.popleft()
-            self.lsh.remove(key)
-            self.recent[old] -= 1
-            if not self.recent[old]:
-                del self.recent[old]
+        filled, slot = min(self.count, self.window_size), self.count % self.window_size
+        digest = np.uint64(zlib.crc32(prompt.encode()))
+        keys = band_keys(minhash(prompt))
+        self.repeated += bool((self.digests[:filled] == digest).any())
+        self.templated += bool((self.bands[:filled] == keys).any())  # band i against band i of each prompt
+        self.digests[slot], self.bands[slot] = digest, keys
         entry = (-self.rng.random(), self.count, prompt)
         if len(self.heap) < self.sample_size:
             heapq.heappush(self.heap, entry)

@@ -173,16 +173,15 @@ def evaluate(teacher: Teacher, task: Task, defenses: list[str], attack: AttackCo
     out_dir = Path(out_dir)
     start = time.perf_counter()
     baseline, undefended = capability(teacher, task)
+    served_by = {defense: apply_defense(defense, teacher) for defense in defenses}
     served_correct, reasoning_shown = {}, {}
-    for defense in defenses:
-        served = apply_defense(defense, teacher)
+    for defense, served in served_by.items():
         # what a benign user is served: a traffic monitor judges the harvester, not someone asking once
         accuracy, completions = capability(getattr(served, "benign_view", served), task)
         served_correct[defense] = accuracy.per_item
         reasoning_shown[defense] = reasoning_words(completions) / max(1, reasoning_words(undefended))
     outcomes, rows = {}, []
-    for defense in defenses:
-        served = apply_defense(defense, teacher)
+    for defense, served in served_by.items():
         for budget in budgets:
             cells = []
             for seed in range(seeds):

@@ -112,6 +112,14 @@ def unique_tuples(windows: np.ndarray, tokens: np.ndarray) -> tuple[np.ndarray, 
     return tuples[:, :-1], tuples[:, -1]
 
 
+def score_tuples(green_list, windows: np.ndarray, tokens: np.ndarray, dedup: bool = True) -> Detection:
+    """Each distinct (window, token) tuple counted once (with `dedup`), then the exact binomial test."""
+    if dedup and len(tokens):
+        windows, tokens = unique_tuples(windows, tokens)
+    green = int(green_list.green(torch.from_numpy(windows), torch.from_numpy(tokens)).sum()) if len(tokens) else 0
+    return binomial_test(green, len(tokens), green_list.gamma)
+
+
 class TransformersGreenList:
     """The green lists of transformers' own `WatermarkLogitsProcessor` (lefthash, context width 1), as a
     table built once, so text watermarked by `generate(watermarking_config=...)` is detected at table-lookup
@@ -177,9 +185,7 @@ class WatermarkDetector:
     def detect_corpus(self, sequences: list[list[int]], prompt_lengths: list[int] | None = None) -> Detection:
         """One test over all sequences together, each (window, token) tuple scored once across the corpus."""
         _, windows, tokens = corpus_tuples(sequences, self.green_list.width, prompt_lengths)
-        if self.dedup and len(tokens):
-            windows, tokens = unique_tuples(windows, tokens)
-        return binomial_test(int(self._green(windows, tokens).sum()), len(tokens), self.green_list.gamma)
+        return score_tuples(self.green_list, windows, tokens, self.dedup)
 
     def tokenize(self, texts: list[str], prompts: list[str] | None = None) -> tuple[list[list[int]], list[int] | None]:
         if self.tokenizer is None:

@@ -24,7 +24,7 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from guard.teacher import GREEDY, Sampling, Teacher
-from watermark.detect import Detection, binomial_test, name_client, unique_tuples, windows_and_tokens
+from watermark.detect import name_client, score_tuples, windows_and_tokens
 from watermark.kgw import GreenList, WatermarkConfig, WatermarkKey
 
 
@@ -80,14 +80,6 @@ def restrict_to(windows: np.ndarray, tokens: np.ndarray, allowed: set[tuple[int,
     keep = np.array([tuple(row) in allowed for row in np.concatenate([windows, tokens[:, None]], axis=1).tolist()],
                     dtype=bool)
     return windows[keep], tokens[keep]
-
-
-def score_tuples(green_list: GreenList, windows: np.ndarray, tokens: np.ndarray) -> Detection:
-    """Each distinct (window, token) tuple counted once, then the exact binomial test."""
-    if len(tokens):
-        windows, tokens = unique_tuples(windows, tokens)
-    green = int(green_list.green(torch.from_numpy(windows), torch.from_numpy(tokens)).sum()) if len(tokens) else 0
-    return binomial_test(green, len(tokens), green_list.gamma)
 
 
 def audit(windows: np.ndarray, tokens: np.ndarray, keys: list[WatermarkKey], vocab_size: int,

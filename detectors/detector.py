@@ -4,9 +4,9 @@
     verdicts = detector.score(events)   # client -> score, p-value, flagged, queries before the flag
 
 Each client is described at checkpoints of its own history (its first 25, 50, 100, ... requests, see
-`detectors.features`). An isolation forest learns what benign (client, checkpoint) rows look like, batch
-customers included; a client's score is its most anomalous checkpoint. Half of the benign clients are held
-out of the forest to calibrate: a client's p-value is the conformal
+`detectors.features`). A local-outlier-factor model learns what benign (client, checkpoint) rows look like,
+batch customers included; a client's score is its most anomalous checkpoint. Half of the benign clients are
+held out of the model to calibrate: a client's p-value is the conformal
 (1 + #{held-out benign clients scoring at least as high}) / (n + 1), one-sided (small = harvester), and a
 client is flagged when p <= target_fpr, which bounds the benign-account FPR at target_fpr.
 """

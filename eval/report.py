@@ -69,13 +69,15 @@ def _interval(values: list[float]) -> list[float]:
 
 
 def budget_to_reach(curve: list[dict], target: float) -> tuple[float, str]:
-    """The budget at which a leakage curve first reaches transfer `target`, interpolated in log budget.
+    """The number of queries at which a leakage curve first reaches transfer `target`, interpolated in log
+    queries. A point's queries are those the attacker actually spent (`queries`, which a strategy that runs
+    out of things to ask leaves below its budget), else its budget.
 
-    Returns (budget, how): "at" when the curve crosses the target within its budgets, "below" when it
-    already reaches it at its smallest budget (the true budget is at most that), "above" when it never
-    does (at least its largest budget).
+    Returns (queries, how): "at" when the curve crosses the target within its points, "below" when it
+    already reaches it at its first point (the true number is at most that), "above" when it never does
+    (at least its last).
     """
-    points = sorted((r["budget"], r["transfer"]["mean"]) for r in curve)
+    points = sorted((r.get("queries", r["budget"]), r["transfer"]["mean"]) for r in curve)
     if points[0][1] >= target:
         return float(points[0][0]), "below"
     for (b0, t0), (b1, t1) in zip(points, points[1:]):
@@ -94,11 +96,11 @@ def query_multipliers(rows: list[dict], reference: tuple[str, str]) -> list[dict
         curves.setdefault((r["defense"], r["attack"]), []).append(r)
     out = []
     for b in sorted(curves.get(reference, []), key=lambda r: r["budget"]):
-        target = b["transfer"]["mean"]
+        target, spent = b["transfer"]["mean"], b.get("queries", b["budget"])
         for (defense, attack), curve in curves.items():
             need, how = budget_to_reach(curve, target)
             out.append({"defense": defense, "attack": attack, "reference_budget": b["budget"], "target_tau": target,
-                        "budget_needed": need, "multiplier": need / b["budget"], "bound": how})
+                        "queries_needed": need, "multiplier": need / spent, "bound": how})
     return out
 
 

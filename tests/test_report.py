@@ -69,6 +69,9 @@ def test_budget_to_reach_interpolates_in_log_budget_and_says_when_it_is_a_bound(
     assert budget_to_reach(curve, 0.4) == (pytest.approx(2000), "at")
     assert budget_to_reach(curve, 0.05) == (500, "below")
     assert budget_to_reach(curve, 0.9) == (4000, "above")
+    # a strategy that ran out of things to ask: the queries it spent count, not its budget
+    spent = [{**r, "queries": min(r["budget"], 1200)} for r in curve]
+    assert budget_to_reach(spent, 0.4) == (pytest.approx(1200 ** 0.5 * 1000 ** 0.5), "at")
 
 
 def test_merged_report_carries_query_multipliers(tmp_path):

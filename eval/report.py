@@ -147,6 +147,8 @@ def write_report(rows: list[dict], out_dir: str | Path, meta: dict | None = None
     report = {"meta": meta or {}, "rows": rows}
     (out_dir / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     markdown = markdown_table(rows)
+    if len({r["budget"] for r in rows}) > 1:
+        markdown += "\n\n" + curve_table(rows)
     if report["meta"].get("query_multipliers"):
         markdown += "\n\n" + multiplier_table(report["meta"]["query_multipliers"], tuple(report["meta"]["reference"]))
     (out_dir / "report.md").write_text(markdown + "\n")
@@ -176,6 +178,32 @@ def markdown_table(rows: list[dict]) -> str:
                      f"{r['student_before_acc']:.3f} | {r['student_after_acc']:.3f}{note} | {_fmt(r['transfer'])} | "
                      f"{_fmt(r.get('protection'))} | {cost_text} |")
     return "\n".join(lines)
+
+
+def curve_table(rows: list[dict]) -> str:
+    """The leakage curves as one table per attack: transfer τ (protection) per defence and budget."""
+    budgets = sorted({r["budget"] for r in rows})
+    blocks = []
+    for attack in sorted({r["attack"] for r in rows}):
+        lines = [f"Transfer τ (protection) by budget, {attack}; queries spent in brackets where fewer than the "
+                 "budget:", "", "| defence | " + " | ".join(f"B={b}" for b in budgets) + " |",
+                 "|---|" + "---|" * len(budgets)]
+        for defense in dict.fromkeys(r["defense"] for r in rows if r["attack"] == attack):
+            cells = []
+            for b in budgets:
+                r = next((r for r in rows if (r["defense"], r["attack"], r["budget"]) == (defense, attack, b)), None)
+                if r is None:
+                    cells.append("")
+                    continue
+                text = f"{r['transfer']['mean']:.2f}"
+                if r.get("protection") and r["protection"].get("mean") is not None:
+                    text += f" ({r['protection']['mean']:.2f})"
+                if r.get("queries", b) < b:
+                    text += f" [{r['queries']:,}]"
+                cells.append(text)
+            lines.append(f"| {defense} | " + " | ".join(cells) + " |")
+        blocks.append("\n".join(lines))
+    return "\n\n".join(blocks)
 
 
 def plot_leakage(rows: list[dict], path: Path) -> None:

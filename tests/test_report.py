@@ -89,4 +89,5 @@ def test_merged_report_carries_query_multipliers(tmp_path):
     assert m["none", "naive/sft", 1000]["multiplier"] == pytest.approx(1.0)
     text = (tmp_path / "all" / "report.md").read_text()
     assert "| answer-only | decompose/sft | ≤1.00× | ≤0.50× | 0.71× |" in text
+    assert "| none | 0.10 | 0.20 | 0.60 |" in text  # the curve table, one per attack
     assert (tmp_path / "all" / "leakage.png").read_bytes()[:4] == b"\x89PNG"

@@ -21,16 +21,17 @@ from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
+from scipy.stats import binomtest
 
 from detectors.cluster import judge_clusters
 from detectors.detector import TrafficDetector
 from detectors.monitor import Monitor
-from detectors.simulate import ATTACKERS, simulate
+from detectors.simulate import ATTACKERS, BENIGN, simulate
 from eval.attack import AttackConfig, evaluate
 from eval.reference.world import reference_task
 from guard.teacher import load_teacher
 
-FIT_MIX = {"human": 120, "power": 40, "batch": 40}
+FIT_MIX = {"human": 360, "power": 120, "batch": 120}  # 300 calibration clients: flagged at 1% = fewer than 3 score as high
 TEST_MIX = {**FIT_MIX, **{kind: 10 for kind in ATTACKERS if kind != "sybil"}, "sybil": 2}
 
 
@@ -49,7 +50,12 @@ def detection(detector: TrafficDetector, seeds: list[int]) -> dict:
             k["via_cluster"] += bool(v.get("cluster_flagged"))
             if v["queries_to_flag"] is not None:
                 k["queries_to_flag"].append(v["queries_to_flag"])
+    benign = [per_kind[kind] for kind in BENIGN if kind in per_kind]
+    per_kind["all benign"] = {"accounts": sum(k["accounts"] for k in benign), "flagged": sum(k["flagged"] for k in benign),
+                              "via_cluster": sum(k["via_cluster"] for k in benign),
+                              "queries_to_flag": [q for k in benign for q in k["queries_to_flag"]]}
     return {kind: {"accounts": k["accounts"], "flagged_share": k["flagged"] / k["accounts"],
+                   "flagged_ci95": list(binomtest(k["flagged"], k["accounts"]).proportion_ci()),
                    "flagged_via_cluster_share": k["via_cluster"] / k["accounts"],
                    "median_queries_to_flag": float(np.median(k["queries_to_flag"])) if k["queries_to_flag"] else None}
             for kind, k in sorted(per_kind.items())}

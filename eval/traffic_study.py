@@ -26,12 +26,12 @@ from scipy.stats import binomtest
 from detectors.cluster import judge_clusters
 from detectors.detector import TrafficDetector
 from detectors.monitor import Monitor
-from detectors.simulate import ATTACKERS, BENIGN, simulate
+from detectors.simulate import ATTACKERS, BENIGN, BENIGN_POPULATION, simulate
 from eval.attack import AttackConfig, evaluate
 from eval.reference.world import reference_task
 from guard.teacher import load_teacher
 
-FIT_MIX = {"human": 360, "power": 120, "batch": 120}  # 300 calibration clients: flagged at 1% = fewer than 3 score as high
+FIT_MIX = BENIGN_POPULATION
 TEST_MIX = {**FIT_MIX, **{kind: 10 for kind in ATTACKERS if kind != "sybil"}, "sybil": 2}
 
 

@@ -341,7 +341,7 @@ def traffic_simulate(out: Annotated[str, typer.Option(help="JSONL log to write")
 @app.command()
 def detect(log: Annotated[str, typer.Option(help="traffic log: JSONL or an Arrow dataset")],
            benign: Annotated[str | None, typer.Option(help="benign traffic to fit on; default: the lab's "
-                                                         "simulated benign traffic (seed 0)")] = None,
+                                                         "simulated benign traffic (600 clients, seed 0)")] = None,
            fpr: Annotated[float, typer.Option(help="target benign-account false-positive rate")] = 0.01,
            embeddings: Annotated[bool, typer.Option(help="use sentence-embedding features (slower)")] = False,
            skip_bad_rows: bool = False, out: str | None = None):
@@ -349,13 +349,13 @@ def detect(log: Annotated[str, typer.Option(help="traffic log: JSONL or an Arrow
     from detectors.cluster import judge_clusters
     from detectors.detector import TrafficDetector
     from detectors.events import EventFormatError, read_events
-    from detectors.simulate import simulate
+    from detectors.simulate import BENIGN_POPULATION, simulate
 
     errors = "skip" if skip_bad_rows else "raise"
     try:
         events, skipped = read_events(log, errors=errors)
         fit_on = read_events(benign, errors=errors)[0] if benign else \
-            simulate({"human": 120, "power": 40, "batch": 40}, days=3, seed=0)[0]
+            simulate(BENIGN_POPULATION, days=3, seed=0)[0]
         detector = TrafficDetector(target_fpr=fpr, use_embeddings=embeddings).fit(fit_on)
     except (EventFormatError, FileNotFoundError, ValueError) as e:
         raise typer.BadParameter(str(e)) from None

@@ -61,7 +61,7 @@ def _monitored(teacher: Teacher, interval: float) -> Teacher:
 @functools.lru_cache(maxsize=1)
 def _lab_detector():
     from detectors.detector import TrafficDetector
-    from detectors.simulate import simulate
+    from detectors.simulate import BENIGN_POPULATION, simulate
 
-    benign, _ = simulate({"human": 120, "power": 40, "batch": 40}, days=3, seed=0)
+    benign, _ = simulate(BENIGN_POPULATION, days=3, seed=0)
     return TrafficDetector(use_embeddings=False).fit(benign)

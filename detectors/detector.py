@@ -49,12 +49,13 @@ class TrafficDetector(BaseEstimator):
         if not 0 < self.target_fpr < 1:
             raise ValueError(f"target_fpr must be in (0, 1), got {self.target_fpr}")
         rng = np.random.default_rng(self.random_state)
-        clients = sorted(by_client(events))
+        clients = sorted(c for c, mine in by_client(events).items() if len(mine) >= CHECKPOINTS[0])
         held_out = set(rng.choice(clients, size=int(len(clients) * self.calibration_share), replace=False).tolist())
         minimum = int(np.ceil(1 / self.target_fpr)) - 1
         if len(held_out) < minimum:
             raise ValueError(f"{len(held_out)} calibration clients cannot resolve a {self.target_fpr:.2%} FPR; "
-                             f"fit on at least {int(np.ceil(minimum / self.calibration_share))} benign clients")
+                             f"fit on at least {int(np.ceil(minimum / self.calibration_share))} benign clients "
+                             f"with {CHECKPOINTS[0]}+ requests each")
         train = [e for e in events if e.client not in held_out]
         self.embedder_, self.reference_, self.bandwidth_ = None, None, 1.0
         if self.use_embeddings:
@@ -98,12 +99,18 @@ class TrafficDetector(BaseEstimator):
 
     def score(self, events: list[Event], y=None) -> dict[str, dict]:
         """Per client: its score, conformal p-value, whether flagged, and after how many of its requests
-        (the first checkpoint whose score alone would have been flagged)."""
+        (the first checkpoint whose score alone would have been flagged). A client with fewer requests than
+        the first checkpoint is not judged (p-value 1)."""
+        scores = self._client_scores(events, self.random_state + 2)
         verdicts = {}
-        totals = {client: len(mine) for client, mine in by_client(events).items()}
-        for client, (best, path) in self._client_scores(events, self.random_state + 2).items():
+        for client, mine in by_client(events).items():
+            if client not in scores:
+                verdicts[client] = {"score": None, "p_value": 1.0, "flagged": False, "queries_to_flag": None,
+                                    "requests": len(mine), "judged": False}
+                continue
+            best, path = scores[client]
             p = self.p_value(best)
             first = next((n for n, s in path if self.p_value(s) <= self.target_fpr), None)
             verdicts[client] = {"score": best, "p_value": p, "flagged": p <= self.target_fpr,
-                                "queries_to_flag": first, "requests": totals[client]}
+                                "queries_to_flag": first, "requests": len(mine), "judged": True}
         return verdicts

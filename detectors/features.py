@@ -160,8 +160,9 @@ class Embedder:
 
 def feature_rows(events: list[Event], embed: Embedder | None, reference: np.ndarray | None, bandwidth: float,
                  checkpoints=CHECKPOINTS, seed: int = 0) -> list[tuple[str, int, dict[str, float]]]:
-    """(client, n, features after its first n requests) at every checkpoint a client reaches, and at its
-    last request if it never reaches the first: the log replayed through `ClientState` in time order."""
+    """(client, n, features after its first n requests) at every checkpoint a client reaches: the log
+    replayed through `ClientState` in time order. A client below the first checkpoint gets no row: a few
+    requests are no evidence either way (and harvest nothing worth distilling)."""
     states: dict[str, ClientState] = {}
     rows = []
 
@@ -179,9 +180,6 @@ def feature_rows(events: list[Event], embed: Embedder | None, reference: np.ndar
         state.update(event)
         if state.count in marks:
             row(event.client, state)
-    for client, state in states.items():
-        if state.count < checkpoints[0]:
-            row(client, state)
     return rows
 
 

@@ -5,16 +5,19 @@
 
 Each client's `ClientState` is updated in amortised O(1); when the client reaches a checkpoint its
 features are scored and its level is set from the conformal p-value: at most `target_fpr` -> block;
-up to 2x -> degrade (serve answers without reasoning); up to 3x -> throttle; else allow. Every level above
-allow costs benign clients: by calibration at most 3x `target_fpr` of them are ever throttled. Levels only go
-up. At most `max_clients` states are kept (least recently seen evicted), so memory is bounded in clients
-as well as in requests per client.
+up to 2x -> degrade; up to 3x -> throttle; else allow. Each level includes the ones below it:
+- throttle: at most `throttle_per_hour` requests an hour are served, the rest refused;
+- degrade: throttled, and the served requests get the answer without its reasoning;
+- block: nothing is served.
+By calibration at most 3x `target_fpr` of benign clients are ever throttled; `Action.served` says whether
+this request goes through. Levels only go up. At most `max_clients` states are kept (least recently seen
+evicted), so memory is bounded in clients as well as in requests per client.
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
 from detectors.detector import TrafficDetector
@@ -26,21 +29,27 @@ from guard.teacher import Completion, Sampling, Teacher
 LEVELS = ("allow", "throttle", "degrade", "block")
 
 
-@dataclass
+@dataclass(frozen=True)
 class Action:
     kind: Literal["allow", "throttle", "degrade", "block"]
     reason: str = ""
     p_value: float | None = None
+    served: bool = True  # whether this request goes through (a throttled client's are, at the allowed rate)
+
+
+ALLOW = Action("allow")
 
 
 class Monitor:
     def __init__(self, detector: TrafficDetector, degrade_factor: float = 2.0, throttle_factor: float = 3.0,
-                 max_clients: int = 100_000, seed: int = 0):
+                 throttle_per_hour: float = 60.0, max_clients: int = 100_000, seed: int = 0):
         self.detector, self.seed, self.max_clients = detector, seed, max_clients
         fpr = detector.target_fpr
         self.thresholds = (("block", fpr), ("degrade", fpr * degrade_factor), ("throttle", fpr * throttle_factor))
+        self.throttle_gap = 3600.0 / throttle_per_hour
         self.states: OrderedDict[str, ClientState] = OrderedDict()
-        self.actions: dict[str, Action] = {}
+        self.actions: dict[str, Action] = {}  # flagged clients only; kept after their state is evicted
+        self.next_served: dict[str, float] = {}  # throttled clients: when their next request may go through
         self.marks = set(CHECKPOINTS)
 
     def observe(self, event: Event) -> Action:
@@ -48,15 +57,18 @@ class Monitor:
         if state is None:
             state = self.states[event.client] = ClientState(seed=hash_seed(event.client, self.seed))
             if len(self.states) > self.max_clients:
-                evicted, _ = self.states.popitem(last=False)
-                if self.actions.get(evicted, Action("allow")).kind == "allow":
-                    self.actions.pop(evicted, None)  # flagged clients stay flagged after eviction
+                self.states.popitem(last=False)
         else:
             self.states.move_to_end(event.client)
         state.update(event)
         if state.count in self.marks:
             self._decide(event.client, state)
-        return self.actions.get(event.client, Action("allow"))
+        action = self.actions.get(event.client, ALLOW)
+        if action.kind in ("throttle", "degrade"):
+            if event.time < self.next_served.get(event.client, -float("inf")):
+                return replace(action, served=False)
+            self.next_served[event.client] = event.time + self.throttle_gap
+        return action
 
     def _decide(self, client: str, state: ClientState) -> None:
         d = self.detector
@@ -69,15 +81,16 @@ class Monitor:
             if p <= threshold:
                 if LEVELS.index(kind) > LEVELS.index(current.kind):
                     reason = f"p={p:.3g} after {state.count} requests: " + ", ".join(d.unusual(features))
-                    self.actions[client] = Action(kind, reason, p)
+                    self.actions[client] = Action(kind, reason, p, served=kind != "block")
                 return
 
 
 class Guarded(Teacher):
     """A teacher behind the monitor, as one client sees it: each prompt is a request at the client's pace.
 
-    Blocked and throttled requests come back refused (empty, finish_reason "refused"; the query is spent);
-    degraded ones come back answer-only. The same wrapper serves and evaluates the defence.
+    Requests the monitor does not serve come back refused (empty, finish_reason "refused"; the query is
+    spent); a degraded client's served requests come back answer-only. The same wrapper serves and
+    evaluates the defence.
     """
 
     def __init__(self, teacher: Teacher, monitor: Monitor, client: str = "attacker", interval: float = 2.0,
@@ -99,8 +112,8 @@ class Guarded(Teacher):
             self.clock += self.interval
         self.log += actions
         out: list[Completion | None] = [None] * len(prompts)
-        for kind, teacher in (("allow", self.teacher), ("degrade", self.degraded)):
-            chosen = [i for i, a in enumerate(actions) if a.kind == kind]
+        for degraded, teacher in ((False, self.teacher), (True, self.degraded)):
+            chosen = [i for i, a in enumerate(actions) if a.served and (a.kind == "degrade") == degraded]
             for i, completion in zip(chosen, teacher.complete([prompts[i] for i in chosen], sampling) if chosen else []):
                 out[i] = completion
         return [c if c is not None else Completion(text="", finish_reason="refused") for c in out]

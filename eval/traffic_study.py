@@ -67,7 +67,7 @@ def benign_cost(detector: TrafficDetector, seeds: list[int]) -> dict:
         monitor = Monitor(detector)
         traffic, _ = simulate(FIT_MIX, days=3, seed=seed)
         for event in traffic:
-            refused += monitor.observe(event).kind in ("throttle", "block")
+            refused += not monitor.observe(event).served
             total += 1
     return {"requests": total, "refused_share": refused / total}
 

@@ -63,3 +63,12 @@ def test_auditor_radioactivity_example(tmp_path):
     lines = [line for line in out.splitlines() if "smallest p =" in line]
     assert len(lines) == 2 and "teacher-b: no evidence" in lines[1], out  # the control is never accused
     assert (tmp_path / "runs" / "watermark-naive-sft-b48-s0" / "student" / "model.safetensors").exists()
+
+
+def test_provider_traffic_monitor_example():
+    out = run(sys.executable, "examples/provider_traffic_monitor.py", "--scale", "0.42")
+    for kind, accounts in (("naive", 1), ("cot", 1), ("sybil", 10)):
+        assert f"{kind}: {accounts} of {accounts} accounts flagged" in out, out
+    assert re.search(r"online: naive account \S+ -> block: p=", out), out
+    share = float(re.search(r"benign requests refused online: .* \(([\d.]+)%\)", out).group(1))
+    assert share < 5.0, out

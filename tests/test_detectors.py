@@ -5,14 +5,13 @@ from collections import Counter
 
 import numpy as np
 import pytest
+from conftest import BENIGN_MIX
 from scipy.stats import binom
 
 from detectors.detector import TrafficDetector
 from detectors.events import Event, EventFormatError, events_from_rows, read_events, write_events
 from detectors.features import ClientState, embedding_features
 from detectors.simulate import simulate
-
-BENIGN_MIX = {"human": 120, "power": 40, "batch": 40}
 
 
 def test_a_bad_log_row_is_an_error_naming_file_and_row_or_is_skipped_and_counted(tmp_path):
@@ -85,28 +84,22 @@ def test_embedding_features_separate_reference_questions_from_prose_prompts():
     assert attack_features["spread"] < human_features["spread"]  # a harvester's prompts cluster
 
 
-@pytest.fixture(scope="module")
-def detector():
-    benign, _ = simulate(BENIGN_MIX, days=3, seed=0)
-    return TrafficDetector(target_fpr=0.01, use_embeddings=False).fit(benign)
-
-
-def test_detector_flags_naive_cot_and_slow_harvesters_early(detector):
+def test_detector_flags_naive_cot_and_slow_harvesters_early(benign_detector):
     traffic, labels = simulate({"naive": 5, "cot": 5, "slow": 5}, days=3, seed=1)
-    verdicts = detector.score(traffic)
+    verdicts = benign_detector.score(traffic)
     for kind in ("naive", "cot", "slow"):
         mine = [v for c, v in verdicts.items() if labels[c] == kind]
         assert all(v["flagged"] and v["p_value"] <= 0.01 for v in mine), (kind, mine)
     assert np.median([v["queries_to_flag"] for c, v in verdicts.items() if labels[c] == "naive"]) <= 200
 
 
-def test_benign_false_positive_rate_holds_on_fresh_seeds(detector):
+def test_benign_false_positive_rate_holds_on_fresh_seeds(benign_detector):
     """Calibrated at 1% on held-out benign clients of seed 0; on benign traffic from seeds it never saw,
     the number flagged must be consistent with Binomial(n, 0.01): above the 99.9% quantile fails."""
     flagged = total = 0
     for seed in (11, 12):
         traffic, _ = simulate(BENIGN_MIX, days=3, seed=seed)
-        verdicts = detector.score(traffic)
+        verdicts = benign_detector.score(traffic)
         flagged += sum(v["flagged"] for v in verdicts.values())
         total += len(verdicts)
     assert flagged <= binom.ppf(0.999, total, 0.01), (flagged, total)
@@ -118,14 +111,14 @@ def test_detector_refuses_a_calibration_set_too_small_for_its_fpr():
         TrafficDetector(target_fpr=0.01, use_embeddings=False).fit(benign)
 
 
-def test_clustering_finds_a_planted_swarm_and_flags_it_as_a_group(detector):
+def test_clustering_finds_a_planted_swarm_and_flags_it_as_a_group(benign_detector):
     from detectors.cluster import clusters, judge_clusters
 
     traffic, labels = simulate({"human": 60, "power": 15, "batch": 30, "sybil": 1}, days=3, seed=4, sybil_accounts=10)
     groups = clusters(traffic)
     swarm = sorted(c for c, k in labels.items() if k == "sybil")
     assert groups == [swarm]  # exactly the swarm: batch customers sharing a job template are not linked
-    judged = judge_clusters(detector, traffic)
+    judged = judge_clusters(benign_detector, traffic)
     assert judged[0]["flagged"] and judged[0]["members"] == swarm
 
 

@@ -4,9 +4,7 @@ import gc
 import tracemalloc
 
 import numpy as np
-import pytest
 
-from detectors.detector import TrafficDetector
 from detectors.events import Event
 from detectors.monitor import Guarded, Monitor
 from detectors.simulate import simulate
@@ -14,16 +12,10 @@ from eval.reference.world import reference_task
 from guard.teacher import GREEDY
 
 
-@pytest.fixture(scope="module")
-def monitor_detector():
-    benign, _ = simulate({"human": 120, "power": 40, "batch": 40}, days=3, seed=0)
-    return TrafficDetector(target_fpr=0.01, use_embeddings=False).fit(benign)
-
-
-def test_monitor_memory_stays_bounded_over_100k_events(monitor_detector):
+def test_monitor_memory_stays_bounded_over_100k_events(benign_detector):
     """300 clients, room for 200: every structure stays at its cap over 100k requests, and the traced heap
     stops growing once the caps are reached."""
-    monitor = Monitor(monitor_detector, max_clients=200)
+    monitor = Monitor(benign_detector, max_clients=200)
     rng = np.random.default_rng(0)
     prompts = [i.prompt for i in reference_task().query_pool]
     events = [Event(f"c{int(rng.integers(300))}", float(i), prompts[int(rng.integers(len(prompts)))])
@@ -44,8 +36,8 @@ def test_monitor_memory_stays_bounded_over_100k_events(monitor_detector):
         assert state.digests.shape == (256,) and len(state.bands) == 256 and len(state.heap) <= 64
 
 
-def test_monitor_blocks_a_naive_harvester_within_200_queries_and_lets_people_through(monitor_detector):
-    monitor = Monitor(monitor_detector)
+def test_monitor_blocks_a_naive_harvester_within_200_queries_and_lets_people_through(benign_detector):
+    monitor = Monitor(benign_detector)
     traffic, labels = simulate({"naive": 3, "human": 30, "power": 5}, days=2, seed=21)
     seen: dict[str, int] = {}
     blocked_at: dict[str, int] = {}
@@ -61,11 +53,25 @@ def test_monitor_blocks_a_naive_harvester_within_200_queries_and_lets_people_thr
     assert len(benign_blocked) <= 2, benign_blocked  # 35 benign clients at a 1% target FPR
 
 
-def test_guarded_teacher_refuses_a_flagged_client_and_serves_others(teacher_a, monitor_detector):
-    guarded = Guarded(teacher_a, Monitor(monitor_detector), client="scraper", interval=1.0)
+def test_guarded_teacher_refuses_a_flagged_client_and_serves_others(teacher_a, benign_detector):
+    guarded = Guarded(teacher_a, Monitor(benign_detector), client="scraper", interval=1.0)
     prompts = [i.prompt for i in reference_task().query_pool[:300]]
     served = guarded.complete(prompts, GREEDY)
     refused = [c.finish_reason == "refused" for c in served]
     assert not any(refused[:20]) and all(refused[-50:])  # served until flagged, refused after
     assert all(c.text for c, r in zip(served, refused) if not r)
     assert guarded.log[-1].kind == "block"
+
+
+def test_a_throttled_client_is_served_at_the_throttle_rate_and_never_faster(benign_detector):
+    """throttle_factor = 1 / target_fpr throttles every judged client that is not blocked outright."""
+    monitor = Monitor(benign_detector, throttle_factor=1 / benign_detector.target_fpr, throttle_per_hour=4)
+    traffic, _ = simulate({"power": 1}, days=2, seed=5)
+    actions = [monitor.observe(event) for event in traffic]
+    times = np.array([e.time for e in traffic])
+    assert all(a.served for a in actions[:24]) and actions[-1].kind == "throttle"
+    served = times[24:][[a.served for a in actions[24:]]]
+    assert len(served) < len(times[24:]) / 2  # the throttle binds for this client
+    for a, b in zip(served, served[1:]):
+        assert b - a >= 900  # never faster than 4 an hour
+        assert not ((times >= a + 900) & (times < b)).any()  # and the first request after the gap goes through

@@ -62,14 +62,17 @@ def detection(detector: TrafficDetector, seeds: list[int]) -> dict:
 
 
 def benign_cost(detector: TrafficDetector, seeds: list[int]) -> dict:
-    refused = total = 0
+    """The share of benign requests the online monitor refuses, and the share it serves without reasoning."""
+    refused = degraded = total = 0
     for seed in seeds:
         monitor = Monitor(detector)
         traffic, _ = simulate(FIT_MIX, days=3, seed=seed)
         for event in traffic:
-            refused += not monitor.observe(event).served
+            action = monitor.observe(event)
+            refused += not action.served
+            degraded += action.served and action.kind == "degrade"
             total += 1
-    return {"requests": total, "refused_share": refused / total}
+    return {"requests": total, "refused_share": refused / total, "degraded_share": degraded / total}
 
 
 def protection(out: Path, budget: int, seeds: int, progress: bool) -> list[dict]:

@@ -5,8 +5,8 @@
 1. Students: `sft` distillation from teacher-a watermarked for the account "attacker", and controls
    distilled from unwatermarked teacher-a, from teacher-b, and from teacher-a watermarked for another
    account; plus an adaptive attacker who paraphrases the watermarked harvest before training.
-2. Audits of every student against 24 account keys (Holm), in reading mode (over the attacker's logged
-   outputs, and over fresh watermarked texts on held-out prompts) and in sampling mode (with and without
+2. Audits of every student against 24 account keys (Holm), in reading mode (over the attacker account's
+   logged outputs at the student's budget, and over fresh watermarked texts on held-out prompts) and in sampling mode (with and without
    the logged-n-gram filter).
 3. Calibration: one watermarked student under 200 wrong keys (KS against uniform), and the false-positive
    rate at α = 1e-2 and 1e-3 on unwatermarked teacher samples and on human prose found on this machine.
@@ -76,18 +76,28 @@ def texts_to_ids(tokenizer, prompts: list[str], texts: list[str]) -> tuple[list[
             [len(p) for p in prompt_ids])
 
 
-def audit_students(students: list[dict], task: Task, logged_cell: str, config: WatermarkConfig,
-                   pool_prompts: int) -> None:
+def logged_cell(students: list[dict], student: dict) -> str:
+    """The attacker account's logged outputs an auditor holds for `student`: what the watermarked account
+    received at the student's budget and seed (seed 0 for a control, which saw none of them)."""
+    seed = student["seed"] if student["group"] == "watermarked" else 0
+    return next(s["cell"] for s in students if (s["group"], s["budget"], s["seed"]) == ("watermarked", student["budget"], seed))
+
+
+def audit_students(students: list[dict], task: Task, config: WatermarkConfig, pool_prompts: int) -> None:
     teacher = load_teacher("reference")
     tok, vocab, width, all_keys = teacher.tokenizer, len(teacher.tokenizer), config.context_width, keys(CLIENTS)
-    logged = load_harvest(Path(logged_cell) / "harvest")
-    logged_seqs, logged_lengths = texts_to_ids(tok, list(logged["prompt"]), list(logged["text"]))
-    logged_ngrams = ngrams(logged_seqs, logged_lengths, width)
     eval_prompts = [i.prompt for i in task.eval_items]
     fresh = apply_defense("watermark", teacher).complete(eval_prompts, SAMPLE)
     fresh_seqs, fresh_lengths = texts_to_ids(tok, eval_prompts, [c.text for c in fresh])
     asked = [i.prompt for i in task.query_pool[:pool_prompts]]
+    logs: dict[str, tuple] = {}
     for s in students:
+        cell = s["logged_cell"] = logged_cell(students, s)
+        if cell not in logs:
+            logged = load_harvest(Path(cell) / "harvest")
+            seqs, lengths = texts_to_ids(tok, list(logged["prompt"]), list(logged["text"]))
+            logs[cell] = seqs, lengths, ngrams(seqs, lengths, width)
+        logged_seqs, logged_lengths, logged_ngrams = logs[cell]
         model, _ = load_causal_lm(s["path"])
         results = {}
         for name, (seqs, lengths) in {"reading/logged": (logged_seqs, logged_lengths),
@@ -104,9 +114,9 @@ def audit_students(students: list[dict], task: Task, logged_cell: str, config: W
             f"{m} p={a['p_attacker']:.2g} named={a['named']}" for m, a in s["audits"].items()), flush=True)
 
 
-def wrong_key_calibration(student: dict, logged_cell: str, config: WatermarkConfig, count: int = 200) -> dict:
+def wrong_key_calibration(student: dict, cell: str, config: WatermarkConfig, count: int = 200) -> dict:
     teacher = load_teacher("reference")
-    logged = load_harvest(Path(logged_cell) / "harvest")
+    logged = load_harvest(Path(cell) / "harvest")
     seqs, lengths = texts_to_ids(teacher.tokenizer, list(logged["prompt"]), list(logged["text"]))
     model, _ = load_causal_lm(student["path"])
     windows, tokens = reading_tuples(model, seqs, lengths, config.context_width)
@@ -189,7 +199,7 @@ def main(out: str, budgets: list[int], seeds: int, control_seeds: int, steps: in
     students = train_students(task, out_dir, budgets, seeds, control_seeds, steps, progress)
     caught = [s for s in students if s["group"] == "watermarked"]
     strongest = max(caught, key=lambda s: (s["budget"], -s["seed"]))
-    audit_students(students, task, strongest["cell"], config, pool_prompts)
+    audit_students(students, task, config, pool_prompts)
     report = {"config": asdict(config), "clients": CLIENTS, "attacker": ATTACKER, "other_key": OTHER,
               "budgets": budgets, "seeds": seeds, "control_seeds": control_seeds, "students": students,
               "wrong_keys": wrong_key_calibration(strongest, strongest["cell"], config),

@@ -5,11 +5,12 @@
 
 Each client's `ClientState` is updated in amortised O(1); when the client reaches a checkpoint its
 features are scored and its level is set from the conformal p-value: at most `target_fpr` -> block;
-up to 2x -> degrade; up to 3x -> throttle; else allow. Each level includes the ones below it:
-- throttle: at most `throttle_per_hour` requests an hour are served, the rest refused;
-- degrade: throttled, and the served requests get the answer without its reasoning;
+up to 2x -> throttle; up to 3x -> degrade; else allow. Each level includes the ones below it:
+- degrade: answers are served without their reasoning (what a distiller needs, and most people do not);
+- throttle: degraded, and at most `throttle_per_hour` requests an hour are served, the rest refused;
 - block: nothing is served.
-By calibration at most 3x `target_fpr` of benign clients are ever throttled; `Action.served` says whether
+The mildest level comes first because it is the one a benign client is most likely to meet: by calibration
+at most 3x `target_fpr` of benign clients are ever degraded, 2x throttled. `Action.served` says whether
 this request goes through. Levels only go up. At most `max_clients` states are kept (least recently seen
 evicted), so memory is bounded in clients as well as in requests per client.
 """
@@ -26,12 +27,12 @@ from detectors.features import CHECKPOINTS, ClientState, embedding_features, has
 from guard.redaction import AnswerOnly, Redact
 from guard.teacher import Completion, Sampling, Teacher
 
-LEVELS = ("allow", "throttle", "degrade", "block")
+LEVELS = ("allow", "degrade", "throttle", "block")
 
 
 @dataclass(frozen=True)
 class Action:
-    kind: Literal["allow", "throttle", "degrade", "block"]
+    kind: Literal["allow", "degrade", "throttle", "block"]
     reason: str = ""
     p_value: float | None = None
     served: bool = True  # whether this request goes through (a throttled client's are, at the allowed rate)
@@ -41,11 +42,11 @@ ALLOW = Action("allow")
 
 
 class Monitor:
-    def __init__(self, detector: TrafficDetector, degrade_factor: float = 2.0, throttle_factor: float = 3.0,
+    def __init__(self, detector: TrafficDetector, throttle_factor: float = 2.0, degrade_factor: float = 3.0,
                  throttle_per_hour: float = 60.0, max_clients: int = 100_000, seed: int = 0):
         self.detector, self.seed, self.max_clients = detector, seed, max_clients
         fpr = detector.target_fpr
-        self.thresholds = (("block", fpr), ("degrade", fpr * degrade_factor), ("throttle", fpr * throttle_factor))
+        self.thresholds = (("block", fpr), ("throttle", fpr * throttle_factor), ("degrade", fpr * degrade_factor))
         self.throttle_gap = 3600.0 / throttle_per_hour
         self.states: OrderedDict[str, ClientState] = OrderedDict()
         self.actions: dict[str, Action] = {}  # flagged clients only; kept after their state is evicted
@@ -64,7 +65,7 @@ class Monitor:
         if state.count in self.marks:
             self._decide(event.client, state)
         action = self.actions.get(event.client, ALLOW)
-        if action.kind in ("throttle", "degrade"):
+        if action.kind == "throttle":
             if event.time < self.next_served.get(event.client, -float("inf")):
                 return replace(action, served=False)
             self.next_served[event.client] = event.time + self.throttle_gap
@@ -89,7 +90,7 @@ class Guarded(Teacher):
     """A teacher behind the monitor, as one client sees it: each prompt is a request at the client's pace.
 
     Requests the monitor does not serve come back refused (empty, finish_reason "refused"; the query is
-    spent); a degraded client's served requests come back answer-only. The same wrapper serves and
+    spent); a degraded or throttled client's served requests come back answer-only. The same wrapper serves and
     evaluates the defence.
     """
 
@@ -113,7 +114,7 @@ class Guarded(Teacher):
         self.log += actions
         out: list[Completion | None] = [None] * len(prompts)
         for degraded, teacher in ((False, self.teacher), (True, self.degraded)):
-            chosen = [i for i, a in enumerate(actions) if a.served and (a.kind == "degrade") == degraded]
+            chosen = [i for i, a in enumerate(actions) if a.served and (a.kind != "allow") == degraded]
             for i, completion in zip(chosen, teacher.complete([prompts[i] for i in chosen], sampling) if chosen else []):
                 out[i] = completion
         return [c if c is not None else Completion(text="", finish_reason="refused") for c in out]

@@ -62,7 +62,8 @@ def detection(detector: TrafficDetector, seeds: list[int]) -> dict:
 
 
 def benign_cost(detector: TrafficDetector, seeds: list[int]) -> dict:
-    """The share of benign requests the online monitor refuses, and the share it serves without reasoning."""
+    """The share of benign requests the online monitor refuses, and the share it serves without reasoning.
+    Each seed's traffic is replayed through a fresh monitor."""
     refused = degraded = total = 0
     for seed in seeds:
         monitor = Monitor(detector)
@@ -70,7 +71,7 @@ def benign_cost(detector: TrafficDetector, seeds: list[int]) -> dict:
         for event in traffic:
             action = monitor.observe(event)
             refused += not action.served
-            degraded += action.served and action.kind == "degrade"
+            degraded += action.served and action.kind != "allow"
             total += 1
     return {"requests": total, "refused_share": refused / total, "degraded_share": degraded / total}
 

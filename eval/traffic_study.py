@@ -8,8 +8,9 @@ protection measured by real distillation through the monitor.
    median number of its requests before the flag; per benign persona the share flagged (FPR); sybil
    accounts flagged individually and through clustering.
 3. Benign cost: the share of benign requests the online monitor refuses (throttle or block) on fresh seeds.
-4. Protection: `evaluate` with the `monitor` defence in front of teacher-a, for the naive attacker at the
-   scripted pace (2 s) and the slow-rate pace (90 s), and for the decomposition attacker.
+4. Protection: `evaluate` with the `monitor` defence in front of teacher-a: the naive attacker's harvest
+   sent at the scripted pace (2 s), at the slow-rate pace (90 s), from a sybil swarm of 10 and of 100
+   accounts, and hidden in a legitimate account's traffic (hydra); and the decomposition attacker.
 """
 
 from __future__ import annotations
@@ -29,16 +30,16 @@ from detectors.monitor import Monitor
 from detectors.simulate import ATTACKERS, BENIGN, BENIGN_POPULATION, simulate
 from eval.attack import AttackConfig, evaluate
 from eval.reference.world import reference_task
+from eval.student import StudentConfig
 from guard.teacher import load_teacher
 
-FIT_MIX = BENIGN_POPULATION
-TEST_MIX = {**FIT_MIX, **{kind: 10 for kind in ATTACKERS if kind != "sybil"}, "sybil": 2}
+ATTACK_MIX = {**{kind: 10 for kind in ATTACKERS if kind != "sybil"}, "sybil": 2}  # per seed, beside the benign
 
 
-def detection(detector: TrafficDetector, seeds: list[int]) -> dict:
+def detection(detector: TrafficDetector, seeds: list[int], test_mix: dict[str, int]) -> dict:
     per_kind = defaultdict(lambda: {"accounts": 0, "flagged": 0, "queries_to_flag": [], "via_cluster": 0})
     for seed in seeds:
-        traffic, labels = simulate(TEST_MIX, days=3, seed=seed)
+        traffic, labels = simulate(test_mix, days=3, seed=seed)
         verdicts = detector.score(traffic)
         for group in judge_clusters(detector, traffic):
             for member in group["members"]:
@@ -61,13 +62,13 @@ def detection(detector: TrafficDetector, seeds: list[int]) -> dict:
             for kind, k in sorted(per_kind.items())}
 
 
-def benign_cost(detector: TrafficDetector, seeds: list[int]) -> dict:
+def benign_cost(detector: TrafficDetector, seeds: list[int], benign_mix: dict[str, int]) -> dict:
     """The share of benign requests the online monitor refuses, and the share it serves without reasoning.
     Each seed's traffic is replayed through a fresh monitor."""
     refused = degraded = total = 0
     for seed in seeds:
         monitor = Monitor(detector)
-        traffic, _ = simulate(FIT_MIX, days=3, seed=seed)
+        traffic, _ = simulate(benign_mix, days=3, seed=seed)
         for event in traffic:
             action = monitor.observe(event)
             refused += not action.served
@@ -76,28 +77,77 @@ def benign_cost(detector: TrafficDetector, seeds: list[int]) -> dict:
     return {"requests": total, "refused_share": refused / total, "degraded_share": degraded / total}
 
 
-def protection(out: Path, budget: int, seeds: int, progress: bool) -> list[dict]:
+# The harvester's traffic shape through the monitor, per attacker kind of the simulator (see Guarded)
+SHAPES = {"naive": "monitor", "slow": "monitor:90", "sybil of 10": "monitor:pace=2,accounts=10",
+          "sybil of 100": "monitor:pace=2,accounts=100", "hydra": "monitor:pace=60,cover=3"}
+
+
+def protection(out: Path, budget: int, seeds: int, progress: bool, steps: int | None = None,
+               eval_items: int | None = None) -> list[dict]:
+    """Real distillation through the monitor: the naive attacker's queries in each traffic shape, and the
+    decomposition attacker's at the scripted pace; protection against the same attacker undefended."""
     teacher, task = load_teacher("reference"), reference_task()
+    task.eval_items = task.eval_items[:eval_items]
     rows = []
-    for strategy, defenses in (("naive", ["monitor", "monitor:90"]), ("decompose", ["monitor"])):
-        report = evaluate(teacher, task, ["none", *defenses], AttackConfig(strategy=strategy), [budget], seeds,
+    for strategy, shapes in (("naive", SHAPES), ("decompose", {"decompose": "monitor"})):
+        attack = AttackConfig(strategy=strategy, student=StudentConfig(mode="sft", steps=steps))
+        report = evaluate(teacher, task, ["none", *shapes.values()], attack, [budget], seeds,
                           out / f"protection-{strategy}", progress=progress)
-        rows += report["rows"]
+        names = {spec: kind for kind, spec in shapes.items()}
+        rows += [{**r, "shape": names.get(r["defense"], "undefended")} for r in report["rows"]]
     return rows
 
 
-def main(out: str, seeds: list[int], budget: int, attack_seeds: int, progress: bool = True) -> dict:
+def markdown(report: dict) -> str:
+    variants = [v for v in VARIANTS if v in report]
+    lines = ["| traffic | accounts | " + " | ".join(f"flagged, {v} [95% CI]" for v in variants) +
+             " | via cluster | median requests before the flag |", "|---|---|" + "---|" * (len(variants) + 2)]
+    first = report[variants[0]]["detection"]
+    for kind in [*ATTACKERS, *BENIGN, "all benign"]:
+        if kind not in first:
+            continue
+        cells = [f"{report[v]['detection'][kind]['flagged_share']:.1%} [{report[v]['detection'][kind]['flagged_ci95'][0]:.1%}, "
+                 f"{report[v]['detection'][kind]['flagged_ci95'][1]:.1%}]" for v in variants]
+        median = first[kind]["median_queries_to_flag"]
+        lines.append(f"| {kind} | {first[kind]['accounts']} | " + " | ".join(cells) +
+                     f" | {first[kind]['flagged_via_cluster_share']:.0%} | {'—' if median is None else f'{median:.0f}'} |")
+    lines += ["", "| benign cost | " + " | ".join(variants) + " |", "|---|" + "---|" * len(variants)]
+    for measure in ("refused_share", "degraded_share"):
+        lines.append(f"| {measure.replace('_', ' ')} of benign requests | " +
+                     " | ".join(f"{report[v]['benign_cost'][measure]:.2%}" for v in variants) + " |")
+    lines += ["", "| attacker | defence | queries | student after | transfer τ [95% CI] | protection [95% CI] |",
+              "|---|---|---|---|---|---|"]
+    for r in report.get("protection", []):
+        low, high = r["transfer"]["ci95"]
+        prot = r.get("protection")
+        prot_text = "—" if not prot else f"{prot['mean']:.2f} [{prot['ci95'][0]:.2f}, {prot['ci95'][1]:.2f}]"
+        lines.append(f"| {r['attack']} ({r['shape']}) | {r['defense']} | {r['queries']} | {r['student_after_acc']:.3f} | "
+                     f"{r['transfer']['mean']:.2f} [{low:.2f}, {high:.2f}] | {prot_text} |")
+    return "\n".join(lines)
+
+
+VARIANTS = {"timing+content": False, "with embeddings": True}
+
+
+def main(out: str, seeds: list[int], budget: int, attack_seeds: int, fit_mix: dict[str, int] = BENIGN_POPULATION,
+         variants: tuple[str, ...] = tuple(VARIANTS), steps: int | None = None, eval_items: int | None = None,
+         progress: bool = True) -> dict:
     start, out_dir = time.perf_counter(), Path(out)
-    benign, _ = simulate(FIT_MIX, days=3, seed=0)
-    report: dict = {"fit": FIT_MIX, "test": TEST_MIX, "seeds": seeds}
-    for name, use_embeddings in (("timing+content", False), ("with embeddings", True)):
-        detector = TrafficDetector(target_fpr=0.01, use_embeddings=use_embeddings).fit(benign)
-        report[name] = {"detection": detection(detector, seeds), "benign_cost": benign_cost(detector, seeds)}
+    benign, _ = simulate(fit_mix, days=3, seed=0)
+    test_mix = {**fit_mix, **ATTACK_MIX}
+    report: dict = {"fit": fit_mix, "test": test_mix, "seeds": seeds}
+    for name in variants:
+        detector = TrafficDetector(target_fpr=0.01, use_embeddings=VARIANTS[name]).fit(benign)
+        report[name] = {"detection": detection(detector, seeds, test_mix),
+                        "benign_cost": benign_cost(detector, seeds, fit_mix)}
         print(name, json.dumps(report[name], indent=1), flush=True)
-    report["protection"] = protection(out_dir, budget, attack_seeds, progress)
+    if attack_seeds:
+        report["protection"] = protection(out_dir, budget, attack_seeds, progress, steps, eval_items)
     report["wall_seconds"] = round(time.perf_counter() - start, 1)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    (out_dir / "report.md").write_text(markdown(report) + "\n")
+    print(markdown(report))
     return report
 
 
@@ -106,6 +156,8 @@ if __name__ == "__main__":
     parser.add_argument("--out", default="runs/traffic")
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--budget", type=int, default=2000)
-    parser.add_argument("--attack-seeds", type=int, default=3)
+    parser.add_argument("--attack-seeds", type=int, default=3, help="0 skips the distillation runs")
+    parser.add_argument("--no-embeddings", action="store_true", help="only the timing+content detector")
     args = parser.parse_args()
-    main(args.out, list(range(1, args.seeds + 1)), args.budget, args.attack_seeds)
+    main(args.out, list(range(1, args.seeds + 1)), args.budget, args.attack_seeds,
+         variants=("timing+content",) if args.no_embeddings else tuple(VARIANTS))

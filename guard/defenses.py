@@ -13,7 +13,9 @@ from guard.teacher import Teacher
 
 REDACTIONS = ("full", "answer-only", "summary", "truncate:K", "sealed")
 WATERMARKS = ("watermark", "watermark:CLIENT")
-MONITORS = ("monitor", "monitor:SECONDS")  # the rate-pattern monitor; SECONDS between the client's requests
+# the rate-pattern monitor, and the shape of the harvester's traffic through it: SECONDS between requests,
+# spread over ACCOUNTS accounts (sybil), with COVER benign requests per attack request in each (hydra)
+MONITORS = ("monitor", "monitor:SECONDS", "monitor:pace=SECONDS,accounts=N,cover=R")
 
 
 def parse_defense(spec: str) -> list[Callable[[Teacher], Teacher]]:
@@ -38,12 +40,8 @@ def _wrapper(spec: str) -> Callable[[Teacher], Teacher]:
         key = WatermarkKey.for_client(master_secret(required=False) or LAB_MASTER, client)
         return lambda teacher: Watermark(teacher, key)
     if kind == "monitor":
-        interval = spec.partition(":")[2] or "2"
-        try:
-            seconds = float(interval)
-        except ValueError:
-            raise ValueError(f"monitor:SECONDS needs a number of seconds between requests, got {spec!r}") from None
-        return lambda teacher: _monitored(teacher, seconds)
+        shape = _traffic_shape(spec)
+        return lambda teacher: _monitored(teacher, **shape)
     if kind not in {r.split(":")[0] for r in REDACTIONS}:
         raise ValueError(f"unknown defence {spec!r}; available: none, {', '.join(REDACTIONS + WATERMARKS + MONITORS)}, "
                          "or several joined by '+'")
@@ -51,11 +49,34 @@ def _wrapper(spec: str) -> Callable[[Teacher], Teacher]:
     return lambda teacher: Redact(teacher, policy)
 
 
-def _monitored(teacher: Teacher, interval: float) -> Teacher:
+def _traffic_shape(spec: str) -> dict:
+    """monitor, monitor:SECONDS, or monitor:pace=SECONDS,accounts=N,cover=R -> Guarded's keyword arguments."""
+    rest = spec.partition(":")[2]
+    if not rest:
+        return {}
+    if "=" not in rest:
+        rest = f"pace={rest}"
+    names = {"pace": ("interval", float), "accounts": ("accounts", int), "cover": ("cover", float)}
+    shape = {}
+    for part in rest.split(","):
+        key, _, value = part.partition("=")
+        if key not in names:
+            raise ValueError(f"{spec!r}: unknown monitor setting {key!r}; use pace=SECONDS, accounts=N, cover=R")
+        name, kind = names[key]
+        try:
+            shape[name] = kind(value)
+        except ValueError:
+            raise ValueError(f"{spec!r}: {key} needs a number, got {value!r}") from None
+    if shape.get("interval", 1) <= 0 or shape.get("accounts", 1) < 1 or shape.get("cover", 0) < 0:
+        raise ValueError(f"{spec!r}: need pace > 0, accounts >= 1 and cover >= 0")
+    return shape
+
+
+def _monitored(teacher: Teacher, **shape) -> Teacher:
     """A fresh monitor, its detector fitted on the reference lab's simulated benign traffic, before `teacher`."""
     from detectors.monitor import Guarded, Monitor
 
-    return Guarded(teacher, Monitor(_lab_detector()), interval=interval)
+    return Guarded(teacher, Monitor(_lab_detector()), **shape)
 
 
 @functools.lru_cache(maxsize=1)

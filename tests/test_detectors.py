@@ -140,3 +140,20 @@ def test_detect_and_simulate_commands(tmp_path):
     log.write_text(log.read_text() + '{"client": "x", "prompt": "no time"}\n')
     bad = subprocess.run(cli + ["detect", "--log", str(log)], capture_output=True, text=True, timeout=600)
     assert bad.returncode != 0 and "missing required field 'time'" in bad.stderr
+
+
+def test_traffic_study_runs_end_to_end_at_toy_scale(tmp_path):
+    """The study's plumbing, on the test population, one seed, a tiny attack; its numbers come from
+    `python -m eval.traffic_study` at full scale."""
+    from eval.traffic_study import SHAPES, main
+
+    report = main(str(tmp_path), [1], budget=60, attack_seeds=1, fit_mix=BENIGN_MIX, variants=("timing+content",),
+                  steps=5, eval_items=40, progress=False)
+    detection = report["timing+content"]["detection"]
+    assert detection["naive"]["flagged_share"] == 1.0 and detection["all benign"]["accounts"] >= 250
+    assert 0 <= report["timing+content"]["benign_cost"]["refused_share"] < 0.1
+    shapes = {(r["attack"], r["shape"]) for r in report["protection"]}
+    assert shapes == {("naive/sft", k) for k in [*SHAPES, "undefended"]} | {("decompose/sft", "decompose"),
+                                                                           ("decompose/sft", "undefended")}
+    text = (tmp_path / "report.md").read_text()
+    assert "| naive | 10 | 100.0% [" in text and "| naive/sft (sybil of 100) | monitor:pace=2,accounts=100 | 60 |" in text

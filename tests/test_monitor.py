@@ -4,6 +4,7 @@ import gc
 import tracemalloc
 
 import numpy as np
+import pytest
 
 from detectors.events import Event
 from detectors.monitor import Guarded, Monitor
@@ -75,3 +76,32 @@ def test_a_throttled_client_is_served_at_the_throttle_rate_and_never_faster(beni
     for a, b in zip(served, served[1:]):
         assert b - a >= 900  # never faster than 4 an hour
         assert not ((times >= a + 900) & (times < b)).any()  # and the first request after the gap goes through
+
+
+def test_a_swarm_below_the_first_checkpoint_goes_unjudged_online_while_a_small_one_is_blocked(teacher_a, benign_detector):
+    """The honest limit of per-account monitoring: an account is judged from its 25th request, so a swarm
+    whose accounts each send fewer is served in full; the same harvest from 3 accounts is cut to ~25 each."""
+    prompts = [i.prompt for i in reference_task().query_pool[:300]]
+    for accounts, most_served in ((20, 300), (3, 3 * 30)):
+        guarded = Guarded(teacher_a, Monitor(benign_detector), interval=2.0, accounts=accounts)
+        served = sum(c.finish_reason != "refused" for c in guarded.complete(prompts, GREEDY))
+        assert len(guarded.monitor.states) == accounts
+        assert (served == 300) if accounts == 20 else (3 * 24 <= served <= most_served), (accounts, served)
+
+
+def test_hydra_cover_traffic_goes_through_the_monitor_in_the_same_account(teacher_a, benign_detector):
+    guarded = Guarded(teacher_a, Monitor(benign_detector), interval=60.0, cover=3.0)
+    guarded.complete([i.prompt for i in reference_task().query_pool[:200]], GREEDY)
+    seen = guarded.monitor.states["attacker"].count
+    assert abs(seen - 800) <= 5 * np.sqrt(600), seen  # 200 attack requests + Poisson(3 x 200) cover requests
+
+
+def test_monitor_traffic_shapes_parse_and_bad_ones_fail_before_any_model_loads():
+    from guard.defenses import _traffic_shape, parse_defense
+
+    assert _traffic_shape("monitor:90") == {"interval": 90.0}
+    assert _traffic_shape("monitor:pace=5,accounts=100,cover=2.5") == {"interval": 5.0, "accounts": 100, "cover": 2.5}
+    for bad, message in (("monitor:speed=3", "unknown monitor setting"), ("monitor:pace=fast", "needs a number"),
+                         ("monitor:accounts=0", "accounts >= 1"), ("monitor:-2", "pace > 0")):
+        with pytest.raises(ValueError, match=message):
+            parse_defense(bad)

@@ -110,7 +110,7 @@ def run_attack(teacher: Teacher, task: Task, config: AttackConfig, seed: int, ou
     key = training_key(rows, student_config, task)
     saved = cache_dir / f"student-{key}.json" if cache_dir else None
     cached = json.loads(saved.read_text()) if saved is not None and saved.exists() else None
-    if cached is not None and (not save_student or Path(cached.get("student_path") or "/nonexistent").is_dir()):
+    if cached is not None and (not save_student or _checkpoint_kept(cached)):
         trained = {**cached, "reused": str(saved.name)}
         trained["after"] = np.array(trained["after"], dtype=bool)
     else:
@@ -128,7 +128,7 @@ def run_cell(teacher: Teacher, task: Task, config: AttackConfig, seed: int, cell
     saved = cell_dir / "cell.json"
     if saved.exists():
         cell = json.loads(saved.read_text())
-        if cell.get("settings") == json.loads(json.dumps(settings)) and (not save_student or cell.get("student_path")):
+        if cell.get("settings") == json.loads(json.dumps(settings)) and (not save_student or _checkpoint_kept(cell)):
             if cache_dir is not None and "training_key" not in cell:
                 _share_trained(cell, teacher, task, config, seed, cell_dir, defense, cache_dir)
                 _write_json(saved, cell)
@@ -148,6 +148,11 @@ def _share_trained(cell: dict, teacher: Teacher, task: Task, config: AttackConfi
     if not saved.exists():
         fields = ("after", "train_seconds", "tokens_per_s", "final_loss", "first_loss", "training_rows")
         _write_json(saved, {f: cell.get(f) for f in fields})
+
+
+def _checkpoint_kept(record: dict) -> bool:
+    """Whether a stored result's student checkpoint is still on disk (results are committed, checkpoints not)."""
+    return bool(record.get("student_path")) and Path(record["student_path"]).is_dir()
 
 
 def _digest(value) -> str:

@@ -52,6 +52,23 @@ def test_students_with_identical_training_sets_are_trained_once(teacher_a, small
     assert reasoning_shown == {"none": 1.0, "full": 1.0, "answer-only": 0.0, "sealed": 0.0}
 
 
+def test_a_resumed_evaluation_retrains_a_saved_student_whose_checkpoint_is_gone(teacher_a, small_task, tmp_path):
+    """Cells and score caches are committed without checkpoints; an audit needs the checkpoint back."""
+    import shutil
+
+    attack = AttackConfig(student=StudentConfig(mode="sft", steps=4, batch_size=32, warmup_steps=1))
+    run = lambda: evaluate(teacher_a, small_task, ["none"], attack, budgets=[24], seeds=1, out_dir=tmp_path,
+                           progress=False, save_students=True)
+    run()
+    cell_path = tmp_path / "runs" / "none-naive-sft-b24-s0" / "cell.json"
+    first = json.loads(cell_path.read_text())
+    shutil.rmtree(first["student_path"])
+    run()
+    again = json.loads(cell_path.read_text())
+    assert (tmp_path / "runs" / "none-naive-sft-b24-s0" / "student" / "config.json").exists()
+    assert "reused" not in again and again["training_key"] == first["training_key"]
+
+
 def test_modes_build_the_training_rows_they_promise(teacher_a):
     rows = [{"prompt": "question: where does Kalon live?\n",
              "text": "okay. Kalon lives in Tilden. done.\nanswer: Tilden", "token_ids": [], "top_ids": [],

@@ -47,6 +47,7 @@ class Monitor:
     def __init__(self, detector: TrafficDetector, throttle_factor: float = 2.0, degrade_factor: float = 3.0,
                  throttle_per_hour: float = 60.0, max_clients: int = 100_000, seed: int = 0):
         self.detector, self.seed, self.max_clients = detector, seed, max_clients
+        self.settings = (throttle_factor, degrade_factor, throttle_per_hour, max_clients, seed)
         fpr = detector.target_fpr
         self.thresholds = (("block", fpr), ("throttle", fpr * throttle_factor), ("degrade", fpr * degrade_factor))
         self.throttle_gap = 3600.0 / throttle_per_hour
@@ -106,11 +107,17 @@ class Guarded(Teacher):
             raise ValueError(f"need accounts >= 1, cover >= 0 and interval > 0; got {accounts}, {cover}, {interval}")
         self.teacher, self.monitor, self.client, self.interval = teacher, monitor, client, interval
         self.accounts, self.cover, self.sent = accounts, cover, 0
-        self.clock, self.name = start, f"{teacher.name}+monitor"
+        self.start = self.clock = start
+        self.name = f"{teacher.name}+monitor"
         self.degraded = Redact(teacher, AnswerOnly())
         self.rng = np.random.default_rng(seed)
         self.benign = None
         self.log: list[Action] = []
+
+    def for_attack(self, seed: int) -> "Guarded":
+        """The same deployment before attack `seed` began: a monitor with no history, the same traffic shape."""
+        return Guarded(self.teacher, Monitor(self.monitor.detector, *self.monitor.settings), self.client,
+                       self.interval, self.accounts, self.cover, self.start, seed)
 
     @property
     def benign_view(self) -> Teacher:

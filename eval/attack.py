@@ -77,16 +77,20 @@ def train_and_score(rows: list[dict], task: Task, config: StudentConfig, out_dir
     """Train one student on `rows` and grade it on the task's held-out items; `save` keeps it (safetensors)
     in out_dir/student, for audits."""
     start = time.perf_counter()
-    model, tokenizer, result = train_student(rows, config, output_dir=str(out_dir / "trainer"), progress=progress)
+    if rows:
+        model, tokenizer, result = train_student(rows, config, output_dir=str(out_dir / "trainer"), progress=progress)
+    else:  # every query was refused: the attacker is left with the student it started from
+        (model, tokenizer), result = init_student(config), None
     after = correctness(HFTeacher("student-after", model=model, tokenizer=tokenizer), task)
     saved = {}
     if save:
         model.save_pretrained(out_dir / "student", safe_serialization=True)
         tokenizer.save_pretrained(out_dir / "student")
         saved["student_path"] = str(out_dir / "student")
-    return {**saved, "after": after, "train_seconds": time.perf_counter() - start, "tokens_per_s": result.tokens_per_s,
-            "final_loss": result.losses[-1][1] if result.losses else None,
-            "first_loss": result.losses[0][1] if result.losses else None, "training_rows": len(rows)}
+    losses = result.losses if result else []
+    return {**saved, "after": after, "train_seconds": time.perf_counter() - start,
+            "tokens_per_s": result.tokens_per_s if result else 0.0, "final_loss": losses[-1][1] if losses else None,
+            "first_loss": losses[0][1] if losses else None, "training_rows": len(rows)}
 
 
 def training_key(rows: list[dict], config: StudentConfig, task: Task) -> str:
@@ -191,7 +195,9 @@ def evaluate(teacher: Teacher, task: Task, defenses: list[str], attack: AttackCo
             cells = []
             for seed in range(seeds):
                 name = f"{defense.replace(':', '-')}-{attack.strategy}-{attack.student.mode}-b{budget}-s{seed}"
-                cells.append(run_cell(served, task, replace(attack, budget=budget), seed, out_dir / "runs" / name,
+                # a stateful defence (the monitor) meets each attack fresh, as a new attacker's new accounts would
+                attacked = served.for_attack(seed) if hasattr(served, "for_attack") else served
+                cells.append(run_cell(attacked, task, replace(attack, budget=budget), seed, out_dir / "runs" / name,
                                       defense, progress, cache_dir=out_dir / "students", save_student=save_students))
             teacher_matrix = np.repeat(served_correct[defense][:, None], seeds, axis=1).astype(float)
             outcome = Outcome(teacher_matrix, np.stack([c["before"] for c in cells], 1).astype(float),

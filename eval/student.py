@@ -135,6 +135,8 @@ def _ids_from_strings(tokenizer, top_tokens, top_logprobs):
 def train_student(rows: list[dict], config: StudentConfig, output_dir: str = "runs/student",
                   progress: bool = True) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, TrainResult]:
     """Initialise a student and distil it on harvest rows; LoRA adapters are merged before returning."""
+    if not rows:
+        raise ValueError("no training rows: the harvest holds no served completion to learn from")
     model, tokenizer = init_student(config)
     dataset = training_set(rows, config.mode, tokenizer, config.alpha)
     steps = config.steps or auto_steps(len(rows))

@@ -69,6 +69,18 @@ def test_a_resumed_evaluation_retrains_a_saved_student_whose_checkpoint_is_gone(
     assert "reused" not in again and again["training_key"] == first["training_key"]
 
 
+def test_an_attacker_refused_every_query_keeps_the_student_it_started_from(small_task, tmp_path):
+    from eval.attack import student_before, train_and_score
+    from eval.student import train_student
+
+    config = StudentConfig(mode="sft", steps=4)
+    with pytest.raises(ValueError, match="no training rows"):
+        train_student([], config)
+    trained = train_and_score([], small_task, config, tmp_path, progress=False)
+    assert trained["training_rows"] == 0 and trained["final_loss"] is None
+    assert (trained["after"] == student_before(config, small_task)).all()
+
+
 def test_modes_build_the_training_rows_they_promise(teacher_a):
     rows = [{"prompt": "question: where does Kalon live?\n",
              "text": "okay. Kalon lives in Tilden. done.\nanswer: Tilden", "token_ids": [], "top_ids": [],

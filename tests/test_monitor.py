@@ -62,6 +62,9 @@ def test_guarded_teacher_refuses_a_flagged_client_and_serves_others(teacher_a, b
     assert not any(refused[:20]) and all(refused[-50:])  # served until flagged, refused after
     assert all(c.text for c, r in zip(served, refused) if not r)
     assert guarded.log[-1].kind == "block"
+    # the next replicate of the attack meets the deployment fresh, not already blocked by this one
+    again = guarded.for_attack(seed=1).complete(prompts[:20], GREEDY)
+    assert all(c.finish_reason != "refused" for c in again)
 
 
 def test_a_throttled_client_is_served_at_the_throttle_rate_and_never_faster(benign_detector):

@@ -7,7 +7,7 @@
    account; plus an adaptive attacker who paraphrases the watermarked harvest before training.
 2. Audits of every student against 24 account keys (Holm), in reading mode (over the attacker account's
    logged outputs at the student's budget, and over fresh watermarked texts on held-out prompts) and in sampling mode (with and without
-   the logged-n-gram filter).
+   the logged-window filter).
 3. Calibration: one watermarked student under 200 wrong keys (KS against uniform), and the false-positive
    rate at α = 1e-2 and 1e-3 on unwatermarked teacher samples and on human prose found on this machine.
 4. Utility: teacher accuracy as served, and the perplexity teacher-b assigns to the teacher's outputs.
@@ -35,7 +35,7 @@ from guard.defenses import apply_defense
 from guard.teacher import GREEDY, HFTeacher, Sampling, load_causal_lm, load_teacher
 from watermark.detect import WatermarkDetector
 from watermark.kgw import LAB_MASTER, GreenList, WatermarkConfig, WatermarkKey
-from watermark.radioactivity import audit, ngrams, reading_tuples, restrict_to, sampled_tuples
+from watermark.radioactivity import audit, logged_windows, reading_tuples, restrict_to, sampled_tuples
 
 ATTACKER, OTHER = "attacker", "client-07"
 CLIENTS = [ATTACKER] + [f"client-{i:02d}" for i in range(1, 24)]  # 24 accounts; the other-key control is one
@@ -96,8 +96,8 @@ def audit_students(students: list[dict], task: Task, config: WatermarkConfig, po
         if cell not in logs:
             logged = load_harvest(Path(cell) / "harvest")
             seqs, lengths = texts_to_ids(tok, list(logged["prompt"]), list(logged["text"]))
-            logs[cell] = seqs, lengths, ngrams(seqs, lengths, width)
-        logged_seqs, logged_lengths, logged_ngrams = logs[cell]
+            logs[cell] = seqs, lengths, logged_windows(seqs, lengths, width)
+        logged_seqs, logged_lengths, logged_contexts = logs[cell]
         model, _ = load_causal_lm(s["path"])
         results = {}
         for name, (seqs, lengths) in {"reading/logged": (logged_seqs, logged_lengths),
@@ -105,7 +105,7 @@ def audit_students(students: list[dict], task: Task, config: WatermarkConfig, po
             results[name] = audit(*reading_tuples(model, seqs, lengths, width), all_keys, vocab, config)
         windows, tokens = sampled_tuples(HFTeacher("suspect", model=model, tokenizer=tok), asked, tok, width, SAMPLE)
         results["sampling"] = audit(windows, tokens, all_keys, vocab, config)
-        results["sampling/logged-ngrams"] = audit(*restrict_to(windows, tokens, logged_ngrams), all_keys, vocab, config)
+        results["sampling/logged-windows"] = audit(*restrict_to(windows, tokens, logged_contexts), all_keys, vocab, config)
         s["audits"] = {m: {"named": r["client"], "p_attacker": r["p"][ATTACKER],
                            "p_other": r["p"][OTHER], "holm_attacker": r["adjusted_p"][ATTACKER],
                            "attacker": r["detections"][ATTACKER], "tuples": r["tuples"]}
@@ -127,16 +127,38 @@ def wrong_key_calibration(student: dict, cell: str, config: WatermarkConfig, cou
 
 
 def false_positive_rates(token_sequences: list[list[int]], vocab: int, config: WatermarkConfig,
-                         clients: int = 20, alphas=(1e-2, 1e-3)) -> dict:
-    """Each text tested on its own (dedup within the text) under `clients` keys that never touched it."""
+                         clients: int = 400, alphas=(1e-2, 1e-3)) -> dict:
+    """Each text tested on its own (dedup within the text) under `clients` keys that never touched it.
+
+    A p-value is uniform over the draw of the key, not over texts under one fixed key: templated texts share
+    their n-grams, so under a single key they rise and fall together, and one key's FPR on one teacher's
+    outputs can sit far from α either way. Hence many keys, and their spread reported. `exact size@α` is
+    what a perfectly calibrated exact test can reach on these lengths (the binomial is discrete: with ~20
+    scored tokens no count has a tail probability just under 1e-3)."""
     p_values, scored = [], []
-    for k in keys([f"fpr-{i:02d}" for i in range(clients)]):
+    for k in keys([f"fpr-{i:03d}" for i in range(clients)]):
         detections = WatermarkDetector(GreenList(k, vocab, config)).detect(token_sequences)
-        p_values += [d.p_value for d in detections]
+        p_values.append([d.p_value for d in detections])
         scored += [d.scored for d in detections]
-    p = np.array(p_values)
-    return {"texts": len(token_sequences), "keys": clients, "tests": len(p), "median_scored": float(np.median(scored)),
-            **{f"fpr@{a:g}": float(np.mean(p < a)) for a in alphas}}
+    p, scored = np.array(p_values), np.array(scored)
+    out = {"texts": len(token_sequences), "keys": clients, "tests": p.size, "median_scored": float(np.median(scored))}
+    for a in alphas:
+        per_key = (p < a).mean(axis=1)
+        out[f"fpr@{a:g}"] = float(per_key.mean())
+        out[f"exact size@{a:g}"] = exact_test_size(scored, config.gamma, a)
+        out[f"one key's fpr@{a:g} (5%, 95% of keys)"] = [float(q) for q in np.quantile(per_key, [0.05, 0.95])]
+    return out
+
+
+def exact_test_size(scored: np.ndarray, gamma: float, alpha: float) -> float:
+    """Mean over tests of P(p < α) under H0 for the exact binomial test at each test's number of scored tuples."""
+    from scipy.stats import binom
+
+    sizes = {}
+    for n in np.unique(scored):
+        k = np.arange(n + 1)
+        sizes[n] = float(binom.pmf(k, n, gamma)[binom.sf(k - 1, n, gamma) < alpha].sum())
+    return float(np.mean([sizes[n] for n in scored]))
 
 
 def calibration_texts(task: Task, config: WatermarkConfig, documents: int) -> dict:

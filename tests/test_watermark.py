@@ -14,7 +14,7 @@ from guard.openai_teacher import OpenAITeacher
 from guard.teacher import Sampling
 from watermark.detect import WatermarkDetector, binomial_test, holm, name_client
 from watermark.kgw import GreenList, GreenListProcessor, Watermark, WatermarkConfig, WatermarkKey, mix64
-from watermark.radioactivity import audit, ngrams, restrict_to, sampled_tuples
+from watermark.radioactivity import audit, logged_windows, restrict_to, sampled_tuples
 
 MASTER = b"test-master-secret-0123456789abcdef"
 VOCAB = 1024
@@ -200,10 +200,25 @@ def test_sampling_mode_scores_only_what_the_suspect_writes_and_the_logged_filter
     windows, tokens = sampled_tuples(suspect, prompts[:128], teacher_a.tokenizer, 1,
                                      Sampling(temperature=1.0, seed=5, max_new_tokens=48))
     assert audit(windows, tokens, [key("client-7"), key("client-8")], VOCAB)["client"] == "client-7"
-    logged = ngrams([p + c.token_ids for p, c in zip(prompt_ids, watermarked)], [len(p) for p in prompt_ids], 1)
+    logged = logged_windows([p + c.token_ids for p, c in zip(prompt_ids, watermarked)], [len(p) for p in prompt_ids], 1)
     kept_windows, kept_tokens = restrict_to(windows, tokens, logged)
     assert 0 < len(kept_tokens) < len(tokens)
-    assert all(tuple(w) + (t,) in logged for w, t in zip(kept_windows.tolist(), kept_tokens.tolist()))
+    assert all(tuple(w) in logged for w in kept_windows.tolist())
+
+
+def test_the_logged_filter_accuses_no_model_that_merely_writes_the_same_phrases(teacher_a, generations):
+    """The unwatermarked teacher writes the phrases the watermarked logs contain; filtering its samples on
+    logged (window, token) tuples would keep the green-enriched ones, filtering on windows keeps H0 exact."""
+    prompts, prompt_ids, watermarked, _ = generations
+    logged_ids = [p + c.token_ids for p, c in zip(prompt_ids, watermarked)]
+    logged = logged_windows(logged_ids, [len(p) for p in prompt_ids], 1)
+    windows, tokens = sampled_tuples(teacher_a, prompts, teacher_a.tokenizer, 1,
+                                     Sampling(temperature=1.0, seed=9, max_new_tokens=48))
+    kept_windows, kept_tokens = restrict_to(windows, tokens, logged)
+    assert audit(kept_windows, kept_tokens, [key("client-7")], VOCAB)["p"]["client-7"] > 0.01
+    # what is kept depends on the windows alone, never on the token, whose green status is the evidence
+    shuffled = np.random.default_rng(0).permutation(tokens)
+    assert (restrict_to(windows, shuffled, logged)[0] == kept_windows).all()
 
 
 def test_z_scores_agree_with_transformers_watermark_detector():
@@ -285,7 +300,7 @@ def test_watermark_study_runs_end_to_end_at_toy_scale(tmp_path):
     report = main(str(tmp_path), [48], 1, 1, steps=5, pool_prompts=32, documents=5, progress=False)
     assert [s["group"] for s in report["students"]] == [g[0] for g in GROUPS]
     for student in report["students"]:
-        assert set(student["audits"]) == {"reading/logged", "reading/fresh", "sampling", "sampling/logged-ngrams"}
+        assert set(student["audits"]) == {"reading/logged", "reading/fresh", "sampling", "sampling/logged-windows"}
         assert all(0 <= a["p_attacker"] <= 1 for a in student["audits"].values())
     assert report["wrong_keys"]["keys"] == 200 and 0 <= report["wrong_keys"]["ks_p"] <= 1
     assert report["false_positives"]["human prose (WordPiece, 200 tokens)"]["texts"] == 25

@@ -37,7 +37,11 @@ def _stack(pairs: list[tuple[np.ndarray, np.ndarray]], width: int) -> tuple[np.n
 @torch.no_grad()
 def reading_tuples(model: PreTrainedModel, sequences: list[list[int]], prompt_lengths: list[int], width: int,
                    batch_size: int = 64, pad_id: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """(window, suspect's top-1 prediction) for every completion position whose window is all completion."""
+    """(window, suspect's top-1 prediction) for every completion position whose window is all completion.
+
+    The null is approximate, not exact: the text's own tokens are green-enriched, so a model of the same
+    language that predicts them well inherits part of that excess without ever having seen the watermark.
+    Sampling mode (the suspect writes; its text never depends on the key) has an exact null."""
     model.eval()
     device = next(model.parameters()).device
     pairs = []
@@ -69,16 +73,18 @@ def sampled_tuples(suspect: Teacher, prompts: list[str], tokenizer: PreTrainedTo
     return _stack(pairs, width)
 
 
-def ngrams(sequences: list[list[int]], prompt_lengths: list[int], width: int) -> set[tuple[int, ...]]:
-    """Every (h+1)-gram of the completions: the provider's logged outputs, for `restrict_to`."""
-    windows, tokens = _stack([windows_and_tokens(s, width, p + width) for s, p in zip(sequences, prompt_lengths)],
-                             width)
-    return set(map(tuple, np.concatenate([windows, tokens[:, None]], axis=1).tolist()))
+def logged_windows(sequences: list[list[int]], prompt_lengths: list[int], width: int) -> set[tuple[int, ...]]:
+    """Every watermark window (h-gram context) of the completions: the provider's logged outputs, for
+    `restrict_to`. Windows, not (window, token) tuples: the logged tuples are green-enriched by the watermark,
+    so keeping a suspect's tuples that match them would select green tokens and accuse any model that writes
+    the same phrases; which windows were logged says nothing about the green list of the next token."""
+    windows, _ = _stack([windows_and_tokens(s, width, p + width) for s, p in zip(sequences, prompt_lengths)], width)
+    return set(map(tuple, windows.tolist()))
 
 
 def restrict_to(windows: np.ndarray, tokens: np.ndarray, allowed: set[tuple[int, ...]]) -> tuple[np.ndarray, np.ndarray]:
-    keep = np.array([tuple(row) in allowed for row in np.concatenate([windows, tokens[:, None]], axis=1).tolist()],
-                    dtype=bool)
+    """The tuples whose window the provider logged (see `logged_windows`)."""
+    keep = np.array([tuple(row) in allowed for row in windows.tolist()], dtype=bool)
     return windows[keep], tokens[keep]
 
 
@@ -163,7 +169,7 @@ def radioactivity(suspect: str, keys: list[WatermarkKey], mode: str = "reading",
         if logged:
             logged_prompts, logged_texts = read_texts(logged)
             logged_ids = [teacher_tokenizer(t, add_special_tokens=False)["input_ids"] for t in logged_texts]
-            windows, tokens = restrict_to(windows, tokens, ngrams(logged_ids, [0] * len(logged_ids), width))
+            windows, tokens = restrict_to(windows, tokens, logged_windows(logged_ids, [0] * len(logged_ids), width))
             source["logged"] = logged
     else:
         raise ValueError(f"unknown audit mode {mode!r}; choose reading or sampling")

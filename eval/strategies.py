@@ -51,7 +51,8 @@ def decompose(task: Task, seed: int, batch: int = 64) -> Strategy:
         def learn(wanted: list[Question]) -> None:
             todo = list(dict.fromkeys(q for q in wanted if q not in known))
             for q, completion in zip(todo, harvester.ask([format_prompt(q.text) for q in todo])):
-                known[q], served[q] = completion.answer, completion
+                if completion.finish_reason != "refused":  # a refusal is no fact; building on it teaches nonsense
+                    known[q], served[q] = completion.answer, completion
 
         rows, order = [], [two_hop[i] for i in rng.permutation(len(two_hop))]
         for start in range(0, len(order), batch):

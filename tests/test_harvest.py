@@ -84,3 +84,19 @@ def test_decompose_asks_only_one_hop_questions_and_writes_chains(teacher_a, tmp_
     gold = {i.prompt: i.answer for i in task.query_pool}
     accuracy = sum(task.is_correct(c.text, gold[p]) for p, c in two_hop) / len(two_hop)
     assert accuracy > 0.9  # chains assembled from the teacher's 1-hop answers are mostly right
+
+
+def test_decompose_builds_no_chain_on_a_refused_answer(teacher_a, benign_detector, tmp_path):
+    """Behind the monitor most sub-questions are refused; a refusal is not a fact to build a chain on."""
+    from detectors.monitor import Guarded, Monitor
+
+    guarded = Guarded(teacher_a, Monitor(benign_detector), interval=2.0)
+    pairs, ds = harvest(guarded, tmp_path / "d", 200, strategy=decompose, chunk_size=32,
+                        sampling=Sampling(temperature=0.0, max_new_tokens=48))
+    served = [c for c in ds["finish_reason"] if c != "refused"]
+    assert len(served) < len(ds)  # the monitor did refuse
+    two_hop = [(p, c) for p, c in pairs if len(parse_question(p).hops) == 2]
+    task = reference_task()
+    gold = {i.prompt: i.answer for i in task.query_pool}
+    assert all(task.is_correct(c.text, gold[p]) for p, c in two_hop)  # only chains of served facts, all right
+    assert len(pairs) - len(two_hop) == len(served)  # the 1-hop rows are the served answers, no refusal

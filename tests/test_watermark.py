@@ -306,3 +306,13 @@ def test_watermark_study_runs_end_to_end_at_toy_scale(tmp_path):
     assert report["false_positives"]["human prose (WordPiece, 200 tokens)"]["texts"] == 25
     assert report["utility"]["plain"]["accuracy"] > 0.9
     assert (tmp_path / "report.md").read_text().startswith("| group |")
+
+
+@pytest.mark.parametrize("width", [1, 2])
+def test_the_processor_adds_delta_exactly_on_each_rows_green_list(width):
+    green_list = GreenList(key(), VOCAB, WatermarkConfig(context_width=width, delta=1.5))
+    input_ids = torch.randint(0, VOCAB, (6, 5), generator=torch.Generator().manual_seed(1))
+    scores = torch.randn(6, VOCAB, generator=torch.Generator().manual_seed(2))
+    biased = GreenListProcessor(green_list)(input_ids, scores.clone())
+    expected = scores + 1.5 * green_list.mask(input_ids[:, -width:]).float()
+    assert torch.equal(biased, expected)

@@ -30,6 +30,7 @@ from guard.teacher import Completion, HFTeacher, Sampling, Teacher
 
 MASK64 = (1 << 64) - 1
 TABLE_VOCAB_LIMIT = 8192  # h = 1 green lists are tabulated up to this vocabulary (64 MiB of bools)
+BIAS_TABLE_VOCAB_LIMIT = 2048  # ... and their δ-bias rows as floats up to this one (16 MiB in float32)
 _M1, _M2, _GOLDEN = 0xBF58476D1CE4E5B9, 0x94D049BB133111EB, 0x9E3779B97F4A7C15
 
 
@@ -196,12 +197,22 @@ class GreenListProcessor(LogitsProcessor):
 
     def __init__(self, green_list: GreenList):
         self.green_list, self.delta = green_list, green_list.config.delta
+        self._bias_tables: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
+
+    def _bias(self, input_ids: torch.LongTensor, dtype: torch.dtype) -> torch.Tensor:
+        green_list = self.green_list
+        if green_list.width == 1 and green_list.vocab_size <= BIAS_TABLE_VOCAB_LIMIT:
+            # one gather per step: the δ-bias rows of every context, tabulated once per device and dtype
+            key = (input_ids.device, dtype)
+            if key not in self._bias_tables:
+                self._bias_tables[key] = green_list.mask(torch.arange(green_list.vocab_size, device=input_ids.device)[:, None]).to(dtype) * self.delta
+            return self._bias_tables[key][input_ids[:, -1]]
+        return green_list.mask(input_ids[:, -green_list.width:]).to(dtype) * self.delta
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        width = self.green_list.width
-        if input_ids.shape[1] < width:
+        if input_ids.shape[1] < self.green_list.width:
             return scores
-        bias = self.green_list.mask(input_ids[:, -width:]).to(scores.dtype) * self.delta
+        bias = self._bias(input_ids, scores.dtype)
         if bias.shape[-1] == scores.shape[-1]:
             return scores + bias
         vocab = min(scores.shape[-1], bias.shape[-1])  # some models pad their embedding past the tokenizer

@@ -108,3 +108,11 @@ def test_monitor_traffic_shapes_parse_and_bad_ones_fail_before_any_model_loads()
                          ("monitor:accounts=0", "accounts >= 1"), ("monitor:-2", "pace > 0")):
         with pytest.raises(ValueError, match=message):
             parse_defense(bad)
+
+
+def test_the_traffic_benchmark_runs_on_the_monitor_as_the_defence_fits_it():
+    """The benchmark is not timed here; it must keep running as the detector's requirements change."""
+    from eval.benchmarks.traffic_speed import monitor_speed
+
+    result = monitor_speed(2_000)
+    assert result["events"] == 2_000 and result["events_per_s"] > 0

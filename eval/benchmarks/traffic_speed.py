@@ -19,11 +19,11 @@ from detectors.detector import TrafficDetector
 from detectors.events import Event
 from detectors.features import ClientState, Embedder
 from detectors.monitor import Monitor
-from detectors.simulate import simulate
+from detectors.simulate import BENIGN_POPULATION, simulate
 
 
 def monitor_speed(events: int) -> dict:
-    benign, _ = simulate({"human": 120, "power": 40, "batch": 40}, days=3, seed=0)
+    benign, _ = simulate(BENIGN_POPULATION, days=3, seed=0)  # the monitor defence's own fit
     detector = TrafficDetector(use_embeddings=False).fit(benign)
     traffic, _ = simulate({"human": 300, "power": 60, "batch": 40, "naive": 5, "slow": 5, "sybil": 1}, days=3, seed=1)
     traffic = traffic[:events]

@@ -5,9 +5,10 @@
 1. Students: `sft` distillation from teacher-a watermarked for the account "attacker", and controls
    distilled from unwatermarked teacher-a, from teacher-b, and from teacher-a watermarked for another
    account; plus an adaptive attacker who paraphrases the watermarked harvest before training.
-2. Audits of every student against 24 account keys (Holm), in reading mode (over the attacker account's
-   logged outputs at the student's budget, and over fresh watermarked texts on held-out prompts) and in sampling mode (with and without
-   the logged-window filter).
+2. Audits of every student against 24 account keys (Holm), in reading mode (over unwatermarked teacher
+   texts, whose null is exact; over the attacker account's logged outputs at the student's budget; over
+   fresh watermarked texts) and in sampling mode (with and without the logged-window filter). Reading
+   watermarked text has an approximate null: a model of the same language inherits part of its green excess.
 3. Calibration: one watermarked student under 200 wrong keys (KS against uniform), and the false-positive
    rate at α = 1e-2 and 1e-3 on unwatermarked teacher samples and on human prose found on this machine.
 4. Utility: teacher accuracy as served, and the perplexity teacher-b assigns to the teacher's outputs.
@@ -89,6 +90,10 @@ def audit_students(students: list[dict], task: Task, config: WatermarkConfig, po
     eval_prompts = [i.prompt for i in task.eval_items]
     fresh = apply_defense("watermark", teacher).complete(eval_prompts, SAMPLE)
     fresh_seqs, fresh_lengths = texts_to_ids(tok, eval_prompts, [c.text for c in fresh])
+    # text the key never touched: the only reading-mode input whose null is exact
+    plain_prompts = eval_prompts + [i.prompt for i in task.query_pool[-1200:]]
+    plain = teacher.complete(plain_prompts, SAMPLE)
+    plain_seqs, plain_lengths = texts_to_ids(tok, plain_prompts, [c.text for c in plain])
     asked = [i.prompt for i in task.query_pool[:pool_prompts]]
     logs: dict[str, tuple] = {}
     for s in students:
@@ -100,7 +105,8 @@ def audit_students(students: list[dict], task: Task, config: WatermarkConfig, po
         logged_seqs, logged_lengths, logged_contexts = logs[cell]
         model, _ = load_causal_lm(s["path"])
         results = {}
-        for name, (seqs, lengths) in {"reading/logged": (logged_seqs, logged_lengths),
+        for name, (seqs, lengths) in {"reading/unwatermarked": (plain_seqs, plain_lengths),
+                                      "reading/logged": (logged_seqs, logged_lengths),
                                       "reading/fresh": (fresh_seqs, fresh_lengths)}.items():
             results[name] = audit(*reading_tuples(model, seqs, lengths, width), all_keys, vocab, config)
         windows, tokens = sampled_tuples(HFTeacher("suspect", model=model, tokenizer=tok), asked, tok, width, SAMPLE)

@@ -300,7 +300,8 @@ def test_watermark_study_runs_end_to_end_at_toy_scale(tmp_path):
     report = main(str(tmp_path), [48], 1, 1, steps=5, pool_prompts=32, documents=5, progress=False)
     assert [s["group"] for s in report["students"]] == [g[0] for g in GROUPS]
     for student in report["students"]:
-        assert set(student["audits"]) == {"reading/logged", "reading/fresh", "sampling", "sampling/logged-windows"}
+        assert set(student["audits"]) == {"reading/unwatermarked", "reading/logged", "reading/fresh", "sampling",
+                                         "sampling/logged-windows"}
         assert all(0 <= a["p_attacker"] <= 1 for a in student["audits"].values())
     assert report["wrong_keys"]["keys"] == 200 and 0 <= report["wrong_keys"]["ks_p"] <= 1
     assert report["false_positives"]["human prose (WordPiece, 200 tokens)"]["texts"] == 25

@@ -136,9 +136,11 @@ def radioactivity(suspect: str, keys: list[WatermarkKey], mode: str = "reading",
     """The whole audit of one suspect: gather tuples in `mode`, test every key, name the client (Holm).
 
     reading: `suspect` is a local model directory (safetensors only); `texts` are teacher outputs to read
-    (default: the reference teacher's answers to the reference task's held-out prompts, T=1).
+    (default: the unwatermarked reference teacher's answers to the reference task's held-out prompts, T=1).
+    Unwatermarked texts give an exact null; watermarked ones (e.g. the account's logs) are read more
+    sharply but their null is approximate (see `reading_tuples`), so the report says which it is.
     sampling: `suspect` is anything `load_teacher` takes (a path, or an HTTP endpoint); it answers `prompts`
-    (default: the reference task's attacker pool); `logged` restricts scoring to the provider's own n-grams.
+    (default: the reference task's attacker pool); `logged` restricts scoring to windows the provider logged.
     """
     from eval.reference.world import reference_task
     from guard.teacher import load_causal_lm, load_teacher
@@ -160,7 +162,8 @@ def radioactivity(suspect: str, keys: list[WatermarkKey], mode: str = "reading",
         sequences = [p + teacher_tokenizer(t, add_special_tokens=False)["input_ids"] for p, t in zip(prompt_ids, bodies)]
         windows, tokens = reading_tuples(model, sequences, [len(p) for p in prompt_ids], width,
                                          pad_id=teacher_tokenizer.pad_token_id or 0)
-        source = {"texts": texts or "reference teacher, held-out prompts", "sequences": len(sequences)}
+        source = {"texts": texts or "reference teacher, held-out prompts", "sequences": len(sequences),
+                  "null": "approximate if the texts carry the watermark" if texts else "exact (unwatermarked texts)"}
     elif mode == "sampling":
         asked = prompts or [i.prompt for i in reference_task().query_pool]
         windows, tokens = sampled_tuples(load_teacher(suspect, api_key=api_key, model=model_name), asked,

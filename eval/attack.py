@@ -18,8 +18,8 @@ from pathlib import Path
 import numpy as np
 
 from eval.harvest import Budget, Harvester, completion_row
-from eval.metrics import capability
-from eval.report import Outcome, bootstrap_tau, write_report
+from eval.metrics import Accuracy, capability
+from eval.report import Outcome, bootstrap_tau, paired_difference, write_report
 from eval.strategies import DEFAULT_TEMPERATURE, STRATEGIES
 from eval.student import StudentConfig, init_student, train_student
 from eval.task import Task
@@ -206,12 +206,17 @@ def evaluate(teacher: Teacher, task: Task, defenses: list[str], attack: AttackCo
             reference = outcomes.get(("none", budget)) if defense != "none" else None
             stats = bootstrap_tau(outcome, reference)
             teacher_acc = float(served_correct[defense].mean())
+            # what the defence costs a benign user, paired item by item against the undefended teacher
+            drop = paired_difference(baseline.per_item, served_correct[defense])
             rows.append({
                 "defense": defense, "attack": f"{attack.strategy}/{attack.student.mode}", "budget": budget,
-                "seeds": seeds, "teacher_acc": teacher_acc, "student_before_acc": float(outcome.before.mean()),
+                "seeds": seeds, "teacher_acc": teacher_acc,
+                "teacher_acc_ci95": list(Accuracy(served_correct[defense]).clopper_pearson()),
+                "student_before_acc": float(outcome.before.mean()),
                 "student_after_acc": float(outcome.after.mean()), "transfer": stats["transfer"],
                 "protection": stats.get("protection"),
-                "utility_cost": {"accuracy_drop": baseline.value - teacher_acc,
+                "utility_cost": {"accuracy_drop": drop["mean"], "accuracy_drop_ci95": drop["ci95"],
+                                 "answers_changed": drop["items_changed"],
                                  "reasoning_shown": reasoning_shown[defense]},
                 "queries": int(np.mean([c["queries"] for c in cells])),
                 "train_seconds": float(np.mean([c["train_seconds"] for c in cells])),

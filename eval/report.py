@@ -60,6 +60,15 @@ def bootstrap_tau(outcome: Outcome, reference: Outcome | None = None, samples: i
     return result
 
 
+def paired_difference(before: np.ndarray, after: np.ndarray, samples: int = 2000, seed: int = 0) -> dict:
+    """Mean of before - after over items scored both ways (e.g. teacher accuracy undefended minus as served),
+    with a paired bootstrap 95% interval and the number of items whose score changed."""
+    rng = np.random.default_rng(seed)
+    diff = np.asarray(before, dtype=float) - np.asarray(after, dtype=float)
+    means = [diff[rng.integers(len(diff), size=len(diff))].mean() for _ in range(samples)]
+    return {"mean": float(diff.mean()), "ci95": _interval(means), "items_changed": int((diff != 0).sum())}
+
+
 def _interval(values: list[float]) -> list[float]:
     finite = np.asarray(values, dtype=float)
     finite = finite[np.isfinite(finite)]
@@ -164,6 +173,10 @@ def _fmt(stat: dict | None) -> str:
     return f"{stat['mean']:.2f} [{low:.2f}, {high:.2f}]"
 
 
+def _ci(interval: list[float] | None) -> str:
+    return f" [{interval[0]:.3f}, {interval[1]:.3f}]" if interval else ""
+
+
 def markdown_table(rows: list[dict]) -> str:
     lines = ["| defence | attack | budget | seeds | teacher acc | student before | student after | "
              "transfer τ [95% CI] | protection [95% CI] | utility cost |",
@@ -171,10 +184,12 @@ def markdown_table(rows: list[dict]) -> str:
     for r in rows:
         cost = r.get("utility_cost", {})
         cost_text = f"accuracy −{cost.get('accuracy_drop', 0.0):.3f}"
+        cost_text += _ci(cost.get("accuracy_drop_ci95"))
         if "reasoning_shown" in cost:
             cost_text += f", reasoning shown {cost['reasoning_shown']:.0%}"
         note = " (student got worse)" if r["student_after_acc"] < r["student_before_acc"] else ""
-        lines.append(f"| {r['defense']} | {r['attack']} | {r['budget']} | {r['seeds']} | {r['teacher_acc']:.3f} | "
+        lines.append(f"| {r['defense']} | {r['attack']} | {r['budget']} | {r['seeds']} | {r['teacher_acc']:.3f}"
+                     f"{_ci(r.get('teacher_acc_ci95'))} | "
                      f"{r['student_before_acc']:.3f} | {r['student_after_acc']:.3f}{note} | {_fmt(r['transfer'])} | "
                      f"{_fmt(r.get('protection'))} | {cost_text} |")
     return "\n".join(lines)

@@ -13,6 +13,7 @@ def test_answer_only_and_the_monitor_both_cut_real_transfer(teacher_a, tmp_path)
     assert rows["none"]["transfer"]["ci95"][0] > 0.05  # the undefended attack works at this budget
     for defense in ("answer-only", "monitor"):
         assert rows[defense]["teacher_acc"] == rows["none"]["teacher_acc"]  # benign answers are untouched
+        assert rows[defense]["utility_cost"]["answers_changed"] == 0
         low, high = rows[defense]["protection"]["ci95"]
         assert low > 0, (defense, rows[defense]["protection"])
     assert rows["answer-only"]["utility_cost"]["reasoning_shown"] == 0.0

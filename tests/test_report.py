@@ -4,8 +4,8 @@ import math
 import numpy as np
 import pytest
 
-from eval.report import (Outcome, bootstrap_tau, budget_to_reach, markdown_table, merge_reports, protection, transfer,
-                         write_report)
+from eval.report import (Outcome, bootstrap_tau, budget_to_reach, markdown_table, merge_reports, paired_difference,
+                         protection, transfer, write_report)
 
 
 def test_transfer_formula():
@@ -55,6 +55,23 @@ def test_report_schema_and_renderings(tmp_path):
     assert (tmp_path / "leakage.png").read_bytes()[:4] == b"\x89PNG"
     assert (tmp_path / "protection_vs_cost.png").stat().st_size > 1000
     assert "-0.01 [-0.02, 0.00]" in markdown_table([row])
+
+
+def test_paired_difference_interval_follows_the_items_that_changed():
+    rng = np.random.default_rng(0)
+    before = rng.random(600) < 0.9
+    assert paired_difference(before, before) == {"mean": 0.0, "ci95": [0.0, 0.0], "items_changed": 0}
+    after = before.copy()
+    after[np.flatnonzero(before)[:60]] = False  # 60 of 600 answers lost: a drop of 0.10
+    drop = paired_difference(before, after)
+    assert drop["mean"] == pytest.approx(0.1) and drop["items_changed"] == 60
+    # paired: the spread is that of a binomial share of 60 changes among 600 items, sd = sqrt(0.1 * 0.9 / 600)
+    sd = np.sqrt(0.1 * 0.9 / 600)
+    assert drop["ci95"][0] == pytest.approx(0.1 - 1.96 * sd, abs=0.4 * sd)
+    assert drop["ci95"][1] == pytest.approx(0.1 + 1.96 * sd, abs=0.4 * sd)
+    row = {**_row("answer-only", "naive/sft", 100, 0.1), "teacher_acc_ci95": [0.81, 0.86],
+           "utility_cost": {"accuracy_drop": drop["mean"], "accuracy_drop_ci95": drop["ci95"]}}
+    assert "0.980 [0.810, 0.860]" in markdown_table([row]) and "accuracy −0.100 [0.0" in markdown_table([row])
 
 
 def _row(defense, attack, budget, tau):

@@ -227,3 +227,13 @@ def test_sealed_server_hands_out_blobs_and_refuses_tampered_ones(teacher_a):
         with pytest.raises(openai.BadRequestError, match="failed authentication"):
             follow_up(tampered)
 
+
+
+def test_the_redaction_benchmark_runs_every_policy_on_crafted_completions():
+    """The benchmark is not timed here; it must keep running as the policies change."""
+    from eval.benchmarks.redaction_speed import POLICIES, post_processing
+
+    texts = ["<think>a is b. b is c.</think> answer: c", "no reasoning here", "<think>unclosed"]
+    result = post_processing(["q1", "q2", "q3"], texts, repeats=1)
+    assert set(result) == set(POLICIES)
+    assert all(r["us_per_completion"] > 0 and r["streamed_us_per_completion"] > 0 for r in result.values())

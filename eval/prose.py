@@ -1,42 +1,29 @@
-"""Real human prose found on this machine (licences, package documentation), for calibration and
-benchmarks: distinct paragraphs, each once however many packages ship it."""
+"""Real human prose, shipped with the lab so that every machine simulates the same traffic: the distinct
+paragraphs of the licence texts Debian keeps in /usr/share/common-licenses (GPL, LGPL, GFDL, Apache, MPL,
+Artistic, BSD, CC0; each licence permits verbatim copies of itself), in eval/reference/prose.txt.gz."""
 
 from __future__ import annotations
 
-import sys
+import functools
+import gzip
 from pathlib import Path
 
-PROSE_DIRS = ("/usr/share/common-licenses", "/usr/share/doc")
+CORPUS = Path(__file__).parent / "reference" / "prose.txt.gz"
 
 
-def prose_files() -> list[Path]:
-    """Documentation under /usr/share, then the package descriptions and licences of this environment
-    (present wherever the toolkit is installed)."""
-    files = [p for d in PROSE_DIRS for p in sorted(Path(d).rglob("*"))]
-    for site in sorted({Path(p) for p in sys.path if p.endswith("site-packages")}):
-        files += sorted(site.glob("*.dist-info/METADATA")) + sorted(site.glob("*.dist-info/LICENSE*"))
-    return files
+@functools.lru_cache(maxsize=1)
+def _paragraphs() -> tuple[str, ...]:
+    return tuple(p for p in gzip.decompress(CORPUS.read_bytes()).decode().split("\n\n") if p.strip())
 
 
 def human_prose(max_chars: int) -> list[str]:
-    """Distinct paragraphs of real text on this machine (licences, package documentation); each paragraph
-    once, however many packages ship the same licence."""
-    seen, paragraphs, total = set(), [], 0
-    for path in prose_files():
+    """Distinct paragraphs of the shipped corpus, in order, up to about `max_chars` characters."""
+    paragraphs, total = [], 0
+    for paragraph in _paragraphs():
         if total >= max_chars:
             break
-        if not path.is_file() or path.suffix not in ("", ".txt", ".md") or path.stat().st_size > 2_000_000:
-            continue
-        try:
-            text = path.read_text()
-        except (OSError, UnicodeError):
-            continue
-        for paragraph in text.split("\n\n"):
-            paragraph = " ".join(paragraph.split())
-            if len(paragraph) > 80 and paragraph not in seen:
-                seen.add(paragraph)
-                paragraphs.append(paragraph)
-                total += len(paragraph)
+        paragraphs.append(paragraph)
+        total += len(paragraph)
     return paragraphs
 
 
@@ -48,8 +35,6 @@ def prose_token_sequences(tokenizer, tokens: int, length: int = 256, repeat: boo
         ids += tokenizer(paragraph, add_special_tokens=False)["input_ids"]
         if len(ids) >= tokens:
             break
-    if not ids:
-        raise RuntimeError(f"no prose found under {PROSE_DIRS}")
     if repeat:
         ids = (ids * (tokens // len(ids) + 1))[:tokens]
     ids = ids[:tokens]

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from matplotlib.figure import Figure
 
 
 def transfer(student_after: float, student_before: float, teacher: float) -> float:
@@ -232,13 +233,9 @@ def curve_table(rows: list[dict]) -> str:
 
 def plot_leakage(rows: list[dict], path: Path) -> None:
     """Transfer against budget, one line per defence and one panel per attack."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     attacks = sorted({r["attack"] for r in rows})
-    fig, axes = plt.subplots(1, len(attacks), figsize=(6 * len(attacks), 4), sharey=True, squeeze=False)
+    fig = Figure(figsize=(6 * len(attacks), 4))  # no pyplot: no global backend, no figure left open
+    axes = fig.subplots(1, len(attacks), sharey=True, squeeze=False)
     for ax, attack in zip(axes[0], attacks):
         for defense in dict.fromkeys(r["defense"] for r in rows if r["attack"] == attack):
             line = sorted((r for r in rows if (r["defense"], r["attack"]) == (defense, attack)),
@@ -255,18 +252,13 @@ def plot_leakage(rows: list[dict], path: Path) -> None:
     axes[0][0].set_ylabel("transfer τ")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 def plot_protection_vs_cost(rows: list[dict], path: Path) -> None:
     """Protection against what a benign user loses (the share of reasoning withheld when a row reports it,
     else the teacher accuracy lost as served), one point per defended row."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig = Figure(figsize=(6, 4))
+    ax = fig.subplots()
     withheld = all("reasoning_shown" in r.get("utility_cost", {}) for r in rows)
     for r in rows:
         if r.get("protection") is None:
@@ -281,4 +273,3 @@ def plot_protection_vs_cost(rows: list[dict], path: Path) -> None:
     ax.set_title("protection vs utility cost")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    plt.close(fig)

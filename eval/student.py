@@ -17,6 +17,7 @@ import datasets
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from eval.reference import MODELS_DIR
 from eval.trainer import IGNORE, TrainConfig, TrainResult, tokenize_pairs, train
 from guard.reasoning import split_reasoning, strip_reasoning
 from guard.teacher import load_causal_lm
@@ -56,8 +57,6 @@ def init_student(config: StudentConfig) -> tuple[PreTrainedModel, PreTrainedToke
     """A fresh model from a config directory (seeded), or a pretrained one (optionally with LoRA adapters)."""
     path = Path(config.init)
     if config.init == "reference":
-        from eval.reference import MODELS_DIR
-
         path = MODELS_DIR / "student"
     if any(path.glob("*.safetensors")) or any(path.glob("*.bin")):
         model, tokenizer = load_causal_lm(path)
@@ -70,7 +69,7 @@ def init_student(config: StudentConfig) -> tuple[PreTrainedModel, PreTrainedToke
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     if config.lora:
-        from peft import LoraConfig, get_peft_model
+        from peft import LoraConfig, get_peft_model  # heavy, and optional: only LoRA students load it
 
         model = get_peft_model(model, LoraConfig(r=config.lora_r, lora_alpha=2 * config.lora_r, lora_dropout=0.0,
                                                  task_type="CAUSAL_LM"))

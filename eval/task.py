@@ -14,6 +14,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import datasets
 import numpy as np
 
 from guard.reasoning import ANSWER_LINE, split_reasoning
@@ -93,8 +94,6 @@ class TaskFormatError(ValueError):
 
 def _read_rows(path: Path) -> list[tuple[int, object]]:
     if path.is_dir() or path.suffix == ".arrow":
-        import datasets
-
         try:
             ds = datasets.load_from_disk(str(path)) if path.is_dir() else datasets.Dataset.from_file(str(path))
         except Exception as exc:  # datasets raises many types for unreadable files

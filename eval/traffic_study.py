@@ -27,12 +27,12 @@ from scipy.stats import binomtest
 from detectors.cluster import judge_clusters
 from detectors.detector import TrafficDetector
 from detectors.monitor import Monitor
-from detectors.simulate import ATTACKERS, BENIGN, BENIGN_POPULATION, simulate
 from eval.attack import AttackConfig, evaluate
+from eval.reference import load_teacher
 from eval.reference.world import reference_task
 from eval.report import write_study
 from eval.student import StudentConfig
-from guard.teacher import load_teacher
+from eval.traffic import ATTACKERS, BENIGN, BENIGN_POPULATION, TrafficShape, simulate
 
 ATTACK_MIX = {**{kind: 10 for kind in ATTACKERS if kind != "sybil"}, "sybil": 2}  # per seed, beside the benign
 
@@ -78,9 +78,9 @@ def benign_cost(detector: TrafficDetector, seeds: list[int], benign_mix: dict[st
     return {"requests": total, "refused_share": refused / total, "degraded_share": degraded / total}
 
 
-# The harvester's traffic shape through the monitor, per attacker kind of the simulator (see Guarded)
-SHAPES = {"naive": "monitor", "slow": "monitor:90", "sybil of 10": "monitor:pace=2,accounts=10",
-          "sybil of 100": "monitor:pace=2,accounts=100", "hydra": "monitor:pace=60,cover=3"}
+# The harvester's traffic shape through the monitor, per attacker kind of the simulator
+SHAPES = {"naive": TrafficShape(), "slow": TrafficShape(pace=90), "sybil of 10": TrafficShape(accounts=10),
+          "sybil of 100": TrafficShape(accounts=100), "hydra": TrafficShape(pace=60, cover=3)}
 
 
 def protection(out: Path, budget: int, seeds: int, progress: bool, steps: int | None = None,
@@ -90,12 +90,16 @@ def protection(out: Path, budget: int, seeds: int, progress: bool, steps: int | 
     teacher, task = load_teacher("reference"), reference_task()
     task.eval_items = task.eval_items[:eval_items]
     rows = []
-    for strategy, shapes in (("naive", SHAPES), ("decompose", {"decompose": "monitor"})):
-        attack = AttackConfig(strategy=strategy, student=StudentConfig(mode="sft", steps=steps))
-        report = evaluate(teacher, task, ["none", *shapes.values()], attack, [budget], seeds,
-                          out / f"protection-{strategy}", progress=progress)
-        names = {spec: kind for kind, spec in shapes.items()}
-        rows += [{**r, "shape": names.get(r["defense"], "undefended")} for r in report["rows"]]
+    for strategy, shapes in (("naive", SHAPES), ("decompose", {"decompose": TrafficShape()})):
+        for index, (name, shape) in enumerate(shapes.items()):
+            attack = AttackConfig(strategy=strategy, student=StudentConfig(mode="sft", steps=steps), traffic=shape)
+            report = evaluate(teacher, task, ["none", "monitor"], attack, [budget], seeds,
+                              out / f"protection-{strategy}" / name.replace(" ", "-"), progress=progress)
+            for r in report["rows"]:
+                if r["defense"] == "monitor":
+                    rows.append({**r, "shape": name})
+                elif index == 0:  # the undefended attacker once: its harvest ignores the traffic shape
+                    rows.append({**r, "shape": "undefended"})
     return rows
 
 

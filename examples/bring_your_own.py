@@ -21,7 +21,7 @@ from eval.reference.world import reference_task
 from eval.task import load_task
 from guard.openai_teacher import OpenAITeacher
 from guard.server import create_app
-from guard.teacher import load_teacher
+from eval.reference import load_teacher
 
 
 def main(items: int, port: int) -> None:

@@ -13,7 +13,7 @@ from eval.attack import AttackConfig, evaluate
 from eval.reference.world import reference_task
 from eval.report import markdown_table, plot_leakage
 from eval.student import StudentConfig
-from guard.teacher import load_teacher
+from eval.reference import load_teacher
 
 
 def main(budgets: list[int], seeds: int, steps: int, out: str, eval_items: int) -> None:

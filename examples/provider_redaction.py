@@ -9,12 +9,12 @@ transfer, protection and what benign users lose.
 
 import argparse
 
-from eval.attack import AttackConfig, evaluate
+from eval.attack import AttackConfig, evaluate, lab_defense
+from eval.reference import load_teacher
 from eval.reference.world import reference_task
 from eval.report import markdown_table
 from eval.student import StudentConfig
-from guard.defenses import apply_defense
-from guard.teacher import GREEDY, load_teacher
+from guard.teacher import GREEDY
 
 POLICIES = ["full", "answer-only", "summary", "truncate:8", "sealed"]
 
@@ -24,7 +24,7 @@ def main(budget: int, seeds: int, steps: int | None, eval_items: int, out: str) 
     prompt = task.eval_items[0].prompt
     print(f"prompt: {prompt.strip()}")
     for policy in POLICIES:
-        shown = apply_defense(policy, teacher).complete([prompt], GREEDY)[0]
+        shown = lab_defense(policy, teacher).complete([prompt], GREEDY)[0]
         sealed = f"   (+ sealed blob, {len(shown.sealed_reasoning)} chars)" if shown.sealed_reasoning else ""
         print(f"  {policy:>12}: {shown.text!r}{sealed}")
 

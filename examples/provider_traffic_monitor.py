@@ -14,7 +14,7 @@ from collections import Counter
 from detectors.cluster import judge_clusters
 from detectors.detector import TrafficDetector
 from detectors.monitor import Monitor
-from detectors.simulate import BENIGN_POPULATION, simulate
+from eval.traffic import BENIGN_POPULATION, simulate
 
 
 def main(scale: float, fpr: float, seed: int) -> None:

@@ -1,16 +1,43 @@
-"""The one command line: `distill-guard`."""
+"""The one command line: `distill-guard`. The only module that imports from every layer; the reference
+lab's defaults (its teachers by name, its benign traffic, its public watermark secret) enter here, and only
+where a command is asked for the lab."""
 
 from __future__ import annotations
 
 import os
-import time
-from typing import Annotated
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before transformers loads: nothing is ever fetched from a model hub
+
+import json  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import Annotated  # noqa: E402
 
 import typer
+import uvicorn
 from rich.console import Console
 from rich.table import Table
+from transformers import AutoTokenizer
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing is ever fetched from a model hub at run time
+from detectors.cluster import judge_clusters
+from detectors.detector import TrafficDetector
+from detectors.events import EventFormatError, read_events, write_events
+from eval.attack import AttackConfig, evaluate
+from eval.metrics import capability
+from eval.reference import LAB_MASTER, load_teacher, plan_or_outline, resolve
+from eval.reference.build import build, compare_phrasing
+from eval.reference.world import reference_task
+from eval.report import markdown_table, merge_reports, write_report
+from eval.student import StudentConfig
+from eval.task import load_task
+from eval.traffic import BENIGN_POPULATION, TrafficShape, lab_detector, simulate
+from guard.defenses import DefenseParts, build_defense, parse_defense
+from guard.redaction import Sealer
+from guard.server import create_app
+from guard.teacher import ModelLoadError, Sampling
+from watermark.detect import WatermarkDetector, name_client
+from watermark.kgw import GreenList, WatermarkConfig, load_keys, master_secret, new_master_secret
+from watermark.radioactivity import radioactivity, read_texts
 
 app = typer.Typer(help="Protect a served language model against distillation, and detect it after the fact.",
                   no_args_is_help=True, pretty_exceptions_enable=False)
@@ -34,13 +61,6 @@ def demo(teacher: TeacherOpt = "reference", show: int = 4, budget: int = 1000, s
          eval_items: int = 600, out: str = "runs/demo", api_key: str | None = None, model: str | None = None):
     """The reference lab in a few minutes: the teacher reasoning through held-out questions, then a real
     distillation attack (full reasoning vs answers only) and the capability that transfers."""
-    from eval.attack import AttackConfig, evaluate
-    from eval.metrics import capability
-    from eval.reference.world import reference_task
-    from eval.report import markdown_table, write_report
-    from eval.student import StudentConfig
-    from guard.teacher import Sampling, load_teacher
-
     start = time.perf_counter()
     task = reference_task()
     chosen = load_teacher(teacher, api_key=api_key, model=model)
@@ -74,41 +94,7 @@ def demo(teacher: TeacherOpt = "reference", show: int = 4, budget: int = 1000, s
     console.print(f"report: {out}/report.json, report.md, leakage.png; {time.perf_counter() - start:.0f} s in all")
 
 
-def _evaluate(teacher, defense, strategy, attack, budgets, seeds, steps, batch_size, lr, student, lora, alpha,
-              api_key, model, out, task_file, grader, temperature, save_students=False):
-    from eval.attack import AttackConfig, evaluate
-    from eval.report import markdown_table
-    from eval.student import StudentConfig
-    from guard.teacher import load_teacher
-
-    if task_file:
-        from eval.task import load_task
-
-        task = load_task(task_file, grader=grader)
-    else:
-        from eval.reference.world import reference_task
-
-        task = reference_task()
-    defenses = ["none"] + [d for d in defense if d != "none"]  # protection is measured against "none"
-    from guard.defenses import parse_defense
-
-    for d in defenses:  # a misspelt defence fails here, not after an hour of training
-        try:
-            parse_defense(d)
-        except ValueError as e:
-            raise typer.BadParameter(str(e), param_hint="--defense") from None
-    config = AttackConfig(strategy=strategy, temperature=temperature, student=StudentConfig(mode=attack, init=student, steps=steps,
-                                                                   batch_size=batch_size, lr=lr, lora=lora,
-                                                                   alpha=alpha))
-    start = time.perf_counter()
-    report = evaluate(load_teacher(teacher, api_key=api_key, model=model), task, defenses, config, budgets, seeds, out,
-                      save_students=save_students)
-    print(markdown_table(report["rows"]))
-    console.print(f"wrote {out}/report.json, report.md, leakage.png, protection_vs_cost.png "
-                  f"in {time.perf_counter() - start:.0f} s")
-
-
-SaveOpt = Annotated[bool, typer.Option(help="keep each student (safetensors) in its cell's student/ for audits")]
+BudgetsOpt = Annotated[str, typer.Option("--budgets", "--budget", help="attacker query budget(s), comma-separated")]
 DefenseOpt = Annotated[list[str], typer.Option(help="defence to measure (repeatable); 'none' is always included")]
 StrategyOpt = Annotated[str, typer.Option(help="attacker strategy: naive, decompose (asks sub-questions), or "
                                              "paraphrase (rewrites the harvest's phrasing)")]
@@ -118,36 +104,52 @@ TemperatureOpt = Annotated[float | None, typer.Option(help="harvest sampling tem
 StepsOpt = Annotated[int | None, typer.Option(help="student training steps; default: about 32 passes over "
                                                     "the harvest, 300 to 2,000")]
 TaskOpt = Annotated[str | None, typer.Option(help="custom task file (JSONL/Arrow); default: the reference task")]
+SaveOpt = Annotated[bool, typer.Option(help="keep each student (safetensors) in its cell's student/ for audits")]
+PaceOpt = Annotated[float, typer.Option(help="seconds between the harvester's requests (simulated clock)")]
+AccountsOpt = Annotated[int, typer.Option(help="accounts the harvest is spread over, round-robin (a sybil swarm)")]
+CoverOpt = Annotated[float, typer.Option(help="benign requests per attack request in each account (a hydra)")]
 
 
-@app.command()
-def evaluate(teacher: TeacherOpt = "reference",
-             defense: DefenseOpt = ["none"],  # noqa: B006
-             strategy: StrategyOpt = "naive",
-             attack: ModeOpt = "sft",
-             budget: int = 2000, seeds: int = 3, steps: StepsOpt = None, batch_size: int = 64, lr: float = 2e-3,
-             student: str = "reference", lora: bool = False, alpha: float = 0.5,
-             api_key: str | None = None, model: str | None = None, out: str = "runs/evaluate",
-             task: TaskOpt = None,
-             grader: str = "exact", temperature: TemperatureOpt = None, save_students: SaveOpt = False):
-    """Run a real distillation attack with each defence on and off; report transfer and protection."""
-    _evaluate(teacher, defense, strategy, attack, [budget], seeds, steps, batch_size, lr, student, lora, alpha,
-              api_key, model, out, task, grader, temperature, save_students)
+def run_attacks(teacher: TeacherOpt = "reference",
+                defense: DefenseOpt = ["none"],  # noqa: B006
+                strategy: StrategyOpt = "naive",
+                attack: ModeOpt = "sft",
+                budgets: BudgetsOpt = "2000", seeds: int = 3, steps: StepsOpt = None, batch_size: int = 64,
+                lr: float = 2e-3, student: str = "reference", lora: bool = False, alpha: float = 0.5,
+                pace: PaceOpt = 2.0, accounts: AccountsOpt = 1, cover: CoverOpt = 0.0,
+                api_key: str | None = None, model: str | None = None, out: str = "runs/evaluate",
+                task: TaskOpt = None, grader: str = "exact", temperature: TemperatureOpt = None,
+                save_students: SaveOpt = False):
+    """Run a real distillation attack with each defence on and off; report transfer and protection (with
+    several budgets, the leakage curve: transfer against budget, one line per defence)."""
+    if task:
+        chosen_task = load_task(task, grader=grader)
+    else:
+
+        chosen_task = reference_task()
+    defenses = ["none"] + [d for d in defense if d != "none"]  # protection is measured against "none"
+    try:
+        for d in defenses:  # a misspelt defence fails here, not after an hour of training
+            parse_defense(d)
+        traffic = TrafficShape(pace=pace, accounts=accounts, cover=cover)
+        budget_list = [int(b) for b in budgets.split(",")]
+    except ValueError as e:
+        raise typer.BadParameter(str(e)) from None
+    config = AttackConfig(strategy=strategy, temperature=temperature, traffic=traffic,
+                          student=StudentConfig(mode=attack, init=student, steps=steps, batch_size=batch_size, lr=lr,
+                                                lora=lora, alpha=alpha))
+    start = time.perf_counter()
+    report = evaluate(load_teacher(teacher, api_key=api_key, model=model), chosen_task, defenses, config,
+                      budget_list, seeds, out, save_students=save_students)
+    print(markdown_table(report["rows"]))
+    console.print(f"wrote {out}/report.json, report.md, leakage.png, protection_vs_cost.png "
+                  f"in {time.perf_counter() - start:.0f} s")
 
 
-@app.command()
-def leakage(teacher: TeacherOpt = "reference",
-            defense: DefenseOpt = ["none"],  # noqa: B006
-            strategy: StrategyOpt = "naive",
-            attack: ModeOpt = "sft",
-            budgets: str = "250,500,1000,2000,4000", seeds: int = 3, steps: StepsOpt = None, batch_size: int = 64,
-            lr: float = 2e-3, student: str = "reference", lora: bool = False, alpha: float = 0.5,
-            api_key: str | None = None, model: str | None = None, out: str = "runs/leakage",
-            task: TaskOpt = None,
-            grader: str = "exact", temperature: TemperatureOpt = None, save_students: SaveOpt = False):
-    """Transfer against attacker budget: the leakage curve, one line per defence."""
-    _evaluate(teacher, defense, strategy, attack, [int(b) for b in budgets.split(",")], seeds, steps, batch_size,
-              lr, student, lora, alpha, api_key, model, out, task, grader, temperature, save_students)
+app.command("evaluate")(run_attacks)
+app.command("leakage", help="Transfer against attacker budget: the leakage curve, one line per defence (evaluate "
+                            "with several budgets).",
+            context_settings={"default_map": {"budgets": "250,500,1000,2000,4000", "out": "runs/leakage"}})(run_attacks)
 
 
 @app.command()
@@ -156,10 +158,6 @@ def report(sources: Annotated[list[str], typer.Argument(help="evaluation directo
            reference: Annotated[str, typer.Option(help="DEFENCE/STRATEGY/MODE whose transfer others must match, "
                                                       "for query multipliers")] = "none/naive/sft"):
     """Merge evaluations (e.g. one per attacker strategy) into one report, leakage plot and query multipliers."""
-    from pathlib import Path
-
-    from eval.report import markdown_table, merge_reports
-
     for source in sources:
         path = Path(source)
         if not (path / "report.json" if path.is_dir() else path).exists():
@@ -178,35 +176,60 @@ def report(sources: Annotated[list[str], typer.Argument(help="evaluation directo
 def lab_build(only: Annotated[list[str] | None, typer.Option(help="teacher-a and/or teacher-b")] = None):
     """Rebuild the tokenizer, the teachers and the student config, one after the other (`make lab` runs the
     two teachers in parallel, as shipped)."""
-    from eval.reference.build import build, compare_phrasing
-
     build(only)
     if not only:
         console.print(compare_phrasing())
+
+
+LabOpt = Annotated[bool, typer.Option(help="use the reference lab's parts: its public watermark secret, its "
+                                           "benign traffic and summariser (lab experiments only)")]
+BenignOpt = Annotated[str | None, typer.Option(help="benign traffic log (JSONL or Arrow) to fit the monitor's detector on")]
+
+
+def _defense_parts(defenses: list[str], lab: bool, benign: str | None, master_key_file: str | None = None):
+    """What `defenses` need, from the provider's own secrets and logs, or from the lab only with --lab: a
+    production command never falls back to the lab's public secret."""
+    kinds = {kind for d in defenses for kind, _ in parse_defense(d)}
+    parts = DefenseParts(summarize=plan_or_outline if lab else None)
+    if "watermark" in kinds:
+        parts.watermark_master = LAB_MASTER if lab else master_secret(master_key_file)
+    if "monitor" in kinds:
+        if benign:
+            try:
+                parts.detector = TrafficDetector(use_embeddings=False).fit(read_events(benign)[0])
+            except (EventFormatError, FileNotFoundError) as e:
+                raise ValueError(str(e)) from None
+        elif lab:
+            parts.detector = lab_detector()
+        else:
+            raise ValueError("the monitor needs benign traffic to fit on: pass --benign LOG (or --lab for the "
+                             "reference lab's simulated users)")
+    if any(kind == "redact" and argument == "sealed" for d in defenses for kind, argument in parse_defense(d)):
+        parts.sealer = Sealer.from_env()
+    return parts
 
 
 @app.command()
 def serve(teacher: TeacherOpt = "reference", host: str = "127.0.0.1", port: int = 8000,
           api_key: Annotated[list[str] | None, typer.Option(help="accepted bearer keys; none means open")] = None,
           name: str | None = None,
-          defense: Annotated[str, typer.Option(help="none, or a redaction policy: full, answer-only, summary, "
-                                                    "truncate:K, sealed (key from $DISTILL_GUARD_SEAL_KEY)")] = "none"):
+          defense: Annotated[str, typer.Option(help="none; a redaction policy: full, answer-only, summary, "
+                                                    "truncate:K, sealed (key from $DISTILL_GUARD_SEAL_KEY); watermark "
+                                                    "(master secret from $DISTILL_GUARD_WATERMARK_KEY); monitor; "
+                                                    "or several joined by '+'")] = "none",
+          lab: LabOpt = False, benign: BenignOpt = None,
+          master_key_file: Annotated[str | None, typer.Option(help="file holding the watermark master secret")] = None):
     """Serve a teacher behind an OpenAI-compatible API (chat completions and completions)."""
-    import uvicorn
-
-    from guard.defenses import apply_defense, parse_defense
-    from guard.server import create_app
-    from guard.teacher import load_teacher
-
     try:
-        parse_defense(defense)
+        parts = _defense_parts([defense], lab, benign, master_key_file)
     except ValueError as e:
         raise typer.BadParameter(str(e), param_hint="--defense") from None
-    if defense == "sealed" and not os.environ.get("DISTILL_GUARD_SEAL_KEY"):
+    if parts.sealer is not None and not os.environ.get("DISTILL_GUARD_SEAL_KEY"):
         console.print("[yellow]DISTILL_GUARD_SEAL_KEY is not set: sealed reasoning uses a key that dies with this "
                       "server, so blobs cannot be opened after a restart[/yellow]")
     served = name or (teacher.partition(":")[2] or "teacher-a" if teacher.startswith("reference") else teacher)
-    uvicorn.run(create_app(lambda: apply_defense(defense, load_teacher(teacher)), served, set(api_key or ())),
+    uvicorn.run(create_app(lambda: build_defense(defense, load_teacher(teacher), parts), served, set(api_key or ()),
+                           sealer=parts.sealer),
                 host=host, port=port)
 
 
@@ -215,25 +238,31 @@ KeyOpt = Annotated[list[str] | None, typer.Option("--key", help="client id whose
 KeysFileOpt = Annotated[str | None, typer.Option(help="client ids, one per line, or JSON {client: base64url secret}")]
 MasterOpt = Annotated[str | None, typer.Option(help="file holding the master secret; default "
                                                     "$DISTILL_GUARD_WATERMARK_KEY")]
-
-LabOpt = Annotated[bool, typer.Option(help="derive keys from the reference lab's public master secret (lab "
-                                           "experiments only)")]
+LabKeyOpt = Annotated[bool, typer.Option(help="derive keys from the reference lab's public master secret (lab "
+                                              "experiments only)")]
+TokenizerOpt = Annotated[str, typer.Option(help="the watermarked teacher's tokenizer: 'reference' or a model directory")]
 
 
 def _watermark_setup(key, keys_file, master_key_file, lab_key, gamma, context_width):
-    from watermark.kgw import WatermarkConfig, load_keys
 
     try:
-        return load_keys(key or [], keys_file, master_key_file, lab_key), WatermarkConfig(gamma=gamma,
-                                                                                  context_width=context_width)
+        return (load_keys(key or [], keys_file, master_key_file, LAB_MASTER if lab_key else None),
+                WatermarkConfig(gamma=gamma, context_width=context_width))
     except ValueError as e:
         raise typer.BadParameter(str(e)) from None
 
 
+def _tokenizer(spec: str):
+
+
+    try:  # as for models: a local directory, nothing fetched, no remote code
+        return AutoTokenizer.from_pretrained(resolve(spec), trust_remote_code=False, local_files_only=True)
+    except (OSError, ValueError) as e:
+        raise typer.BadParameter(f"{spec}: cannot load a tokenizer: {e}", param_hint="--tokenizer") from None
+
+
 def _write_json(path: str | None, value: dict) -> None:
     if path:
-        import json
-        from pathlib import Path
 
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         Path(path).write_text(json.dumps(value, indent=2) + "\n")
@@ -243,32 +272,24 @@ def _write_json(path: str | None, value: dict) -> None:
 @watermark_app.command("keygen")
 def watermark_keygen():
     """Print a new master secret (base64url) for $DISTILL_GUARD_WATERMARK_KEY. Keep it out of logs."""
-    from watermark.kgw import new_master_secret
-
     print(new_master_secret())
 
 
 @watermark_app.command("detect")
 def watermark_detect(texts: Annotated[str, typer.Argument(help="JSONL of {prompt, text} rows, or a harvest directory")],
                      key: KeyOpt = None, keys_file: KeysFileOpt = None, master_key_file: MasterOpt = None,
-                     lab_key: LabOpt = False,
-                     tokenizer: Annotated[str, typer.Option(help="'reference' or a model directory")] = "reference",
+                     lab_key: LabKeyOpt = False, tokenizer: TokenizerOpt = "reference",
                      gamma: float = 0.25, context_width: int = 1,
                      dedup: Annotated[bool, typer.Option(help="score repeated (window, token) tuples once")] = True,
                      alpha: float = 1e-3, out: str | None = None):
     """Test texts for each client's watermark (exact binomial p-values, Holm across keys), pooled over
     the file; the prompt is never scored."""
-    from guard.teacher import load_causal_lm, load_teacher
-    from watermark.detect import WatermarkDetector, name_client
-    from watermark.kgw import GreenList
-    from watermark.radioactivity import read_texts
-
     keys, config = _watermark_setup(key, keys_file, master_key_file, lab_key, gamma, context_width)
     try:
         prompts, bodies = read_texts(texts)
     except (ValueError, FileNotFoundError) as e:
         raise typer.BadParameter(str(e), param_hint="TEXTS") from None
-    tok = load_teacher(tokenizer).tokenizer if tokenizer.startswith("reference") else load_causal_lm(tokenizer)[1]
+    tok = _tokenizer(tokenizer)
     detections = {}
     for k in keys:
         detector = WatermarkDetector(GreenList(k, len(tok), config), dedup=dedup, tokenizer=tok)
@@ -290,24 +311,45 @@ def watermark_detect(texts: Annotated[str, typer.Argument(help="JSONL of {prompt
 def audit_radioactivity(suspect: Annotated[str, typer.Option(help="suspect model directory (reading), or any "
                                                                   "teacher spec incl. a URL (sampling)")],
                         key: KeyOpt = None, keys_file: KeysFileOpt = None, master_key_file: MasterOpt = None,
-                        lab_key: LabOpt = False,
+                        lab_key: LabKeyOpt = False,
                         mode: Annotated[str, typer.Option(help="reading (open model) or sampling (closed)")] = "reading",
                         texts: Annotated[str | None, typer.Option(help="reading: teacher outputs to read (JSONL or "
-                                                                       "harvest dir)")] = None,
+                                                                       "harvest dir); default with the reference "
+                                                                       "tokenizer: teacher-a's unwatermarked answers to "
+                                                                       "the held-out questions")] = None,
+                        prompts: Annotated[str | None, typer.Option(help="sampling: JSONL of {prompt} rows for the "
+                                                                         "suspect to answer; default with the "
+                                                                         "reference tokenizer: the attacker pool")] = None,
                         logged: Annotated[str | None, typer.Option(help="sampling: score only n-grams of these "
                                                                         "logged provider outputs")] = None,
-                        tokenizer: str = "reference", gamma: float = 0.25, context_width: int = 1,
+                        tokenizer: TokenizerOpt = "reference", gamma: float = 0.25, context_width: int = 1,
                         alpha: float = 1e-3, api_key: str | None = None, model: str | None = None,
                         out: str | None = None):
     """Was the suspect trained on this provider's watermarked outputs, and from which client's account?"""
-    from guard.teacher import ModelLoadError
-    from watermark.radioactivity import radioactivity
-
     keys, config = _watermark_setup(key, keys_file, master_key_file, lab_key, gamma, context_width)
+    lab_tokenizer = tokenizer.startswith("reference")
+    sampling = Sampling(temperature=1.0, seed=0, max_new_tokens=64)
     try:
-        report = radioactivity(suspect, keys, mode, texts=texts, tokenizer=tokenizer, logged=logged, config=config,
-                               alpha=alpha, api_key=api_key, model_name=model)
-    except (ValueError, ModelLoadError) as e:
+        if mode == "reading" and texts is None and not lab_tokenizer:
+            raise ValueError("reading mode with your own tokenizer needs --texts: teacher outputs to read")
+        if mode == "sampling" and prompts is None and not lab_tokenizer:
+            raise ValueError("sampling mode with your own tokenizer needs --prompts for the suspect to answer")
+        read, source = None, texts or "reference teacher, held-out prompts"
+        if mode == "reading":
+            if texts:
+                read = read_texts(texts)
+            else:
+                asked = [i.prompt for i in reference_task().eval_items]
+                read = (asked, [c.text for c in load_teacher("reference").complete(asked, sampling)])
+        asked = None
+        if mode == "sampling":
+            asked = ([json.loads(line)["prompt"] for line in Path(prompts).read_text().splitlines() if line.strip()]
+                     if prompts else [i.prompt for i in reference_task().query_pool])
+        report = radioactivity(suspect, keys, _tokenizer(tokenizer), mode, texts=read, prompts=asked,
+                               logged=read_texts(logged) if logged else None, config=config, alpha=alpha,
+                               sampling=sampling, api_key=api_key, model_name=model, texts_source=source,
+                               texts_watermarked=texts is not None)
+    except (ValueError, ModelLoadError, OSError, KeyError, json.JSONDecodeError) as e:
         raise typer.BadParameter(str(e)) from None
     named = report["client"]
     best = report["detections"][named] if named else min(report["detections"].values(), key=lambda d: d["p_value"])
@@ -325,9 +367,6 @@ def traffic_simulate(out: Annotated[str, typer.Option(help="JSONL log to write")
                      days: float = 3.0, seed: int = 0, attack_budget: int = 2000, sybil_accounts: int = 10,
                      labels: Annotated[str | None, typer.Option(help="also write client -> kind as JSON")] = None):
     """Write a seeded log of benign and attacker traffic."""
-    from detectors.events import write_events
-    from detectors.simulate import simulate
-
     try:
         counts = {k: int(v) for k, v in (p.split("=", 1) for p in population)}
         events, kinds = simulate(counts, days, seed, attack_budget, sybil_accounts)
@@ -340,17 +379,17 @@ def traffic_simulate(out: Annotated[str, typer.Option(help="JSONL log to write")
 
 @app.command()
 def detect(log: Annotated[str, typer.Option(help="traffic log: JSONL or an Arrow dataset")],
-           benign: Annotated[str | None, typer.Option(help="benign traffic to fit on; default: the lab's "
-                                                         "simulated benign traffic (600 clients, seed 0)")] = None,
+           benign: Annotated[str | None, typer.Option(help="benign traffic to fit on (JSONL or Arrow): your own "
+                                                         "users, from the same domain")] = None,
+           lab: Annotated[bool, typer.Option(help="fit on the reference lab's simulated benign traffic (600 "
+                                                  "clients, seed 0) instead")] = False,
            fpr: Annotated[float, typer.Option(help="target benign-account false-positive rate")] = 0.01,
            embeddings: Annotated[bool, typer.Option(help="use sentence-embedding features (slower)")] = False,
            skip_bad_rows: bool = False, out: str | None = None):
     """Score every client (and every cluster of linked accounts) in a traffic log."""
-    from detectors.cluster import judge_clusters
-    from detectors.detector import TrafficDetector
-    from detectors.events import EventFormatError, read_events
-    from detectors.simulate import BENIGN_POPULATION, simulate
-
+    if not benign and not lab:
+        raise typer.BadParameter("give benign traffic to fit on (--benign LOG), or --lab for the reference lab's "
+                                 "simulated users", param_hint="--benign")
     errors = "skip" if skip_bad_rows else "raise"
     try:
         events, skipped = read_events(log, errors=errors)

@@ -1,88 +1,110 @@
-"""Defences by name, as the CLI, the server and `evaluate` spell them. Each wraps a Teacher and is one.
+"""Defences by name, as the CLI, the server and `evaluate` spell them, built from their parts.
 
-Names join with "+", innermost first: "watermark+answer-only" is Redact(Watermark(teacher)).
+Names join with "+", innermost first: "watermark+answer-only" is Redact(Watermark(teacher)). What a defence
+needs beyond its name is passed in, never assumed: the watermark's master secret, the monitor's fitted
+detector, the summariser. A missing part is an error that says what to pass.
 """
 
 from __future__ import annotations
 
-import functools
-from collections.abc import Callable
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
 
-from guard.redaction import Redact, parse_policy
-from guard.teacher import Teacher
+from detectors.detector import TrafficDetector
+from detectors.events import Event
+from detectors.monitor import Monitor
+from guard.redaction import POLICIES, AnswerOnly, Redact, Sealer, Summarize, parse_policy
+from guard.teacher import Caller, Completion, Defense, Sampling, Teacher, callers_for
+from watermark.kgw import Watermark, WatermarkConfig
 
-REDACTIONS = ("full", "answer-only", "summary", "truncate:K", "sealed")
 WATERMARKS = ("watermark", "watermark:CLIENT")
-# the rate-pattern monitor, and the shape of the harvester's traffic through it: SECONDS between requests,
-# spread over ACCOUNTS accounts (sybil), with COVER benign requests per attack request in each (hydra)
-MONITORS = ("monitor", "monitor:SECONDS", "monitor:pace=SECONDS,accounts=N,cover=R")
+DEFENSES = ("none", *POLICIES, *WATERMARKS, "monitor")
 
 
-def parse_defense(spec: str) -> list[Callable[[Teacher], Teacher]]:
-    """The wrappers `spec` names, innermost first; a misspelt name fails here, before any model loads."""
-    return [] if spec == "none" else [_wrapper(part) for part in spec.split("+")]
+@dataclass
+class DefenseParts:
+    """What defences need beyond their names. `watermark_master`: the provider's master secret (per-account
+    keys derive from it); `detector`: a `TrafficDetector` fitted on benign traffic, for the monitor;
+    `summarize` and `sealer`: for the summary and sealed policies."""
+
+    watermark_master: bytes | None = None
+    watermark_config: WatermarkConfig = WatermarkConfig()
+    detector: TrafficDetector | None = None
+    summarize: Summarize | None = None
+    sealer: Sealer | None = None
 
 
-def apply_defense(spec: str, teacher: Teacher) -> Teacher:
-    """The teacher as served under defence `spec`: none; a redaction policy (full, answer-only, summary,
-    truncate:K, sealed); the green-list watermark of client "attacker" or of CLIENT; or several joined by "+"."""
-    for wrap in parse_defense(spec):
-        teacher = wrap(teacher)
+def parse_defense(spec: str) -> list[tuple[str, str]]:
+    """(kind, argument) of each layer `spec` names, innermost first; a misspelt name fails here, before any
+    model loads."""
+    if spec == "none":
+        return []
+    layers = []
+    for part in spec.split("+"):
+        kind, _, argument = part.partition(":")
+        if kind == "watermark" or (kind == "monitor" and not argument):
+            layers.append((kind, argument))
+            continue
+        if kind == "monitor":
+            raise ValueError(f"{part!r}: the monitor takes no settings; the attacker's pace, accounts and cover "
+                             "traffic belong to the attack (evaluate --pace/--accounts/--cover)")
+        parse_policy(part)  # raises on an unknown policy, listing the known ones
+        layers.append(("redact", part))
+    if not layers:
+        raise ValueError(f"unknown defence {spec!r}; available: {', '.join(DEFENSES)}, or several joined by '+'")
+    return layers
+
+
+def build_defense(spec: str, teacher: Teacher, parts: DefenseParts = DefenseParts()) -> Teacher:
+    """The teacher as served under defence `spec` (see `DEFENSES`), innermost layer first."""
+    for kind, argument in parse_defense(spec):
+        if kind == "watermark":
+            if parts.watermark_master is None:
+                raise ValueError("the watermark needs the provider's master secret: set $DISTILL_GUARD_WATERMARK_KEY "
+                                 "(make one with `distill-guard watermark keygen`) or pass a key file")
+            teacher = Watermark(teacher, parts.watermark_master, parts.watermark_config, client=argument or None)
+        elif kind == "monitor":
+            if parts.detector is None:
+                raise ValueError("the monitor needs a detector fitted on benign traffic (`distill-guard detect "
+                                 "--benign LOG` fits one; the lab has its own)")
+            teacher = Monitored(teacher, Monitor(parts.detector))
+        else:
+            teacher = Redact(teacher, parse_policy(argument, parts.summarize, parts.sealer))
     return teacher
 
 
-def _wrapper(spec: str) -> Callable[[Teacher], Teacher]:
-    kind = spec.split(":")[0]
-    if kind == "watermark":
-        from watermark.kgw import LAB_MASTER, Watermark, WatermarkKey, master_secret
+class Monitored(Defense):
+    """A teacher behind the traffic monitor: each request is an event of its caller's account, at the caller's
+    time (the wall clock when the caller gives none), and the account's verdict decides what it gets.
 
-        client = spec.partition(":")[2] or "attacker"
-        key = WatermarkKey.for_client(master_secret(required=False) or LAB_MASTER, client)
-        return lambda teacher: Watermark(teacher, key)
-    if kind == "monitor":
-        shape = _traffic_shape(spec)
-        return lambda teacher: _monitored(teacher, **shape)
-    if kind not in {r.split(":")[0] for r in REDACTIONS}:
-        raise ValueError(f"unknown defence {spec!r}; available: none, {', '.join(REDACTIONS + WATERMARKS + MONITORS)}, "
-                         "or several joined by '+'")
-    policy = parse_policy(spec)
-    return lambda teacher: Redact(teacher, policy)
+    Refused requests come back empty with finish_reason "refused"; a degraded or throttled account's served
+    requests come back answer-only.
+    """
 
+    keeps_history = True
 
-def _traffic_shape(spec: str) -> dict:
-    """monitor, monitor:SECONDS, or monitor:pace=SECONDS,accounts=N,cover=R -> Guarded's keyword arguments."""
-    rest = spec.partition(":")[2]
-    if not rest:
-        return {}
-    if "=" not in rest:
-        rest = f"pace={rest}"
-    names = {"pace": ("interval", float), "accounts": ("accounts", int), "cover": ("cover", float)}
-    shape = {}
-    for part in rest.split(","):
-        key, _, value = part.partition("=")
-        if key not in names:
-            raise ValueError(f"{spec!r}: unknown monitor setting {key!r}; use pace=SECONDS, accounts=N, cover=R")
-        name, kind = names[key]
-        try:
-            shape[name] = kind(value)
-        except ValueError:
-            raise ValueError(f"{spec!r}: {key} needs a number, got {value!r}") from None
-    if shape.get("interval", 1) <= 0 or shape.get("accounts", 1) < 1 or shape.get("cover", 0) < 0:
-        raise ValueError(f"{spec!r}: need pace > 0, accounts >= 1 and cover >= 0")
-    return shape
+    def __init__(self, teacher: Teacher, monitor: Monitor):
+        super().__init__(teacher)
+        self.monitor = monitor
+        self.name = f"{teacher.name}+monitor"
 
+    def fresh(self) -> Monitored:
+        clone = super().fresh()
+        clone.monitor = Monitor(self.monitor.detector, *self.monitor.settings)
+        return clone
 
-def _monitored(teacher: Teacher, **shape) -> Teacher:
-    """A fresh monitor, its detector fitted on the reference lab's simulated benign traffic, before `teacher`."""
-    from detectors.monitor import Guarded, Monitor
-
-    return Guarded(teacher, Monitor(_lab_detector()), **shape)
-
-
-@functools.lru_cache(maxsize=1)
-def _lab_detector():
-    from detectors.detector import TrafficDetector
-    from detectors.simulate import BENIGN_POPULATION, simulate
-
-    benign, _ = simulate(BENIGN_POPULATION, days=3, seed=0)
-    return TrafficDetector(use_embeddings=False).fit(benign)
+    def complete(self, prompts: list[str], sampling: Sampling = Sampling(),
+                 callers: Sequence[Caller] | None = None) -> list[Completion]:
+        callers = callers_for(prompts, callers)
+        actions = [self.monitor.observe(Event(c.account, time.time() if c.time is None else c.time, p, ip=c.ip,
+                                              payment=c.payment))
+                   for p, c in zip(prompts, callers)]
+        out: list[Completion | None] = [None] * len(prompts)
+        for degraded, served in ((False, self.teacher), (True, Redact(self.teacher, AnswerOnly()))):
+            chosen = [i for i, a in enumerate(actions) if a.served and (a.kind != "allow") == degraded]
+            if chosen:
+                answers = served.complete([prompts[i] for i in chosen], sampling, [callers[i] for i in chosen])
+                for i, completion in zip(chosen, answers):
+                    out[i] = completion
+        return [c if c is not None else Completion(text="", finish_reason="refused") for c in out]

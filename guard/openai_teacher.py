@@ -7,11 +7,12 @@ onto chat completions or completions, and turns failures into errors that say wh
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 
 import openai
 
-from guard.teacher import Completion, Sampling, Teacher, TokenLogprob
+from guard.teacher import Caller, Completion, Sampling, Teacher, TokenLogprob, callers_for
 
 
 class TeacherAuthError(PermissionError):
@@ -48,7 +49,11 @@ class OpenAITeacher(Teacher):
         self.base_url, self.model, self.api, self.concurrency = base_url, model, api, concurrency
         self.name = model
 
-    def complete(self, prompts: list[str], sampling: Sampling = Sampling()) -> list[Completion]:
+    def complete(self, prompts: list[str], sampling: Sampling = Sampling(),
+                 callers: Sequence[Caller] | None = None) -> list[Completion]:
+        """Every prompt goes out under this client's one API key: the endpoint, not `callers`, decides the
+        account (a harvester playing several accounts holds one OpenAITeacher per key)."""
+        callers_for(prompts, callers)
         with ThreadPoolExecutor(max_workers=self.concurrency) as pool:
             return list(pool.map(lambda p: self._complete_one(p, sampling), prompts))
 

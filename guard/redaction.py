@@ -19,14 +19,14 @@ import base64
 import binascii
 import os
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from guard.reasoning import join_reasoning, split_reasoning
-from guard.teacher import GREEDY, Completion, Sampling, Teacher
+from guard.teacher import GREEDY, Caller, Completion, Defense, Sampling, Teacher
 
 WORD = re.compile(r"\S+")
 SENTENCE_END = re.compile(r"[.!?](?:\s|$)")
@@ -91,15 +91,6 @@ def outline(prompts: list[str], reasonings: list[str]) -> list[str]:
     return [f"(reasoned in {max(1, len(SENTENCE_END.findall(r)))} steps; details withheld)" for r in reasonings]
 
 
-def reference_plan_or_outline(prompts: list[str], reasonings: list[str]) -> list[str]:
-    """The reference task's plan ("look up the boss of X, then the city of that person"), else `outline`."""
-    from eval.reference.world import plan
-
-    plans = [plan(p) for p in prompts]
-    fallback = outline(prompts, reasonings)
-    return [p if p is not None else f for p, f in zip(plans, fallback)]
-
-
 class TeacherSummarizer:
     """Summaries written by a model (any Teacher), for tasks without a template."""
 
@@ -115,11 +106,12 @@ class TeacherSummarizer:
 
 
 class Summary(Policy):
-    """A summary of the reasoning in place of the reasoning."""
+    """A summary of the reasoning in place of the reasoning, written by `summarize`: a task's own
+    summariser, a `TeacherSummarizer`, or by default an `outline` that tells nothing of the content."""
 
     name = "summary"
 
-    def __init__(self, summarize: Summarize = reference_plan_or_outline):
+    def __init__(self, summarize: Summarize = outline):
         self.summarize = summarize
 
     def redact(self, prompts: list[str], texts: list[str]) -> list[Redacted]:
@@ -213,31 +205,42 @@ class Sealed(Policy):
         return Redacted(join_reasoning(text, None, answer), sealed=self.sealer.seal(reasoning, prompt))
 
 
-def parse_policy(spec: str) -> Policy:
-    """A policy from its command-line name: full, answer-only, summary, truncate:K, sealed."""
+NOT_ANSWERED = ("refused", "context_length")  # nothing was generated, so there is nothing to redact
+POLICIES = ("full", "answer-only", "summary", "truncate:K", "sealed")
+
+
+def parse_policy(spec: str, summarize: Summarize | None = None, sealer: Sealer | None = None) -> Policy:
+    """A policy from its command-line name: full, answer-only, summary, truncate:K, sealed. `summarize`
+    writes summaries (default `outline`); `sealer` holds the sealing key (default $DISTILL_GUARD_SEAL_KEY)."""
     if spec.startswith("truncate:"):
         words = spec.removeprefix("truncate:")
         if not words.isdigit() or int(words) < 1:
             raise ValueError(f"truncate:K needs a positive whole number of words, got {spec!r}")
         return Truncate(int(words))
-    policies = {"full": Full, "answer-only": AnswerOnly, "summary": Summary, "sealed": Sealed}
+    if spec == "summary":
+        return Summary(summarize or outline)
+    if spec == "sealed":
+        return Sealed(sealer)
+    policies = {"full": Full, "answer-only": AnswerOnly}
     if spec not in policies:
-        raise ValueError(f"unknown redaction policy {spec!r}; choose one of {[*policies, 'truncate:K']}")
+        raise ValueError(f"unknown redaction policy {spec!r}; choose one of {list(POLICIES)}")
     return policies[spec]()
 
 
-class Redact(Teacher):
+class Redact(Defense):
     """A teacher as served under a redaction policy. It is itself a Teacher, so defences compose."""
 
     def __init__(self, teacher: Teacher, policy: Policy):
-        self.teacher, self.policy = teacher, policy
+        super().__init__(teacher)
+        self.policy = policy
         self.name = f"{teacher.name}+{policy.name}"
 
-    def complete(self, prompts: list[str], sampling: Sampling = Sampling()) -> list[Completion]:
-        completions = self.teacher.complete(prompts, sampling)
+    def complete(self, prompts: list[str], sampling: Sampling = Sampling(),
+                 callers: Sequence[Caller] | None = None) -> list[Completion]:
+        completions = self.teacher.complete(prompts, sampling, callers)
         out = []
         for c, r in zip(completions, self.policy.redact(prompts, [c.text for c in completions])):
-            if r.text == c.text and r.sealed is None:
+            if (r.text == c.text and r.sealed is None) or c.finish_reason in NOT_ANSWERED:
                 out.append(c)
             else:
                 out.append(Completion(text=r.text, finish_reason=c.finish_reason, sealed_reasoning=r.sealed,

@@ -18,7 +18,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 
-from guard.redaction import Sealed, SealError
+from guard.redaction import Sealer, SealError
 from guard.teacher import Completion, Sampling, Teacher
 
 
@@ -147,19 +147,18 @@ def _complete(request: Request, prompt: str, sampling: Sampling) -> Completion:
         return request.app.state.teacher.complete([prompt], sampling)[0]
 
 
-def _check_sealed(teacher: Teacher, messages: list[ChatMessage]) -> None:
+def _check_sealed(sealer: Sealer | None, messages: list[ChatMessage]) -> None:
     """Refuse a conversation whose handed-back sealed reasoning was altered or came from elsewhere."""
-    policy = getattr(teacher, "policy", None)
     last_user = ""
     for i, m in enumerate(messages):
         if m.role == "user":
             last_user = m.content
         if m.sealed_reasoning is None:
             continue
-        if not isinstance(policy, Sealed):
+        if sealer is None:
             raise APIError(400, f"messages[{i}].sealed_reasoning: this server does not seal reasoning")
         try:
-            policy.sealer.open(m.sealed_reasoning, last_user)
+            sealer.open(m.sealed_reasoning, last_user)
         except SealError as e:
             raise APIError(400, f"messages[{i}].sealed_reasoning: {e}", code="invalid_sealed_reasoning") from None
 
@@ -168,8 +167,10 @@ def _top(step) -> list[TopLogprob]:
     return [TopLogprob(token=t.token, logprob=t.logprob) for t in step]
 
 
-def create_app(load_teacher: Callable[[], Teacher], model_name: str, api_keys: set[str] | None = None) -> FastAPI:
-    """Serve the teacher that `load_teacher` builds (called once, at start-up) as `model_name`."""
+def create_app(load_teacher: Callable[[], Teacher], model_name: str, api_keys: set[str] | None = None,
+               sealer: Sealer | None = None) -> FastAPI:
+    """Serve the teacher that `load_teacher` builds (called once, at start-up) as `model_name`; `sealer` opens
+    the sealed reasoning clients hand back (the one the teacher's `sealed` policy seals with)."""
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -202,7 +203,7 @@ def create_app(load_teacher: Callable[[], Teacher], model_name: str, api_keys: s
         users = [m.content for m in body.messages if m.role == "user"]
         if not users:
             raise APIError(400, "messages: at least one user message is required")
-        _check_sealed(request.app.state.teacher, body.messages)
+        _check_sealed(sealer, body.messages)
         want = (body.top_logprobs or 1) if body.logprobs else 0
         completion = _complete(request, users[-1], body.sampling(want))
         logprobs = None

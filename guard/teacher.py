@@ -1,11 +1,15 @@
-"""Teachers: anything that completes prompts. Here: the vocabulary and the local Hugging Face backend.
+"""Teachers: anything that completes prompts. Here: the vocabulary, the `Defense` protocol and the local
+Hugging Face backend.
 
-A `Teacher` has one method, `complete(prompts, sampling) -> list[Completion]`. Defences wrap a teacher
-and are teachers themselves, so the code that serves a defended teacher is the code that evaluates it.
+A `Teacher` has one method, `complete(prompts, sampling, callers) -> list[Completion]`. Each prompt comes
+from a `Caller` (the account behind it, and when and from where it asked). A `Defense` wraps a teacher and
+is one itself, so the code that serves a defended teacher is the code that evaluates it.
 """
 
 from __future__ import annotations
 
+import copy
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -69,13 +73,73 @@ class Sampling:
 GREEDY = Sampling(temperature=0.0)
 
 
+@dataclass(frozen=True)
+class Caller:
+    """Who sent a request: the account a defence acts for, and when and from where it asked.
+
+    The gateway resolves an API key to the account; an experiment plays one or many accounts on its own
+    clock. `time` is seconds since the epoch; None means now.
+    """
+
+    account: str = "anonymous"
+    time: float | None = None
+    ip: str | None = None
+    payment: str | None = None  # a payment fingerprint, for linking accounts
+
+
+ANONYMOUS = Caller()
+
+
+def callers_for(prompts: list[str], callers: Sequence[Caller] | None) -> list[Caller]:
+    """One caller per prompt: `callers` checked, or the anonymous caller for each."""
+    if callers is None:
+        return [ANONYMOUS] * len(prompts)
+    if len(callers) != len(prompts):
+        raise ValueError(f"{len(prompts)} prompts but {len(callers)} callers: give one caller per prompt")
+    return list(callers)
+
+
 class Teacher:
-    """Completes a batch of prompts. Subclasses implement `complete`."""
+    """Completes a batch of prompts, each sent by its caller. Subclasses implement `complete`.
+
+    A plain teacher answers everyone alike and remembers no one: `fresh()` is the teacher itself.
+    """
 
     name: str = "teacher"
+    remembers_callers = False  # whether one request's answer can depend on the caller's earlier requests
 
-    def complete(self, prompts: list[str], sampling: Sampling = Sampling()) -> list[Completion]:
+    def complete(self, prompts: list[str], sampling: Sampling = Sampling(),
+                 callers: Sequence[Caller] | None = None) -> list[Completion]:
         raise NotImplementedError
+
+    def fresh(self) -> Teacher:
+        """The same deployment with no memory of earlier callers (a new attack replicate starts here)."""
+        return self
+
+
+class Defense(Teacher):
+    """A teacher that wraps a teacher and acts per caller: `Redact(Watermark(teacher))`.
+
+    Serving: every prompt reaches `complete` with its `Caller`, so a defence can act per account (a
+    watermark key, a monitor verdict, a redaction tier). Evaluation: `fresh()` rebuilds the deployment,
+    inner defences included, with no memory of earlier callers, so no state leaks between attack replicates.
+    A defence that remembers callers (a traffic monitor) sets `remembers_callers`, and then its cost to
+    benign users is measured by replaying benign traffic through it.
+    """
+
+    def __init__(self, teacher: Teacher):
+        self.teacher = teacher
+
+    @property
+    def remembers_callers(self) -> bool:
+        return type(self).keeps_history or self.teacher.remembers_callers
+
+    keeps_history = False  # set by a defence whose own decisions depend on a caller's history
+
+    def fresh(self) -> Defense:
+        clone = copy.copy(self)
+        clone.teacher = self.teacher.fresh()
+        return clone
 
 
 class ModelLoadError(ValueError):
@@ -134,15 +198,30 @@ class HFTeacher(Teacher):
         self.batch_size = batch_size
         self.name = Path(path).name
 
+    @property
+    def context_length(self) -> int | None:
+        """The most tokens (prompt and completion) the model attends to, if its config says."""
+        return getattr(self.model.config, "max_position_embeddings", None)
+
     @torch.no_grad()
-    def complete(self, prompts: list[str], sampling: Sampling = Sampling(),
+    def complete(self, prompts: list[str], sampling: Sampling = Sampling(), callers: Sequence[Caller] | None = None,
                  logits_processor: LogitsProcessorList | None = None) -> list[Completion]:
-        """`logits_processor`: token-level defences (e.g. a watermark) applied inside `generate`."""
-        completions = []
-        for start in range(0, len(prompts), self.batch_size):
+        """`logits_processor`: token-level defences (e.g. a watermark) applied inside `generate`.
+
+        A prompt whose tokens plus `max_new_tokens` exceed the model's context is not generated: its
+        completion is empty with finish_reason "context_length" (a server answers 400 before it gets here).
+        """
+        callers_for(prompts, callers)
+        lengths = [len(ids) for ids in self.tokenizer(prompts, add_special_tokens=False)["input_ids"]]
+        limit = self.context_length
+        fits = [i for i, n in enumerate(lengths) if limit is None or n + sampling.max_new_tokens <= limit]
+        completions: list[Completion] = [Completion(text="", finish_reason="context_length") for _ in prompts]
+        for start in range(0, len(fits), self.batch_size):
             if sampling.seed is not None:
                 torch.manual_seed(sampling.seed + start)
-            completions += self._generate(prompts[start:start + self.batch_size], sampling, logits_processor)
+            rows = fits[start:start + self.batch_size]
+            for i, completion in zip(rows, self._generate([prompts[i] for i in rows], sampling, logits_processor)):
+                completions[i] = completion
         return completions
 
     def _generate(self, prompts: list[str], sampling: Sampling,
@@ -190,20 +269,3 @@ class HFTeacher(Teacher):
             completions.append(Completion(text=tok.decode(ids, skip_special_tokens=True), token_ids=ids,
                                           logprobs=per_token, token_logprobs=chosen, finish_reason=finish))
         return completions
-
-
-def load_teacher(spec: str, api_key: str | None = None, model: str | None = None, **kwargs) -> Teacher:
-    """A teacher from a spec: ``reference`` (teacher-a), ``reference:teacher-b``, a local model
-    directory, or an OpenAI-compatible base URL (``http(s)://…/v1``) with `model` and `api_key`."""
-    if spec.startswith(("http://", "https://")):
-        from guard.openai_teacher import OpenAITeacher
-
-        return OpenAITeacher(spec, model=model or "default", api_key=api_key, **kwargs)
-    if spec == "reference" or spec.startswith("reference:"):
-        from eval.reference import MODELS_DIR, TEACHERS
-
-        name = spec.partition(":")[2] or "teacher-a"
-        if name not in TEACHERS:
-            raise ValueError(f"unknown reference teacher {name!r}; choose one of {list(TEACHERS)}")
-        return HFTeacher(MODELS_DIR / name, **kwargs)
-    return HFTeacher(spec, **kwargs)

@@ -31,7 +31,7 @@ BENIGN_MIX = {"human": 150, "power": 50, "batch": 50}
 @pytest.fixture(scope="session")
 def benign_detector():
     from detectors.detector import TrafficDetector
-    from detectors.simulate import simulate
+    from eval.traffic import simulate
 
     benign, _ = simulate(BENIGN_MIX, days=3, seed=0)
     return TrafficDetector(target_fpr=0.01, use_embeddings=False).fit(benign)

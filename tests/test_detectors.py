@@ -11,7 +11,7 @@ from scipy.stats import binom
 from detectors.detector import TrafficDetector
 from detectors.events import Event, EventFormatError, events_from_rows, read_events, write_events
 from detectors.features import ClientState, embedding_features
-from detectors.simulate import simulate
+from eval.traffic import simulate
 
 
 def test_a_bad_log_row_is_an_error_naming_file_and_row_or_is_skipped_and_counted(tmp_path):
@@ -131,14 +131,16 @@ def test_detect_and_simulate_commands(tmp_path):
     subprocess.run(cli + ["traffic", "simulate", "--out", str(log), "--labels", str(labels), "--population", "human=30",
                           "--population", "naive=1", "--days", "1", "--attack-budget", "300"],
                    check=True, capture_output=True, text=True, timeout=300)
-    done = subprocess.run(cli + ["detect", "--log", str(log), "--out", str(report)], capture_output=True, text=True,
-                          timeout=600)
+    unfitted = subprocess.run(cli + ["detect", "--log", str(log)], capture_output=True, text=True, timeout=300)
+    assert unfitted.returncode != 0 and "--benign" in unfitted.stderr  # never fitted on lab traffic unasked
+    done = subprocess.run(cli + ["detect", "--log", str(log), "--lab", "--out", str(report)], capture_output=True,
+                          text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     verdicts = json.loads(report.read_text())["clients"]
     kinds = json.loads(labels.read_text())
     assert all(v["flagged"] for c, v in verdicts.items() if kinds[c] == "naive")
     log.write_text(log.read_text() + '{"client": "x", "prompt": "no time"}\n')
-    bad = subprocess.run(cli + ["detect", "--log", str(log)], capture_output=True, text=True, timeout=600)
+    bad = subprocess.run(cli + ["detect", "--log", str(log), "--lab"], capture_output=True, text=True, timeout=600)
     assert bad.returncode != 0 and "missing required field 'time'" in bad.stderr
 
 
@@ -156,4 +158,4 @@ def test_traffic_study_runs_end_to_end_at_toy_scale(tmp_path):
     assert shapes == {("naive/sft", k) for k in [*SHAPES, "undefended"]} | {("decompose/sft", "decompose"),
                                                                            ("decompose/sft", "undefended")}
     text = (tmp_path / "report.md").read_text()
-    assert "| naive | 10 | 100.0% [" in text and "| naive/sft (sybil of 100) | monitor:pace=2,accounts=100 | 60 |" in text
+    assert "| naive | 10 | 100.0% [" in text and "| naive/sft (sybil of 100) | monitor | 60 |" in text

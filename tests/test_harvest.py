@@ -8,9 +8,12 @@ from pathlib import Path
 
 import pytest
 
+from detectors.monitor import Monitor
 from eval.harvest import Budget, Harvester, HarvestMismatch, load_harvest
 from eval.reference.world import parse_question, reference_task
 from eval.strategies import decompose, naive
+from eval.traffic import ShapedClient, TrafficShape
+from guard.defenses import Monitored
 from guard.teacher import Sampling
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -88,10 +91,8 @@ def test_decompose_asks_only_one_hop_questions_and_writes_chains(teacher_a, tmp_
 
 def test_decompose_builds_no_chain_on_a_refused_answer(teacher_a, benign_detector, tmp_path):
     """Behind the monitor most sub-questions are refused; a refusal is not a fact to build a chain on."""
-    from detectors.monitor import Guarded, Monitor
-
-    guarded = Guarded(teacher_a, Monitor(benign_detector), interval=2.0)
-    pairs, ds = harvest(guarded, tmp_path / "d", 200, strategy=decompose, chunk_size=32,
+    monitored = ShapedClient(Monitored(teacher_a, Monitor(benign_detector)), TrafficShape(pace=2.0))
+    pairs, ds = harvest(monitored, tmp_path / "d", 200, strategy=decompose, chunk_size=32,
                         sampling=Sampling(temperature=0.0, max_new_tokens=48))
     served = [c for c in ds["finish_reason"] if c != "refused"]
     assert len(served) < len(ds)  # the monitor did refuse

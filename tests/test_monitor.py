@@ -1,16 +1,18 @@
-"""The online monitor: bounded memory, early blocking, and the guarded teacher as a defence."""
+"""The online monitor: bounded memory, early blocking, and the monitored teacher as a defence."""
 
 import gc
+import time
 import tracemalloc
 
 import numpy as np
 import pytest
 
 from detectors.events import Event
-from detectors.monitor import Guarded, Monitor
-from detectors.simulate import simulate
+from detectors.monitor import Monitor
 from eval.reference.world import reference_task
-from guard.teacher import GREEDY
+from eval.traffic import ShapedClient, TrafficShape, simulate
+from guard.defenses import Monitored, parse_defense
+from guard.teacher import GREEDY, Caller
 
 
 def test_monitor_memory_stays_bounded_over_100k_events(benign_detector):
@@ -54,17 +56,32 @@ def test_monitor_blocks_a_naive_harvester_within_200_queries_and_lets_people_thr
     assert len(benign_blocked) <= 2, benign_blocked  # 35 benign clients at a 1% target FPR
 
 
-def test_guarded_teacher_refuses_a_flagged_client_and_serves_others(teacher_a, benign_detector):
-    guarded = Guarded(teacher_a, Monitor(benign_detector), client="scraper", interval=1.0)
+def test_monitored_teacher_refuses_a_flagged_account_and_serves_others(teacher_a, benign_detector):
+    """The defence acts per account: a harvesting account is refused once flagged, while another account on
+    the same deployment, asking at the same time, is still served."""
+    monitored = Monitored(teacher_a, Monitor(benign_detector))
     prompts = [i.prompt for i in reference_task().query_pool[:300]]
-    served = guarded.complete(prompts, GREEDY)
+    start = 1_767_225_600.0
+    callers = [Caller("scraper", start + n) for n in range(len(prompts))]
+    served = monitored.complete(prompts, GREEDY, callers)
     refused = [c.finish_reason == "refused" for c in served]
     assert not any(refused[:20]) and all(refused[-50:])  # served until flagged, refused after
     assert all(c.text for c, r in zip(served, refused) if not r)
-    assert guarded.log[-1].kind == "block"
+    assert monitored.monitor.actions["scraper"].kind == "block"
+    bystander = monitored.complete(prompts[:3], GREEDY, [Caller("someone-else", start + 301 + n) for n in range(3)])
+    assert all(c.finish_reason != "refused" and c.text for c in bystander)
     # the next replicate of the attack meets the deployment fresh, not already blocked by this one
-    again = guarded.for_attack(seed=1).complete(prompts[:20], GREEDY)
+    again = monitored.fresh().complete(prompts[:20], GREEDY, callers[:20])
     assert all(c.finish_reason != "refused" for c in again)
+    assert "scraper" in monitored.monitor.actions  # and the fresh copy did not wipe the original's memory
+
+
+def test_monitored_teacher_reads_the_wall_clock_when_the_caller_gives_no_time(teacher_a, benign_detector):
+    monitored = Monitored(teacher_a, Monitor(benign_detector))
+    before = time.time()
+    monitored.complete(["question: where does Kalon live?\n"], GREEDY, [Caller("live-user")])
+    state = monitored.monitor.states["live-user"]
+    assert before <= state.last <= time.time()
 
 
 def test_a_throttled_client_is_served_at_the_throttle_rate_and_never_faster(benign_detector):
@@ -86,28 +103,27 @@ def test_a_swarm_below_the_first_checkpoint_goes_unjudged_online_while_a_small_o
     whose accounts each send fewer is served in full; the same harvest from 3 accounts is cut to ~25 each."""
     prompts = [i.prompt for i in reference_task().query_pool[:300]]
     for accounts, most_served in ((20, 300), (3, 3 * 30)):
-        guarded = Guarded(teacher_a, Monitor(benign_detector), interval=2.0, accounts=accounts)
-        served = sum(c.finish_reason != "refused" for c in guarded.complete(prompts, GREEDY))
-        assert len(guarded.monitor.states) == accounts
+        monitored = Monitored(teacher_a, Monitor(benign_detector))
+        client = ShapedClient(monitored, TrafficShape(pace=2.0, accounts=accounts))
+        served = sum(c.finish_reason != "refused" for c in client.complete(prompts, GREEDY))
+        assert len(monitored.monitor.states) == accounts
         assert (served == 300) if accounts == 20 else (3 * 24 <= served <= most_served), (accounts, served)
 
 
-def test_hydra_cover_traffic_goes_through_the_monitor_in_the_same_account(teacher_a, benign_detector):
-    guarded = Guarded(teacher_a, Monitor(benign_detector), interval=60.0, cover=3.0)
-    guarded.complete([i.prompt for i in reference_task().query_pool[:200]], GREEDY)
-    seen = guarded.monitor.states["attacker"].count
+def test_hydra_cover_traffic_goes_through_the_defence_in_the_same_account(teacher_a, benign_detector):
+    monitored = Monitored(teacher_a, Monitor(benign_detector))
+    ShapedClient(monitored, TrafficShape(pace=60.0, cover=3.0)).complete(
+        [i.prompt for i in reference_task().query_pool[:200]], GREEDY)
+    seen = monitored.monitor.states["attacker"].count
     assert abs(seen - 800) <= 5 * np.sqrt(600), seen  # 200 attack requests + Poisson(3 x 200) cover requests
 
 
-def test_monitor_traffic_shapes_parse_and_bad_ones_fail_before_any_model_loads():
-    from guard.defenses import _traffic_shape, parse_defense
-
-    assert _traffic_shape("monitor:90") == {"interval": 90.0}
-    assert _traffic_shape("monitor:pace=5,accounts=100,cover=2.5") == {"interval": 5.0, "accounts": 100, "cover": 2.5}
-    for bad, message in (("monitor:speed=3", "unknown monitor setting"), ("monitor:pace=fast", "needs a number"),
-                         ("monitor:accounts=0", "accounts >= 1"), ("monitor:-2", "pace > 0")):
+def test_traffic_shapes_belong_to_the_attack_and_bad_ones_fail_early():
+    for bad, message in ((dict(accounts=0), "accounts >= 1"), (dict(pace=-2), "pace > 0"), (dict(cover=-1), "cover >= 0")):
         with pytest.raises(ValueError, match=message):
-            parse_defense(bad)
+            TrafficShape(**bad)
+    with pytest.raises(ValueError, match="belong to the attack"):
+        parse_defense("monitor:pace=5,accounts=100")
 
 
 def test_the_traffic_benchmark_runs_on_the_monitor_as_the_defence_fits_it():

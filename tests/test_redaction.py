@@ -6,8 +6,9 @@ import random
 import openai
 import pytest
 
+from eval.reference import plan_or_outline
 from eval.reference.world import reference_task
-from guard.defenses import apply_defense
+from guard.defenses import DefenseParts, build_defense
 from guard.reasoning import split_reasoning
 from guard.redaction import (AnswerOnly, Full, Redact, Sealed, SealError, Sealer, StreamRedactor, Summary,
                              TeacherSummarizer, Truncate, outline, parse_policy)
@@ -77,13 +78,13 @@ def test_bad_policy_names_are_refused_with_the_choices(spec):
     with pytest.raises(ValueError, match="truncate|choose one of"):
         parse_policy(spec)
     with pytest.raises(ValueError):
-        apply_defense(spec, None)
+        build_defense(spec, None)
 
 
 def test_reference_summary_states_the_plan_without_any_intermediate_fact(teacher_a):
     items = [i for i in reference_task().eval_items if "of the" in i.prompt][:50]  # relation-then-relation chains
-    for item, completion in zip(items, apply_defense("none", teacher_a).complete([i.prompt for i in items], GREEDY)):
-        summary, answer = split_reasoning(Summary().redact_one(item.prompt, completion.text).text)
+    for item, completion in zip(items, teacher_a.complete([i.prompt for i in items], GREEDY)):
+        summary, answer = split_reasoning(Summary(plan_or_outline).redact_one(item.prompt, completion.text).text)
         assert summary.startswith("plan: look up the ") and ", then " in summary
         people = {w.strip(".") for w in completion.reasoning.split() if w[:1].isupper()}
         people -= {w.strip("?\n") for w in item.prompt.split()}
@@ -187,25 +188,23 @@ def test_defended_teacher_keeps_answers_and_drops_token_level_data(teacher_a):
     prompts = [i.prompt for i in items]
     plain = teacher_a.complete(prompts, GREEDY)
     sealer = Sealer.generate()
+    parts = DefenseParts(sealer=sealer)
     for spec in ["answer-only", "summary", "truncate:4", "sealed"]:
-        defended = apply_defense(spec, teacher_a)
-        if spec == "sealed":
-            defended.policy.sealer = sealer
+        defended = build_defense(spec, teacher_a, parts)
         served = defended.complete(prompts, GREEDY)
         assert [c.answer for c in served] == [c.answer for c in plain]
         assert all(c.token_ids == [] and c.logprobs is None for c in served)  # ids would spell out the hidden text
         assert [c.completion_tokens for c in served] == [len(c.token_ids) for c in plain]  # hidden tokens billed
-    sealed = apply_defense("sealed", teacher_a)
-    sealed.policy.sealer = sealer
+    sealed = build_defense("sealed", teacher_a, parts)
     for p, c, original in zip(prompts, sealed.complete(prompts, GREEDY), plain):
         assert sealer.open(c.sealed_reasoning, p) == original.reasoning
-    assert isinstance(apply_defense("full", teacher_a), Redact)
-    assert [c.text for c in apply_defense("full", teacher_a).complete(prompts, GREEDY)] == [c.text for c in plain]
+    assert isinstance(build_defense("full", teacher_a), Redact)
+    assert [c.text for c in build_defense("full", teacher_a).complete(prompts, GREEDY)] == [c.text for c in plain]
 
 
 def test_sealed_server_hands_out_blobs_and_refuses_tampered_ones(teacher_a):
     sealer = Sealer.generate()
-    app = create_app(lambda: Redact(teacher_a, Sealed(sealer)), "teacher-a")
+    app = create_app(lambda: Redact(teacher_a, Sealed(sealer)), "teacher-a", sealer=sealer)
     with live_server(app) as url:
         client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
         reply = client.chat.completions.create(model="teacher-a", temperature=0,

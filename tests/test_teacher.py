@@ -6,7 +6,8 @@ from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 from eval.reference import MODELS_DIR
 from eval.reference.world import reference_task
-from guard.teacher import GREEDY, HFTeacher, ModelLoadError, Sampling, load_causal_lm, load_teacher
+from eval.reference import load_teacher
+from guard.teacher import GREEDY, HFTeacher, ModelLoadError, Sampling, load_causal_lm
 
 # Prompts of different lengths, so the batch needs left padding.
 PROMPTS = [i.prompt for i in reference_task().eval_items[:6]] + ["question: who is the boss of Kaloth?\n"]

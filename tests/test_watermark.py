@@ -11,7 +11,7 @@ from scipy.stats import kstest
 from eval.reference import MODELS_DIR
 from eval.reference.world import reference_task
 from guard.openai_teacher import OpenAITeacher
-from guard.teacher import Sampling
+from guard.teacher import Caller, Sampling
 from watermark.detect import WatermarkDetector, binomial_test, holm, name_client
 from watermark.kgw import GreenList, GreenListProcessor, Watermark, WatermarkConfig, WatermarkKey, mix64
 from watermark.radioactivity import audit, logged_windows, restrict_to, sampled_tuples
@@ -88,7 +88,7 @@ def test_exact_p_value_matches_a_hand_computed_binomial_tail():
 def generations(teacher_a):
     prompts = [i.prompt for i in reference_task().query_pool[:256]]
     sampling = Sampling(temperature=1.0, seed=0, max_new_tokens=48)
-    watermarked = Watermark(teacher_a, key("client-7"), WatermarkConfig(delta=2.0)).complete(prompts, sampling)
+    watermarked = Watermark(teacher_a, MASTER, WatermarkConfig(delta=2.0), client="client-7").complete(prompts, sampling)
     plain = teacher_a.complete(prompts, sampling)
     prompt_ids = [teacher_a.tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
     return prompts, prompt_ids, watermarked, plain
@@ -109,10 +109,26 @@ def test_watermarked_generations_are_greener_than_plain_ones(teacher_a, generati
 
 def test_logprobs_of_a_watermarked_teacher_are_the_watermarked_distribution(teacher_a):
     prompt = [reference_task().query_pool[0].prompt]
-    wm = Watermark(teacher_a, key(), WatermarkConfig(delta=4.0))
+    wm = Watermark(teacher_a, MASTER, WatermarkConfig(delta=4.0), client="client-0")
     marked = wm.complete(prompt, Sampling(temperature=0, logprobs=5, max_new_tokens=8))[0]
     plain = teacher_a.complete(prompt, Sampling(temperature=0, logprobs=5, max_new_tokens=8))[0]
     assert marked.token_logprobs[0].logprob != pytest.approx(plain.token_logprobs[0].logprob)
+
+
+def test_each_account_is_served_under_its_own_key_within_one_batch(teacher_a):
+    """Per-account keys: one batch from two accounts comes back with each account's watermark, and the
+    Holm-corrected detector names the right account for each half."""
+    prompts = [i.prompt for i in reference_task().query_pool[:192]]
+    callers = [Caller("alice" if n % 2 else "bob") for n in range(len(prompts))]
+    served = Watermark(teacher_a, MASTER, WatermarkConfig(delta=2.0)).complete(
+        prompts, Sampling(temperature=1.0, seed=3, max_new_tokens=48), callers)
+    for account in ("alice", "bob"):
+        mine = [(p, c) for p, c, who in zip(prompts, served, callers) if who.account == account]
+        prompt_ids = [teacher_a.tokenizer(p, add_special_tokens=False)["input_ids"] for p, _ in mine]
+        sequences = [ids + c.token_ids for ids, (_, c) in zip(prompt_ids, mine)]
+        detections = {who: WatermarkDetector(GreenList(key(who), VOCAB)).detect_corpus(
+            sequences, [len(ids) for ids in prompt_ids]) for who in ("alice", "bob", "carol")}
+        assert name_client(detections, 1e-3)["client"] == account
 
 
 def test_a_repeated_sentence_raises_no_score(teacher_a):
@@ -191,12 +207,12 @@ def test_bad_watermark_settings_are_refused(bad):
 
 def test_watermark_needs_a_local_model():
     with pytest.raises(TypeError, match="HFTeacher"):
-        Watermark(OpenAITeacher("http://127.0.0.1:9/v1", "m"), key())
+        Watermark(OpenAITeacher("http://127.0.0.1:9/v1", "m"), MASTER)
 
 
 def test_sampling_mode_scores_only_what_the_suspect_writes_and_the_logged_filter(teacher_a, generations):
     prompts, prompt_ids, watermarked, _ = generations
-    suspect = Watermark(teacher_a, key("client-7"), WatermarkConfig(delta=2.0))  # writes with the watermark itself
+    suspect = Watermark(teacher_a, MASTER, WatermarkConfig(delta=2.0), client="client-7")  # writes with the watermark itself
     windows, tokens = sampled_tuples(suspect, prompts[:128], teacher_a.tokenizer, 1,
                                      Sampling(temperature=1.0, seed=5, max_new_tokens=48))
     assert audit(windows, tokens, [key("client-7"), key("client-8")], VOCAB)["client"] == "client-7"

@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 from scipy.stats import binom
+from transformers.generation.logits_process import WatermarkLogitsProcessor
 
 from watermark.kgw import GreenList
 
@@ -128,8 +129,6 @@ class TransformersGreenList:
     width = 1
 
     def __init__(self, vocab_size: int, gamma: float = 0.25, hashing_key: int = 15485863):
-        from transformers.generation.logits_process import WatermarkLogitsProcessor
-
         processor = WatermarkLogitsProcessor(vocab_size, "cpu", greenlist_ratio=gamma, hashing_key=hashing_key,
                                              seeding_scheme="lefthash", context_width=1)
         self.vocab_size, self.gamma = vocab_size, gamma

@@ -20,13 +20,15 @@ import hmac
 import json
 import os
 import secrets
+from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 
-from guard.teacher import Completion, HFTeacher, Sampling, Teacher
+from guard.teacher import Caller, Completion, Defense, HFTeacher, Sampling, callers_for
 
 MASK64 = (1 << 64) - 1
 TABLE_VOCAB_LIMIT = 8192  # h = 1 green lists are tabulated up to this vocabulary (64 MiB of bools)
@@ -75,9 +77,6 @@ class WatermarkKey:
 
 
 MASTER_ENV = "DISTILL_GUARD_WATERMARK_KEY"
-# The reference lab's master secret, public so that lab experiments and their audits reproduce. A real
-# deployment sets its own in $DISTILL_GUARD_WATERMARK_KEY.
-LAB_MASTER = b"distill-guard reference lab: public demo secret, never for production"
 
 
 def master_secret(path: str | None = None, required: bool = True) -> bytes | None:
@@ -108,9 +107,10 @@ def new_master_secret() -> str:
 
 
 def load_keys(clients: list[str], keys_file: str | None = None, master_file: str | None = None,
-              lab: bool = False) -> list[WatermarkKey]:
+              master: bytes | None = None) -> list[WatermarkKey]:
     """Client keys to test: ids derived from the master secret (`clients`, or a keys file with one id per
-    line; `lab` uses the reference lab's public secret), or a JSON keys file mapping client id -> secret."""
+    line; the secret is `master`, else read by `master_secret(master_file)`), or a JSON keys file mapping
+    client id -> secret."""
     if keys_file:
         try:
             text = Path(keys_file).read_text()
@@ -127,7 +127,7 @@ def load_keys(clients: list[str], keys_file: str | None = None, master_file: str
         clients = [*clients, *(line.strip() for line in text.splitlines() if line.strip())]
     if not clients:
         raise ValueError("no keys to test: give client ids (--key) or a keys file (--keys-file)")
-    master = LAB_MASTER if lab else master_secret(master_file)
+    master = master or master_secret(master_file)
     return [WatermarkKey.for_client(master, c) for c in dict.fromkeys(clients)]
 
 
@@ -221,21 +221,46 @@ class GreenListProcessor(LogitsProcessor):
         return scores
 
 
-class Watermark(Teacher):
-    """A teacher whose every generated token carries the watermark of one client's key.
+class Watermark(Defense):
+    """A teacher whose every generated token carries the watermark of the caller's account.
 
-    Token-level, so it needs the model itself: it wraps an `HFTeacher` (or a defence around one that passes
-    `logits_processor` through). Reported logprobs are those of the watermarked distribution.
+    key_c = HMAC(master, account), so a detector can name the account a student learned from; with `client`
+    set, every account is served under that one client's key (an experiment's knob). Token-level, so it
+    needs the model itself: it wraps an `HFTeacher` directly. Reported logprobs are those of the watermarked
+    distribution.
     """
 
-    def __init__(self, teacher: HFTeacher, key: WatermarkKey, config: WatermarkConfig = WatermarkConfig()):
+    def __init__(self, teacher: HFTeacher, master: bytes, config: WatermarkConfig = WatermarkConfig(),
+                 client: str | None = None):
         if not isinstance(teacher, HFTeacher):
             raise TypeError(f"the watermark is applied inside generate, so it needs a local model (HFTeacher); "
-                            f"got {type(teacher).__name__}. Watermark the model where it is served.")
-        self.teacher = teacher
-        self.green_list = GreenList(key, len(teacher.tokenizer), config)
+                            f"got {type(teacher).__name__}. Put the watermark innermost, or watermark the model "
+                            "where it is served.")
+        if len(master) < 16:
+            raise ValueError("the watermark master secret must be at least 16 bytes")
+        super().__init__(teacher)
+        self.config, self.client = config, client
+        self.vocab_size = len(teacher.tokenizer)
+        self._master = master
+        self.green_list = lru_cache(maxsize=1024)(self._green_list)  # per account, bounded
         self.name = f"{teacher.name}+watermark"
 
-    def complete(self, prompts: list[str], sampling: Sampling = Sampling()) -> list[Completion]:
-        return self.teacher.complete(prompts, sampling,
-                                     logits_processor=LogitsProcessorList([GreenListProcessor(self.green_list)]))
+    def __repr__(self) -> str:
+        return f"Watermark({self.teacher.name!r}, master=<hidden>, {self.config})"
+
+    def _green_list(self, account: str) -> GreenList:
+        return GreenList(WatermarkKey.for_client(self._master, account), self.vocab_size, self.config)
+
+    def complete(self, prompts: list[str], sampling: Sampling = Sampling(),
+                 callers: Sequence[Caller] | None = None) -> list[Completion]:
+        callers = callers_for(prompts, callers)
+        accounts = [self.client or c.account for c in callers]
+        out: list[Completion | None] = [None] * len(prompts)
+        for account in dict.fromkeys(accounts):
+            rows = [i for i, a in enumerate(accounts) if a == account]
+            processor = LogitsProcessorList([GreenListProcessor(self.green_list(account))])
+            answers = self.teacher.complete([prompts[i] for i in rows], sampling, [callers[i] for i in rows],
+                                            logits_processor=processor)
+            for i, completion in zip(rows, answers):
+                out[i] = completion
+        return out

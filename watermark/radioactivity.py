@@ -19,11 +19,13 @@ import json
 from dataclasses import asdict
 from pathlib import Path
 
+import datasets
 import numpy as np
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from guard.teacher import GREEDY, Sampling, Teacher
+from guard.load import load_teacher
+from guard.teacher import GREEDY, Sampling, Teacher, load_causal_lm
 from watermark.detect import name_client, score_tuples, windows_and_tokens
 from watermark.kgw import GreenList, WatermarkConfig, WatermarkKey
 
@@ -105,9 +107,10 @@ def read_texts(path: str | Path) -> tuple[list[str], list[str]]:
     """(prompts, texts) from a JSONL file of {"prompt", "text"} rows or a harvest directory."""
     path = Path(path)
     if path.is_dir():
-        from eval.harvest import load_harvest
-
-        rows = load_harvest(path / "harvest" if (path / "harvest").is_dir() else path)
+        shards = sorted((path / "harvest" if (path / "harvest").is_dir() else path).glob("shards/shard-*[0-9]"))
+        if not shards:
+            raise ValueError(f"{path}: not a harvest directory (no shards/shard-* inside)")
+        rows = datasets.concatenate_datasets([datasets.load_from_disk(str(s)) for s in shards]).sort("index")
         return list(rows["prompt"]), list(rows["text"])
     prompts, texts = [], []
     try:
@@ -128,53 +131,48 @@ def read_texts(path: str | Path) -> tuple[list[str], list[str]]:
     return prompts, texts
 
 
-def radioactivity(suspect: str, keys: list[WatermarkKey], mode: str = "reading", texts: str | None = None,
-                  prompts: list[str] | None = None, tokenizer: str = "reference", logged: str | None = None,
-                  config: WatermarkConfig = WatermarkConfig(), alpha: float = 1e-3,
-                  sampling: Sampling = Sampling(temperature=1.0, seed=0, max_new_tokens=64),
-                  api_key: str | None = None, model_name: str | None = None) -> dict:
+def radioactivity(suspect: str, keys: list[WatermarkKey], tokenizer: PreTrainedTokenizerBase, mode: str = "reading",
+                  texts: tuple[list[str], list[str]] | None = None, prompts: list[str] | None = None,
+                  logged: tuple[list[str], list[str]] | None = None, config: WatermarkConfig = WatermarkConfig(),
+                  alpha: float = 1e-3, sampling: Sampling = Sampling(temperature=1.0, seed=0, max_new_tokens=64),
+                  api_key: str | None = None, model_name: str | None = None, texts_source: str = "texts",
+                  texts_watermarked: bool = True) -> dict:
     """The whole audit of one suspect: gather tuples in `mode`, test every key, name the client (Holm).
 
-    reading: `suspect` is a local model directory (safetensors only); `texts` are teacher outputs to read
-    (default: the unwatermarked reference teacher's answers to the reference task's held-out prompts, T=1).
-    Unwatermarked texts give an exact null; watermarked ones (e.g. the account's logs) are read more
-    sharply but their null is approximate (see `reading_tuples`), so the report says which it is.
-    sampling: `suspect` is anything `load_teacher` takes (a path, or an HTTP endpoint); it answers `prompts`
-    (default: the reference task's attacker pool); `logged` restricts scoring to windows the provider logged.
+    `tokenizer` is the watermarked teacher's. reading: `suspect` is a local model directory (safetensors
+    only); `texts` = (prompts, teacher outputs) to read. Unwatermarked texts (`texts_watermarked=False`)
+    give an exact null; watermarked ones (e.g. the account's logs) are read more sharply but their null is
+    approximate (see `reading_tuples`), so the report says which it is. sampling: `suspect` is anything
+    `load_teacher` takes (a path, or an HTTP endpoint); it answers `prompts`; `logged` = (prompts, texts)
+    the provider logged restricts scoring to their windows.
     """
-    from eval.reference.world import reference_task
-    from guard.teacher import load_causal_lm, load_teacher
-
-    teacher_tokenizer = load_teacher(tokenizer).tokenizer if tokenizer.startswith("reference") else \
-        load_causal_lm(tokenizer)[1]
     width = config.context_width
     if mode == "reading":
+        if texts is None:
+            raise ValueError("reading mode needs teacher texts to read")
         model, suspect_tokenizer = load_causal_lm(suspect)
-        if suspect_tokenizer.get_vocab() != teacher_tokenizer.get_vocab():
+        if suspect_tokenizer.get_vocab() != tokenizer.get_vocab():
             raise ValueError(f"{suspect}: its tokenizer differs from the teacher's; reading mode needs a suspect "
                              "that shares it (use --mode sampling for any other model)")
-        if texts:
-            text_prompts, bodies = read_texts(texts)
-        else:
-            text_prompts = [i.prompt for i in reference_task().eval_items]
-            bodies = [c.text for c in load_teacher("reference").complete(text_prompts, sampling)]
-        prompt_ids = [teacher_tokenizer(p, add_special_tokens=False)["input_ids"] for p in text_prompts]
-        sequences = [p + teacher_tokenizer(t, add_special_tokens=False)["input_ids"] for p, t in zip(prompt_ids, bodies)]
+        text_prompts, bodies = texts
+        prompt_ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in text_prompts]
+        sequences = [p + tokenizer(t, add_special_tokens=False)["input_ids"] for p, t in zip(prompt_ids, bodies)]
         windows, tokens = reading_tuples(model, sequences, [len(p) for p in prompt_ids], width,
-                                         pad_id=teacher_tokenizer.pad_token_id or 0)
-        source = {"texts": texts or "reference teacher, held-out prompts", "sequences": len(sequences),
-                  "null": "approximate if the texts carry the watermark" if texts else "exact (unwatermarked texts)"}
+                                         pad_id=tokenizer.pad_token_id or 0)
+        source = {"texts": texts_source, "sequences": len(sequences),
+                  "null": "approximate if the texts carry the watermark" if texts_watermarked else
+                          "exact (unwatermarked texts)"}
     elif mode == "sampling":
-        asked = prompts or [i.prompt for i in reference_task().query_pool]
-        windows, tokens = sampled_tuples(load_teacher(suspect, api_key=api_key, model=model_name), asked,
-                                         teacher_tokenizer, width, sampling)
-        source = {"prompts": len(asked)}
+        if not prompts:
+            raise ValueError("sampling mode needs prompts for the suspect to answer")
+        windows, tokens = sampled_tuples(load_teacher(suspect, api_key=api_key, model=model_name), prompts,
+                                         tokenizer, width, sampling)
+        source = {"prompts": len(prompts)}
         if logged:
-            logged_prompts, logged_texts = read_texts(logged)
-            logged_ids = [teacher_tokenizer(t, add_special_tokens=False)["input_ids"] for t in logged_texts]
+            logged_ids = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in logged[1]]
             windows, tokens = restrict_to(windows, tokens, logged_windows(logged_ids, [0] * len(logged_ids), width))
-            source["logged"] = logged
+            source["logged"] = len(logged_ids)
     else:
         raise ValueError(f"unknown audit mode {mode!r}; choose reading or sampling")
-    report = audit(windows, tokens, keys, len(teacher_tokenizer), config, alpha)
+    report = audit(windows, tokens, keys, len(tokenizer), config, alpha)
     return {"suspect": suspect, "mode": mode, **source, **report}

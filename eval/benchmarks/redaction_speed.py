@@ -19,7 +19,8 @@ import numpy as np
 
 from eval.reference.world import reference_task
 from guard.redaction import Redact, StreamRedactor, parse_policy
-from guard.teacher import Sampling, load_teacher
+from eval.reference import load_teacher
+from guard.teacher import Sampling
 
 POLICIES = ("full", "answer-only", "summary", "truncate:4", "truncate:8", "sealed")
 GREEDY = Sampling(temperature=0.0, max_new_tokens=64)

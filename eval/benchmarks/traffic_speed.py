@@ -19,7 +19,7 @@ from detectors.detector import TrafficDetector
 from detectors.events import Event
 from detectors.features import ClientState, Embedder
 from detectors.monitor import Monitor
-from detectors.simulate import BENIGN_POPULATION, simulate
+from eval.traffic import BENIGN_POPULATION, simulate
 
 
 def monitor_speed(events: int) -> dict:

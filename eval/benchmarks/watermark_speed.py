@@ -24,9 +24,9 @@ from transformers import LogitsProcessorList, WatermarkingConfig
 
 from eval.prose import prose_token_sequences
 from eval.reference.world import reference_task
-from guard.teacher import load_teacher
+from eval.reference import LAB_MASTER, load_teacher
 from watermark.detect import TransformersGreenList, WatermarkDetector
-from watermark.kgw import LAB_MASTER, GreenList, GreenListProcessor, WatermarkConfig, WatermarkKey
+from watermark.kgw import GreenList, GreenListProcessor, WatermarkConfig, WatermarkKey
 
 def detection(tokens: int, rounds: int = 3, gamma: float = 0.25, hashing_key: int = 15485863) -> dict:
     teacher = load_teacher("reference")

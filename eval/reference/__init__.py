@@ -1,6 +1,43 @@
-"""The reference lab: a small fictional world, its task, and the teachers trained on it (the embedded default)."""
+"""The reference lab: a small fictional world, its task, and the teachers trained on it (the embedded default).
+
+Everything the general code takes as a parameter, the lab supplies here: its teachers by name, its public
+watermark secret, its summariser, and (in `eval.traffic`) its benign traffic and fitted detector.
+"""
+
+from __future__ import annotations
 
 from pathlib import Path
 
+from eval.reference.world import plan
+from guard.load import load_teacher as load_model
+from guard.redaction import outline
+
 MODELS_DIR = Path(__file__).parent / "models"
 TEACHERS = ("teacher-a", "teacher-b")
+# The lab's watermark master secret, public so that lab experiments and their audits reproduce. Only lab
+# commands use it, and only when asked (--lab); a deployment sets its own in $DISTILL_GUARD_WATERMARK_KEY.
+LAB_MASTER = b"distill-guard reference lab: public demo secret, never for production"
+
+
+def resolve(spec: str) -> str:
+    """A teacher spec with the lab's names resolved: ``reference`` (teacher-a) or ``reference:NAME`` becomes
+    the model directory; anything else (a directory, a URL) is returned as it is."""
+    if spec != "reference" and not spec.startswith("reference:"):
+        return spec
+    name = spec.partition(":")[2] or "teacher-a"
+    if name not in TEACHERS:
+        raise ValueError(f"unknown reference teacher {name!r}; choose one of {list(TEACHERS)}")
+    return str(MODELS_DIR / name)
+
+
+def load_teacher(spec: str, api_key: str | None = None, model: str | None = None, **kwargs):
+    """`guard.load.load_teacher`, with the lab's teachers known by name (see `resolve`)."""
+    return load_model(resolve(spec), api_key=api_key, model=model, **kwargs)
+
+
+def plan_or_outline(prompts: list[str], reasonings: list[str]) -> list[str]:
+    """The lab's summariser: the reference task's plan ("look up the boss of X, then the city of that
+    person"), else the general `outline`."""
+    plans = [plan(p) for p in prompts]
+    fallback = outline(prompts, reasonings)
+    return [p if p is not None else f for p, f in zip(plans, fallback)]

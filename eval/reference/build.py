@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from scipy.stats import chi2, chi2_contingency
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
@@ -130,8 +131,6 @@ def measure_teacher(teacher: HFTeacher, world: World) -> dict:
 
 def phrasing_distance(texts_a: list[str], texts_b: list[str]) -> dict:
     """Mean total-variation distance between two text sets' phrasing choices, with a chi-square test."""
-    from scipy.stats import chi2, chi2_contingency
-
     counts_a, counts_b = phrasing_counts(texts_a), phrasing_counts(texts_b)
     tv, statistic, dof = {}, 0.0, 0
     for kind in counts_a:

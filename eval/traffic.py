@@ -1,5 +1,7 @@
-"""Simulated API traffic: benign personas and distillation attackers, seeded, for tests, benchmarks and
-threshold calibration.
+"""Simulated API traffic, on a simulated clock: benign personas and distillation attackers for tests,
+benchmarks and threshold calibration; the attacker's traffic shape through a served teacher; and the
+replay of benign traffic through a deployment, to measure what a defence that remembers callers costs
+benign users.
 
 Benign personas:
 - `human`: a few requests a day in daytime sessions (Poisson arrivals under a diurnal rate);
@@ -19,10 +21,19 @@ Attackers (prompts from the reference task's attacker pool):
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Sequence
+from dataclasses import dataclass
+
 import numpy as np
 
+from detectors.detector import TrafficDetector
 from detectors.events import Event
+from eval.metrics import Accuracy
 from eval.prose import human_prose
+from eval.reference.world import Question, format_prompt, reference_task
+from eval.task import Task
+from guard.teacher import Caller, Completion, Sampling, Teacher
 
 DAY = 86_400.0
 BENIGN = ("human", "power", "batch")
@@ -55,12 +66,8 @@ class PromptSource:
     def __init__(self, seed: int = 0):
         self.rng = np.random.default_rng(seed)
         paragraphs = human_prose(max_chars=400_000)
-        if len(paragraphs) < 50:
-            raise RuntimeError("too little prose on this machine to simulate benign traffic")
         self.paragraphs = [p[:400] for p in paragraphs]
         self.sentences = [s.strip() + "." for p in paragraphs for s in p.split(". ") if 30 < len(s) < 200]
-        from eval.reference.world import Question, format_prompt, reference_task
-
         self.pool = [i.prompt for i in reference_task().query_pool]
         people = sorted({i.prompt.rstrip("?\n").split()[-1] for i in reference_task().query_pool})
         self.one_hop = [format_prompt(Question(p, (h,)).text) for p in people
@@ -163,3 +170,117 @@ def simulate(population: dict[str, int], days: float = 3.0, seed: int = 0, attac
             labels[client] = kind
     events.sort(key=lambda e: e.time)
     return events, labels
+
+
+@functools.lru_cache(maxsize=4)
+def lab_detector(use_embeddings: bool = False) -> TrafficDetector:
+    """The reference lab's traffic detector: fitted on its simulated benign population (seed 0)."""
+    benign, _ = simulate(BENIGN_POPULATION, days=3, seed=0)
+    return TrafficDetector(use_embeddings=use_embeddings).fit(benign)
+
+
+def as_caller(event: Event) -> Caller:
+    return Caller(account=event.client, time=event.time, ip=event.ip, payment=event.payment)
+
+
+# What benign requests that only build a defence's memory are answered with: their answers are thrown away
+FILLER = Sampling(temperature=0.0, max_new_tokens=1)
+
+
+@dataclass(frozen=True)
+class TrafficShape:
+    """How a harvester's queries reach the served teacher: one every `pace` seconds of a simulated clock from
+    `start`, round-robin over `accounts` accounts (ACCOUNT, or ACCOUNT-0 ... ACCOUNT-{n-1}: a sybil swarm),
+    each attack request hidden among `cover` benign requests of the same account on average (a hydra: the
+    benign requests are served, and their answers go to their owner, not to the harvest)."""
+
+    account: str = "attacker"
+    pace: float = 2.0
+    accounts: int = 1
+    cover: float = 0.0
+    start: float = 1_767_225_600.0
+
+    def __post_init__(self):
+        if self.accounts < 1 or self.cover < 0 or self.pace <= 0:
+            raise ValueError(f"a traffic shape needs accounts >= 1, cover >= 0 and pace > 0; got accounts="
+                             f"{self.accounts}, cover={self.cover}, pace={self.pace}")
+
+
+class ShapedClient(Teacher):
+    """The harvester's side of the wire: sends prompts to `served` as `shape` says, on a simulated clock.
+
+    Not a defence: it is the attacker (or the experiment playing it), so it holds the clock and the accounts.
+    """
+
+    def __init__(self, served: Teacher, shape: TrafficShape = TrafficShape(), seed: int = 0):
+        self.served, self.shape = served, shape
+        self.clock, self.sent = shape.start, 0
+        self.rng = np.random.default_rng(seed)
+        self.cover_prompts = PromptSource(seed=int(self.rng.integers(2**31))) if shape.cover else None
+        self.name = served.name
+
+    def _account(self) -> str:
+        shape = self.shape
+        return shape.account if shape.accounts == 1 else f"{shape.account}-{self.sent % shape.accounts}"
+
+    def complete(self, prompts: list[str], sampling: Sampling = Sampling(),
+                 callers: Sequence[Caller] | None = None) -> list[Completion]:
+        """`callers` is ignored: the shape decides who sends each prompt, and when."""
+        out: list[Completion] = []
+        attack_prompts, attack_callers = [], []
+        for prompt in prompts:
+            account = self._account()
+            cover = self.rng.poisson(self.shape.cover) if self.shape.cover else 0
+            if cover:  # the account's own benign requests come first; what waits to be sent goes first
+                out += self._send(attack_prompts, attack_callers, sampling)
+                cover_prompts = [self.cover_prompts.benign() for _ in range(cover)]
+                cover_callers = []
+                for _ in range(cover):
+                    self.clock += self.rng.exponential(self.shape.pace / (1 + self.shape.cover))
+                    cover_callers.append(Caller(account=account, time=self.clock))
+                self.served.complete(cover_prompts, FILLER, cover_callers)
+            attack_prompts.append(prompt)
+            attack_callers.append(Caller(account=account, time=self.clock))
+            self.clock += self.shape.pace
+            self.sent += 1
+        return out + self._send(attack_prompts, attack_callers, sampling)
+
+    def _send(self, prompts: list[str], callers: list[Caller], sampling: Sampling) -> list[Completion]:
+        if not prompts:
+            return []
+        answers = self.served.complete(list(prompts), sampling, list(callers))
+        prompts.clear()
+        callers.clear()
+        return answers
+
+
+def served_to_benign_users(served: Teacher, task: Task, benign: list[Event], seed: int = 0,
+                           max_new_tokens: int = 64) -> tuple[Accuracy, list[Completion]]:
+    """The task's held-out items asked by benign users amid their other traffic, through `served`.
+
+    Each item replaces a random benign request (same account, time and network), so an item meets the
+    defence with its asker's history behind it; the other requests are sent too (answers thrown away), so a
+    defence that remembers callers judges each account on all of its traffic. Greedy, like `capability`.
+    """
+    items = task.eval_items
+    if len(benign) < len(items):
+        raise ValueError(f"{len(benign)} benign requests cannot carry {len(items)} held-out items")
+    rng = np.random.default_rng(seed)
+    slots = dict(zip(sorted(rng.choice(len(benign), size=len(items), replace=False).tolist()), range(len(items))))
+    answers: list[Completion | None] = [None] * len(items)
+    filler_prompts, filler_callers = [], []
+    sampling = Sampling(temperature=0.0, max_new_tokens=max_new_tokens)
+    for index, event in enumerate(sorted(benign, key=lambda e: e.time)):
+        if index not in slots:
+            filler_prompts.append(event.prompt)
+            filler_callers.append(as_caller(event))
+            continue
+        if filler_prompts:
+            served.complete(filler_prompts, FILLER, filler_callers)
+            filler_prompts, filler_callers = [], []
+        item = slots[index]
+        answers[item] = served.complete([items[item].prompt], sampling, [as_caller(event)])[0]
+    if filler_prompts:
+        served.complete(filler_prompts, FILLER, filler_callers)
+    per_item = np.array([task.is_correct(c.text, i.answer) for c, i in zip(answers, items)], dtype=bool)
+    return Accuracy(per_item), answers

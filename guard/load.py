@@ -1,0 +1,16 @@
+"""A teacher from a spec: an OpenAI-compatible base URL, or a local model directory."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from guard.openai_teacher import OpenAITeacher
+from guard.teacher import HFTeacher, Teacher
+
+
+def load_teacher(spec: str | Path, api_key: str | None = None, model: str | None = None, **kwargs) -> Teacher:
+    """``http(s)://…/v1`` is an OpenAI-compatible endpoint serving `model` (key `api_key`); anything else
+    is a local model directory (safetensors only, see `load_causal_lm`)."""
+    if str(spec).startswith(("http://", "https://")):
+        return OpenAITeacher(str(spec), model=model or "default", api_key=api_key, **kwargs)
+    return HFTeacher(spec, **kwargs)

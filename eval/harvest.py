@@ -12,6 +12,7 @@ import json
 import os
 import shutil
 from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -111,7 +112,8 @@ class Harvester:
             shards = sorted((self.out_dir / "shards").glob("shard-*[0-9]"))
             if not shards:
                 return []
-            rows = datasets.concatenate_datasets([datasets.load_from_disk(str(s)) for s in shards]).to_list()
+            with _quiet_datasets():
+                rows = datasets.concatenate_datasets([datasets.load_from_disk(str(s)) for s in shards]).to_list()
             return sorted(rows, key=lambda r: r["index"])
         self.out_dir.mkdir(parents=True, exist_ok=True)
         (self.out_dir / "shards").mkdir(exist_ok=True)
@@ -157,7 +159,8 @@ class Harvester:
         final = self.out_dir / "shards" / f"shard-{first:08d}"
         tmp = final.with_name(final.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
-        datasets.Dataset.from_list(rows, features=FEATURES).save_to_disk(str(tmp))
+        with _quiet_datasets():  # the harvest's own bar is the one to watch, not one per shard saved
+            datasets.Dataset.from_list(rows, features=FEATURES).save_to_disk(str(tmp))
         os.replace(tmp, final)
 
     def close(self) -> datasets.Dataset:
@@ -167,12 +170,26 @@ class Harvester:
         return datasets.Dataset.from_list(self.rows, features=FEATURES)
 
 
+@contextmanager
+def _quiet_datasets():
+    was_disabled = datasets.are_progress_bars_disabled()
+    datasets.disable_progress_bars()
+    try:
+        yield
+    finally:
+        if not was_disabled:
+            datasets.enable_progress_bars()
+
+
 def load_harvest(out_dir: str | Path) -> datasets.Dataset:
-    """Every stored row of a harvest, in query order."""
-    shards = sorted((Path(out_dir) / "shards").glob("shard-*[0-9]"))
+    """Every stored row of a harvest, in query order (`out_dir` may be the harvest or the cell holding it)."""
+    out_dir = Path(out_dir)
+    out_dir = out_dir / "harvest" if (out_dir / "harvest").is_dir() else out_dir
+    shards = sorted((out_dir / "shards").glob("shard-*[0-9]"))
     if not shards:
         raise FileNotFoundError(f"{out_dir}: no harvest shards")
-    return datasets.concatenate_datasets([datasets.load_from_disk(str(s)) for s in shards]).sort("index")
+    with _quiet_datasets():
+        return datasets.concatenate_datasets([datasets.load_from_disk(str(s)) for s in shards]).sort("index")
 
 
 Strategy = Callable[[Harvester], list[tuple[str, Completion]]]

@@ -1,7 +1,7 @@
 """The rate-pattern detector's validation: per-account detection on fresh seeds, swarms, benign cost, and
 protection measured by real distillation through the monitor.
 
-    python -m eval.traffic_study --out runs/traffic [--seeds 3] [--budget 2000] [--attack-seeds 3]
+    distill-guard study traffic --out runs/traffic [--seeds 3] [--budget 2000] [--attack-seeds 3]
 
 1. Fit `TrafficDetector` on simulated benign traffic (seed 0), with and without embedding features.
 2. Score fresh seeds (never used for fitting): per attacker kind the share of accounts flagged (TPR) and the
@@ -15,7 +15,6 @@ protection measured by real distillation through the monitor.
 
 from __future__ import annotations
 
-import argparse
 import json
 import time
 from collections import defaultdict
@@ -27,12 +26,13 @@ from scipy.stats import binomtest
 from detectors.cluster import judge_clusters
 from detectors.detector import TrafficDetector
 from detectors.monitor import Monitor
-from eval.attack import AttackConfig, evaluate
+from eval.attack import BENIGN_REPLAY, AttackConfig, evaluate, lab_parts
 from eval.reference import load_teacher
 from eval.reference.world import reference_task
 from eval.report import write_study
 from eval.student import StudentConfig
 from eval.traffic import ATTACKERS, BENIGN, BENIGN_POPULATION, TrafficShape, simulate
+from guard.defenses import DefenseParts
 
 ATTACK_MIX = {**{kind: 10 for kind in ATTACKERS if kind != "sybil"}, "sybil": 2}  # per seed, beside the benign
 
@@ -84,17 +84,23 @@ SHAPES = {"naive": TrafficShape(), "slow": TrafficShape(pace=90), "sybil of 10":
 
 
 def protection(out: Path, budget: int, seeds: int, progress: bool, steps: int | None = None,
-               eval_items: int | None = None) -> list[dict]:
+               eval_items: int | None = None, replay_mix: dict[str, int] = BENIGN_REPLAY,
+               detector: TrafficDetector | None = None) -> list[dict]:
     """Real distillation through the monitor: the naive attacker's queries in each traffic shape, and the
-    decomposition attacker's at the scripted pace; protection against the same attacker undefended."""
+    decomposition attacker's at the scripted pace; protection against the same attacker undefended. What the
+    monitor costs benign users comes from one day of `replay_mix`'s traffic (a seed the detector never saw)
+    replayed through it, carrying the held-out items."""
     teacher, task = load_teacher("reference"), reference_task()
     task.eval_items = task.eval_items[:eval_items]
+    benign, _ = simulate(replay_mix, days=1, seed=101)
+    parts = lab_parts(["monitor"]) if detector is None else DefenseParts(detector=detector)
     rows = []
     for strategy, shapes in (("naive", SHAPES), ("decompose", {"decompose": TrafficShape()})):
         for index, (name, shape) in enumerate(shapes.items()):
             attack = AttackConfig(strategy=strategy, student=StudentConfig(mode="sft", steps=steps), traffic=shape)
             report = evaluate(teacher, task, ["none", "monitor"], attack, [budget], seeds,
-                              out / f"protection-{strategy}" / name.replace(" ", "-"), progress=progress)
+                              out / f"protection-{strategy}" / name.replace(" ", "-"), progress=progress,
+                              parts=parts, benign=benign)
             for r in report["rows"]:
                 if r["defense"] == "monitor":
                     rows.append({**r, "shape": name})
@@ -136,30 +142,22 @@ VARIANTS = {"timing+content": False, "with embeddings": True}
 
 def main(out: str, seeds: list[int], budget: int, attack_seeds: int, fit_mix: dict[str, int] = BENIGN_POPULATION,
          variants: tuple[str, ...] = tuple(VARIANTS), steps: int | None = None, eval_items: int | None = None,
-         progress: bool = True) -> dict:
+         progress: bool = True, replay_mix: dict[str, int] = BENIGN_REPLAY) -> dict:
     start, out_dir = time.perf_counter(), Path(out)
     benign, _ = simulate(fit_mix, days=3, seed=0)
     test_mix = {**fit_mix, **ATTACK_MIX}
-    report: dict = {"fit": fit_mix, "test": test_mix, "seeds": seeds}
+    report: dict = {"fit": fit_mix, "test": test_mix, "seeds": seeds, "benign_replay": replay_mix}
+    detectors = {}
     for name in variants:
-        detector = TrafficDetector(target_fpr=0.01, use_embeddings=VARIANTS[name]).fit(benign)
+        detector = detectors[name] = TrafficDetector(target_fpr=0.01, use_embeddings=VARIANTS[name]).fit(benign)
         report[name] = {"detection": detection(detector, seeds, test_mix),
                         "benign_cost": benign_cost(detector, seeds, fit_mix)}
         print(name, json.dumps(report[name], indent=1), flush=True)
     if attack_seeds:
-        report["protection"] = protection(out_dir, budget, attack_seeds, progress, steps, eval_items)
+        # the monitor defence runs the timing+content detector, fitted on the study's benign traffic
+        monitor_detector = detectors.get("timing+content") or TrafficDetector(use_embeddings=False).fit(benign)
+        report["protection"] = protection(out_dir, budget, attack_seeds, progress, steps, eval_items, replay_mix,
+                                          monitor_detector)
     report["wall_seconds"] = round(time.perf_counter() - start, 1)
     write_study(out_dir, report, markdown(report))
     return report
-
-
-if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", default="runs/traffic")
-    parser.add_argument("--seeds", type=int, default=3)
-    parser.add_argument("--budget", type=int, default=2000)
-    parser.add_argument("--attack-seeds", type=int, default=3, help="0 skips the distillation runs")
-    parser.add_argument("--no-embeddings", action="store_true", help="only the timing+content detector")
-    args = parser.parse_args()
-    main(args.out, list(range(1, args.seeds + 1)), args.budget, args.attack_seeds,
-         variants=("timing+content",) if args.no_embeddings else tuple(VARIANTS))

@@ -1,6 +1,6 @@
 """The watermark's validation by real distillation: radioactivity, calibration, utility, an adaptive attacker.
 
-    python -m eval.watermark_study --out runs/watermark [--budgets 500,1000,2000] [--seeds 3] [--control-seeds 1]
+    distill-guard study watermark --out runs/watermark [--budgets 500,1000,2000] [--seeds 3] [--control-seeds 1]
 
 1. Students: `sft` distillation from teacher-a watermarked for the account "attacker", and controls
    distilled from unwatermarked teacher-a, from teacher-b, and from teacher-a watermarked for another
@@ -16,7 +16,6 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import time
 from dataclasses import asdict
@@ -233,17 +232,3 @@ def main(out: str, budgets: list[int], seeds: int, control_seeds: int, steps: in
     report["wall_seconds"] = round(time.perf_counter() - start, 1)
     write_study(out_dir, report, markdown(report))
     return report
-
-
-if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", default="runs/watermark")
-    parser.add_argument("--budgets", default="500,1000,2000")
-    parser.add_argument("--seeds", type=int, default=3)
-    parser.add_argument("--control-seeds", type=int, default=1)
-    parser.add_argument("--steps", type=int, default=None)
-    parser.add_argument("--pool-prompts", type=int, default=2400)
-    parser.add_argument("--documents", type=int, default=1000)
-    args = parser.parse_args()
-    main(args.out, [int(b) for b in args.budgets.split(",")], args.seeds, args.control_seeds, args.steps,
-         args.pool_prompts, args.documents)

@@ -11,11 +11,12 @@ import argparse
 from pathlib import Path
 
 from eval.attack import AttackConfig, evaluate
+from eval.harvest import load_harvest
 from eval.reference import LAB_MASTER, MODELS_DIR, load_teacher
 from eval.reference.world import reference_task
 from eval.student import StudentConfig
 from watermark.kgw import WatermarkConfig, WatermarkKey
-from watermark.radioactivity import radioactivity, read_texts
+from watermark.radioactivity import radioactivity
 
 
 def main(budget: int, steps: int | None, out: str) -> None:
@@ -24,8 +25,10 @@ def main(budget: int, steps: int | None, out: str) -> None:
     evaluate(teacher, reference_task(), ["watermark"], attack, [budget], 1, out, save_students=True)
     cell = Path(out) / "runs" / f"watermark-naive-sft-b{budget}-s0"
     accounts = [WatermarkKey.for_client(LAB_MASTER, c) for c in ["attacker"] + [f"client-{i:02d}" for i in range(1, 12)]]
+    harvest = load_harvest(cell)  # the account's logged outputs, as the provider holds them
     for suspect in (cell / "student", MODELS_DIR / "teacher-b"):
-        report = radioactivity(str(suspect), accounts, teacher.tokenizer, mode="reading", texts=read_texts(cell),
+        report = radioactivity(str(suspect), accounts, teacher.tokenizer, mode="reading",
+                               texts=(list(harvest["prompt"]), list(harvest["text"])),
                                config=WatermarkConfig(), texts_source=str(cell))
         best = min(report["detections"], key=lambda c: report["detections"][c]["p_value"])
         d = report["detections"][best]

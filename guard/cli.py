@@ -22,7 +22,9 @@ from transformers import AutoTokenizer
 from detectors.cluster import judge_clusters
 from detectors.detector import TrafficDetector
 from detectors.events import EventFormatError, read_events, write_events
+from eval import traffic_study, watermark_study
 from eval.attack import AttackConfig, evaluate
+from eval.harvest import load_harvest
 from eval.metrics import capability
 from eval.reference import LAB_MASTER, load_teacher, plan_or_outline, resolve
 from eval.reference.build import build, compare_phrasing
@@ -49,6 +51,8 @@ audit_app = typer.Typer(help="Audits of suspect models.", no_args_is_help=True)
 app.add_typer(audit_app, name="audit")
 traffic_app = typer.Typer(help="Simulated API traffic.", no_args_is_help=True)
 app.add_typer(traffic_app, name="traffic")
+study_app = typer.Typer(help="The validation studies behind README's results (eval/results/).", no_args_is_help=True)
+app.add_typer(study_app, name="study")
 console = Console()
 
 TeacherOpt = Annotated[str, typer.Option(help="'reference', 'reference:teacher-b', a local model directory, "
@@ -261,6 +265,14 @@ def _tokenizer(spec: str):
         raise typer.BadParameter(f"{spec}: cannot load a tokenizer: {e}", param_hint="--tokenizer") from None
 
 
+def _texts(path: str) -> tuple[list[str], list[str]]:
+    """(prompts, texts) from a JSONL file of {prompt, text} rows, or from a harvest (or the cell holding one)."""
+    if Path(path).is_dir():
+        rows = load_harvest(path)
+        return list(rows["prompt"]), list(rows["text"])
+    return read_texts(path)
+
+
 def _write_json(path: str | None, value: dict) -> None:
     if path:
 
@@ -286,7 +298,7 @@ def watermark_detect(texts: Annotated[str, typer.Argument(help="JSONL of {prompt
     the file; the prompt is never scored."""
     keys, config = _watermark_setup(key, keys_file, master_key_file, lab_key, gamma, context_width)
     try:
-        prompts, bodies = read_texts(texts)
+        prompts, bodies = _texts(texts)
     except (ValueError, FileNotFoundError) as e:
         raise typer.BadParameter(str(e), param_hint="TEXTS") from None
     tok = _tokenizer(tokenizer)
@@ -337,7 +349,7 @@ def audit_radioactivity(suspect: Annotated[str, typer.Option(help="suspect model
         read, source = None, texts or "reference teacher, held-out prompts"
         if mode == "reading":
             if texts:
-                read = read_texts(texts)
+                read = _texts(texts)
             else:
                 asked = [i.prompt for i in reference_task().eval_items]
                 read = (asked, [c.text for c in load_teacher("reference").complete(asked, sampling)])
@@ -346,7 +358,7 @@ def audit_radioactivity(suspect: Annotated[str, typer.Option(help="suspect model
             asked = ([json.loads(line)["prompt"] for line in Path(prompts).read_text().splitlines() if line.strip()]
                      if prompts else [i.prompt for i in reference_task().query_pool])
         report = radioactivity(suspect, keys, _tokenizer(tokenizer), mode, texts=read, prompts=asked,
-                               logged=read_texts(logged) if logged else None, config=config, alpha=alpha,
+                               logged=_texts(logged) if logged else None, config=config, alpha=alpha,
                                sampling=sampling, api_key=api_key, model_name=model, texts_source=source,
                                texts_watermarked=texts is not None)
     except (ValueError, ModelLoadError, OSError, KeyError, json.JSONDecodeError) as e:
@@ -415,6 +427,26 @@ def detect(log: Annotated[str, typer.Option(help="traffic log: JSONL or an Arrow
                   f"linked accounts ({sum(g['flagged'] for g in groups)} flagged); {skipped} bad rows skipped")
     _write_json(out, {"log": log, "target_fpr": fpr, "skipped_rows": skipped, "clients": verdicts,
                       "clusters": groups})
+
+
+@study_app.command("traffic")
+def study_traffic(out: str = "runs/traffic",
+                  seeds: Annotated[int, typer.Option(help="fresh traffic seeds to score (1..N)")] = 3,
+                  budget: int = 2000,
+                  attack_seeds: Annotated[int, typer.Option(help="distillation replicates; 0 skips them")] = 3,
+                  embeddings: Annotated[bool, typer.Option(help="also the detector with embedding features")] = True):
+    """The rate-pattern detector: detection on fresh seeds, swarms, benign cost, protection through the monitor."""
+    traffic_study.main(out, list(range(1, seeds + 1)), budget, attack_seeds,
+                       variants=tuple(traffic_study.VARIANTS) if embeddings else ("timing+content",))
+
+
+@study_app.command("watermark")
+def study_watermark(out: str = "runs/watermark", budgets: str = "500,1000,2000", seeds: int = 3,
+                    control_seeds: int = 1, steps: StepsOpt = None, pool_prompts: int = 2400,
+                    documents: int = 1000):
+    """The watermark: radioactivity of distilled students against controls, calibration, utility."""
+    watermark_study.main(out, [int(b) for b in budgets.split(",")], seeds, control_seeds, steps, pool_prompts,
+                         documents)
 
 
 if __name__ == "__main__":

@@ -9,7 +9,9 @@ is one itself, so the code that serves a defended teacher is the code that evalu
 from __future__ import annotations
 
 import copy
+import logging
 from collections.abc import Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -175,6 +177,24 @@ def load_causal_lm(path: str | Path) -> tuple[PreTrainedModel, PreTrainedTokeniz
     return model, tokenizer
 
 
+class _MaskWarningFilter(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "attention_mask" not in record.getMessage()
+
+
+@contextmanager
+def _no_spurious_mask_warning():
+    """`generate` gets our attention mask, then checks its own decoding steps for one and warns that the mask
+    is missing whenever a row's last token is the pad token (here also end-of-text). The warning is false for
+    our calls, so it is silenced for them alone."""
+    logger, quiet = logging.getLogger("transformers.modeling_utils"), _MaskWarningFilter()
+    logger.addFilter(quiet)
+    try:
+        yield
+    finally:
+        logger.removeFilter(quiet)
+
+
 class HFTeacher(Teacher):
     """A local causal LM: any architecture `AutoModelForCausalLM` loads from safetensors.
 
@@ -212,7 +232,7 @@ class HFTeacher(Teacher):
         completion is empty with finish_reason "context_length" (a server answers 400 before it gets here).
         """
         callers_for(prompts, callers)
-        lengths = [len(ids) for ids in self.tokenizer(prompts, add_special_tokens=False)["input_ids"]]
+        lengths = [len(ids) for ids in self.tokenizer(prompts, add_special_tokens=False, verbose=False)["input_ids"]]
         limit = self.context_length
         fits = [i for i, n in enumerate(lengths) if limit is None or n + sampling.max_new_tokens <= limit]
         completions: list[Completion] = [Completion(text="", finish_reason="context_length") for _ in prompts]
@@ -230,19 +250,20 @@ class HFTeacher(Teacher):
         batch = tok(prompts, return_tensors="pt", padding=True, padding_side="left",
                     add_special_tokens=False).to(self.device)
         sample = sampling.temperature > 0
-        out = self.model.generate(
-            **batch,
-            do_sample=sample,
-            temperature=sampling.temperature if sample else None,
-            top_p=sampling.top_p if sample else None,
-            top_k=sampling.top_k if sample else None,
-            max_new_tokens=sampling.max_new_tokens,
-            pad_token_id=tok.pad_token_id,
-            eos_token_id=tok.eos_token_id,
-            return_dict_in_generate=True,
-            output_logits=sampling.logprobs > 0,
-            logits_processor=logits_processor,
-        )
+        with _no_spurious_mask_warning():
+            out = self.model.generate(
+                **batch,
+                do_sample=sample,
+                temperature=sampling.temperature if sample else None,
+                top_p=sampling.top_p if sample else None,
+                top_k=sampling.top_k if sample else None,
+                max_new_tokens=sampling.max_new_tokens,
+                pad_token_id=tok.pad_token_id,
+                eos_token_id=tok.eos_token_id,
+                return_dict_in_generate=True,
+                output_logits=sampling.logprobs > 0,
+                logits_processor=logits_processor,
+            )
         prompt_length = batch["input_ids"].shape[1]
         new_tokens = out.sequences[:, prompt_length:].tolist()
         if sampling.logprobs > 0:

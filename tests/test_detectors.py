@@ -146,11 +146,11 @@ def test_detect_and_simulate_commands(tmp_path):
 
 def test_traffic_study_runs_end_to_end_at_toy_scale(tmp_path):
     """The study's plumbing, on the test population, one seed, a tiny attack; its numbers come from
-    `python -m eval.traffic_study` at full scale."""
+    `distill-guard study traffic` at full scale."""
     from eval.traffic_study import SHAPES, main
 
     report = main(str(tmp_path), [1], budget=60, attack_seeds=1, fit_mix=BENIGN_MIX, variants=("timing+content",),
-                  steps=5, eval_items=40, progress=False)
+                  steps=5, eval_items=40, progress=False, replay_mix={"human": 20, "power": 4, "batch": 2})
     detection = report["timing+content"]["detection"]
     assert detection["naive"]["flagged_share"] == 1.0 and detection["all benign"]["accounts"] >= 250
     assert 0 <= report["timing+content"]["benign_cost"]["refused_share"] < 0.1

@@ -118,9 +118,9 @@ def test_logprobs_of_a_watermarked_teacher_are_the_watermarked_distribution(teac
 def test_each_account_is_served_under_its_own_key_within_one_batch(teacher_a):
     """Per-account keys: one batch from two accounts comes back with each account's watermark, and the
     Holm-corrected detector names the right account for each half."""
-    prompts = [i.prompt for i in reference_task().query_pool[:192]]
+    prompts = [i.prompt for i in reference_task().query_pool[:384]]
     callers = [Caller("alice" if n % 2 else "bob") for n in range(len(prompts))]
-    served = Watermark(teacher_a, MASTER, WatermarkConfig(delta=2.0)).complete(
+    served = Watermark(teacher_a, MASTER, WatermarkConfig(delta=4.0)).complete(
         prompts, Sampling(temperature=1.0, seed=3, max_new_tokens=48), callers)
     for account in ("alice", "bob"):
         mine = [(p, c) for p, c, who in zip(prompts, served, callers) if who.account == account]
@@ -310,7 +310,7 @@ def test_per_text_dedup_counts_match_a_plain_python_count(vocab, width):
 
 def test_watermark_study_runs_end_to_end_at_toy_scale(tmp_path):
     """The validation study's whole pipeline (students, four audits each, wrong keys, FPR, utility) on toy
-    budgets; its numbers come from `python -m eval.watermark_study` at full scale."""
+    budgets; its numbers come from `distill-guard study watermark` at full scale."""
     from eval.watermark_study import GROUPS, main
 
     report = main(str(tmp_path), [48], 1, 1, steps=5, pool_prompts=32, documents=5, progress=False)

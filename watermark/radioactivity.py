@@ -19,7 +19,6 @@ import json
 from dataclasses import asdict
 from pathlib import Path
 
-import datasets
 import numpy as np
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -104,14 +103,8 @@ def audit(windows: np.ndarray, tokens: np.ndarray, keys: list[WatermarkKey], voc
 
 
 def read_texts(path: str | Path) -> tuple[list[str], list[str]]:
-    """(prompts, texts) from a JSONL file of {"prompt", "text"} rows or a harvest directory."""
+    """(prompts, texts) from a JSONL file of {"prompt", "text"} rows."""
     path = Path(path)
-    if path.is_dir():
-        shards = sorted((path / "harvest" if (path / "harvest").is_dir() else path).glob("shards/shard-*[0-9]"))
-        if not shards:
-            raise ValueError(f"{path}: not a harvest directory (no shards/shard-* inside)")
-        rows = datasets.concatenate_datasets([datasets.load_from_disk(str(s)) for s in shards]).sort("index")
-        return list(rows["prompt"]), list(rows["text"])
     prompts, texts = [], []
     try:
         lines = path.read_text().splitlines()

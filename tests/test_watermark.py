@@ -317,3 +317,14 @@ def test_the_processor_adds_delta_exactly_on_each_rows_green_list(width):
     biased = GreenListProcessor(green_list)(input_ids, scores.clone())
     expected = scores + 1.5 * green_list.mask(input_ids[:, -width:]).float()
     assert torch.equal(biased, expected)
+
+
+def test_watermark_speed_benchmark_smoke_on_the_reference_vocabulary():
+    """Smoke test of the speed benchmark at toy size: its three detectors run on the same sequences, count
+    the same tuples, and on transformers' green lists ours gives transformers' z-scores exactly."""
+    from eval.benchmarks.watermark_speed import VOCABULARIES, detection
+
+    out = detection(VOCABULARIES[0].load(), tokens=2048, rounds=1)
+    assert out["tokens"] == 8 * 256 and out["vocab"] == VOCAB
+    assert out["max_abs_z_difference_transformers_lists"] == 0.0
+    assert set(out["median_seconds"]) == {"transformers", "ours_keyed", "ours_transformers_lists"}

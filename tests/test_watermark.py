@@ -328,3 +328,15 @@ def test_watermark_speed_benchmark_smoke_on_the_reference_vocabulary():
     assert out["tokens"] == 8 * 256 and out["vocab"] == VOCAB
     assert out["max_abs_z_difference_transformers_lists"] == 0.0
     assert set(out["median_seconds"]) == {"transformers", "ours_keyed", "ours_transformers_lists"}
+
+
+def test_green_lists_tabulated_block_by_block_equal_the_pointwise_hash():
+    from watermark.kgw import TABLE_CHUNK, TABLE_VOCAB_LIMIT
+
+    vocab = 3000  # tabulated in several blocks of rows, the last one partial
+    assert TABLE_CHUNK < vocab * vocab and vocab <= TABLE_VOCAB_LIMIT and vocab % (TABLE_CHUNK // vocab)
+    green_list = GreenList(key(), vocab)
+    contexts = torch.arange(vocab)
+    rows = green_list.mask(contexts[:, None])
+    pointwise = green_list.green(contexts.repeat_interleave(vocab)[:, None], torch.arange(vocab).repeat(vocab))
+    assert torch.equal(rows.reshape(-1), pointwise)

@@ -340,3 +340,15 @@ def test_green_lists_tabulated_block_by_block_equal_the_pointwise_hash():
     rows = green_list.mask(contexts[:, None])
     pointwise = green_list.green(contexts.repeat_interleave(vocab)[:, None], torch.arange(vocab).repeat(vocab))
     assert torch.equal(rows.reshape(-1), pointwise)
+
+
+def test_transformers_green_list_mask_is_what_transformers_processor_biases():
+    from transformers.generation.logits_process import WatermarkLogitsProcessor
+
+    from watermark.detect import TransformersGreenList
+
+    input_ids = torch.randint(0, VOCAB, (6, 7), generator=torch.Generator().manual_seed(4))
+    processor = WatermarkLogitsProcessor(VOCAB, "cpu", greenlist_ratio=0.25, bias=1.0, hashing_key=12345,
+                                         seeding_scheme="lefthash", context_width=1)
+    biased = processor(input_ids, torch.zeros(6, VOCAB)) > 0
+    assert torch.equal(TransformersGreenList(VOCAB, 0.25, 12345).mask(input_ids[:, -1:]), biased)

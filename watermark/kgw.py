@@ -30,7 +30,7 @@ from guard.teacher import Completion, HFTeacher, Sampling, Teacher
 
 MASK64 = (1 << 64) - 1
 TABLE_VOCAB_LIMIT = 8192  # h = 1 green lists are tabulated up to this vocabulary (64 MiB of bools)
-TABLE_CHUNK = 1 << 20  # (context, token) pairs hashed at once while tabulating, so the scratch stays 8 MiB
+TABLE_CHUNK = 1 << 20  # (context, token) pairs hashed at once while tabulating: 8 MiB per int64 buffer
 BIAS_TABLE_VOCAB_LIMIT = 2048  # ... and their δ-bias rows as floats up to this one (16 MiB in float32)
 _M1, _M2, _GOLDEN = 0xBF58476D1CE4E5B9, 0x94D049BB133111EB, 0x9E3779B97F4A7C15
 

@@ -333,3 +333,38 @@ def test_the_processor_adds_delta_exactly_on_each_rows_green_list(width):
     biased = GreenListProcessor(green_list)(input_ids, scores.clone())
     expected = scores + 1.5 * green_list.mask(input_ids[:, -width:]).float()
     assert torch.equal(biased, expected)
+
+
+def test_watermark_speed_benchmark_smoke_on_the_reference_vocabulary():
+    """Smoke test of the speed benchmark at toy size: its three detectors run on the same sequences, count
+    the same tuples, and on transformers' green lists ours gives transformers' z-scores exactly."""
+    from eval.benchmarks.watermark_speed import VOCABULARIES, detection
+
+    out = detection(VOCABULARIES[0].load(), tokens=2048, rounds=1)
+    assert out["tokens"] == 8 * 256 and out["vocab"] == VOCAB
+    assert out["max_abs_z_difference_transformers_lists"] == 0.0
+    assert set(out["median_seconds"]) == {"transformers", "ours_keyed", "ours_transformers_lists"}
+
+
+def test_green_lists_tabulated_block_by_block_equal_the_pointwise_hash():
+    from watermark.kgw import TABLE_CHUNK, TABLE_VOCAB_LIMIT
+
+    vocab = 3000  # tabulated in several blocks of rows, the last one partial
+    assert TABLE_CHUNK < vocab * vocab and vocab <= TABLE_VOCAB_LIMIT and vocab % (TABLE_CHUNK // vocab)
+    green_list = GreenList(key(), vocab)
+    contexts = torch.arange(vocab)
+    rows = green_list.mask(contexts[:, None])
+    pointwise = green_list.green(contexts.repeat_interleave(vocab)[:, None], torch.arange(vocab).repeat(vocab))
+    assert torch.equal(rows.reshape(-1), pointwise)
+
+
+def test_transformers_green_list_mask_is_what_transformers_processor_biases():
+    from transformers.generation.logits_process import WatermarkLogitsProcessor
+
+    from watermark.detect import TransformersGreenList
+
+    input_ids = torch.randint(0, VOCAB, (6, 7), generator=torch.Generator().manual_seed(4))
+    processor = WatermarkLogitsProcessor(VOCAB, "cpu", greenlist_ratio=0.25, bias=1.0, hashing_key=12345,
+                                         seeding_scheme="lefthash", context_width=1)
+    biased = processor(input_ids, torch.zeros(6, VOCAB)) > 0
+    assert torch.equal(TransformersGreenList(VOCAB, 0.25, 12345).mask(input_ids[:, -1:]), biased)

@@ -122,25 +122,43 @@ def score_tuples(green_list, windows: np.ndarray, tokens: np.ndarray, dedup: boo
 
 
 class TransformersGreenList:
-    """The green lists of transformers' own `WatermarkLogitsProcessor` (lefthash, context width 1), as a
-    table built once, so text watermarked by `generate(watermarking_config=...)` is detected at table-lookup
-    speed. Memory is vocab^2 bits (128 KiB for 1,024 tokens, 300 MiB for 50k)."""
+    """The green lists of transformers' own `WatermarkLogitsProcessor` (lefthash, context width 1), so text
+    watermarked by `generate(watermarking_config=...)` is detected with the same z-scores as its
+    `WatermarkDetector`.
+
+    Each green list is a reseeded `randperm` of the whole vocabulary, so a vocab x vocab table would cost
+    vocab^2 bytes and vocab permutations (tens of GB at a 150k vocabulary). Instead each call draws the
+    green list of every distinct context it is given, once, and memory stays one vocabulary row.
+    """
 
     width = 1
 
     def __init__(self, vocab_size: int, gamma: float = 0.25, hashing_key: int = 15485863):
-        processor = WatermarkLogitsProcessor(vocab_size, "cpu", greenlist_ratio=gamma, hashing_key=hashing_key,
-                                             seeding_scheme="lefthash", context_width=1)
         self.vocab_size, self.gamma = vocab_size, gamma
-        self.table = torch.zeros(vocab_size, vocab_size, dtype=torch.bool)
-        for previous in range(vocab_size):
-            self.table[previous, processor._get_greenlist_ids(torch.tensor([previous]))] = True
+        self._processor = WatermarkLogitsProcessor(vocab_size, "cpu", greenlist_ratio=gamma, hashing_key=hashing_key,
+                                                   seeding_scheme="lefthash", context_width=1)
+
+    def _green_ids(self, previous: int) -> torch.Tensor:
+        return self._processor._get_greenlist_ids(torch.tensor([previous]))
 
     def green(self, windows: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-        return self.table[windows[..., -1].long(), tokens.long()]
+        previous, tokens = windows[..., -1].reshape(-1).long().cpu(), tokens.reshape(-1).long().cpu()
+        order = torch.argsort(previous, stable=True)
+        contexts, counts = torch.unique_consecutive(previous[order], return_counts=True)
+        out = torch.empty(len(tokens), dtype=torch.bool)
+        row = torch.zeros(self.vocab_size, dtype=torch.bool)
+        for context, positions in zip(contexts.tolist(), torch.split(order, counts.tolist())):
+            green_ids = self._green_ids(context)
+            row[green_ids] = True
+            out[positions] = row[tokens[positions]]
+            row[green_ids] = False
+        return out.reshape(windows.shape[:-1]).to(windows.device)
 
     def mask(self, windows: torch.Tensor) -> torch.Tensor:
-        return self.table[windows[:, -1].long()]
+        out = torch.zeros(len(windows), self.vocab_size, dtype=torch.bool)
+        for i, previous in enumerate(windows[:, -1].tolist()):
+            out[i, self._green_ids(previous)] = True
+        return out.to(windows.device)
 
 
 class WatermarkDetector:

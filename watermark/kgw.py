@@ -32,6 +32,7 @@ from guard.teacher import Caller, Completion, Defense, HFTeacher, Sampling, call
 
 MASK64 = (1 << 64) - 1
 TABLE_VOCAB_LIMIT = 8192  # h = 1 green lists are tabulated up to this vocabulary (64 MiB of bools)
+TABLE_CHUNK = 1 << 20  # (context, token) pairs hashed at once while tabulating: 8 MiB per int64 buffer
 BIAS_TABLE_VOCAB_LIMIT = 2048  # ... and their δ-bias rows as floats up to this one (16 MiB in float32)
 _M1, _M2, _GOLDEN = 0xBF58476D1CE4E5B9, 0x94D049BB133111EB, 0x9E3779B97F4A7C15
 
@@ -41,18 +42,28 @@ def _signed(value: int) -> int:
     return value - (1 << 64) if value >= 1 << 63 else value
 
 
-def _shift_right(x: torch.Tensor, bits: int) -> torch.Tensor:
-    """Logical (unsigned) right shift of int64 bit patterns; torch's >> is arithmetic."""
-    return (x >> bits) & ((1 << (64 - bits)) - 1)
+def _shift_right_(x: torch.Tensor, bits: int, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Logical (unsigned) right shift of int64 bit patterns, into `out` (default: in place); torch's >> is
+    arithmetic, so the sign bits it drags in are masked off."""
+    out = torch.bitwise_right_shift(x, bits, out=x if out is None else out)
+    out &= (1 << (64 - bits)) - 1
+    return out
 
 
 def mix64(x: torch.Tensor) -> torch.Tensor:
     """splitmix64's finaliser on int64 tensors (wrap-around arithmetic): a bijective 64-bit scrambler."""
-    x = x ^ _shift_right(x, 30)
-    x = x * _signed(_M1)
-    x = x ^ _shift_right(x, 27)
-    x = x * _signed(_M2)
-    return x ^ _shift_right(x, 31)
+    return _mix64_(x.clone())
+
+
+def _mix64_(x: torch.Tensor) -> torch.Tensor:
+    """`mix64` in place with one scratch tensor: on batch x vocabulary hashes, allocating a fresh tensor for
+    every operation costs more than the arithmetic itself."""
+    scratch = torch.empty_like(x)
+    for bits, multiplier in ((30, _M1), (27, _M2), (31, None)):
+        x ^= _shift_right_(x, bits, out=scratch)
+        if multiplier is not None:
+            x *= _signed(multiplier)
+    return x
 
 
 class WatermarkKey:
@@ -134,8 +145,8 @@ def load_keys(clients: list[str], keys_file: str | None = None, master_file: str
 @dataclass(frozen=True)
 class WatermarkConfig:
     gamma: float = 0.25  # share of the vocabulary that is green in each context
-    # logit bias on green tokens. Teacher-a's greedy accuracy (98.0% plain) under 4-6 account keys:
-    # delta 2.0 -> 94.2-97.8%, 1.0 -> 96.8-98.0%, 0.75 -> 97.3-98.2% ("attacker": 97.3%), 0.5 -> 97.3-98.3%.
+    # logit bias on green tokens: larger is easier to detect and costs the teacher more accuracy; the
+    # measurements behind the default are in README's watermark section
     delta: float = 0.75
     context_width: int = 1  # h: how many preceding tokens pick the green list
 
@@ -170,7 +181,7 @@ class GreenList:
         return h
 
     def _is_green(self, context: torch.Tensor, token_hash: torch.Tensor) -> torch.Tensor:
-        return _shift_right(mix64(context ^ token_hash), 11) < self._threshold
+        return _shift_right_(_mix64_(context ^ token_hash), 11) < self._threshold
 
     def green(self, windows: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
         """Whether each token is green after its window: windows [..., h], tokens [...] -> bool [...]."""
@@ -185,10 +196,16 @@ class GreenList:
 
     def _table(self, device: torch.device) -> torch.Tensor:
         """With h = 1 every context is one token, so all green lists fit in a vocab x vocab table (1 MiB for
-        1,024 tokens), built once per device: generation then pays an index, not a hash, per step."""
+        1,024 tokens), built once per device: generation then pays an index, not a hash, per step. Built
+        a block of rows at a time, so hashing never holds more than the table and one small scratch."""
         if device not in self._tables:
             contexts = self.context_hash(torch.arange(self.vocab_size, device=device)[:, None])
-            self._tables[device] = self._is_green(contexts[:, None], self._token_hash.to(device)[None, :])
+            token_hash = self._token_hash.to(device)[None, :]
+            table = torch.empty(self.vocab_size, self.vocab_size, dtype=torch.bool, device=device)
+            rows = max(1, TABLE_CHUNK // self.vocab_size)
+            for start in range(0, self.vocab_size, rows):
+                table[start:start + rows] = self._is_green(contexts[start:start + rows, None], token_hash)
+            self._tables[device] = table
         return self._tables[device]
 
 

@@ -6,7 +6,7 @@ from pathlib import Path
 from eval.benchmarks import redaction_speed, traffic_speed, trainer_speed, watermark_speed
 
 results = {"trainer_speed": trainer_speed.main(steps=150, rounds=3, batch_size=64),
-           "watermark_speed": watermark_speed.main(tokens=1_000_000, rounds=30),
+           "watermark_speed": watermark_speed.main(),
            "traffic_speed": traffic_speed.main(events=50_000),
            "redaction_speed": redaction_speed.main(prompts=256, rounds=5, repeats=20)}
 Path("runs").mkdir(exist_ok=True)

@@ -188,9 +188,9 @@ def test_detect_and_simulate_commands(tmp_path):
     assert bad.returncode != 0 and "missing required field 'time'" in bad.stderr
 
 
-def test_traffic_study_runs_end_to_end_at_toy_scale(tmp_path):
-    """The study's plumbing, on the test population, one seed, a tiny attack; its numbers come from
-    `python -m eval.traffic_study` at full scale."""
+def test_traffic_study_smoke_at_toy_scale(tmp_path):
+    """Smoke test of the study's plumbing, on the test population, one seed, a tiny attack; its numbers
+    come from `python -m eval.traffic_study` at full scale."""
     from eval.traffic_study import SHAPES, main
 
     report = main(str(tmp_path), [1], budget=60, attack_seeds=1, fit_mix=BENIGN_MIX, variants=("timing+content",),

@@ -357,9 +357,9 @@ def test_per_text_dedup_counts_match_a_plain_python_count(vocab, width):
         assert (got.scored, got.green) == (len(tuples), green)
 
 
-def test_watermark_study_runs_end_to_end_at_toy_scale(tmp_path):
-    """The validation study's whole pipeline (students, four audits each, wrong keys, FPR, utility) on toy
-    budgets; its numbers come from `python -m eval.watermark_study` at full scale."""
+def test_watermark_study_smoke_at_toy_scale(tmp_path):
+    """Smoke test of the validation study's whole pipeline (students, four audits each, wrong keys, FPR,
+    utility) on toy budgets; its numbers come from `python -m eval.watermark_study` at full scale."""
     from eval.watermark_study import GROUPS, main
 
     report = main(str(tmp_path), [48], 1, 1, steps=5, pool_prompts=32, documents=5, progress=False)

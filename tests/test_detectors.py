@@ -2,6 +2,7 @@
 
 import json
 from collections import Counter
+from itertools import combinations
 
 import numpy as np
 import pytest
@@ -122,6 +123,51 @@ def test_clustering_finds_a_planted_swarm_and_flags_it_as_a_group(benign_detecto
     assert judged[0]["flagged"] and judged[0]["members"] == swarm
 
 
+WORDS = ("apple", "river", "stone", "cloud", "paper", "glass", "music", "tiger", "bread", "light", "chair",
+         "ocean", "piano", "garden", "silver", "winter", "market", "candle", "bridge", "forest", "engine", "pencil")
+SIGNALS = ("network", "timing", "templates")
+
+
+def hand_built_accounts(shared: set[str], t0: float, rng) -> list[Event]:
+    """Three accounts, each with its own payment fingerprint, that share exactly the `shared` signals."""
+    events = []
+    for a in range(3):
+        client = f"group-{a}"
+        ip = f"203.0.113.{10 + a}" if "network" in shared else f"198.51.{a}.7"
+        # Out of step, pairs differ in start only (0, 1), in pace only (1, 2), or in both (0, 2).
+        start, pace = (t0 + 10 * a, 30.0) if "timing" in shared else [(t0 - 3600, 30.0), (t0, 30.0), (t0 + 10, 90.0)][a]
+        for k in range(20):
+            if "templates" in shared:  # one wording; only names and numbers change
+                prompt = f"Summarise what {rng.choice(['Kalon', 'Ridan', 'Tilden'])} told Mara about {k} invoices."
+            else:
+                prompt = " ".join(rng.choice(WORDS, 6))
+            events.append(Event(client, start + k * pace, prompt, ip=ip, payment=f"card-{client}"))
+    return events
+
+
+def unrelated_accounts(count: int, t0: float, rng) -> list[Event]:
+    """Accounts that share nothing: own payment, own /24, far-apart starts, own wording."""
+    return [Event(f"unrelated-{i}", t0 + 5000 * i + k * (20.0 + 13 * i), " ".join(rng.choice(WORDS, 6)),
+                  ip=f"100.64.{i}.1", payment=f"card-unrelated-{i}")
+            for i in range(count) for k in range(20)]
+
+
+# Every subset of the three weak signals; by design two of them link accounts and one alone does not
+# (colleagues share an office network, two batch jobs may share a template).
+@pytest.mark.parametrize("shared", [set(c) for n in range(4) for c in combinations(SIGNALS, n)],
+                         ids=lambda shared: "+".join(sorted(shared)) or "nothing")
+def test_accounts_with_distinct_payments_are_linked_by_any_two_weak_signals(shared):
+    from detectors.cluster import clusters
+
+    rng = np.random.default_rng(0)
+    t0 = 1_700_000_000.0
+    group = hand_built_accounts(shared, t0, rng)
+    control = unrelated_accounts(10, t0 + 20_000, rng)
+    assert len({e.payment for e in group}) == 3
+    expected = [["group-0", "group-1", "group-2"]] if len(shared) >= 2 else []
+    assert clusters(group + control, min_size=2) == expected
+
+
 def test_detect_and_simulate_commands(tmp_path):
     import subprocess
     import sys
@@ -144,9 +190,9 @@ def test_detect_and_simulate_commands(tmp_path):
     assert bad.returncode != 0 and "missing required field 'time'" in bad.stderr
 
 
-def test_traffic_study_runs_end_to_end_at_toy_scale(tmp_path):
-    """The study's plumbing, on the test population, one seed, a tiny attack; its numbers come from
-    `distill-guard study traffic` at full scale."""
+def test_traffic_study_smoke_at_toy_scale(tmp_path):
+    """Smoke test of the study's plumbing, on the test population, one seed, a tiny attack; its numbers
+    come from `distill-guard study traffic` at full scale."""
     from eval.traffic_study import SHAPES, main
 
     report = main(str(tmp_path), [1], budget=60, attack_seeds=1, fit_mix=BENIGN_MIX, variants=("timing+content",),

@@ -227,8 +227,8 @@ def test_sealed_server_hands_out_blobs_and_refuses_tampered_ones(teacher_a):
             follow_up(tampered)
 
 
-def test_the_redaction_benchmark_runs_every_policy_on_crafted_completions():
-    """The benchmark is not timed here; it must keep running as the policies change."""
+def test_redaction_benchmark_smoke():
+    """Smoke test: the redaction benchmark still runs every policy as the policies change. Not timed here."""
     from eval.benchmarks.redaction_speed import POLICIES, post_processing
 
     texts = ["<think>a is b. b is c.</think> answer: c", "no reasoning here", "<think>unclosed"]

@@ -95,15 +95,22 @@ def test_pickled_checkpoints_are_refused(tmp_path, tiny_llama, name):
 
 
 def test_remote_code_is_never_trusted(tmp_path, tiny_llama):
+    """A valid checkpoint whose auto_map names code shipped beside it loads with the built-in class;
+    the shipped module, which would leave a marker file on import, is never imported."""
     for f in tiny_llama.iterdir():
         (tmp_path / f.name).write_bytes(f.read_bytes())
+    marker = tmp_path / "pwned"
+    (tmp_path / "modeling_evil.py").write_text(
+        f"from transformers import LlamaForCausalLM as EvilForCausalLM\n"
+        f"open({str(marker)!r}, 'w').close()\n")
     config = json.loads((tmp_path / "config.json").read_text())
-    config.update(model_type="evil", auto_map={"AutoModelForCausalLM": "modeling_evil.EvilForCausalLM"})
+    config["auto_map"] = {"AutoModelForCausalLM": "modeling_evil.EvilForCausalLM"}
     (tmp_path / "config.json").write_text(json.dumps(config))
-    (tmp_path / "modeling_evil.py").write_text(f"open({str(tmp_path / 'pwned')!r}, 'w').close()\n")
-    with pytest.raises(ModelLoadError, match="cannot load as a causal LM"):
-        load_causal_lm(tmp_path)
-    assert not (tmp_path / "pwned").exists()
+
+    model, _ = load_causal_lm(tmp_path)
+    assert type(model) is LlamaForCausalLM
+    assert HFTeacher(tmp_path).complete(["question: who is the boss of Kaloth?\n"], GREEDY)
+    assert not marker.exists()
 
 
 def test_unknown_model_type_and_missing_dir_fail_clearly(tmp_path, tiny_llama):

@@ -47,3 +47,38 @@ def test_collator_aligns_kd_targets_with_completion_labels():
     assert batch["kd_ids"][0, 2].tolist() == [7, 1] and batch["kd_ids"][1, 1].tolist() == [9, 0]
     assert batch["kd_logprobs"][1, 1, 1].item() == float("-inf")  # unused slot carries no mass
     assert batch["labels"][1].tolist() == [IGNORE, 9, IGNORE, IGNORE]
+
+
+def test_kd_rows_are_trained_on_the_kd_term_not_cross_entropy(teacher_a, tmp_path):
+    """The first logged training loss on a harvest with top-k logprobs is the KD loss of that batch.
+
+    A KD row that silently fell back to cross-entropy would log the cross-entropy instead.
+    """
+    from eval.harvest import completion_row
+    from eval.reference.world import reference_task
+    from eval.student import StudentConfig, init_student, train_student, training_set
+    from guard.teacher import Sampling
+
+    prompts = [i.prompt for i in reference_task().query_pool[:16]]
+    completions = teacher_a.complete(prompts, Sampling(seed=0, logprobs=5, max_new_tokens=48))
+    rows = [completion_row(i, p, c) for i, (p, c) in enumerate(zip(prompts, completions))]
+    # One step over one batch holding every row: the logged loss is the loss of the untouched student.
+    config = StudentConfig(mode="kd", steps=1, batch_size=len(rows), warmup_steps=0)
+
+    model, tokenizer = init_student(config)
+    batch = CompletionCollator(tokenizer.pad_token_id)(list(training_set(rows, "kd", tokenizer)))
+    with torch.no_grad():
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+    targets, kd_mask = batch["labels"][:, 1:], batch["kd_mask"][:, 1:]
+    completion_tokens = targets != IGNORE
+    cross_entropy = torch.nn.functional.cross_entropy(logits.transpose(1, 2), targets.clamp(min=0), reduction="none")
+    kd = topk_distillation_loss(logits, batch["kd_ids"][:, 1:], batch["kd_logprobs"][:, 1:])
+    # Every generated token has teacher targets; only the appended end-of-text label has none.
+    assert kd_mask.sum() == completion_tokens.sum() - len(rows)
+    expected = torch.where(kd_mask, kd, cross_entropy)[completion_tokens].mean().item()
+    all_cross_entropy = cross_entropy[completion_tokens].mean().item()
+    # The two losses differ on this batch by far more than the tolerance below.
+    assert abs(expected - all_cross_entropy) > 0.1
+
+    _, _, result = train_student(rows, config, output_dir=str(tmp_path), progress=False)
+    assert result.losses[0][1] == pytest.approx(expected, abs=1e-3)

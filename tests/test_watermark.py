@@ -1,5 +1,8 @@
 """The green-list watermark, its exact detector, per-client keys and the radioactivity plumbing."""
 
+import functools
+import hashlib
+import hmac
 import json
 import math
 
@@ -36,12 +39,59 @@ def key(client="client-0"):
     return WatermarkKey.for_client(MASTER, client)
 
 
+# A plain-Python green list, written from the scheme's description with Python ints, as the oracle for the
+# torch one: key_c = HMAC-SHA256(master, client); two 64-bit seeds from SHA-256 of a domain tag and key_c;
+# context hash = splitmix64-finaliser chain over the window (token * golden ratio + position); a token is
+# green when the top 53 bits of mix(context hash ^ mix(token + token seed)) fall below gamma * 2^53.
+U64 = (1 << 64) - 1
+
+
+def py_mix64(x: int) -> int:
+    x &= U64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & U64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & U64
+    return x ^ (x >> 31)
+
+
+@functools.cache
+def py_seeds(client: str) -> tuple[int, int]:
+    secret = hmac.new(MASTER, client.encode(), hashlib.sha256).digest()
+    digest = hashlib.sha256(b"distill-guard watermark v1" + secret).digest()
+    return int.from_bytes(digest[:8], "little"), int.from_bytes(digest[8:16], "little")
+
+
+def py_green(client: str, gamma: float, window: list[int], token: int) -> bool:
+    context_seed, token_seed = py_seeds(client)
+    h = context_seed
+    for position, t in enumerate(window):
+        h = py_mix64(h ^ ((int(t) * 0x9E3779B97F4A7C15 + position + 1) & U64))
+    return py_mix64(h ^ py_mix64(int(token) + token_seed)) >> 11 < int(gamma * 2**53)
+
+
+def py_mask(client: str, gamma: float, windows: list[list[int]], vocab: int) -> torch.Tensor:
+    return torch.tensor([[py_green(client, gamma, w, t) for t in range(vocab)] for w in windows])
+
+
 def test_torch_hash_matches_an_independent_uint64_implementation():
     rng = np.random.default_rng(0)
     values = rng.integers(np.iinfo(np.int64).min, np.iinfo(np.int64).max, size=10_000, dtype=np.int64)
     values[:4] = [0, -1, np.iinfo(np.int64).min, np.iinfo(np.int64).max]
     expected = numpy_mix64(values.view(np.uint64)).view(np.int64)
     assert np.array_equal(mix64(torch.from_numpy(values)).numpy(), expected)
+
+
+# Both code paths: tabulated (h = 1, small vocabulary) and hashed per context (larger h or vocabulary).
+@pytest.mark.parametrize("vocab,gamma,width", [(VOCAB, 0.25, 1), (30522, 0.25, 1), (VOCAB, 0.5, 2), (VOCAB, 0.1, 4)])
+def test_green_lists_equal_a_plain_python_keyed_hash(vocab, gamma, width):
+    green_list = GreenList(key("client-3"), vocab, WatermarkConfig(gamma=gamma, context_width=width))
+    rng = np.random.default_rng(width)
+    windows = rng.integers(0, vocab, size=(300, width)).tolist()
+    tokens = rng.integers(0, vocab, size=300).tolist()
+    expected = [py_green("client-3", gamma, w, t) for w, t in zip(windows, tokens)]
+    assert green_list.green(torch.tensor(windows), torch.tensor(tokens)).tolist() == expected
+    assert sum(expected) > 0 and not all(expected)
+    few = windows[:3]
+    assert torch.equal(green_list.mask(torch.tensor(few))[:, :VOCAB], py_mask("client-3", gamma, few, VOCAB))
 
 
 @pytest.mark.parametrize("gamma,width", [(0.25, 1), (0.5, 2), (0.1, 4)])
@@ -70,7 +120,7 @@ def test_processor_adds_delta_to_exactly_the_green_logits():
     ids = torch.randint(0, VOCAB, (3, 9))
     scores = torch.randn(3, VOCAB)
     out = GreenListProcessor(green_list)(ids, scores)
-    assert torch.allclose(out - scores, 2.5 * green_list.mask(ids[:, -2:]).float())
+    assert torch.allclose(out - scores, 2.5 * py_mask("client-0", 0.25, ids[:, -2:].tolist(), VOCAB).float())
 
 
 def test_exact_p_value_matches_a_hand_computed_binomial_tail():
@@ -108,11 +158,26 @@ def test_watermarked_generations_are_greener_than_plain_ones(teacher_a, generati
 
 
 def test_logprobs_of_a_watermarked_teacher_are_the_watermarked_distribution(teacher_a):
-    prompt = [reference_task().query_pool[0].prompt]
-    wm = Watermark(teacher_a, MASTER, WatermarkConfig(delta=4.0), client="client-0")
-    marked = wm.complete(prompt, Sampling(temperature=0, logprobs=5, max_new_tokens=8))[0]
-    plain = teacher_a.complete(prompt, Sampling(temperature=0, logprobs=5, max_new_tokens=8))[0]
-    assert marked.token_logprobs[0].logprob != pytest.approx(plain.token_logprobs[0].logprob)
+    """Reported logprobs are log_softmax(model logits + delta on the context's green tokens), recomputed
+    here from the model's raw logits and the plain-Python green list."""
+    prompt, delta, k = reference_task().query_pool[0].prompt, 4.0, 5
+    wm = Watermark(teacher_a, MASTER, WatermarkConfig(delta=delta), client="client-0")
+    marked = wm.complete([prompt], Sampling(temperature=0, logprobs=k, max_new_tokens=8))[0]
+    prompt_ids = teacher_a.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    ids = prompt_ids + marked.token_ids
+    with torch.no_grad():
+        logits = teacher_a.model(torch.tensor([ids])).logits[0, len(prompt_ids) - 1: -1]
+    assert logits.shape[-1] == len(teacher_a.tokenizer)
+    contexts = [[t] for t in ids[len(prompt_ids) - 1: -1]]  # h = 1: each step's green list follows the token before
+    watermarked = (logits + delta * py_mask("client-0", 0.25, contexts, logits.shape[-1])).log_softmax(-1)
+    assert len(marked.logprobs) == len(marked.token_logprobs) == len(marked.token_ids) > 0
+    for step, (top, chosen, token) in enumerate(zip(marked.logprobs, marked.token_logprobs, marked.token_ids)):
+        values, indices = watermarked[step].topk(k)
+        assert [t.id for t in top] == indices.tolist()
+        assert [t.logprob for t in top] == pytest.approx(values.tolist(), abs=1e-4)
+        assert chosen.id == token and chosen.logprob == pytest.approx(watermarked[step, token].item(), abs=1e-4)
+    plain = logits.log_softmax(-1)[torch.arange(len(marked.token_ids)), marked.token_ids]
+    assert max(abs(c.logprob - p) for c, p in zip(marked.token_logprobs, plain.tolist())) > 0.1
 
 
 def test_each_account_is_served_under_its_own_key_within_one_batch(teacher_a):
@@ -304,13 +369,13 @@ def test_per_text_dedup_counts_match_a_plain_python_count(vocab, width):
     ours = WatermarkDetector(green_list).detect(sequences, prompts)
     for seq, start, got in zip(sequences, prompts, ours):
         tuples = {(tuple(seq[i - width:i]), seq[i]) for i in range(max(start, width), len(seq))}
-        green = sum(bool(green_list.green(torch.tensor([w]), torch.tensor([t]))) for w, t in tuples)
+        green = sum(py_green("client-0", 0.25, list(w), t) for w, t in tuples)
         assert (got.scored, got.green) == (len(tuples), green)
 
 
-def test_watermark_study_runs_end_to_end_at_toy_scale(tmp_path):
-    """The validation study's whole pipeline (students, four audits each, wrong keys, FPR, utility) on toy
-    budgets; its numbers come from `distill-guard study watermark` at full scale."""
+def test_watermark_study_smoke_at_toy_scale(tmp_path):
+    """Smoke test of the validation study's whole pipeline (students, four audits each, wrong keys, FPR,
+    utility) on toy budgets; its numbers come from `distill-guard study watermark` at full scale."""
     from eval.watermark_study import GROUPS, main
 
     report = main(str(tmp_path), [48], 1, 1, steps=5, pool_prompts=32, documents=5, progress=False)
@@ -331,7 +396,7 @@ def test_the_processor_adds_delta_exactly_on_each_rows_green_list(width):
     input_ids = torch.randint(0, VOCAB, (6, 5), generator=torch.Generator().manual_seed(1))
     scores = torch.randn(6, VOCAB, generator=torch.Generator().manual_seed(2))
     biased = GreenListProcessor(green_list)(input_ids, scores.clone())
-    expected = scores + 1.5 * green_list.mask(input_ids[:, -width:]).float()
+    expected = scores + 1.5 * py_mask("client-0", 0.25, input_ids[:, -width:].tolist(), VOCAB).float()
     assert torch.equal(biased, expected)
 
 

@@ -6,10 +6,11 @@
 Each client is described at checkpoints of its own history (its first 25, 50, 100, ... requests, and the
 same afresh in each later window of its life, see `detectors.features`). A local-outlier-factor model
 learns what benign (client, checkpoint) rows look like, batch customers included; a client's score is its
-most anomalous checkpoint. Half of the benign clients are
-held out of the model to calibrate: a client's p-value is the conformal
-(1 + #{held-out benign clients scoring at least as high}) / (n + 1), one-sided (small = harvester), and a
-client is flagged when p <= target_fpr, which bounds the benign-account FPR at target_fpr.
+most anomalous checkpoint. Half of the benign clients are held out of the model to calibrate: a client's
+p-value is the conformal (1 + #{held-out benign clients scoring at least as high}) / (n + 1), one-sided
+(small = harvester), and a client is flagged when p <= target_fpr, which bounds the benign-account FPR at
+target_fpr for clients that live as long as the calibration clients did (a client judged over more windows
+is tested more often, see `detectors.monitor`).
 """
 
 from __future__ import annotations

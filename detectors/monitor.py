@@ -21,9 +21,10 @@ whole life, which an account that turns to harvesting after a long benign life m
 Memory is bounded in clients as well as in requests per client. At most `max_clients` states are kept
 (least recently seen evicted). Flagged clients' actions (and a throttled client's next allowed time) are
 kept apart from the states, for up to `max_flagged` clients (least recently seen evicted): an action is
-small, so many more are kept than states, and a flagged client whose state was evicted stays flagged when
-it returns. A flagged client evicted from both is served again as a new client and judged afresh, from
-its first window's first checkpoint.
+small, so many more are kept than states (keep `max_flagged` >= `max_clients`, so a flag outlives its
+client's state), and a flagged client whose state was evicted stays flagged when it returns. A flagged
+client evicted from both is served again as a new client and judged afresh, from its first window's first
+checkpoint.
 """
 
 from __future__ import annotations

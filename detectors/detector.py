@@ -3,12 +3,14 @@
     detector = TrafficDetector(target_fpr=0.01).fit(benign_events)
     verdicts = detector.score(events)   # client -> score, p-value, flagged, queries before the flag
 
-Each client is described at checkpoints of its own history (its first 25, 50, 100, ... requests, see
-`detectors.features`). A local-outlier-factor model learns what benign (client, checkpoint) rows look like,
-batch customers included; a client's score is its most anomalous checkpoint. Half of the benign clients are
-held out of the model to calibrate: a client's p-value is the conformal
-(1 + #{held-out benign clients scoring at least as high}) / (n + 1), one-sided (small = harvester), and a
-client is flagged when p <= target_fpr, which bounds the benign-account FPR at target_fpr.
+Each client is described at checkpoints of its own history (its first 25, 50, 100, ... requests, and the
+same afresh in each later window of its life, see `detectors.features`). A local-outlier-factor model
+learns what benign (client, checkpoint) rows look like, batch customers included; a client's score is its
+most anomalous checkpoint. Half of the benign clients are held out of the model to calibrate: a client's
+p-value is the conformal (1 + #{held-out benign clients scoring at least as high}) / (n + 1), one-sided
+(small = harvester), and a client is flagged when p <= target_fpr, which bounds the benign-account FPR at
+target_fpr for clients that live as long as the calibration clients did (a client judged over more windows
+is tested more often, see `detectors.monitor`).
 """
 
 from __future__ import annotations
@@ -20,17 +22,20 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
 from detectors.events import Event
-from detectors.features import CHECKPOINTS, FEATURES, NON_EMBEDDING, Embedder, by_client, feature_rows
+from detectors.features import (CHECKPOINTS, EMBEDDING_CACHE, FEATURES, NON_EMBEDDING, Embedder, by_client,
+                                feature_rows)
 
 
 class TrafficDetector(BaseEstimator):
     def __init__(self, target_fpr: float = 0.01, use_embeddings: bool = True, n_neighbors: int = 20,
-                 calibration_share: float = 0.5, reference_size: int = 256, random_state: int = 0):
+                 calibration_share: float = 0.5, reference_size: int = 256, embedding_cache: int = EMBEDDING_CACHE,
+                 random_state: int = 0):
         self.target_fpr = target_fpr
         self.use_embeddings = use_embeddings
         self.n_neighbors = n_neighbors
         self.calibration_share = calibration_share
         self.reference_size = reference_size
+        self.embedding_cache = embedding_cache
         self.random_state = random_state
 
     @property
@@ -59,7 +64,7 @@ class TrafficDetector(BaseEstimator):
         train = [e for e in events if e.client not in held_out]
         self.embedder_, self.reference_, self.bandwidth_ = None, None, 1.0
         if self.use_embeddings:
-            self.embedder_ = Embedder()
+            self.embedder_ = Embedder(cache_size=self.embedding_cache)
             prompts = [e.prompt for e in train]
             picked = rng.choice(len(prompts), size=min(self.reference_size, len(prompts)), replace=False)
             self.reference_ = self.embedder_([prompts[i] for i in picked])

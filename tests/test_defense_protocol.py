@@ -49,27 +49,25 @@ def test_a_prompt_longer_than_the_context_is_not_generated(teacher_a):
     assert out[1].text == teacher_a.complete([short], Sampling(temperature=0.0, max_new_tokens=16))[0].text
 
 
-def test_benign_cost_of_the_monitor_comes_from_replaying_benign_traffic(teacher_a):
+def test_benign_cost_of_the_monitor_comes_from_replaying_benign_traffic(teacher_a, benign_detector):
     """A monitor tuned to flag a third of benign accounts costs benign users accuracy, and the replay sees it;
     a capability check that bypassed the monitor (as `benign_view` once did) would report no cost at all."""
     task = reference_task()
     task.eval_items = task.eval_items[:60]
     fit, _ = simulate(BENIGN_MIX, days=3, seed=0)
-    benign, _ = simulate({"human": 20, "power": 10, "batch": 10}, days=1, seed=11)
+    benign, _ = simulate({"human": 20, "power": 6, "batch": 3}, days=1, seed=11)
     plain, _ = capability(teacher_a, task)
     strict = Monitored(teacher_a, Monitor(TrafficDetector(target_fpr=0.3, use_embeddings=False).fit(fit)))
     accuracy, answers = benign_accuracy(strict, task, benign)
     refused = sum(a.finish_reason == "refused" for a in answers)
     assert refused > 0 and accuracy.value < plain.value  # some held-out items were asked by flagged accounts
     assert not strict.monitor.states  # measured on a fresh deployment, this one untouched
-    lenient = Monitored(teacher_a, Monitor(TrafficDetector(target_fpr=0.01, use_embeddings=False).fit(fit)))
-    relaxed, _ = served_to_benign_users(lenient.fresh(), task, benign)
-    assert relaxed.value >= accuracy.value
+    lenient = Monitored(teacher_a, Monitor(benign_detector)).fresh()
+    relaxed, _ = served_to_benign_users(lenient, task, benign)
+    assert relaxed.value > accuracy.value
     # every held-out item was asked from a benign account, amid that account's own traffic
-    served = lenient.fresh()
-    served_to_benign_users(served, task, benign)
-    assert set(served.monitor.states) <= {e.client for e in benign}
-    assert sum(s.count for s in served.monitor.states.values()) == len(benign)
+    assert set(lenient.monitor.states) <= {e.client for e in benign}
+    assert sum(s.count for s in lenient.monitor.states.values()) == len(benign)
 
 
 def test_a_defence_without_memory_is_charged_its_plain_capability(teacher_a):

@@ -4,11 +4,14 @@ One undefended attack (1,000 queries, 500 training steps) is the reference for t
 
 from eval.attack import AttackConfig, evaluate
 from eval.reference.world import reference_task
+from eval.traffic import simulate
 
 
 def test_answer_only_and_the_monitor_both_cut_real_transfer(teacher_a, tmp_path):
+    # the monitor's cost to benign users: a day of a small benign population carries the 600 held-out items
+    benign, _ = simulate({"human": 30, "power": 8, "batch": 4}, days=1, seed=101)
     report = evaluate(teacher_a, reference_task(), ["none", "answer-only", "monitor"], AttackConfig(), budgets=[1000],
-                      seeds=1, out_dir=tmp_path, progress=False)
+                      seeds=1, out_dir=tmp_path, progress=False, benign=benign)
     rows = {r["defense"]: r for r in report["rows"]}
     assert rows["none"]["transfer"]["ci95"][0] > 0.05  # the undefended attack works at this budget
     for defense in ("answer-only", "monitor"):

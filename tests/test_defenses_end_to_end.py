@@ -15,9 +15,13 @@ def test_answer_only_and_the_monitor_both_cut_real_transfer(teacher_a, tmp_path)
     rows = {r["defense"]: r for r in report["rows"]}
     assert rows["none"]["transfer"]["ci95"][0] > 0.05  # the undefended attack works at this budget
     for defense in ("answer-only", "monitor"):
-        assert rows[defense]["teacher_acc"] == rows["none"]["teacher_acc"]  # benign answers are untouched
-        assert rows[defense]["utility_cost"]["answers_changed"] == 0
         low, high = rows[defense]["protection"]["ci95"]
         assert low > 0, (defense, rows[defense]["protection"])
+    assert rows["answer-only"]["teacher_acc"] == rows["none"]["teacher_acc"]  # answers untouched, reasoning gone
+    assert rows["answer-only"]["utility_cost"]["answers_changed"] == 0
     assert rows["answer-only"]["utility_cost"]["reasoning_shown"] == 0.0
+    # the monitor's cost is what the replayed benign users lost: never a gain, and measured, not assumed zero
+    assert rows["monitor"]["teacher_acc"] <= rows["none"]["teacher_acc"]
+    assert rows["monitor"]["utility_cost"]["answers_changed"] == round(
+        (rows["none"]["teacher_acc"] - rows["monitor"]["teacher_acc"]) * 600)
     assert rows["monitor"]["queries"] == 1000  # the attacker spent its budget; most of it was refused

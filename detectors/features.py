@@ -64,9 +64,9 @@ def minhash(text: str) -> MinHash:
 
 class ClientState:
     """Everything the detectors keep about one client, updated in O(1) amortised per request, in memory
-    bounded whatever the client's volume (about 30 KB): running timing moments, counters, a ring of the
-    recent prompts' crc32 (exact repeats) and MinHash band keys (near-duplicates, as LSH finds them), and a
-    bottom-k sample of prompts.
+    bounded whatever the client's volume: running timing moments, counters, a ring of the recent prompts'
+    crc32 (exact repeats) and MinHash band keys (near-duplicates, as LSH finds them), and a bottom-k sample
+    of prompts.
     The offline detector replays logs through this same state, so online and offline features agree."""
 
     def __init__(self, seed: int = 0, window: int = TEMPLATE_WINDOW, sample: int = SAMPLE):

@@ -2,6 +2,7 @@
 protection measured by real distillation through the monitor.
 
     python -m eval.traffic_study --out runs/traffic [--seeds 3] [--budget 2000] [--attack-seeds 3]
+        [--students 'eval/results/redaction-{strategy}/students']
 
 1. Fit `TrafficDetector` on simulated benign traffic (seed 0), with and without embedding features.
 2. Score fresh seeds (never used for fitting): per attacker kind the share of accounts flagged (TPR) and the
@@ -11,6 +12,8 @@ protection measured by real distillation through the monitor.
 4. Protection: `evaluate` with the `monitor` defence in front of teacher-a: the naive attacker's harvest
    sent at the scripted pace (2 s), at the slow-rate pace (90 s), from a sybil swarm of 10 and of 100
    accounts, and hidden in a legitimate account's traffic (hydra); and the decomposition attacker.
+   `--students` names the cache of trained students per attacker strategy: pointed at the redaction grid's,
+   the undefended students (and any harvest through the monitor that matches one) are not trained again.
 """
 
 from __future__ import annotations
@@ -84,16 +87,19 @@ SHAPES = {"naive": "monitor", "slow": "monitor:90", "sybil of 10": "monitor:pace
 
 
 def protection(out: Path, budget: int, seeds: int, progress: bool, steps: int | None = None,
-               eval_items: int | None = None) -> list[dict]:
+               eval_items: int | None = None, students: str | None = None) -> list[dict]:
     """Real distillation through the monitor: the naive attacker's queries in each traffic shape, and the
-    decomposition attacker's at the scripted pace; protection against the same attacker undefended."""
+    decomposition attacker's at the scripted pace; protection against the same attacker undefended.
+    `students` is a cache directory with `{strategy}` in its name, shared with other studies (default: one
+    per evaluation under `out`)."""
     teacher, task = load_teacher("reference"), reference_task()
     task.eval_items = task.eval_items[:eval_items]
     rows = []
     for strategy, shapes in (("naive", SHAPES), ("decompose", {"decompose": "monitor"})):
         attack = AttackConfig(strategy=strategy, student=StudentConfig(mode="sft", steps=steps))
         report = evaluate(teacher, task, ["none", *shapes.values()], attack, [budget], seeds,
-                          out / f"protection-{strategy}", progress=progress)
+                          out / f"protection-{strategy}", progress=progress,
+                          students=students.format(strategy=strategy) if students else None)
         names = {spec: kind for kind, spec in shapes.items()}
         rows += [{**r, "shape": names.get(r["defense"], "undefended")} for r in report["rows"]]
     return rows
@@ -132,7 +138,7 @@ VARIANTS = {"timing+content": False, "with embeddings": True}
 
 def main(out: str, seeds: list[int], budget: int, attack_seeds: int, fit_mix: dict[str, int] = BENIGN_POPULATION,
          variants: tuple[str, ...] = tuple(VARIANTS), steps: int | None = None, eval_items: int | None = None,
-         progress: bool = True) -> dict:
+         progress: bool = True, students: str | None = None) -> dict:
     start, out_dir = time.perf_counter(), Path(out)
     benign, _ = simulate(fit_mix, days=3, seed=0)
     test_mix = {**fit_mix, **ATTACK_MIX}
@@ -143,7 +149,7 @@ def main(out: str, seeds: list[int], budget: int, attack_seeds: int, fit_mix: di
                         "benign_cost": benign_cost(detector, seeds, fit_mix)}
         print(name, json.dumps(report[name], indent=1), flush=True)
     if attack_seeds:
-        report["protection"] = protection(out_dir, budget, attack_seeds, progress, steps, eval_items)
+        report["protection"] = protection(out_dir, budget, attack_seeds, progress, steps, eval_items, students)
     report["wall_seconds"] = round(time.perf_counter() - start, 1)
     write_study(out_dir, report, markdown(report))
     return report
@@ -156,6 +162,8 @@ if __name__ == "__main__":
     parser.add_argument("--budget", type=int, default=2000)
     parser.add_argument("--attack-seeds", type=int, default=3, help="0 skips the distillation runs")
     parser.add_argument("--no-embeddings", action="store_true", help="only the timing+content detector")
+    parser.add_argument("--students", default=None, help="student cache shared with other studies, with "
+                        "{strategy} in the path, e.g. 'eval/results/redaction-{strategy}/students'")
     args = parser.parse_args()
     main(args.out, list(range(1, args.seeds + 1)), args.budget, args.attack_seeds,
-         variants=("timing+content",) if args.no_embeddings else tuple(VARIANTS))
+         variants=("timing+content",) if args.no_embeddings else tuple(VARIANTS), students=args.students)

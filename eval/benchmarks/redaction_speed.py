@@ -63,7 +63,7 @@ def end_to_end(teacher, prompts: list[str], rounds: int) -> dict:
     return out
 
 
-def main(prompts: int = 256, rounds: int = 5, repeats: int = 20, save: bool = True) -> dict:
+def main(prompts: int = 256, rounds: int = 5, repeats: int = 20) -> dict:
     teacher = load_teacher("reference")
     chosen = [i.prompt for i in reference_task().eval_items[:prompts]]
     teacher.complete(chosen[:8], GREEDY)  # warm-up
@@ -76,8 +76,7 @@ def main(prompts: int = 256, rounds: int = 5, repeats: int = 20, save: bool = Tr
     results = {"completions": len(texts), "generation_us_per_completion": generation_us,
                "post_processing": processing, "end_to_end": end_to_end(teacher, chosen, rounds)}
     print(json.dumps(results, indent=2))
-    if save:
-        print("wrote", write_result("redaction_speed", results))
+    print("wrote", write_result("redaction_speed", results))
     return results
 
 

@@ -50,7 +50,7 @@ def bare_loop(dataset, tokenizer, steps: int, batch_size: int, lr: float) -> tup
     return tokens, time.perf_counter() - start
 
 
-def main(steps: int, rounds: int, batch_size: int, save: bool = True) -> dict:
+def main(steps: int, rounds: int, batch_size: int) -> dict:
     tokenizer = AutoTokenizer.from_pretrained(MODELS_DIR / "student")
     prompts, completions = teacher_examples(reference_world(), Style(101), steps * batch_size, seed=0)
     dataset = tokenize_pairs(tokenizer, prompts, completions)
@@ -71,8 +71,7 @@ def main(steps: int, rounds: int, batch_size: int, save: bool = True) -> dict:
            "bare_tokens_per_s": round(speed["bare"]), "trainer_tokens_per_s": round(speed["trainer"]),
            "ratio": round(speed["trainer"] / speed["bare"], 3), "torch_threads": torch.get_num_threads()}
     print(json.dumps(out, indent=2))
-    if save:
-        print("wrote", write_result("trainer_speed", out))
+    print("wrote", write_result("trainer_speed", out))
     return out
 
 

@@ -72,7 +72,7 @@ def minhash(text: str) -> MinHash:
 
 class ClientState:
     """Everything the detectors keep about one client, updated in O(1) amortised per request, in memory
-    bounded whatever the client's volume (about 30 KB): running timing moments, counters, a ring of the
+    bounded whatever the client's volume: running timing moments, counters, a ring of the
     recent prompts' crc32 (exact repeats) and MinHash band keys (near-duplicates, as LSH finds them), and a
     bottom-k sample of prompts, all over the current window (the requests since the last multiple of the
     window's length). `count` is the client's requests over its life, `in_window` those in the window;

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -28,6 +29,13 @@ from eval.task import Task
 from eval.traffic import ShapedClient, TrafficShape, lab_detector, served_to_benign_users, simulate
 from guard.defenses import DefenseParts, build_defense, parse_defense
 from guard.teacher import HFTeacher, Sampling, Teacher
+
+
+REUSE_ONLY = "DISTILL_GUARD_REUSE_ONLY"
+
+
+class StudentNotCached(RuntimeError):
+    """A student would have to be trained while DISTILL_GUARD_REUSE_ONLY forbids it."""
 
 
 @dataclass
@@ -49,10 +57,7 @@ def harvest(teacher: Teacher, task: Task, config: AttackConfig, seed: int, out_d
     """The attacker's training rows and the number of queries spent; resumes a stored harvest."""
     if config.strategy not in STRATEGIES:
         raise ValueError(f"unknown attacker strategy {config.strategy!r}; choose one of {sorted(STRATEGIES)}")
-    temperature = DEFAULT_TEMPERATURE[config.strategy] if config.temperature is None else config.temperature
-    sampling = replace(config.sampling, seed=seed * 1_000_003, temperature=temperature)
-    if config.student.mode == "kd" and not sampling.logprobs:
-        sampling = replace(sampling, logprobs=20)
+    sampling = harvest_sampling(config, seed)
     harvester = Harvester(teacher, out_dir / "harvest", Budget(config.budget), sampling,
                           manifest={"teacher": teacher.name, "defense": defense, "task": task.name,
                                     "strategy": config.strategy, "seed": seed, "traffic": asdict(config.traffic)},
@@ -61,6 +66,16 @@ def harvest(teacher: Teacher, task: Task, config: AttackConfig, seed: int, out_d
     queries = len(harvester.close())
     pairs = [(p, c) for p, c in pairs if c.finish_reason != "refused"]  # a refusal teaches nothing; its query is spent
     return [completion_row(i, prompt, completion) for i, (prompt, completion) in enumerate(pairs)], queries
+
+
+def harvest_sampling(config: AttackConfig, seed: int | None) -> Sampling:
+    """The decoding a harvest really uses: the strategy's temperature unless the config overrides it, top-k
+    logprobs when the student distils logits, and a seed per replicate (None: not yet tied to one)."""
+    temperature = DEFAULT_TEMPERATURE[config.strategy] if config.temperature is None else config.temperature
+    sampling = replace(config.sampling, seed=None if seed is None else seed * 1_000_003, temperature=temperature)
+    if config.student.mode == "kd" and not sampling.logprobs:
+        sampling = replace(sampling, logprobs=20)
+    return sampling
 
 
 def student_before(config: StudentConfig, task: Task, cache_dir: Path | None = None) -> np.ndarray:
@@ -112,6 +127,8 @@ def run_attack(teacher: Teacher, task: Task, config: AttackConfig, seed: int, ou
 
     With `cache_dir`, a student whose training rows and settings match one trained before is not
     trained again (redaction policies that show a student the same text, e.g. sealed and answer-only).
+    With the environment variable DISTILL_GUARD_REUSE_ONLY set, a student missing from the cache is an error
+    instead of an hour of training: committed cells are re-derived that way from their cached students.
     """
     rows, queries = harvest(teacher, task, config, seed, out_dir, defense, progress)
     student_config = replace(config.student, seed=seed)
@@ -123,6 +140,10 @@ def run_attack(teacher: Teacher, task: Task, config: AttackConfig, seed: int, ou
         trained = {**cached, "reused": str(saved.name)}
         trained["after"] = np.array(trained["after"], dtype=bool)
     else:
+        if os.environ.get(REUSE_ONLY):
+            kept = " with its checkpoint kept" if save_student else ""
+            raise StudentNotCached(f"{out_dir}: {REUSE_ONLY} forbids training, and {cache_dir} holds no student "
+                                   f"trained on these rows{kept}")
         trained = train_and_score(rows, task, student_config, out_dir, progress, save=save_student)
         if saved is not None:
             _write_json(saved, {**trained, "after": trained["after"].tolist()})
@@ -210,14 +231,17 @@ def reasoning_words(completions) -> int:
 
 def evaluate(teacher: Teacher, task: Task, defenses: list[str], attack: AttackConfig, budgets: list[int],
              seeds: int, out_dir: str | Path, progress: bool = True, save_students: bool = False,
-             parts: DefenseParts | None = None, benign: list[Event] | None = None) -> dict:
+             parts: DefenseParts | None = None, benign: list[Event] | None = None,
+             students: str | Path | None = None) -> dict:
     """Every defence x budget x seed; writes report.json, report.md and plots to `out_dir`. With
     `save_students`, each trained student is kept (safetensors) in its cell's `student/` for audits.
 
     `parts`: what the defences need (default: the reference lab's, `lab_parts`). `benign`: the benign traffic
     replayed through a defence that remembers callers, to measure what it costs benign users (default: the
-    lab's simulated users)."""
+    lab's simulated users). `students`: the cache of trained students' scores (default `out_dir/students`);
+    evaluations that share one train a student only once for the same training rows."""
     out_dir = Path(out_dir)
+    students = Path(students) if students else out_dir / "students"
     start = time.perf_counter()
     baseline, undefended = capability(teacher, task)
     parts = lab_parts(defenses) if parts is None else parts
@@ -238,7 +262,7 @@ def evaluate(teacher: Teacher, task: Task, defenses: list[str], attack: AttackCo
                 # each attack meets a fresh deployment, from the accounts and at the pace of its traffic shape
                 attacked = ShapedClient(served.fresh(), attack.traffic, seed)
                 cells.append(run_cell(attacked, task, replace(attack, budget=budget), seed, out_dir / "runs" / name,
-                                      defense, progress, cache_dir=out_dir / "students", save_student=save_students))
+                                      defense, progress, cache_dir=students, save_student=save_students))
             teacher_matrix = np.repeat(served_accuracy[defense].per_item[:, None], seeds, axis=1).astype(float)
             outcome = Outcome(teacher_matrix, np.stack([c["before"] for c in cells], 1).astype(float),
                               np.stack([c["after"] for c in cells], 1).astype(float))
@@ -261,7 +285,9 @@ def evaluate(teacher: Teacher, task: Task, defenses: list[str], attack: AttackCo
                 "student_tokens_per_s": float(np.mean([c["tokens_per_s"] for c in cells])),
             })
     meta = {"teacher": teacher.name, "task": task.name, "eval_items": len(task.eval_items),
-            "attack": {**asdict(attack)}, "budgets": budgets, "seeds": seeds,
+            # the sampling the harvests used, not the config's unresolved default
+            "attack": {**asdict(attack), "sampling": asdict(harvest_sampling(attack, seed=None))},
+            "budgets": budgets, "seeds": seeds,
             "wall_seconds": round(time.perf_counter() - start, 1)}
     write_report(rows, out_dir, meta)
     return {"meta": meta, "rows": rows}

@@ -92,7 +92,6 @@ def paraphrase(task: Task, seed: int) -> Strategy:
 
 
 STRATEGIES = {"naive": naive, "decompose": decompose, "paraphrase": paraphrase}
-# What each attacker asks for when not told: the single most likely answer. On the reference lab a
-# temperature-0 harvest transfers far more than temperature 1 (tau 0.94 against 0.60 at 4,000 queries),
-# because sampled answers carry the teacher's slips; a strong attacker asks greedily.
+# What each attacker asks for when not told: the single most likely answer. Sampled answers carry the
+# teacher's slips, which the student learns too, so a strong attacker asks greedily.
 DEFAULT_TEMPERATURE = {"naive": 0.0, "decompose": 0.0, "paraphrase": 0.0}

@@ -2,6 +2,7 @@
 protection measured by real distillation through the monitor.
 
     distill-guard study traffic --out runs/traffic [--seeds 3] [--budget 2000] [--attack-seeds 3]
+        [--students 'eval/results/redaction-{strategy}/students']
 
 1. Fit `TrafficDetector` on simulated benign traffic (seed 0), with and without embedding features.
 2. Score fresh seeds (never used for fitting): per attacker kind the share of accounts flagged (TPR) and the
@@ -11,6 +12,8 @@ protection measured by real distillation through the monitor.
 4. Protection: `evaluate` with the `monitor` defence in front of teacher-a: the naive attacker's harvest
    sent at the scripted pace (2 s), at the slow-rate pace (90 s), from a sybil swarm of 10 and of 100
    accounts, and hidden in a legitimate account's traffic (hydra); and the decomposition attacker.
+   `--students` names the cache of trained students per attacker strategy: pointed at the redaction grid's,
+   the undefended students (and any harvest through the monitor that matches one) are not trained again.
 """
 
 from __future__ import annotations
@@ -85,22 +88,24 @@ SHAPES = {"naive": TrafficShape(), "slow": TrafficShape(pace=90), "sybil of 10":
 
 def protection(out: Path, budget: int, seeds: int, progress: bool, steps: int | None = None,
                eval_items: int | None = None, replay_mix: dict[str, int] = BENIGN_REPLAY,
-               detector: TrafficDetector | None = None) -> list[dict]:
+               detector: TrafficDetector | None = None, students: str | None = None) -> list[dict]:
     """Real distillation through the monitor: the naive attacker's queries in each traffic shape, and the
     decomposition attacker's at the scripted pace; protection against the same attacker undefended. What the
     monitor costs benign users comes from one day of `replay_mix`'s traffic (a seed the detector never saw)
-    replayed through it, carrying the held-out items."""
+    replayed through it, carrying the held-out items. `students` is a cache directory with `{strategy}` in
+    its name, shared with other studies (default: one per strategy under `out`, shared by its shapes)."""
     teacher, task = load_teacher("reference"), reference_task()
     task.eval_items = task.eval_items[:eval_items]
     benign, _ = simulate(replay_mix, days=1, seed=101)
     parts = lab_parts(["monitor"]) if detector is None else DefenseParts(detector=detector)
     rows = []
     for strategy, shapes in (("naive", SHAPES), ("decompose", {"decompose": TrafficShape()})):
+        cache = students.format(strategy=strategy) if students else out / f"protection-{strategy}" / "students"
         for index, (name, shape) in enumerate(shapes.items()):
             attack = AttackConfig(strategy=strategy, student=StudentConfig(mode="sft", steps=steps), traffic=shape)
             report = evaluate(teacher, task, ["none", "monitor"], attack, [budget], seeds,
                               out / f"protection-{strategy}" / name.replace(" ", "-"), progress=progress,
-                              parts=parts, benign=benign)
+                              parts=parts, benign=benign, students=cache)
             for r in report["rows"]:
                 if r["defense"] == "monitor":
                     rows.append({**r, "shape": name})
@@ -142,7 +147,7 @@ VARIANTS = {"timing+content": False, "with embeddings": True}
 
 def main(out: str, seeds: list[int], budget: int, attack_seeds: int, fit_mix: dict[str, int] = BENIGN_POPULATION,
          variants: tuple[str, ...] = tuple(VARIANTS), steps: int | None = None, eval_items: int | None = None,
-         progress: bool = True, replay_mix: dict[str, int] = BENIGN_REPLAY) -> dict:
+         progress: bool = True, replay_mix: dict[str, int] = BENIGN_REPLAY, students: str | None = None) -> dict:
     start, out_dir = time.perf_counter(), Path(out)
     benign, _ = simulate(fit_mix, days=3, seed=0)
     test_mix = {**fit_mix, **ATTACK_MIX}
@@ -157,7 +162,7 @@ def main(out: str, seeds: list[int], budget: int, attack_seeds: int, fit_mix: di
         # the monitor defence runs the timing+content detector, fitted on the study's benign traffic
         monitor_detector = detectors.get("timing+content") or TrafficDetector(use_embeddings=False).fit(benign)
         report["protection"] = protection(out_dir, budget, attack_seeds, progress, steps, eval_items, replay_mix,
-                                          monitor_detector)
+                                          monitor_detector, students)
     report["wall_seconds"] = round(time.perf_counter() - start, 1)
     write_study(out_dir, report, markdown(report))
     return report

@@ -434,10 +434,14 @@ def study_traffic(out: str = "runs/traffic",
                   seeds: Annotated[int, typer.Option(help="fresh traffic seeds to score (1..N)")] = 3,
                   budget: int = 2000,
                   attack_seeds: Annotated[int, typer.Option(help="distillation replicates; 0 skips them")] = 3,
-                  embeddings: Annotated[bool, typer.Option(help="also the detector with embedding features")] = True):
+                  embeddings: Annotated[bool, typer.Option(help="also the detector with embedding features")] = True,
+                  students: Annotated[str | None, typer.Option(help="student cache shared with other studies, with "
+                                                                   "{strategy} in the path, e.g. "
+                                                                   "'eval/results/redaction-{strategy}/students'")] = None):
     """The rate-pattern detector: detection on fresh seeds, swarms, benign cost, protection through the monitor."""
     traffic_study.main(out, list(range(1, seeds + 1)), budget, attack_seeds,
-                       variants=tuple(traffic_study.VARIANTS) if embeddings else ("timing+content",))
+                       variants=tuple(traffic_study.VARIANTS) if embeddings else ("timing+content",),
+                       students=students)
 
 
 @study_app.command("watermark")

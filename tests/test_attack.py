@@ -119,3 +119,34 @@ def test_lora_student_from_a_pretrained_path(tmp_path):
     assert not hasattr(model, "peft_config")  # adapters merged: a plain transformers model comes back
     assert result.losses[-1][1] < result.losses[0][1]
     assert sum(p.numel() for p in model.parameters()) == 940800  # the base model's shape after merging
+
+
+def test_a_shared_student_cache_lets_a_reuse_only_evaluation_rederive_cells_without_training(
+        teacher_a, small_task, tmp_path, monkeypatch):
+    """Committed cells are re-derived from the committed student cache; a student missing from it must stop
+    the run rather than train silently."""
+    from eval.attack import REUSE_ONLY, StudentNotCached
+
+    attack = AttackConfig(student=StudentConfig(mode="sft", steps=4, batch_size=32, warmup_steps=1))
+    first = evaluate(teacher_a, small_task, ["none"], attack, budgets=[24], seeds=1, out_dir=tmp_path / "first",
+                     progress=False)
+    monkeypatch.setenv(REUSE_ONLY, "1")
+    again = evaluate(teacher_a, small_task, ["none"], attack, budgets=[24], seeds=1, out_dir=tmp_path / "again",
+                     progress=False, students=tmp_path / "first" / "students")
+    cell = json.loads((tmp_path / "again" / "runs" / "none-naive-sft-b24-s0" / "cell.json").read_text())
+    assert cell["reused"] == f"student-{cell['training_key']}.json"
+    assert again["rows"] == first["rows"]
+    assert not (tmp_path / "again" / "students").exists()
+    with pytest.raises(StudentNotCached, match=REUSE_ONLY):
+        evaluate(teacher_a, small_task, ["none"], attack, budgets=[32], seeds=1, out_dir=tmp_path / "other",
+                 progress=False, students=tmp_path / "first" / "students")
+
+
+def test_the_report_records_the_sampling_its_harvests_used(teacher_a, small_task, tmp_path):
+    """The config's default sampling says temperature 1; the naive attacker harvests greedily."""
+    attack = AttackConfig(student=StudentConfig(mode="sft", steps=2, batch_size=8, warmup_steps=1))
+    report = evaluate(teacher_a, small_task, ["none"], attack, budgets=[8], seeds=1, out_dir=tmp_path,
+                      progress=False)
+    manifest = json.loads((tmp_path / "runs" / "none-naive-sft-b8-s0" / "harvest" / "manifest.json").read_text())
+    assert manifest["sampling"]["temperature"] == 0.0
+    assert report["meta"]["attack"]["sampling"] == {**manifest["sampling"], "seed": None}

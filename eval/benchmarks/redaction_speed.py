@@ -1,12 +1,13 @@
 """What a redaction policy adds to serving, side by side in one run.
 
-    python -m eval.benchmarks.redaction_speed [--prompts 256] [--rounds 5] [--repeats 20]
+    OMP_NUM_THREADS=1 python -m eval.benchmarks.redaction_speed [--prompts 256] [--rounds 5] [--repeats 20]
 
 1. Post-processing: each policy applied to the same teacher completions (the reference teacher's greedy
    answers to held-out prompts), in microseconds per completion, against the teacher's own generation time
    per completion measured in the same run. `sealed` includes AES-256-GCM; streaming feeds 4-character chunks.
 2. End to end: `teacher.complete` and `Redact(teacher, policy).complete` on the same prompts, alternating
    rounds (A B A B ...), so load from other jobs falls on both; the median of each round's paired ratio.
+Both are written to eval/results/benchmarks/redaction_speed.json.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import time
 
 import numpy as np
 
+from eval.benchmarks import write_result
 from eval.reference.world import reference_task
 from guard.redaction import Redact, StreamRedactor, parse_policy
 from eval.reference import load_teacher
@@ -75,6 +77,7 @@ def main(prompts: int = 256, rounds: int = 5, repeats: int = 20) -> dict:
     results = {"completions": len(texts), "generation_us_per_completion": generation_us,
                "post_processing": processing, "end_to_end": end_to_end(teacher, chosen, rounds)}
     print(json.dumps(results, indent=2))
+    print("wrote", write_result("redaction_speed", results))
     return results
 
 

@@ -1,9 +1,10 @@
 """Built-in trainer tokens/s against a bare PyTorch loop: same model, batch, data and optimiser.
 
-    python -m eval.benchmarks.trainer_speed [--steps 150] [--rounds 3]
+    OMP_NUM_THREADS=1 python -m eval.benchmarks.trainer_speed [--steps 150] [--rounds 3]
 
 The two run alternately in one process (A B A B ...), so load from other jobs on this shared
-machine falls on both; the ratio of the summed tokens/s is reported.
+machine falls on both; the ratio of the summed tokens/s is reported and written to
+eval/results/benchmarks/trainer_speed.json.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import numpy as np
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+from eval.benchmarks import write_result
 from eval.reference import MODELS_DIR
 from eval.reference.build import teacher_examples
 from eval.reference.world import Style, reference_world
@@ -69,6 +71,7 @@ def main(steps: int, rounds: int, batch_size: int) -> dict:
            "bare_tokens_per_s": round(speed["bare"]), "trainer_tokens_per_s": round(speed["trainer"]),
            "ratio": round(speed["trainer"] / speed["bare"], 3), "torch_threads": torch.get_num_threads()}
     print(json.dumps(out, indent=2))
+    print("wrote", write_result("trainer_speed", out))
     return out
 
 

@@ -1,0 +1,362 @@
+"""README's result tables hold the numbers of the committed files they name.
+
+Every table of results in README.md follows a line `Source: `path`, ...` naming the committed files it was
+read from. Each table kind has a checker below that recomputes the table's numbers from those files; a
+README number must equal its value rounded as README shows it. Tables rendered by `eval/report.py` are
+compared cell for cell with what it renders. A table with digits and no source fails, unless UNSOURCED
+lists it with the reason.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from eval.report import curve_table, multiplier_table
+
+ROOT = Path(__file__).resolve().parents[1]
+README = ROOT / "README.md"
+# a number as README writes it: 1,145 / 0.93 / -0.02 / −9.3 / 3.8e-6; not the 2 of GPT-2 or AES-256
+NUMBER = re.compile(r"(?<![\w.\-−])[-−]?(?:\d{1,3}(?:,\d{3})+(?!\d)|\d+)(?:\.\d+)?(?:e[-−]?\d+)?")
+SOURCE = re.compile(r"^\s*(?:[-*]\s+)?Source:(.*)$")
+
+# tables with digits that are not results, or whose results are being re-measured elsewhere
+UNSOURCED = {
+    "| policy | what a client sees |": "definitions (AES-256, HTTP 400), not results",
+}
+# performance rows re-measured by the rewritten watermark and traffic benchmarks (issue 12); each gets a
+# committed JSON and a row checker here when it lands
+PENDING_BENCHMARKS = ("watermark", "traffic monitor")
+
+
+@dataclass
+class Table:
+    header: str
+    rows: list[list[str]]
+    sources: list[str]
+    above: str  # the text between the previous table and this one
+    line: int
+
+
+def cells(line: str) -> list[str]:
+    return [c.strip().replace("**", "").replace("*", "") for c in line.strip().strip("|").split("|")]
+
+
+def readme_tables(text: str) -> list[Table]:
+    tables, above, lines = [], [], text.splitlines()
+    i = 0
+    while i < len(lines):
+        if not lines[i].lstrip().startswith("|"):
+            above.append(lines[i])
+            i += 1
+            continue
+        start = i
+        while i < len(lines) and lines[i].lstrip().startswith("|"):
+            i += 1
+        block = [line.strip() for line in lines[start:i]]
+        sources = [re.findall(r"`([^`]+)`", m.group(1)) for m in map(SOURCE.match, above) if m]
+        tables.append(Table(" ".join(block[0].split()), [cells(r) for r in block[2:]], sources[-1] if sources else [],
+                            "\n".join(above), start + 1))
+        above = []
+    return tables
+
+
+def load(path: str):
+    return json.loads((ROOT / path).read_text())
+
+
+def shown_as(value: float, shown: str) -> bool:
+    """Whether `value`, rounded to the digits README shows in `shown`, reads as `shown` does."""
+    text = shown.replace(",", "").replace("−", "-")
+    mantissa, _, exponent = text.partition("e")
+    decimals = len(mantissa.partition(".")[2])
+    rounded = f"{value:.{decimals}e}" if exponent else f"{value:.{decimals}f}"
+    return float(rounded) == float(text)
+
+
+def mismatches(table: Table, expected: list[list]) -> list[str]:
+    """Each expected cell is None (a label), a string (the exact cell) or the list of its numbers."""
+    problems = []
+    if len(expected) != len(table.rows):
+        problems.append(f"{len(table.rows)} rows, expected {len(expected)}")
+    for row, want in zip(table.rows, expected):
+        if len(row) != len(want):
+            problems.append(f"row {row[0]!r}: {len(row)} cells, expected {len(want)}")
+            continue
+        for cell, w in zip(row, want):
+            if w is None:
+                continue
+            if isinstance(w, str):
+                if cell != w:
+                    problems.append(f"row {row[0]!r}: {cell!r}, expected {w!r}")
+                continue
+            shown = NUMBER.findall(cell)
+            if len(shown) != len(w) or not all(shown_as(v, s) for v, s in zip(w, shown)):
+                problems.append(f"row {row[0]!r}: {cell!r} shows {shown}, expected {w}")
+    return problems
+
+
+def interval(stat: dict) -> list[float]:
+    return [stat["mean"], *stat["ci95"]]
+
+
+def pct(*values: float) -> list[float]:
+    return [100 * v for v in values]
+
+
+def rendered_rows(markdown: str) -> list[list[str]]:
+    table = [line for line in markdown.splitlines() if line.startswith("|")]
+    return [cells(line) for line in table[2:]]
+
+
+# --- checkers: (table, loaded sources) -> expected cells per README row ---------------------------------
+
+def reference_lab(table: Table, sources: list) -> list[list]:
+    a, b = sources
+
+    def architecture(report: dict, name: str) -> list[float]:
+        recipe = report["recipe"]
+        size = (ROOT / "eval/reference/models" / name / "model.safetensors").stat().st_size
+        return [recipe["n_layer"], recipe["n_embd"], report["parameters"] / 1000, size / 1e6]
+
+    def accuracy(report: dict, with_interval: bool) -> list[float]:
+        n = report["held_out_2hop_n"]
+        shown = pct(report["held_out_2hop_accuracy"]) + [round(report["held_out_2hop_accuracy"] * n), n]
+        return shown + [95, *pct(*report["held_out_2hop_ci95"])] if with_interval else shown
+
+    def entropy(report: dict) -> list[float]:
+        bits = report["entropy_bits_per_response"]
+        return [bits["2hop_mean"], 2, bits["1hop_mean"], 1]
+
+    expected = []
+    for label, cell_a, cell_b in table.rows:
+        if label == "architecture":
+            same = architecture(a, "teacher-a") == architecture(b, "teacher-b")
+            expected.append([None, architecture(a, "teacher-a"), "same" if same else "differs from teacher-a"])
+        elif label == "training":
+            ra, rb = a["recipe"], b["recipe"]
+            expected.append([None, [ra["steps"], ra["batch_size"], ra["seed"], ra["style_seed"]],
+                             [rb["seed"], rb["style_seed"]]])
+        elif label.startswith("held-out 2-hop accuracy"):
+            expected.append([[2, a["held_out_2hop_n"]], accuracy(a, True), accuracy(b, False)])
+        elif label.startswith("1-hop accuracy"):
+            expected.append([[1, a["one_hop_n"]], pct(a["one_hop_accuracy"]), pct(b["one_hop_accuracy"])])
+        elif label.startswith("summed per-token entropy"):
+            expected.append([None, entropy(a), entropy(b)])
+        else:
+            expected.append([f"a row this checker knows ({label!r} is not)", None, None])
+    return expected
+
+
+def row_of(rows: list[dict], defense: str, attack: str, budget: int) -> dict:
+    return next(r for r in rows if (r["defense"], r["attack"], r["budget"]) == (defense, attack, budget))
+
+
+def leakage(table: Table, sources: list) -> list[list]:
+    rows = sources[0]["rows"]
+    expected = []
+    for cell in table.rows:
+        budget = int(cell[0].replace(",", ""))
+        full, stripped = row_of(rows, "none", "naive/sft", budget), row_of(rows, "answer-only", "naive/sft", budget)
+        expected.append([[budget], [full["student_after_acc"]], interval(full["transfer"]),
+                         [stripped["student_after_acc"]], interval(stripped["transfer"])])
+    return expected
+
+
+def curves(table: Table, sources: list) -> list[list]:
+    attack = re.findall(r"by budget, (\S+);", table.above)[-1]
+    return rendered_rows(curve_table([r for r in sources[0]["rows"] if r["attack"] == attack]))
+
+
+def multipliers(table: Table, sources: list) -> list[list]:
+    meta = sources[0]["meta"]
+    return rendered_rows(multiplier_table(meta["query_multipliers"], tuple(meta["reference"])))
+
+
+def redaction_at_one_budget(table: Table, sources: list) -> list[list]:
+    budget, attacker = re.findall(r"At budget ([\d,]+) against the (\w+) attacker", table.above)[-1]
+    rows = sources[0]["rows"]
+    expected = []
+    for cell in table.rows:
+        names = [n.strip() for n in cell[0].split("/")]
+        first = row_of(rows, names[0], f"{attacker}/sft", int(budget.replace(",", "")))
+        last = row_of(rows, names[-1], f"{attacker}/sft", int(budget.replace(",", "")))
+        expected.append([None, [first["teacher_acc"]], [first["student_after_acc"]], interval(first["transfer"]),
+                         [last["protection"]["mean"]] if first["protection"] is None else interval(first["protection"]),
+                         pct(first["utility_cost"]["reasoning_shown"])])
+    return expected
+
+
+AUDIT_MODES = ("reading/unwatermarked", "reading/logged", "reading/fresh", "sampling", "sampling/logged-windows")
+WATERMARK_GROUPS = {"watermarked": "watermarked", "teacher-a, no watermark": "plain", "teacher-b": "teacher-b",
+                    "watermarked for client-07": "other-key", "paraphrasing attacker": "paraphrased"}
+
+
+def watermark_audits(table: Table, sources: list) -> list[list]:
+    report = sources[0]
+    expected = []
+    for cell in table.rows:
+        group = WATERMARK_GROUPS[cell[0]]
+        budgets = [int(b.replace(",", "")) for b in cell[1].split("/")]
+        students = [[s for s in report["students"] if s["group"] == group and s["budget"] == b] for b in budgets]
+        row = [None, budgets, [s[0]["transfer"] for s in students]]
+        for mode in AUDIT_MODES:
+            if len(budgets) == 1:  # one budget, several seeds: the range of p and how many were named
+                p = [s["audits"][mode]["p_attacker"] for s in students[0]]
+                named = sum(s["audits"][mode]["named"] == report["attacker"] for s in students[0])
+                row.append([min(p), max(p), named, len(p)])
+            else:  # one seed per budget
+                row.append([s[0]["audits"][mode]["p_attacker"] for s in students])
+        expected.append(row)
+    return expected
+
+
+FPR_TEXTS = {"unwatermarked teacher-a responses": "teacher responses",
+             "documents of 20 responses": "teacher documents (20 responses)",
+             "passages of human prose (WordPiece, 200 tokens)": "human prose (WordPiece, 200 tokens)"}
+
+
+def false_positives(table: Table, sources: list) -> list[list]:
+    fp = sources[0]["false_positives"]
+    expected = []
+    for cell in table.rows:
+        label = next(k for k in FPR_TEXTS if cell[0].endswith(k))
+        r = fp[FPR_TEXTS[label]]
+        scale = {"M": 1e6, "k": 1e3}.get(cell[1][-1], 1)
+        expected.append([[r["texts"], *map(float, NUMBER.findall(label))], [r["tests"] / scale], [r["median_scored"]],
+                         [r["fpr@0.01"]], [r["fpr@0.001"]], [r["exact size@0.01"], r["exact size@0.001"]]])
+    return expected
+
+
+TRAFFIC_KINDS = {"naive": ("naive", "naive"), "chain-of-thought": ("cot", None), "slow-rate": ("slow", "slow"),
+                 "sybil swarm of 10": ("sybil", "sybil of 10"), "sybil swarm of 100": (None, "sybil of 100"),
+                 "hydra": ("hydra", "hydra"), "decomposition": ("decompose", "decompose"),
+                 "benign humans": ("human", None), "benign power users": ("power", None),
+                 "benign batch customers": ("batch", None), "all benign accounts": ("all benign", None)}
+
+
+def traffic(table: Table, sources: list) -> list[list]:
+    report = sources[0]
+    expected = []
+    for cell in table.rows:
+        label = max((k for k in TRAFFIC_KINDS if cell[0].startswith(k)), key=len)
+        kind, shape = TRAFFIC_KINDS[label]
+        if kind is None:
+            row = [None, [], [], [], [], []]
+        else:
+            seen = {v: report[v]["detection"][kind] for v in ("timing+content", "with embeddings")}
+            first = seen["timing+content"]
+            median = first["median_queries_to_flag"]
+            row = [None, [first["accounts"]], *(pct(d["flagged_share"], *d["flagged_ci95"]) for d in seen.values()),
+                   pct(first["flagged_via_cluster_share"]), [] if median is None else [median]]
+        if shape is None:
+            row += [[], []]
+        else:
+            r = next(r for r in report["protection"] if r["shape"] == shape)
+            prot = r["protection"]
+            shown = NUMBER.findall(cell[-1])
+            row += [[r["student_after_acc"]], [prot["mean"]] if len(shown) == 1 else interval(prot)]
+        expected.append(row)
+    return expected
+
+
+def performance(table: Table, sources: list) -> list[list]:
+    results = {Path(path).stem: data for path, data in zip(table.sources, sources)}
+    expected = []
+    for cell in table.rows:
+        if cell[0].startswith(PENDING_BENCHMARKS):
+            expected.append([None, None, None])
+        elif cell[0].startswith("built-in trainer"):
+            t = results["trainer_speed"]
+            expected.append([[t["batch_size"]],
+                             [t["ratio"], t["trainer_tokens_per_s"], t["bare_tokens_per_s"], t["rounds"],
+                              t["steps_per_round"], t["batch_size"]],
+                             [t["torch_threads"], t["steps_per_round"], t["rounds"]]])
+        elif cell[0].startswith("redaction post-processing"):
+            r = results["redaction_speed"]
+            processing, end_to_end = r["post_processing"], r["end_to_end"]
+            figure = pct(max(p["share_of_generation"] for p in processing.values()))
+            for spec, p in sorted(processing.items(), key=lambda item: item[1]["us_per_completion"]):
+                figure += [*map(float, NUMBER.findall(spec)), p["us_per_completion"]]
+            streamed = [p["streamed_us_per_completion"] for p in processing.values()]
+            overheads = [e["overhead_median_of_pairs"] for e in end_to_end.values()]
+            figure += [4, min(streamed), max(streamed), next(iter(end_to_end.values()))["rounds"],
+                       *pct(min(overheads), max(overheads))]
+            expected.append([[r["completions"], r["generation_us_per_completion"] / 1000], figure, [1]])
+        else:
+            expected.append([f"a benchmark this checker knows ({cell[0]!r} is not)", None, None])
+    return expected
+
+
+CHECKERS = {
+    "| | teacher-a | teacher-b |": reference_lab,
+    "| budget | student after, with reasoning (none) | transfer τ [95% CI] | student after, answers only "
+    "(answer-only) | transfer τ [95% CI] |": leakage,
+    "| defence | B=500 | B=1000 | B=2000 | B=4000 |": curves,
+    "| defence | attack | B=500 | B=1000 | B=2000 | B=4000 |": multipliers,
+    "| defence | teacher acc as served | student after | transfer τ [95% CI] | protection [95% CI] | "
+    "reasoning words shown |": redaction_at_one_budget,
+    "| students | budget | τ | reading, unwatermarked texts (exact null) | reading, attacker's logged outputs | "
+    "reading, fresh watermarked texts | sampling (2,400 prompts) | sampling, logged windows only |": watermark_audits,
+    "| texts | tests | median tuples scored | FPR at 10⁻² | FPR at 10⁻³ | exact test's attainable size "
+    "(10⁻² / 10⁻³) |": false_positives,
+    "| traffic | accounts | flagged, timing+content [95% CI] | flagged, with embeddings | via cluster | median "
+    "requests before the flag | student after, through the monitor | protection at 2,000 queries [95% CI] |": traffic,
+    "| measure | figure | command |": performance,
+}
+
+
+def check(text: str) -> list[str]:
+    """Every problem with README's result tables: unsourced, unknown, or numbers that differ from the source."""
+    problems = []
+    for table in readme_tables(text):
+        where = f"README.md:{table.line} {table.header[:60]}"
+        if not table.sources:
+            if any(NUMBER.search(c) for row in table.rows for c in row) and table.header not in UNSOURCED:
+                problems.append(f"{where}: numbers without a `Source:` line naming their committed file")
+            continue
+        missing = [s for s in table.sources if not (ROOT / s).is_file()]
+        if missing:
+            problems.append(f"{where}: source {missing} is not a committed file")
+            continue
+        if table.header not in CHECKERS:
+            problems.append(f"{where}: no checker for this table; add one to {Path(__file__).name}")
+            continue
+        expected = CHECKERS[table.header](table, [load(s) for s in table.sources])
+        problems += [f"{where}: {p}" for p in mismatches(table, expected)]
+    return problems
+
+
+def test_readme_result_tables_equal_their_committed_sources():
+    assert check(README.read_text()) == []
+
+
+def test_every_checker_has_its_table_in_readme():
+    """A renamed header would otherwise leave its table unchecked but not unsourced."""
+    headers = {t.header for t in readme_tables(README.read_text()) if t.sources}
+    assert set(CHECKERS) <= headers
+
+
+@pytest.mark.parametrize("edit", [
+    ("| 4,000 | 0.911 |", "| 4,000 | 0.905 |"),  # the leakage table's old number for the grid's cell
+    ("| none | 0.08 | 0.20 | 0.64 | 0.93 |", "| none | 0.08 | 0.20 | 0.64 | 0.92 |"),
+    ("**98.0%** (588/600", "**98.0%** (589/600"),
+    ("| answer-only | 0.980 | 0.056 |", "| answer-only | 0.980 | 0.065 |"),
+    ("| truncate:8 | naive/sft | 1.12× |", "| truncate:8 | naive/sft | 1.21× |"),
+    ("| none | 0.16 | 0.83 | 0.97 [1,145] |", "| none | 0.16 | 0.83 | 0.97 [1,154] |"),
+    ("| 3.8e-6 – 1.7e-3, 2/3 |", "| 3.8e-6 – 1.7e-3, 3/3 |"),
+    ("| 8.0M | 21 |", "| 8.0M | 12 |"),
+    ("| 0.0% [0.0, 0.3] | 0.3% [0.1, 0.8] |", "| 0.0% [0.0, 0.3] | 0.4% [0.1, 0.8] |"),
+    ("**0.996×** (8,329 vs", "**0.996×** (8,392 vs"),
+    ("summary 4.7 µs", "summary 4.2 µs"),
+    ("Source: `eval/results/traffic/report.json`\n", ""),  # a table that no longer names its source
+])
+def test_an_edited_readme_number_is_caught(edit):
+    old, new = edit
+    text = README.read_text()
+    assert old in text
+    assert set(check(text.replace(old, new, 1))) - set(check(text))  # a new problem, the edited number

@@ -23,6 +23,7 @@ from detectors.cluster import judge_clusters
 from detectors.detector import TrafficDetector
 from detectors.events import EventFormatError, read_events, write_events
 from eval import traffic_study, watermark_study
+from eval.benchmarks import redaction_speed, traffic_speed, trainer_speed, watermark_speed
 from eval.attack import AttackConfig, evaluate
 from eval.harvest import load_harvest
 from eval.metrics import capability
@@ -51,6 +52,9 @@ audit_app = typer.Typer(help="Audits of suspect models.", no_args_is_help=True)
 app.add_typer(audit_app, name="audit")
 traffic_app = typer.Typer(help="Simulated API traffic.", no_args_is_help=True)
 app.add_typer(traffic_app, name="traffic")
+bench_app = typer.Typer(help="Speed and memory benchmarks: ratios measured side by side in one run, written as JSON "
+                             "to eval/results/benchmarks/ (run each with OMP_NUM_THREADS=1).", no_args_is_help=True)
+app.add_typer(bench_app, name="bench")
 study_app = typer.Typer(help="The validation studies behind README's results (eval/results/).", no_args_is_help=True)
 app.add_typer(study_app, name="study")
 console = Console()
@@ -451,6 +455,34 @@ def study_watermark(out: str = "runs/watermark", budgets: str = "500,1000,2000",
     """The watermark: radioactivity of distilled students against controls, calibration, utility."""
     watermark_study.main(out, [int(b) for b in budgets.split(",")], seeds, control_seeds, steps, pool_prompts,
                          documents)
+
+
+@bench_app.command("trainer")
+def bench_trainer(steps: int = 100, rounds: int = 3, batch_size: int = 64):
+    """The built-in student trainer's tokens/s against a bare PyTorch loop on the same model and data."""
+    trainer_speed.main(steps, rounds, batch_size)
+
+
+@bench_app.command("watermark")
+def bench_watermark(tokens: Annotated[int, typer.Option(help="tokens scored at each vocabulary")] = 16_384,
+                    rounds: Annotated[int, typer.Option(help="detection rounds, each side once a round")] = 5,
+                    steps: Annotated[int, typer.Option(help="processor steps timed at each vocabulary")] = 20,
+                    generation_rounds: int = 10):
+    """Watermark detection against transformers' at four real vocabularies, and its cost in generation."""
+    watermark_speed.main(tokens, rounds, steps, generation_rounds)
+
+
+@bench_app.command("traffic")
+def bench_traffic(events: int = 50_000):
+    """The online monitor's events/s, embedding throughput, and one client's memory over its life."""
+    traffic_speed.main(events)
+
+
+@bench_app.command("redaction")
+def bench_redaction(prompts: int = 256, rounds: Annotated[int, typer.Option(help="end-to-end rounds per policy")] = 5,
+                    repeats: Annotated[int, typer.Option(help="post-processing passes over the completions")] = 20):
+    """Each redaction policy's post-processing against the generation it follows."""
+    redaction_speed.main(prompts, rounds, repeats)
 
 
 if __name__ == "__main__":

@@ -27,10 +27,8 @@ SOURCE = re.compile(r"^\s*(?:[-*]\s+)?Source:(.*)$")
 # tables with digits that are not results, or whose results are being re-measured elsewhere
 UNSOURCED = {
     "| policy | what a client sees |": "definitions (AES-256, HTTP 400), not results",
+    "| layer | what | main files |": "the architecture's layers, not results",
 }
-# performance rows re-measured by the rewritten watermark and traffic benchmarks (issue 12); each gets a
-# committed JSON and a row checker here when it lands
-PENDING_BENCHMARKS = ("watermark", "traffic monitor")
 
 
 @dataclass
@@ -268,8 +266,24 @@ def performance(table: Table, sources: list) -> list[list]:
     results = {Path(path).stem: data for path, data in zip(table.sources, sources)}
     expected = []
     for cell in table.rows:
-        if cell[0].startswith(PENDING_BENCHMARKS):
-            expected.append([None, None, None])
+        if cell[0].startswith("watermark detection"):
+            vocabularies = results["watermark_speed"]["vocabularies"].values()
+            keyed = [v["detection"]["speedup_ours_keyed"] for v in vocabularies]
+            lists = [v["detection"]["speedup_ours_transformers_lists"] for v in vocabularies]
+            sizes = [v["detection"]["vocab"] for v in vocabularies]
+            expected.append([[min(sizes), max(sizes)], [min(keyed), max(keyed), min(lists), max(lists)], [1]])
+        elif cell[0].startswith("watermark generation overhead"):
+            g = results["watermark_speed"]["generation"]
+            expected.append([[g["batch_size"], g["new_tokens"]], [100 * g["overhead_median_of_pairs"], g["rounds"]],
+                             []])
+        elif cell[0].startswith("traffic monitor"):
+            t = results["traffic_speed"]
+            memory = t["client_state"]
+            expected.append([[t["monitor"]["clients"]],
+                             [t["monitor"]["events_per_s"], t["torch_threads"], t["monitor"]["events"],
+                              t["embedding"]["prompts_per_s"], t["torch_threads"],
+                              memory["bytes_after_2000"] / 1024, 2000, memory["bytes_after_100000"] / 1024, 100000],
+                             [1, t["monitor"]["events"]]])
         elif cell[0].startswith("built-in trainer"):
             t = results["trainer_speed"]
             expected.append([[t["batch_size"]],
@@ -292,6 +306,23 @@ def performance(table: Table, sources: list) -> list[list]:
     return expected
 
 
+WATERMARK_VOCABULARIES = {"reference lab": "reference", "MiniLM": "minilm-wordpiece", "SmolLM2": "smollm2", "Qwen3": "qwen3"}
+
+
+def watermark_speed(table: Table, sources: list) -> list[list]:
+    vocabularies = sources[0]["vocabularies"]
+    expected = []
+    for cell in table.rows:
+        v = vocabularies[next(key for label, key in WATERMARK_VOCABULARIES.items() if cell[0].startswith(label))]
+        d, step = v["detection"], v["generation_step"]
+        seconds = d["median_seconds"]
+        expected.append([None, [d["vocab"]], [d["distinct_contexts"]], [seconds["transformers"]],
+                         [1000 * seconds["ours_keyed"]], [d["speedup_ours_keyed"]], [seconds["ours_transformers_lists"]],
+                         [d["speedup_ours_transformers_lists"]], [d["max_abs_z_difference_transformers_lists"]],
+                         [step["step_ms_median"], step["sampling_step_ms_median"]]])
+    return expected
+
+
 CHECKERS = {
     "| | teacher-a | teacher-b |": reference_lab,
     "| budget | student after, with reasoning (none) | transfer τ [95% CI] | student after, answers only "
@@ -307,6 +338,9 @@ CHECKERS = {
     "| traffic | accounts | flagged, timing+content [95% CI] | flagged, with embeddings | via cluster | median "
     "requests before the flag | student after, through the monitor | protection at 2,000 queries [95% CI] |": traffic,
     "| measure | figure | command |": performance,
+    "| vocabulary | size | distinct contexts in the text | transformers | ours, keyed green lists | ratio | ours, "
+    "transformers' green lists | ratio | max \\|Δz\\| | processor per decoding step, batch 32 (softmax + multinomial "
+    "alone) |": watermark_speed,
 }
 
 

@@ -1,6 +1,6 @@
 """What a redaction policy adds to serving, side by side in one run.
 
-    OMP_NUM_THREADS=1 python -m eval.benchmarks.redaction_speed [--prompts 256] [--rounds 5] [--repeats 20]
+    OMP_NUM_THREADS=1 distill-guard bench redaction [--prompts 256] [--rounds 5] [--repeats 20]
 
 1. Post-processing: each policy applied to the same teacher completions (the reference teacher's greedy
    answers to held-out prompts), in microseconds per completion, against the teacher's own generation time
@@ -12,7 +12,6 @@ Both are written to eval/results/benchmarks/redaction_speed.json.
 
 from __future__ import annotations
 
-import argparse
 import json
 import time
 
@@ -79,12 +78,3 @@ def main(prompts: int = 256, rounds: int = 5, repeats: int = 20) -> dict:
     print(json.dumps(results, indent=2))
     print("wrote", write_result("redaction_speed", results))
     return results
-
-
-if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--prompts", type=int, default=256)
-    parser.add_argument("--rounds", type=int, default=5, help="end-to-end rounds per policy")
-    parser.add_argument("--repeats", type=int, default=20, help="post-processing passes over the completions")
-    args = parser.parse_args()
-    main(args.prompts, args.rounds, args.repeats)

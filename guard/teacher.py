@@ -109,6 +109,8 @@ class Teacher:
 
     name: str = "teacher"
     remembers_callers = False  # whether one request's answer can depend on the caller's earlier requests
+    tokenizer: PreTrainedTokenizerBase | None = None  # a local model's own; None where the backend is remote
+    context_length: int | None = None  # the most tokens (prompt and completion) the model attends to, if known
 
     def complete(self, prompts: list[str], sampling: Sampling = Sampling(),
                  callers: Sequence[Caller] | None = None) -> list[Completion]:
@@ -138,6 +140,14 @@ class Defense(Teacher):
     @property
     def remembers_callers(self) -> bool:
         return self.keeps_history or self.teacher.remembers_callers
+
+    @property
+    def tokenizer(self) -> PreTrainedTokenizerBase | None:
+        return self.teacher.tokenizer
+
+    @property
+    def context_length(self) -> int | None:
+        return self.teacher.context_length
 
     def fresh(self) -> Defense:
         clone = copy.copy(self)

@@ -34,7 +34,7 @@ from eval.report import markdown_table, merge_reports, write_report
 from eval.student import StudentConfig
 from eval.task import load_task
 from eval.traffic import BENIGN_POPULATION, TrafficShape, lab_detector, simulate
-from guard.defenses import DefenseParts, build_defense, parse_defense
+from guard.defenses import DefenseParts, build_defense, parse_defense, split_outer_policy
 from guard.redaction import Sealer
 from guard.server import create_app
 from guard.teacher import ModelLoadError, Sampling
@@ -236,8 +236,9 @@ def serve(teacher: TeacherOpt = "reference", host: str = "127.0.0.1", port: int 
         console.print("[yellow]DISTILL_GUARD_SEAL_KEY is not set: sealed reasoning uses a key that dies with this "
                       "server, so blobs cannot be opened after a restart[/yellow]")
     served = name or (teacher.partition(":")[2] or "teacher-a" if teacher.startswith("reference") else teacher)
-    uvicorn.run(create_app(lambda: build_defense(defense, load_teacher(teacher), parts), served, set(api_key or ()),
-                           sealer=parts.sealer),
+    inner, policy = split_outer_policy(defense, parts)
+    uvicorn.run(create_app(lambda: build_defense(inner, load_teacher(teacher), parts), served, set(api_key or ()),
+                           sealer=parts.sealer, policy=policy),
                 host=host, port=port)
 
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from detectors.detector import TrafficDetector
 from detectors.events import Event
 from detectors.monitor import Monitor
-from guard.redaction import POLICIES, AnswerOnly, Redact, Sealer, Summarize, parse_policy
+from guard.redaction import POLICIES, AnswerOnly, Policy, Redact, Sealer, Summarize, parse_policy
 from guard.teacher import Caller, Completion, Defense, Sampling, Teacher, callers_for
 from watermark.kgw import Watermark, WatermarkConfig
 
@@ -72,6 +72,16 @@ def build_defense(spec: str, teacher: Teacher, parts: DefenseParts = DefensePart
         else:
             teacher = Redact(teacher, parse_policy(argument, parts.summarize, parts.sealer))
     return teacher
+
+
+def split_outer_policy(spec: str, parts: DefenseParts = DefenseParts()) -> tuple[str, Policy | None]:
+    """(`spec` without its outermost layer, that layer's policy) when the outermost layer is a redaction, else
+    (`spec`, None). A server applies that policy itself, so a stream goes out through its `StreamRedactor`."""
+    layers = parse_defense(spec)
+    if not layers or layers[-1][0] != "redact":
+        return spec, None
+    inner, _, outer = spec.rpartition("+")
+    return inner or "none", parse_policy(outer, parts.summarize, parts.sealer)
 
 
 class Monitored(Defense):

@@ -411,7 +411,8 @@ def create_app(load_teacher: Callable[[], Teacher], model_name: str, api_keys: s
                             usage=_usage(n_prompt, completion.completion_tokens))
 
     def _chat_chunks(body: ChatRequest, prompt: str, n_prompt: int, completion: Completion) -> Iterator[ChatChunk]:
-        head = dict(id=f"chatcmpl-{uuid.uuid4().hex}", created=int(time.time()), model=body.model)
+        head = dict(id=f"chatcmpl-{uuid.uuid4().hex}", object="chat.completion.chunk", created=int(time.time()),
+                    model=body.model)  # set, so that a chunk sent without unset fields keeps it
         yield ChatChunk(**head, choices=[ChatChunkChoice(index=0, delta=ChatDelta(role="assistant", content=""),
                                                          finish_reason=None)])
         for text, sealed in _streamed(completion, prompt, stream_policy):
@@ -458,7 +459,7 @@ def create_app(load_teacher: Callable[[], Teacher], model_name: str, api_keys: s
 
     def _completion_chunks(body: CompletionRequest, prompts: list[str], counts: list[int],
                            answers: list[Completion]) -> Iterator[CompletionChunk]:
-        head = dict(id=f"cmpl-{uuid.uuid4().hex}", created=int(time.time()), model=body.model)
+        head = dict(id=f"cmpl-{uuid.uuid4().hex}", object="text_completion", created=int(time.time()), model=body.model)
         for index, (prompt, completion) in enumerate(zip(prompts, answers)):
             for text, sealed in _streamed(completion, prompt, stream_policy):
                 choice = CompletionChunkChoice(index=index, text=text, finish_reason=None)

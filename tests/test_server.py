@@ -121,6 +121,22 @@ def test_bounds_answer_in_openai_shape(teacher_a):
 MiB = 1 << 20
 
 
+@pytest.mark.parametrize("path, ask, kind", [
+    ("chat/completions", {"messages": [{"role": "user", "content": PROMPTS[0]}]}, "chat.completion.chunk"),
+    ("completions", {"prompt": PROMPTS[0]}, "text_completion")])
+def test_the_stream_is_server_sent_events_in_openai_chunk_format(teacher_a, path, ask, kind):
+    with live_server(create_app(lambda: teacher_a, "teacher-a")) as url:
+        reply = httpx.post(f"{url}/v1/{path}", json={"model": "teacher-a", "temperature": 0, "stream": True, **ask})
+    assert reply.headers["content-type"].startswith("text/event-stream")
+    events = reply.text.split("\n\n")
+    assert events[-2:] == ["data: [DONE]", ""] and all(e.startswith("data: ") for e in events[:-1])
+    chunks = [json.loads(e.removeprefix("data: ")) for e in events[:-2]]
+    assert all(c["object"] == kind and c["model"] == "teacher-a" and "usage" not in c for c in chunks)
+    assert len({c["id"] for c in chunks}) == 1
+    finishes = [c["choices"][0]["finish_reason"] for c in chunks]
+    assert finishes[-1] == "stop" and finishes[:-1] == [None] * (len(chunks) - 1)
+
+
 class Broken(Teacher):
     def complete(self, prompts, sampling=GREEDY, callers=None):
         raise RuntimeError("internal detail: /srv/secret/path")

@@ -411,8 +411,9 @@ def create_app(load_teacher: Callable[[], Teacher], model_name: str, api_keys: s
                             usage=_usage(n_prompt, completion.completion_tokens))
 
     def _chat_chunks(body: ChatRequest, prompt: str, n_prompt: int, completion: Completion) -> Iterator[ChatChunk]:
-        head = dict(id=f"chatcmpl-{uuid.uuid4().hex}", object="chat.completion.chunk", created=int(time.time()),
-                    model=body.model)  # set, so that a chunk sent without unset fields keeps it
+        # `object` is set, not left to its default, so that a chunk sent without its unset fields keeps it
+        head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion.chunk", "created": int(time.time()),
+                "model": body.model}
         yield ChatChunk(**head, choices=[ChatChunkChoice(index=0, delta=ChatDelta(role="assistant", content=""),
                                                          finish_reason=None)])
         for text, sealed in _streamed(completion, prompt, stream_policy):
@@ -459,7 +460,8 @@ def create_app(load_teacher: Callable[[], Teacher], model_name: str, api_keys: s
 
     def _completion_chunks(body: CompletionRequest, prompts: list[str], counts: list[int],
                            answers: list[Completion]) -> Iterator[CompletionChunk]:
-        head = dict(id=f"cmpl-{uuid.uuid4().hex}", object="text_completion", created=int(time.time()), model=body.model)
+        head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
+                "model": body.model}
         for index, (prompt, completion) in enumerate(zip(prompts, answers)):
             for text, sealed in _streamed(completion, prompt, stream_policy):
                 choice = CompletionChunkChoice(index=index, text=text, finish_reason=None)
@@ -469,6 +471,7 @@ def create_app(load_teacher: Callable[[], Teacher], model_name: str, api_keys: s
             yield CompletionChunk(**head, choices=[CompletionChunkChoice(index=index, text="",
                                                                          finish_reason=completion.finish_reason)])
         if body.include_usage:
-            yield CompletionChunk(**head, choices=[], usage=_usage(sum(counts), sum(c.completion_tokens for c in answers)))
+            billed = sum(c.completion_tokens for c in answers)
+            yield CompletionChunk(**head, choices=[], usage=_usage(sum(counts), billed))
 
     return app

@@ -17,6 +17,7 @@ from guard.server import create_app
 from guard.teacher import GREEDY, HFTeacher, Sampling, Teacher
 
 PROMPTS = [i.prompt for i in reference_task().eval_items[:2]]
+MiB = 1 << 20
 
 
 def sdk(url: str) -> openai.OpenAI:
@@ -26,7 +27,7 @@ def sdk(url: str) -> openai.OpenAI:
 def test_streamed_chat_joins_to_the_greedy_text_and_bills_the_same(teacher_a):
     with live_server(create_app(lambda: teacher_a, "teacher-a")) as url:
         client = sdk(url)
-        ask = dict(model="teacher-a", temperature=0, messages=[{"role": "user", "content": PROMPTS[0]}])
+        ask = {"model": "teacher-a", "temperature": 0, "messages": [{"role": "user", "content": PROMPTS[0]}]}
         whole = client.chat.completions.create(**ask)
         chunks = list(client.chat.completions.create(**ask, stream=True, stream_options={"include_usage": True}))
     deltas = [c.choices[0].delta for c in chunks if c.choices]
@@ -65,7 +66,7 @@ def test_answer_only_streams_no_reasoning_and_bills_the_hidden_tokens(teacher_a)
     assert reasoning  # the reference teacher reasons before it answers, so there is something to withhold
     with live_server(create_app(lambda: teacher_a, "teacher-a", policy=AnswerOnly())) as url:
         client = sdk(url)
-        ask = dict(model="teacher-a", temperature=0, messages=[{"role": "user", "content": PROMPTS[0]}])
+        ask = {"model": "teacher-a", "temperature": 0, "messages": [{"role": "user", "content": PROMPTS[0]}]}
         whole = client.chat.completions.create(**ask)
         chunks = list(client.chat.completions.create(**ask, stream=True, stream_options={"include_usage": True}))
     contents = [c.choices[0].delta.content for c in chunks if c.choices and c.choices[0].delta.content]
@@ -117,8 +118,6 @@ def test_bounds_answer_in_openai_shape(teacher_a):
                          headers={"content-type": "application/json"})
         assert malformed.status_code == 400 and "error" in malformed.json()
 
-
-MiB = 1 << 20
 
 
 @pytest.mark.parametrize("path, ask, kind", [

@@ -9,6 +9,7 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before transformers loads: nothing is ever fetched from a model hub
 
 import json  # noqa: E402
+import sqlite3  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Annotated  # noqa: E402
@@ -37,6 +38,7 @@ from eval.traffic import BENIGN_POPULATION, TrafficShape, lab_detector, simulate
 from guard.defenses import DefenseParts, build_defense, parse_defense, split_outer_policy
 from guard.redaction import Sealer
 from guard.server import create_app
+from guard.store import is_store_url, open_store
 from guard.teacher import ModelLoadError, Sampling
 from watermark.detect import WatermarkDetector, name_client
 from watermark.kgw import GreenList, WatermarkConfig, load_keys, master_secret, new_master_secret
@@ -55,6 +57,9 @@ app.add_typer(traffic_app, name="traffic")
 bench_app = typer.Typer(help="Speed and memory benchmarks: ratios measured side by side in one run, written as JSON "
                              "to eval/results/benchmarks/ (run each with OMP_NUM_THREADS=1).", no_args_is_help=True)
 app.add_typer(bench_app, name="bench")
+keys_app = typer.Typer(help="The gateway's API keys: one per account, with its limits and redaction policy.",
+                        no_args_is_help=True)
+app.add_typer(keys_app, name="keys")
 study_app = typer.Typer(help="The validation studies behind README's results (eval/results/).", no_args_is_help=True)
 app.add_typer(study_app, name="study")
 console = Console()
@@ -204,7 +209,7 @@ def _defense_parts(defenses: list[str], lab: bool, benign: str | None, master_ke
     if "monitor" in kinds:
         if benign:
             try:
-                parts.detector = TrafficDetector(use_embeddings=False).fit(read_events(benign)[0])
+                parts.detector = TrafficDetector(use_embeddings=False).fit(_events(benign)[0])
             except (EventFormatError, FileNotFoundError) as e:
                 raise ValueError(str(e)) from None
         elif lab:
@@ -394,10 +399,20 @@ def traffic_simulate(out: Annotated[str, typer.Option(help="JSONL log to write")
     console.print(f"wrote {len(events):,} events from {len(kinds)} clients to {out}")
 
 
+def _events(source: str, errors: str = "raise"):
+    """Events from a log file (JSONL or Arrow) or from a gateway's audit log named by its store URL."""
+    if is_store_url(source):
+        with open_store(source) as store:
+            return store.read_events(errors)
+    return read_events(source, errors=errors)
+
+
 @app.command()
-def detect(log: Annotated[str, typer.Option(help="traffic log: JSONL or an Arrow dataset")],
-           benign: Annotated[str | None, typer.Option(help="benign traffic to fit on (JSONL or Arrow): your own "
-                                                         "users, from the same domain")] = None,
+def detect(log: Annotated[str, typer.Option(help="traffic log: JSONL, an Arrow dataset, or a gateway's audit log "
+                                                 "(sqlite:///PATH)")],
+           benign: Annotated[str | None, typer.Option(help="benign traffic to fit on (JSONL, Arrow or "
+                                                         "sqlite:///PATH): your own users, from the same "
+                                                         "domain")] = None,
            lab: Annotated[bool, typer.Option(help="fit on the reference lab's simulated benign traffic (600 "
                                                   "clients, seed 0) instead")] = False,
            fpr: Annotated[float, typer.Option(help="target benign-account false-positive rate")] = 0.01,
@@ -409,8 +424,8 @@ def detect(log: Annotated[str, typer.Option(help="traffic log: JSONL or an Arrow
                                  "simulated users", param_hint="--benign")
     errors = "skip" if skip_bad_rows else "raise"
     try:
-        events, skipped = read_events(log, errors=errors)
-        fit_on = read_events(benign, errors=errors)[0] if benign else \
+        events, skipped = _events(log, errors)
+        fit_on = _events(benign, errors)[0] if benign else \
             simulate(BENIGN_POPULATION, days=3, seed=0)[0]
         detector = TrafficDetector(target_fpr=fpr, use_embeddings=embeddings).fit(fit_on)
     except (EventFormatError, FileNotFoundError, ValueError) as e:
@@ -432,6 +447,56 @@ def detect(log: Annotated[str, typer.Option(help="traffic log: JSONL or an Arrow
                   f"linked accounts ({sum(g['flagged'] for g in groups)} flagged); {skipped} bad rows skipped")
     _write_json(out, {"log": log, "target_fpr": fpr, "skipped_rows": skipped, "clients": verdicts,
                       "clusters": groups})
+
+
+StoreOpt = Annotated[str, typer.Option(help="the gateway's store: sqlite:///PATH (relative) or sqlite:////PATH")]
+
+
+def _store(url: str):
+    try:
+        return open_store(url)
+    except (ValueError, sqlite3.Error) as e:
+        raise typer.BadParameter(str(e), param_hint="--store") from None
+
+
+@keys_app.command("create")
+def keys_create(store: StoreOpt, account: Annotated[str, typer.Option(help="the account the key acts for")],
+                rpm: Annotated[int | None, typer.Option(help="requests per minute; none: unlimited")] = None,
+                tpm: Annotated[int | None, typer.Option(help="tokens per minute; none: unlimited")] = None,
+                policy: Annotated[str | None, typer.Option(help="redaction policy for this account: full, "
+                                                                "answer-only, summary, truncate:K, sealed; "
+                                                                "none: the gateway's")] = None):
+    """Create a key and print it, this once: only its hash is stored."""
+    with _store(store) as opened:
+        try:
+            key = opened.create_key(account, rpm=rpm, tpm=tpm, policy=policy)
+        except ValueError as e:
+            raise typer.BadParameter(str(e)) from None
+        key_id = opened.resolve(key).key_id
+    print(key)
+    typer.echo(f"key {key_id} for account {account}: shown this once, keep it now", err=True)
+
+
+@keys_app.command("list")
+def keys_list(store: StoreOpt):
+    """Every key's id, account, limits, policy and whether it is revoked (never the keys themselves)."""
+    with _store(store) as opened:
+        accounts = opened.list_keys()
+    table = Table("key id", "account", "rpm", "tpm", "policy", "revoked")
+    for a in accounts:
+        table.add_row(a.key_id, a.name, str(a.rpm or "—"), str(a.tpm or "—"), a.policy or "—",
+                      "yes" if a.revoked else "no")
+    console.print(table)
+
+
+@keys_app.command("revoke")
+def keys_revoke(store: StoreOpt, key_id: Annotated[str, typer.Argument(help="the id `keys list` shows")]):
+    """Revoke a key: it stops resolving at once."""
+    with _store(store) as opened:
+        if not opened.revoke(key_id):
+            raise typer.BadParameter(f"no live key with id {key_id!r} (see `distill-guard keys list`)",
+                                     param_hint="KEY_ID")
+    console.print(f"revoked key {key_id}")
 
 
 @study_app.command("traffic")

@@ -1,0 +1,218 @@
+"""The gateway's stores (issue 13): keys kept only as hashes, and an audit log whose acknowledged rows survive
+threads, new processes and kill -9, read back by `distill-guard detect`. Real SQLite files, real processes."""
+
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+
+from eval.traffic import simulate
+from guard.store import AuditRecord, Store, open_store
+
+CLI = [sys.executable, "-m", "guard.cli"]
+
+
+def db_bytes(path: Path) -> bytes:
+    """Everything SQLite wrote for this database: the file and its write-ahead log."""
+    return b"".join(p.read_bytes() for p in path.parent.glob(path.name + "*"))
+
+
+def record(n: int, account: str = "alice", time: float = 1_767_225_600.0, **extra) -> AuditRecord:
+    return AuditRecord(request_id=f"req-{n}", account=account, time=time + n, prompt=f"question {n}",
+                       response=f"answer {n}", prompt_tokens=3, completion_tokens=5,
+                       decisions={"monitor": {"action": "allow"}}, latency=0.01, **extra)
+
+
+def test_a_key_is_stored_only_as_its_hash(tmp_path):
+    path = tmp_path / "store.db"
+    with Store(path) as store:
+        key = store.create_key("alice", rpm=5, tpm=1000, policy="answer-only")
+        assert store.resolve(key) == store.list_keys()[0]
+        stored = db_bytes(path)
+    assert key.startswith("dg-") and len(key) > 40
+    assert b"alice" in stored  # the bytes searched are the ones written
+    assert key.encode() not in stored and key.removeprefix("dg-")[:16].encode() not in stored
+
+
+def test_resolve_accepts_the_key_and_nothing_near_it_and_never_a_revoked_key(tmp_path):
+    with open_store(f"sqlite:///{tmp_path}/store.db") as store:
+        key = store.create_key("alice", rpm=5, tpm=1000, policy="answer-only")
+        other = store.create_key("bob")
+        account = store.resolve(key)
+        assert (account.name, account.rpm, account.tpm, account.policy, account.revoked) == \
+            ("alice", 5, 1000, "answer-only", False)
+        assert store.resolve(other).name == "bob"
+        last = "A" if key[-1] != "A" else "B"
+        for wrong in (key[:-1] + last, key[:-1], key + "A", key.upper(), "", "dg-"):
+            assert store.resolve(wrong) is None, wrong
+        assert store.revoke(account.key_id) and not store.revoke(account.key_id) and not store.revoke("nope")
+        assert store.resolve(key) is None and store.resolve(other).name == "bob"
+        assert [a.revoked for a in store.list_keys()] == [True, False]
+
+
+def test_resolve_compares_the_whole_digest_not_only_the_indexed_prefix(tmp_path):
+    path = tmp_path / "store.db"
+    with Store(path) as store:
+        key = store.create_key("alice")
+    with sqlite3.connect(path) as db:  # a stored digest that shares the key's lookup prefix, and only that
+        digest = db.execute("SELECT digest FROM keys").fetchone()[0]
+        db.execute("UPDATE keys SET digest = ?", (digest[:-1] + ("0" if digest[-1] != "0" else "1"),))
+    with Store(path) as store:
+        assert store.resolve(key) is None
+
+
+def test_a_policy_is_checked_when_its_key_is_created(tmp_path):
+    with Store(tmp_path / "store.db") as store:
+        with pytest.raises(ValueError, match="unknown redaction policy 'answers-only'"):
+            store.create_key("alice", policy="answers-only")
+        with pytest.raises(ValueError, match="rpm must be a positive"):
+            store.create_key("alice", rpm=0)
+        assert store.list_keys() == []
+
+
+def test_store_urls(tmp_path):
+    with pytest.raises(ValueError, match="PostgreSQL support arrives with issue 17"):
+        open_store("postgresql://user@db/audit")
+    with pytest.raises(ValueError, match="not a store URL"):
+        open_store(str(tmp_path / "store.db"))
+    with open_store(f"sqlite:///{tmp_path}/a/store.db") as store:
+        assert store.path == tmp_path / "a" / "store.db"
+        assert store._read("PRAGMA journal_mode")[0][0] == "wal"
+        assert store._read("PRAGMA synchronous")[0][0] == 2  # FULL
+
+
+def test_audit_rows_from_many_threads_are_all_read_by_a_new_process(tmp_path):
+    path, threads, each = tmp_path / "store.db", 8, 40
+    store = Store(path)
+
+    def write(t: int) -> None:
+        for n in range(each):
+            store.log(record(t * each + n, account=f"account-{t}"))
+
+    workers = [threading.Thread(target=write, args=(t,)) for t in range(threads)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+    # the writer stays open: a reader in another process sees what was committed, not what a close flushed
+    read = subprocess.run([sys.executable, "-c", "import sys, json; from guard.store import Store; "
+                           "print(json.dumps([r.request_id for r in Store(sys.argv[1]).records()]))", str(path)],
+                          capture_output=True, text=True, timeout=120, check=True)
+    ids = json.loads(read.stdout)
+    assert sorted(ids) == sorted(f"req-{n}" for n in range(threads * each))
+    first = Store(path).records()[0]
+    assert first.decisions == {"monitor": {"action": "allow"}} and first.response.startswith("answer")
+    store.close()
+
+
+WRITER = """
+import sys
+from guard.store import AuditRecord, Store
+store = Store(sys.argv[1])
+for n in range(100_000):
+    store.log(AuditRecord(request_id=f"req-{n}", account="alice", time=float(n), prompt=f"question {n}"))
+    print(n + 1, flush=True)  # acknowledged: the row's write returned
+"""
+
+
+def test_an_acknowledged_row_survives_kill_9(tmp_path):
+    path = tmp_path / "store.db"
+    writer = subprocess.Popen([sys.executable, "-c", WRITER, str(path)], stdout=subprocess.PIPE, text=True)
+    for line in writer.stdout:
+        if int(line) >= 137:
+            break
+    os.kill(writer.pid, signal.SIGKILL)
+    writer.wait(timeout=30)
+    # every acknowledgement the writer printed counts, also those still in the pipe when it died
+    acknowledged = max([int(line)] + [int(n) for n in writer.stdout.read().split()])
+    with Store(path) as store:
+        ids = [r.request_id for r in store.records()]
+    assert len(ids) >= acknowledged
+    assert ids == [f"req-{n}" for n in range(len(ids))]  # each once, none missing before the last
+
+
+def test_a_repeated_request_id_is_refused_and_a_group_is_all_or_nothing(tmp_path):
+    with Store(tmp_path / "store.db") as store:
+        store.log(record(0))
+        with pytest.raises(sqlite3.IntegrityError):
+            store.log(record(1), record(0))
+        assert [r.request_id for r in store.records()] == ["req-0"]
+
+
+def test_hashed_text_keeps_no_prompt_or_response_but_still_feeds_detect(tmp_path):
+    path = tmp_path / "store.db"
+    with Store(path, keep_text=False) as store:
+        store.log(record(0, ip="10.0.0.1"), record(1))
+        rows = store.records()
+        events, skipped = store.read_events()
+    assert b"question 0" not in db_bytes(path) and b"answer 0" not in db_bytes(path)
+    assert rows[0].prompt.startswith("sha256:") and rows[0].response.startswith("sha256:")
+    assert rows[0].prompt != rows[1].prompt and skipped == 0
+    assert (events[0].client, events[0].ip, events[0].prompt_tokens, events[0].response_tokens) == \
+        ("alice", "10.0.0.1", 3, 5)
+
+
+def test_purge_deletes_only_rows_older_than_the_retention(tmp_path):
+    with Store(tmp_path / "store.db") as store:
+        store.log(*(record(n, time=0.0) for n in range(10)))  # row n logged at time n
+        assert store.purge(older_than_seconds=4, now=10.0) == 6
+        assert [r.request_id for r in store.records()] == [f"req-{n}" for n in range(6, 10)]
+
+
+def test_keys_cli_round_trip(tmp_path):
+    url = f"sqlite:///{tmp_path}/store.db"
+    created = subprocess.run(CLI + ["keys", "create", "--store", url, "--account", "alice", "--rpm", "5",
+                                    "--policy", "answer-only"], capture_output=True, text=True, timeout=120)
+    assert created.returncode == 0, created.stderr
+    key = created.stdout.strip()
+    assert key.startswith("dg-") and "\n" not in key
+    listed = subprocess.run(CLI + ["keys", "list", "--store", url], capture_output=True, text=True, timeout=120,
+                            env={**os.environ, "COLUMNS": "200"})
+    with open_store(url) as store:
+        key_id = store.resolve(key).key_id
+    assert "alice" in listed.stdout and "answer-only" in listed.stdout and key_id in listed.stdout
+    assert key not in listed.stdout + listed.stderr and key[3:12] not in listed.stdout
+    revoked = subprocess.run(CLI + ["keys", "revoke", "--store", url, key_id], capture_output=True, text=True,
+                             timeout=120)
+    assert revoked.returncode == 0, revoked.stderr
+    with open_store(url) as store:
+        assert store.resolve(key) is None
+    misspelt = subprocess.run(CLI + ["keys", "create", "--store", url, "--account", "bob", "--policy", "nope"],
+                              capture_output=True, text=True, timeout=120)
+    assert misspelt.returncode != 0 and "unknown redaction policy" in misspelt.stderr and not misspelt.stdout
+
+
+def log_traffic(path: Path, population: dict, seed: int) -> dict[str, str]:
+    events, kinds = simulate(population, days=1, seed=seed, attack_budget=300)
+    with Store(path) as store:
+        store.log(*(AuditRecord(request_id=f"{seed}-{n}", account=e.client, time=e.time, prompt=e.prompt,
+                                prompt_tokens=e.prompt_tokens, completion_tokens=e.response_tokens,
+                                endpoint=e.endpoint, ip=e.ip, payment=e.payment) for n, e in enumerate(events)))
+    return kinds
+
+
+def test_detect_reads_the_audit_log(tmp_path):
+    kinds = log_traffic(tmp_path / "audit.db", {"human": 30, "naive": 1}, seed=0)
+    report = tmp_path / "report.json"
+    done = subprocess.run(CLI + ["detect", "--log", f"sqlite:///{tmp_path}/audit.db", "--lab", "--out", str(report)],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    verdicts = json.loads(report.read_text())["clients"]
+    assert set(verdicts) == set(kinds)
+    assert [c for c, v in verdicts.items() if v["flagged"]] == [c for c, k in kinds.items() if k == "naive"]
+    log_traffic(tmp_path / "benign.db", {"human": 60, "power": 20, "batch": 20}, seed=1)  # a provider's own users
+    fitted = subprocess.run(CLI + ["detect", "--log", f"sqlite:///{tmp_path}/audit.db", "--benign",
+                                   f"sqlite:///{tmp_path}/benign.db", "--fpr", "0.05", "--out", str(report)],
+                            capture_output=True, text=True, timeout=600)
+    assert fitted.returncode == 0, fitted.stderr[-2000:]
+    verdicts = json.loads(report.read_text())["clients"]
+    assert [c for c, v in verdicts.items() if v["flagged"]] == [c for c, k in kinds.items() if k == "naive"]
+    postgres = subprocess.run(CLI + ["detect", "--log", "postgresql://db/audit", "--lab"], capture_output=True,
+                              text=True, timeout=600)
+    assert postgres.returncode != 0 and "issue 17" in postgres.stderr

@@ -231,19 +231,23 @@ def serve(teacher: TeacherOpt = "reference", host: str = "127.0.0.1", port: int 
                                                     "(master secret from $DISTILL_GUARD_WATERMARK_KEY); monitor; "
                                                     "or several joined by '+'")] = "none",
           lab: LabOpt = False, benign: BenignOpt = None,
-          master_key_file: Annotated[str | None, typer.Option(help="file holding the watermark master secret")] = None):
-    """Serve a teacher behind an OpenAI-compatible API (chat completions and completions)."""
+          master_key_file: Annotated[str | None, typer.Option(help="file holding the watermark master secret")] = None,
+          store: Annotated[str | None, typer.Option(help="sqlite:///PATH: API keys (`distill-guard keys create`) and "
+                                                         "the audit log")] = None):
+    """Serve a teacher behind an OpenAI-compatible API (chat completions and completions). With --store, each
+    key is an account that every defence acts for, and every request lands in the audit log."""
     try:
         parts = _defense_parts([defense], lab, benign, master_key_file)
+        opened = open_store(store) if store else None
     except ValueError as e:
-        raise typer.BadParameter(str(e), param_hint="--defense") from None
+        raise typer.BadParameter(str(e), param_hint="--defense/--store") from None
     if parts.sealer is not None and not os.environ.get("DISTILL_GUARD_SEAL_KEY"):
         console.print("[yellow]DISTILL_GUARD_SEAL_KEY is not set: sealed reasoning uses a key that dies with this "
                       "server, so blobs cannot be opened after a restart[/yellow]")
     served = name or (teacher.partition(":")[2] or "teacher-a" if teacher.startswith("reference") else teacher)
     inner, policy = split_outer_policy(defense, parts)
     uvicorn.run(create_app(lambda: build_defense(inner, load_teacher(teacher), parts), served, set(api_key or ()),
-                           sealer=parts.sealer, policy=policy),
+                           sealer=parts.sealer, policy=policy, store=opened),
                 host=host, port=port)
 
 

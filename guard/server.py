@@ -13,6 +13,7 @@ and malformed JSON are 400; anything unexpected is a 500 with a generic message,
 
 from __future__ import annotations
 
+import hmac
 import json
 import logging
 import re
@@ -30,7 +31,8 @@ from pydantic import BaseModel, Field
 from transformers import PreTrainedTokenizerBase
 
 from guard.redaction import Full, Policy, Redact, Sealer, SealError, StreamRedactor
-from guard.teacher import Completion, Sampling, Teacher
+from guard.store import AuditRecord, Store
+from guard.teacher import Caller, Completion, Sampling, Teacher
 
 logger = logging.getLogger(__name__)
 MiB = 1 << 20
@@ -187,14 +189,42 @@ class APIError(HTTPException):
                          headers=headers)
 
 
-def require_api_key(request: Request) -> str | None:
-    keys = request.app.state.api_keys
-    if not keys:
-        return None
+def require_caller(request: Request) -> Caller:
+    """The caller behind a request: its bearer key resolved to an account (through the store's hashed keys, or
+    the server's own key list, compared in constant time), with the client's address; anonymous when the
+    server takes no keys. Every defence acts for this caller."""
+    state = request.app.state
+    ip = request.client.host if request.client else None
+    if state.store is None and not state.api_keys:
+        return Caller(ip=ip)
     scheme, _, token = request.headers.get("authorization", "").partition(" ")
-    if scheme.lower() != "bearer" or token not in keys:
+    account = None
+    if scheme.lower() == "bearer" and token:
+        if state.store is not None:
+            resolved = state.store.resolve(token)
+            account = resolved.name if resolved is not None else None
+        else:
+            matches = [f"key-{i}" for i, key in enumerate(state.api_keys)
+                       if hmac.compare_digest(key.encode(), token.encode())]
+            account = matches[0] if matches else None
+    if account is None:
         raise APIError(401, "Incorrect or missing API key.", "invalid_request_error", "invalid_api_key")
-    return token
+    return Caller(account=account, ip=ip)
+
+
+def _audit(request: Request, caller: Caller, endpoint: str, prompt: str, completion: Completion, n_prompt: int,
+           started: float, response: str | None = None) -> None:
+    """One durable audit row for the request, written before any of the response is sent. `response`: the
+    text the client gets, when it is not `completion.text` (a stream redacted as it goes out)."""
+    store = request.app.state.store
+    if store is None:
+        return
+    decisions = {} if completion.finish_reason != "refused" else {"served": "refused"}
+    store.log(AuditRecord(request_id=f"req-{uuid.uuid4().hex}", account=caller.account, time=started,
+                          prompt=prompt, response=completion.text if response is None else response,
+                          prompt_tokens=n_prompt,
+                          completion_tokens=completion.completion_tokens, decisions=decisions,
+                          latency=time.time() - started, status=200, ip=caller.ip, endpoint=endpoint))
 
 
 def _check_model(app: FastAPI, model: str) -> None:
@@ -230,11 +260,12 @@ def _check_context(teacher: Teacher, counts: list[int], max_tokens: int) -> None
                                 "Reduce the prompt or max_tokens.", code="context_length_exceeded")
 
 
-def _complete(request: Request, prompt: str, sampling: Sampling, raw: bool = False) -> Completion:
-    """The completion as served, or with `raw` as the teacher wrote it, before the server's redaction policy."""
+def _complete(request: Request, prompt: str, sampling: Sampling, caller: Caller, raw: bool = False) -> Completion:
+    """The completion as served to `caller`, or with `raw` as the teacher wrote it, before the server's
+    redaction policy."""
     state = request.app.state
     with state.lock:  # one generate at a time keeps seeded sampling reproducible
-        return (state.teacher if raw else state.served).complete([prompt], sampling)[0]
+        return (state.teacher if raw else state.served).complete([prompt], sampling, [caller])[0]
 
 
 def _check_sealed(sealer: Sealer | None, messages: list[ChatMessage],
@@ -344,7 +375,7 @@ class _Bounded:
 
 def create_app(load_teacher: Callable[[], Teacher], model_name: str, api_keys: set[str] | None = None,
                sealer: Sealer | None = None, policy: Policy | None = None, max_body_bytes: int = MiB,
-               max_prompts: int = 64) -> FastAPI:
+               max_prompts: int = 64, store: Store | None = None) -> FastAPI:
     """Serve the teacher that `load_teacher` builds (called once, at start-up) as `model_name`.
 
     Args:
@@ -353,6 +384,8 @@ def create_app(load_teacher: Callable[[], Teacher], model_name: str, api_keys: s
         sealer: opens the sealed reasoning clients hand back (the one the `sealed` policy seals with).
         max_body_bytes: larger request bodies are refused with 413.
         max_prompts: the most prompts one completions request may carry.
+        store: API keys (hashed) and their accounts, and the audit log: each request's row is durable before
+            its response is sent. Without it, `api_keys` (if any) are accepted as accounts key-0, key-1, ...
     """
 
     @asynccontextmanager
@@ -363,9 +396,13 @@ def create_app(load_teacher: Callable[[], Teacher], model_name: str, api_keys: s
         app.state.teacher = app.state.served = None
 
     app = FastAPI(title="distill-guard teacher server", lifespan=lifespan)
-    app.state.model_name, app.state.api_keys, app.state.lock = model_name, set(api_keys or ()), threading.Lock()
+    app.state.model_name, app.state.api_keys, app.state.lock = model_name, sorted(api_keys or ()), threading.Lock()
+    app.state.store = store
     app.add_middleware(_Bounded, max_bytes=max_body_bytes)
     stream_policy = policy or Full()
+
+    def _sent(completion: Completion, prompt: str) -> str:
+        return stream_policy.redact([prompt], [completion.text])[0].text
 
     @app.exception_handler(APIError)
     async def api_error(request: Request, exc: APIError):
@@ -380,25 +417,28 @@ def create_app(load_teacher: Callable[[], Teacher], model_name: str, api_keys: s
                             status_code=400)
 
     @app.get("/v1/models")
-    def list_models(_: str | None = Depends(require_api_key)):
+    def list_models(caller: Caller = Depends(require_caller)):
         return {"object": "list", "data": [{"id": app.state.model_name, "object": "model", "owned_by": "distill-guard"}]}
 
     @app.post("/v1/chat/completions", response_model=ChatResponse, response_model_exclude_none=True)
-    def chat_completions(body: ChatRequest, request: Request, _: str | None = Depends(require_api_key)):
+    def chat_completions(body: ChatRequest, request: Request, caller: Caller = Depends(require_caller)):
         _check_model(app, body.model)
         if not any(m.role == "user" for m in body.messages):
             raise APIError(400, "messages: at least one user message is required")
         if body.stream and body.logprobs:
             raise APIError(400, "logprobs are not streamed by this server; ask without stream=True")
-        teacher = app.state.teacher
+        started, teacher = time.time(), app.state.teacher
         _check_sealed(sealer, body.messages, teacher.tokenizer)
         prompt = chat_prompt(body.messages, teacher.tokenizer)
         sampling = body.sampling((body.top_logprobs or 1) if body.logprobs else 0)
         [n_prompt] = prompt_tokens(teacher, [prompt])
         _check_context(teacher, [n_prompt], sampling.max_new_tokens)
         if body.stream:
-            return _sse(_chat_chunks(body, prompt, n_prompt, _complete(request, prompt, sampling, raw=True)))
-        completion = _complete(request, prompt, sampling)
+            raw = _complete(request, prompt, sampling, caller, raw=True)
+            _audit(request, caller, "chat", prompt, raw, n_prompt, started, _sent(raw, prompt))
+            return _sse(_chat_chunks(body, prompt, n_prompt, raw))
+        completion = _complete(request, prompt, sampling, caller)
+        _audit(request, caller, "chat", prompt, completion, n_prompt, started)
         logprobs = None
         if body.logprobs and completion.logprobs is not None:
             logprobs = ChatLogprobs(content=[
@@ -425,7 +465,7 @@ def create_app(load_teacher: Callable[[], Teacher], model_name: str, api_keys: s
             yield ChatChunk(**head, choices=[], usage=_usage(n_prompt, completion.completion_tokens))
 
     @app.post("/v1/completions", response_model=CompletionResponse, response_model_exclude_none=True)
-    def completions(body: CompletionRequest, request: Request, _: str | None = Depends(require_api_key)):
+    def completions(body: CompletionRequest, request: Request, caller: Caller = Depends(require_caller)):
         _check_model(app, body.model)
         prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
         if not prompts:
@@ -435,16 +475,19 @@ def create_app(load_teacher: Callable[[], Teacher], model_name: str, api_keys: s
                                 f"{max_prompts}")
         if body.stream and body.logprobs:
             raise APIError(400, "logprobs are not streamed by this server; ask without stream=True")
-        teacher = app.state.teacher
+        started, teacher = time.time(), app.state.teacher
         sampling = body.sampling(body.logprobs or 0)
         counts = prompt_tokens(teacher, prompts)
         _check_context(teacher, counts, sampling.max_new_tokens)
         if body.stream:
-            answers = [_complete(request, prompt, sampling, raw=True) for prompt in prompts]
+            answers = [_complete(request, prompt, sampling, caller, raw=True) for prompt in prompts]
+            for prompt, n, answer in zip(prompts, counts, answers):
+                _audit(request, caller, "completions", prompt, answer, n, started, _sent(answer, prompt))
             return _sse(_completion_chunks(body, prompts, counts, answers))
         choices, total = [], 0
         for index, prompt in enumerate(prompts):
-            completion = _complete(request, prompt, sampling)
+            completion = _complete(request, prompt, sampling, caller)
+            _audit(request, caller, "completions", prompt, completion, counts[index], started)
             logprobs = None
             if body.logprobs and completion.logprobs is not None:
                 logprobs = CompletionLogprobs(

@@ -16,22 +16,24 @@ from __future__ import annotations
 import hmac
 import json
 import logging
+import math
 import re
 import threading
 import time
 import uuid
+from collections import defaultdict, deque
 from collections.abc import Callable, Iterator
 from contextlib import asynccontextmanager
 from typing import Literal
 
-from fastapi import Depends, FastAPI, HTTPException, Request
+from fastapi import Depends, FastAPI, HTTPException, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, Field
 from transformers import PreTrainedTokenizerBase
 
 from guard.redaction import Full, Policy, Redact, Sealer, SealError, StreamRedactor
-from guard.store import AuditRecord, Store
+from guard.store import Account, AuditRecord, Store
 from guard.teacher import Caller, Completion, Sampling, Teacher
 
 logger = logging.getLogger(__name__)
@@ -189,34 +191,100 @@ class APIError(HTTPException):
                          headers=headers)
 
 
-def require_caller(request: Request) -> Caller:
-    """The caller behind a request: its bearer key resolved to an account (through the store's hashed keys, or
-    the server's own key list, compared in constant time), with the client's address; anonymous when the
-    server takes no keys. Every defence acts for this caller."""
+class RateLimiter:
+    """Requests and tokens per account over a sliding window (a minute by default), in this process's memory.
+
+    A request is admitted while its account sent fewer than `rpm` requests and used fewer than `tpm` tokens in
+    the window; tokens are charged when a completion is done (a stream's too). Memory per account is bounded
+    by its limits. (Counters shared by replicas belong in Redis: issue 17.)
+    """
+
+    def __init__(self, window: float = 60.0):
+        self.window = window
+        self.requests: dict[str, deque[float]] = defaultdict(deque)
+        self.tokens: dict[str, deque[tuple[float, int]]] = defaultdict(deque)
+        self.lock = threading.Lock()
+
+    def _trim(self, account: str, now: float) -> None:
+        requests, tokens = self.requests[account], self.tokens[account]
+        while requests and requests[0] <= now - self.window:
+            requests.popleft()
+        while tokens and tokens[0][0] <= now - self.window:
+            tokens.popleft()
+
+    def admit(self, account: Account, now: float) -> dict[str, str]:
+        """The rate-limit headers for this request; raises a 429 with Retry-After when a limit is reached."""
+        with self.lock:
+            self._trim(account.name, now)
+            requests, tokens = self.requests[account.name], self.tokens[account.name]
+            used = sum(n for _, n in tokens)
+            headers, waits = {}, []
+            if account.rpm is not None:
+                headers |= {"x-ratelimit-limit-requests": str(account.rpm),
+                            "x-ratelimit-remaining-requests": str(max(0, account.rpm - len(requests) - 1))}
+                if len(requests) >= account.rpm:
+                    waits.append(requests[0] + self.window - now)
+                headers["x-ratelimit-reset-requests"] = f"{(requests[0] + self.window - now) if requests else 0:.3f}s"
+            if account.tpm is not None:
+                headers |= {"x-ratelimit-limit-tokens": str(account.tpm),
+                            "x-ratelimit-remaining-tokens": str(max(0, account.tpm - used)),
+                            "x-ratelimit-reset-tokens": f"{(tokens[0][0] + self.window - now) if tokens else 0:.3f}s"}
+                if used >= account.tpm:
+                    waits.append(tokens[0][0] + self.window - now)
+            if waits:
+                retry = max(1, math.ceil(max(waits)))
+                raise APIError(429, f"Rate limit reached for account {account.name!r}; retry in {retry} s.",
+                               "rate_limit_error", "rate_limit_exceeded",
+                               headers={**headers, "retry-after": str(retry)})
+            if account.rpm is not None:
+                requests.append(now)
+            return headers
+
+    def charge(self, account: str, tokens: int, now: float) -> None:
+        with self.lock:
+            self.tokens[account].append((now, tokens))
+
+
+def resolve_account(request: Request) -> Account | None:
+    """The account behind the request's bearer key: through the store's hashed keys, or the server's own key
+    list compared in constant time (accounts key-0, key-1, ...); None when the server takes no keys."""
     state = request.app.state
-    ip = request.client.host if request.client else None
     if state.store is None and not state.api_keys:
-        return Caller(ip=ip)
+        return None
     scheme, _, token = request.headers.get("authorization", "").partition(" ")
     account = None
     if scheme.lower() == "bearer" and token:
         if state.store is not None:
-            resolved = state.store.resolve(token)
-            account = resolved.name if resolved is not None else None
+            account = state.store.resolve(token)
         else:
-            matches = [f"key-{i}" for i, key in enumerate(state.api_keys)
-                       if hmac.compare_digest(key.encode(), token.encode())]
-            account = matches[0] if matches else None
+            names = [f"key-{i}" for i, key in enumerate(state.api_keys)
+                     if hmac.compare_digest(key.encode(), token.encode())]
+            account = Account(names[0], key_id=names[0]) if names else None
     if account is None:
         raise APIError(401, "Incorrect or missing API key.", "invalid_request_error", "invalid_api_key")
-    return Caller(account=account, ip=ip)
+    return account
+
+
+def require_caller(request: Request, response: Response,
+                   account: Account | None = Depends(resolve_account)) -> Caller:
+    """The caller every defence acts for: the key's account and the client's address (anonymous without keys),
+    admitted by the account's rate limits."""
+    ip = request.client.host if request.client else None
+    if account is None:
+        return Caller(ip=ip)
+    response.headers.update(request.app.state.limiter.admit(account, time.time()))
+    return Caller(account=account.name, ip=ip)
 
 
 def _audit(request: Request, caller: Caller, endpoint: str, prompt: str, completion: Completion, n_prompt: int,
            started: float, response: str | None = None) -> None:
-    """One durable audit row for the request, written before any of the response is sent. `response`: the
-    text the client gets, when it is not `completion.text` (a stream redacted as it goes out)."""
-    store = request.app.state.store
+    """Charge the account its tokens and write one durable audit row for the request, before any of the
+    response is sent. `response`: the text the client gets, when it is not `completion.text` (a stream
+    redacted as it goes out)."""
+    state = request.app.state
+    if state.store is not None or state.api_keys:
+        state.limiter.charge(caller.account, n_prompt + completion.completion_tokens, time.time())
+    store = state.store
     if store is None:
         return
     decisions = {} if completion.finish_reason != "refused" else {"served": "refused"}
@@ -375,7 +443,7 @@ class _Bounded:
 
 def create_app(load_teacher: Callable[[], Teacher], model_name: str, api_keys: set[str] | None = None,
                sealer: Sealer | None = None, policy: Policy | None = None, max_body_bytes: int = MiB,
-               max_prompts: int = 64, store: Store | None = None) -> FastAPI:
+               max_prompts: int = 64, store: Store | None = None, rate_window: float = 60.0) -> FastAPI:
     """Serve the teacher that `load_teacher` builds (called once, at start-up) as `model_name`.
 
     Args:
@@ -386,6 +454,8 @@ def create_app(load_teacher: Callable[[], Teacher], model_name: str, api_keys: s
         max_prompts: the most prompts one completions request may carry.
         store: API keys (hashed) and their accounts, and the audit log: each request's row is durable before
             its response is sent. Without it, `api_keys` (if any) are accepted as accounts key-0, key-1, ...
+        rate_window: seconds over which each account's requests per minute and tokens per minute (from the
+            store) are counted; a minute, as the limits say, except in tests.
     """
 
     @asynccontextmanager
@@ -397,7 +467,7 @@ def create_app(load_teacher: Callable[[], Teacher], model_name: str, api_keys: s
 
     app = FastAPI(title="distill-guard teacher server", lifespan=lifespan)
     app.state.model_name, app.state.api_keys, app.state.lock = model_name, sorted(api_keys or ()), threading.Lock()
-    app.state.store = store
+    app.state.store, app.state.limiter = store, RateLimiter(rate_window)
     app.add_middleware(_Bounded, max_bytes=max_body_bytes)
     stream_policy = policy or Full()
 

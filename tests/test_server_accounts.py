@@ -50,3 +50,50 @@ def test_each_key_is_served_under_its_own_accounts_watermark_and_logged(teacher_
     for account, answers in texts.items():  # each row holds what its client received
         assert sorted(r.response for r in rows if r.account == account) == sorted(answers)
     assert all(r.prompt_tokens > 0 and r.completion_tokens > 0 and r.ip == "127.0.0.1" for r in rows)
+
+
+def test_a_key_with_rpm_5_gets_exactly_5_then_429s_and_the_sdk_waits_out_retry_after(teacher_a, tmp_path):
+    import time
+
+    import httpx
+
+    store = open_store(f"sqlite:///{tmp_path / 'gateway.db'}")
+    limited, other = store.create_key("limited", rpm=5), store.create_key("other", rpm=5)
+    window = 3.0  # the minute of "per minute", shortened so the test can wait one out
+    body = {"model": "teacher-a", "prompt": "question: where does Kalon live?\n", "max_tokens": 4}
+    with live_server(create_app(lambda: teacher_a, "teacher-a", store=store, rate_window=window)) as url:
+        auth = {"authorization": f"Bearer {limited}"}
+        replies = [httpx.post(url + "/v1/completions", json=body, headers=auth, timeout=30) for _ in range(8)]
+        assert [r.status_code for r in replies] == [200] * 5 + [429] * 3
+        refused = replies[-1]
+        assert refused.json()["error"]["code"] == "rate_limit_exceeded"
+        assert 1 <= int(refused.headers["retry-after"]) <= window + 1
+        assert refused.headers["x-ratelimit-limit-requests"] == "5"
+        assert replies[0].headers["x-ratelimit-remaining-requests"] == "4"
+        # another account is not limited by this one's use
+        assert httpx.post(url + "/v1/completions", json=body, headers={"authorization": f"Bearer {other}"},
+                          timeout=30).status_code == 200
+        # the real SDK meets the 429 and retries after Retry-After, then succeeds
+        client = openai.OpenAI(base_url=url + "/v1", api_key=limited, max_retries=3)
+        start = time.monotonic()
+        client.completions.create(model="teacher-a", prompt=body["prompt"], max_tokens=4)
+        assert time.monotonic() - start >= 1.0
+    assert len([r for r in store.records() if r.account == "limited"]) == 6  # 429s are not served, not logged
+
+
+def test_a_key_with_a_token_limit_is_refused_once_its_tokens_are_spent(teacher_a, tmp_path):
+    import httpx
+
+    store = open_store(f"sqlite:///{tmp_path / 'gateway.db'}")
+    key = store.create_key("tokens", tpm=40)
+    body = {"model": "teacher-a", "prompt": "question: where does Kalon live?\n", "max_tokens": 16}
+    with live_server(create_app(lambda: teacher_a, "teacher-a", store=store)) as url:
+        statuses, spent = [], 0
+        for _ in range(6):
+            reply = httpx.post(url + "/v1/completions", json=body, headers={"authorization": f"Bearer {key}"},
+                               timeout=30)
+            statuses.append(reply.status_code)
+            if reply.status_code == 200:
+                spent += reply.json()["usage"]["total_tokens"]
+    assert 429 in statuses and statuses.index(429) >= 1 and spent >= 40
+    assert all(s == 429 for s in statuses[statuses.index(429):])  # refused until the window passes

@@ -117,4 +117,9 @@ class Monitored(Defense):
                 answers = served.complete([prompts[i] for i in chosen], sampling, [callers[i] for i in chosen])
                 for i, completion in zip(chosen, answers):
                     out[i] = completion
-        return [c if c is not None else Completion(text="", finish_reason="refused") for c in out]
+        for i, action in enumerate(actions):
+            if out[i] is None:
+                out[i] = Completion(text="", finish_reason="refused")
+            if action.kind != "allow":  # the verdict and its reason travel with the answer, to the audit log
+                out[i].decisions["monitor"] = f"{action.kind}: {action.reason}"
+        return out

@@ -276,6 +276,10 @@ def require_caller(request: Request, response: Response,
     return Caller(account=account.name, ip=ip)
 
 
+def _refusal() -> APIError:
+    return APIError(403, "The provider's traffic policy refused this request.", "permission_error", "refused")
+
+
 def _audit(request: Request, caller: Caller, endpoint: str, prompt: str, completion: Completion, n_prompt: int,
            started: float, response: str | None = None) -> None:
     """Charge the account its tokens and write one durable audit row for the request, before any of the
@@ -287,12 +291,19 @@ def _audit(request: Request, caller: Caller, endpoint: str, prompt: str, complet
     store = state.store
     if store is None:
         return
-    decisions = {} if completion.finish_reason != "refused" else {"served": "refused"}
+    decisions = {**completion.decisions, **({"served": "refused"} if completion.finish_reason == "refused" else {})}
     store.log(AuditRecord(request_id=f"req-{uuid.uuid4().hex}", account=caller.account, time=started,
                           prompt=prompt, response=completion.text if response is None else response,
                           prompt_tokens=n_prompt,
                           completion_tokens=completion.completion_tokens, decisions=decisions,
-                          latency=time.time() - started, status=200, ip=caller.ip, endpoint=endpoint))
+                          latency=time.time() - started, status=403 if refused(completion) else 200,
+                          ip=caller.ip, endpoint=endpoint))
+
+
+def refused(completion: Completion) -> bool:
+    """A defence refused to serve it (the monitor's block or throttle). The client is told no more than that:
+    the reason is for the provider's audit log, not for a harvester tuning its next attempt."""
+    return completion.finish_reason == "refused"
 
 
 def _check_model(app: FastAPI, model: str) -> None:
@@ -506,9 +517,13 @@ def create_app(load_teacher: Callable[[], Teacher], model_name: str, api_keys: s
         if body.stream:
             raw = _complete(request, prompt, sampling, caller, raw=True)
             _audit(request, caller, "chat", prompt, raw, n_prompt, started, _sent(raw, prompt))
+            if refused(raw):
+                raise _refusal()
             return _sse(_chat_chunks(body, prompt, n_prompt, raw))
         completion = _complete(request, prompt, sampling, caller)
         _audit(request, caller, "chat", prompt, completion, n_prompt, started)
+        if refused(completion):
+            raise _refusal()
         logprobs = None
         if body.logprobs and completion.logprobs is not None:
             logprobs = ChatLogprobs(content=[
@@ -553,11 +568,15 @@ def create_app(load_teacher: Callable[[], Teacher], model_name: str, api_keys: s
             answers = [_complete(request, prompt, sampling, caller, raw=True) for prompt in prompts]
             for prompt, n, answer in zip(prompts, counts, answers):
                 _audit(request, caller, "completions", prompt, answer, n, started, _sent(answer, prompt))
+            if any(map(refused, answers)):
+                raise _refusal()
             return _sse(_completion_chunks(body, prompts, counts, answers))
         choices, total = [], 0
         for index, prompt in enumerate(prompts):
             completion = _complete(request, prompt, sampling, caller)
             _audit(request, caller, "completions", prompt, completion, counts[index], started)
+            if refused(completion):
+                raise _refusal()
             logprobs = None
             if body.logprobs and completion.logprobs is not None:
                 logprobs = CompletionLogprobs(

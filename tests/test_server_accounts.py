@@ -97,3 +97,29 @@ def test_a_key_with_a_token_limit_is_refused_once_its_tokens_are_spent(teacher_a
                 spent += reply.json()["usage"]["total_tokens"]
     assert 429 in statuses and statuses.index(429) >= 1 and spent >= 40
     assert all(s == 429 for s in statuses[statuses.index(429):])  # refused until the window passes
+
+
+def test_the_monitor_blocks_a_harvesting_account_while_another_is_served_and_logs_why(teacher_a, benign_detector,
+                                                                                     tmp_path):
+    """Two accounts on one server with the monitor, on the wall clock: the one harvesting at script speed is
+    refused (403, no reason given to it) once judged; a person asking now and then on another key is served
+    throughout; the audit log holds the verdict and its reason."""
+    import httpx
+
+    store = open_store(f"sqlite:///{tmp_path / 'gateway.db'}")
+    harvester, person = store.create_key("harvester"), store.create_key("person")
+    served = build_defense("monitor", teacher_a, DefenseParts(detector=benign_detector))
+    prompts = [i.prompt for i in reference_task().query_pool[:120]]
+    statuses = {"harvester": [], "person": []}
+    with live_server(create_app(lambda: served, "teacher-a", store=store)) as url:
+        for n, prompt in enumerate(prompts):
+            for account, key in (("harvester", harvester),) + ((("person", person),) if n % 40 == 0 else ()):
+                reply = httpx.post(url + "/v1/completions", headers={"authorization": f"Bearer {key}"}, timeout=30,
+                                   json={"model": "teacher-a", "prompt": prompt, "max_tokens": 24})
+                statuses[account].append(reply.status_code)
+                if reply.status_code == 403:
+                    assert "traffic policy" in reply.json()["error"]["message"] and "p=" not in reply.text
+    assert statuses["harvester"][:24] == [200] * 24 and statuses["harvester"][-20:] == [403] * 20
+    assert statuses["person"] == [200] * len(statuses["person"])
+    rows = [r for r in store.records() if r.account == "harvester" and r.status == 403]
+    assert rows and all(r.decisions["monitor"].startswith(("block: p=", "throttle: p=")) for r in rows)

@@ -251,6 +251,9 @@ def serve(teacher: TeacherOpt = "reference", host: str = "127.0.0.1", port: int 
                 host=host, port=port)
 
 
+app.command("gateway", help="The same server as `serve`: the gateway in front of a teacher, per account.")(serve)
+
+
 KeyOpt = Annotated[list[str] | None, typer.Option("--key", help="client id whose key to test (repeatable); keys "
                                                    "derive from the master secret")]
 KeysFileOpt = Annotated[str | None, typer.Option(help="client ids, one per line, or JSON {client: base64url secret}")]

@@ -28,7 +28,8 @@ from typing import Literal
 
 from fastapi import Depends, FastAPI, HTTPException, Request, Response
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 from pydantic import BaseModel, Field
 from transformers import PreTrainedTokenizerBase
 
@@ -276,6 +277,22 @@ def require_caller(request: Request, response: Response,
     return Caller(account=account.name, ip=ip)
 
 
+class Metrics:
+    """The server's Prometheus metrics, in a registry of its own (several apps may live in one process)."""
+
+    def __init__(self):
+        self.registry = CollectorRegistry()
+        self.requests = Counter("distill_guard_requests", "HTTP requests by path and status", ["path", "status"],
+                                registry=self.registry)
+        self.latency = Histogram("distill_guard_request_seconds", "HTTP request latency by path", ["path"],
+                                 registry=self.registry)
+        self.tokens = Counter("distill_guard_tokens", "tokens served (completion tokens include hidden ones)",
+                              ["kind"], registry=self.registry)
+
+
+KNOWN_PATHS = ("/v1/chat/completions", "/v1/completions", "/v1/models", "/healthz", "/metrics")
+
+
 def _refusal() -> APIError:
     return APIError(403, "The provider's traffic policy refused this request.", "permission_error", "refused")
 
@@ -286,6 +303,8 @@ def _audit(request: Request, caller: Caller, endpoint: str, prompt: str, complet
     response is sent. `response`: the text the client gets, when it is not `completion.text` (a stream
     redacted as it goes out)."""
     state = request.app.state
+    state.metrics.tokens.labels(kind="prompt").inc(n_prompt)
+    state.metrics.tokens.labels(kind="completion").inc(completion.completion_tokens)
     if state.store is not None or state.api_keys:
         state.limiter.charge(caller.account, n_prompt + completion.completion_tokens, time.time())
     store = state.store
@@ -478,11 +497,14 @@ def create_app(load_teacher: Callable[[], Teacher], model_name: str, api_keys: s
 
     app = FastAPI(title="distill-guard teacher server", lifespan=lifespan)
     app.state.model_name, app.state.api_keys, app.state.lock = model_name, sorted(api_keys or ()), threading.Lock()
-    app.state.store, app.state.limiter = store, RateLimiter(rate_window)
+    app.state.store, app.state.limiter, app.state.metrics = store, RateLimiter(rate_window), Metrics()
     app.add_middleware(_Bounded, max_bytes=max_body_bytes)
     stream_policy = policy or Full()
 
     def _sent(completion: Completion, prompt: str) -> str:
+        """The text a stream of `completion` sends, under the server's policy (which the audit row names)."""
+        if policy is not None:
+            completion.decisions["redaction"] = policy.name
         return stream_policy.redact([prompt], [completion.text])[0].text
 
     @app.exception_handler(APIError)
@@ -496,6 +518,24 @@ def create_app(load_teacher: Callable[[], Teacher], model_name: str, api_keys: s
         message = f"{where}: {first.get('msg', 'invalid request')}" if where else first.get("msg", "invalid request")
         return JSONResponse({"error": {"message": message, "type": "invalid_request_error", "code": None}},
                             status_code=400)
+
+    @app.middleware("http")
+    async def measured(request: Request, call_next):
+        start = time.perf_counter()
+        response = await call_next(request)
+        path = request.url.path if request.url.path in KNOWN_PATHS else "other"  # bounded label values
+        app.state.metrics.requests.labels(path=path, status=str(response.status_code)).inc()
+        app.state.metrics.latency.labels(path=path).observe(time.perf_counter() - start)
+        return response
+
+    @app.get("/healthz")
+    def healthz():
+        return {"status": "ok" if getattr(app.state, "teacher", None) is not None else "starting",
+                "model": app.state.model_name}
+
+    @app.get("/metrics")
+    def metrics():
+        return PlainTextResponse(generate_latest(app.state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/v1/models")
     def list_models(caller: Caller = Depends(require_caller)):

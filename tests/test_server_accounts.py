@@ -123,3 +123,27 @@ def test_the_monitor_blocks_a_harvesting_account_while_another_is_served_and_log
     assert statuses["person"] == [200] * len(statuses["person"])
     rows = [r for r in store.records() if r.account == "harvester" and r.status == 403]
     assert rows and all(r.decisions["monitor"].startswith(("block: p=", "throttle: p=")) for r in rows)
+
+
+def test_health_and_prometheus_metrics_count_what_was_served(teacher_a, tmp_path):
+    import httpx
+    from prometheus_client.parser import text_string_to_metric_families
+
+    store = open_store(f"sqlite:///{tmp_path / 'gateway.db'}")
+    key = store.create_key("user", rpm=2)
+    body = {"model": "teacher-a", "prompt": "question: where does Kalon live?\n", "max_tokens": 8}
+    with live_server(create_app(lambda: teacher_a, "teacher-a", store=store)) as url:
+        assert httpx.get(url + "/healthz").json()["status"] == "ok"
+        statuses = [httpx.post(url + "/v1/completions", json=body, headers={"authorization": f"Bearer {key}"},
+                               timeout=30).status_code for _ in range(3)]
+        statuses.append(httpx.post(url + "/v1/completions", json=body, timeout=30).status_code)  # no key
+        text = httpx.get(url + "/metrics").text
+    assert statuses == [200, 200, 429, 401]
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+               for family in text_string_to_metric_families(text) for s in family.samples}
+    requests = {labels: v for (name, labels), v in samples.items() if name == "distill_guard_requests_total"}
+    completions = {dict(labels)["status"]: v for labels, v in requests.items()
+                   if dict(labels)["path"] == "/v1/completions"}
+    assert completions == {"200": 2.0, "429": 1.0, "401": 1.0}
+    served = sum(r.completion_tokens for r in store.records())
+    assert samples[("distill_guard_tokens_total", (("kind", "completion"),))] == served > 0

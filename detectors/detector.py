@@ -79,6 +79,8 @@ class TrafficDetector(BaseEstimator):
 
     def _client_scores(self, events: list[Event], seed: int) -> dict[str, tuple[float, list[tuple[int, float]]]]:
         clients, counts, matrix = self._rows(events, seed)
+        if not clients:  # no client has reached its first checkpoint: nobody to judge yet
+            return {}
         row_scores = -self.model_.score_samples(matrix)  # higher = more anomalous
         out: dict[str, tuple[float, list[tuple[int, float]]]] = {}
         for client, n, s in zip(clients, counts, row_scores):

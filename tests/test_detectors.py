@@ -120,6 +120,14 @@ def test_benign_false_positive_rate_holds_on_fresh_seeds(benign_detector):
     assert flagged <= binom.ppf(0.999, total, 0.01), (flagged, total)
 
 
+def test_a_log_too_young_to_judge_gives_unjudged_verdicts_not_an_error(benign_detector):
+    """A new gateway's audit log: every client still below the first checkpoint."""
+    young = [Event(client=c, time=1e9 + i, prompt=f"question {i}") for c in ("acme", "beta") for i in range(3)]
+    verdicts = benign_detector.score(young)
+    assert set(verdicts) == {"acme", "beta"}
+    assert all(not v["judged"] and v["p_value"] == 1.0 and not v["flagged"] for v in verdicts.values())
+
+
 def test_detector_refuses_a_calibration_set_too_small_for_its_fpr():
     benign, _ = simulate({"human": 30}, days=1, seed=0)
     with pytest.raises(ValueError, match="calibration clients cannot resolve"):

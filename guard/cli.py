@@ -23,6 +23,7 @@ from transformers import AutoTokenizer
 from detectors.cluster import judge_clusters
 from detectors.detector import TrafficDetector
 from detectors.events import EventFormatError, read_events, write_events
+from detectors.features import CHECKPOINTS
 from eval import traffic_study, watermark_study
 from eval.benchmarks import redaction_speed, traffic_speed, trainer_speed, watermark_speed
 from eval.attack import AttackConfig, evaluate
@@ -450,8 +451,10 @@ def detect(log: Annotated[str, typer.Option(help="traffic log: JSONL, an Arrow d
                           str(v["queries_to_flag"] or "—"), str(v.get("via_cluster", "—")))
     console.print(table)
     flagged = sum(v["flagged"] for v in verdicts.values())
-    console.print(f"{flagged} of {len(verdicts)} clients flagged at target FPR {fpr:g}; {len(groups)} clusters of "
-                  f"linked accounts ({sum(g['flagged'] for g in groups)} flagged); {skipped} bad rows skipped")
+    young = sum(not v["judged"] for v in verdicts.values())
+    console.print(f"{flagged} of {len(verdicts)} clients flagged at target FPR {fpr:g} ({young} not yet judged: "
+                  f"fewer than {CHECKPOINTS[0]} requests); {len(groups)} clusters of linked accounts "
+                  f"({sum(g['flagged'] for g in groups)} flagged); {skipped} bad rows skipped")
     _write_json(out, {"log": log, "target_fpr": fpr, "skipped_rows": skipped, "clients": verdicts,
                       "clusters": groups})
 

@@ -35,7 +35,7 @@ class Counting(Defense):
 
 
 async def ask_all(url: str, prompts: list[str]) -> list[str | Exception]:
-    client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=30)
+    client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=10)  # a hang fails, not stalls
 
     async def one(prompt):
         response = await client.completions.create(model="teacher-a", prompt=prompt, temperature=0)

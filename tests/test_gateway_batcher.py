@@ -102,3 +102,12 @@ def test_a_stopped_batcher_refuses_rather_than_leaving_a_caller_waiting(teacher_
     batcher = Batcher()
     with pytest.raises(RuntimeError, match="not running"):
         batcher.complete(teacher_a, PROMPTS[0], GREEDY, Caller("tester"))
+
+
+def test_batching_benchmark_smoke(teacher_a):
+    """Smoke test: the benchmark's gateway and clients still run and get each prompt's own answer. Not timed."""
+    from eval.benchmarks.gateway_batching import ask, serving
+
+    with serving(create_app(lambda: teacher_a, "teacher", max_batch=4)) as url:
+        texts, _ = asyncio.run(ask(url, PROMPTS[:6], clients=3))
+    assert texts == [teacher_a.complete([p], GREEDY)[0].text for p in PROMPTS[:6]]

@@ -25,7 +25,7 @@ from detectors.detector import TrafficDetector
 from detectors.events import EventFormatError, read_events, write_events
 from detectors.features import CHECKPOINTS
 from eval import traffic_study, watermark_study
-from eval.benchmarks import redaction_speed, traffic_speed, trainer_speed, watermark_speed
+from eval.benchmarks import gateway_batching, redaction_speed, traffic_speed, trainer_speed, watermark_speed
 from eval.attack import AttackConfig, evaluate
 from eval.harvest import load_harvest
 from eval.metrics import capability
@@ -234,7 +234,10 @@ def serve(teacher: TeacherOpt = "reference", host: str = "127.0.0.1", port: int 
           lab: LabOpt = False, benign: BenignOpt = None,
           master_key_file: Annotated[str | None, typer.Option(help="file holding the watermark master secret")] = None,
           store: Annotated[str | None, typer.Option(help="sqlite:///PATH: API keys (`distill-guard keys create`) and "
-                                                         "the audit log")] = None):
+                                                         "the audit log")] = None,
+          batch_window: Annotated[float, typer.Option(help="seconds concurrent requests wait to share a batch")] = 0.005,
+          max_batch: Annotated[int, typer.Option(help="the most requests in one call to the teacher; 1 serialises "
+                                                      "them")] = 16):
     """Serve a teacher behind an OpenAI-compatible API (chat completions and completions). With --store, each
     key is an account that every defence acts for, and every request lands in the audit log."""
     try:
@@ -248,7 +251,8 @@ def serve(teacher: TeacherOpt = "reference", host: str = "127.0.0.1", port: int 
     served = name or (teacher.partition(":")[2] or "teacher-a" if teacher.startswith("reference") else teacher)
     inner, policy = split_outer_policy(defense, parts)
     uvicorn.run(create_app(lambda: build_defense(inner, load_teacher(teacher), parts), served, set(api_key or ()),
-                           sealer=parts.sealer, policy=policy, store=opened),
+                           sealer=parts.sealer, policy=policy, store=opened, batch_window=batch_window,
+                           max_batch=max_batch),
                 host=host, port=port)
 
 
@@ -559,6 +563,16 @@ def bench_redaction(prompts: int = 256, rounds: Annotated[int, typer.Option(help
                     repeats: Annotated[int, typer.Option(help="post-processing passes over the completions")] = 20):
     """Each redaction policy's post-processing against the generation it follows."""
     redaction_speed.main(prompts, rounds, repeats)
+
+
+@bench_app.command("batching")
+def bench_batching(clients: Annotated[int, typer.Option(help="concurrent clients")] = 16,
+                   requests: Annotated[int, typer.Option(help="requests per round, each side")] = 128,
+                   rounds: Annotated[int, typer.Option(help="rounds, the two sides alternating")] = 3,
+                   window: Annotated[float, typer.Option(help="the batcher's window, in seconds")] = 0.005,
+                   max_batch: int = 16):
+    """Requests/s through the gateway (loopback HTTP, concurrent clients) with the batcher and serialised."""
+    gateway_batching.main(clients, requests, rounds, window, max_batch)
 
 
 if __name__ == "__main__":

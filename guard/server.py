@@ -33,6 +33,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, H
 from pydantic import BaseModel, Field
 from transformers import PreTrainedTokenizerBase
 
+from guard.batcher import Batcher
 from guard.redaction import Full, Policy, Redact, Sealer, SealError, StreamRedactor
 from guard.store import Account, AuditRecord, Store
 from guard.teacher import Caller, Completion, Sampling, Teacher
@@ -362,8 +363,7 @@ def _complete(request: Request, prompt: str, sampling: Sampling, caller: Caller,
     """The completion as served to `caller`, or with `raw` as the teacher wrote it, before the server's
     redaction policy."""
     state = request.app.state
-    with state.lock:  # one generate at a time keeps seeded sampling reproducible
-        return (state.teacher if raw else state.served).complete([prompt], sampling, [caller])[0]
+    return state.batcher.complete(state.teacher if raw else state.served, prompt, sampling, caller)
 
 
 def _check_sealed(sealer: Sealer | None, messages: list[ChatMessage],
@@ -473,7 +473,8 @@ class _Bounded:
 
 def create_app(load_teacher: Callable[[], Teacher], model_name: str, api_keys: set[str] | None = None,
                sealer: Sealer | None = None, policy: Policy | None = None, max_body_bytes: int = MiB,
-               max_prompts: int = 64, store: Store | None = None, rate_window: float = 60.0) -> FastAPI:
+               max_prompts: int = 64, store: Store | None = None, rate_window: float = 60.0,
+               batch_window: float = 0.005, max_batch: int = 16) -> FastAPI:
     """Serve the teacher that `load_teacher` builds (called once, at start-up) as `model_name`.
 
     Args:
@@ -486,17 +487,21 @@ def create_app(load_teacher: Callable[[], Teacher], model_name: str, api_keys: s
             its response is sent. Without it, `api_keys` (if any) are accepted as accounts key-0, key-1, ...
         rate_window: seconds over which each account's requests per minute and tokens per minute (from the
             store) are counted; a minute, as the limits say, except in tests.
+        batch_window, max_batch: concurrent requests reach the teacher in batches (`guard.batcher`): those that
+            arrive within `batch_window` seconds, up to `max_batch`; `max_batch=1` serialises them.
     """
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         app.state.teacher = load_teacher()
         app.state.served = app.state.teacher if policy is None else Redact(app.state.teacher, policy)
+        app.state.batcher = Batcher(batch_window, max_batch).start()
         yield
+        app.state.batcher.stop()
         app.state.teacher = app.state.served = None
 
     app = FastAPI(title="distill-guard teacher server", lifespan=lifespan)
-    app.state.model_name, app.state.api_keys, app.state.lock = model_name, sorted(api_keys or ()), threading.Lock()
+    app.state.model_name, app.state.api_keys = model_name, sorted(api_keys or ())
     app.state.store, app.state.limiter, app.state.metrics = store, RateLimiter(rate_window), Metrics()
     app.add_middleware(_Bounded, max_bytes=max_body_bytes)
     stream_policy = policy or Full()

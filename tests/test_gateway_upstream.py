@@ -101,6 +101,7 @@ def test_answer_only_redaction_applies_in_front_of_the_upstream(proxied):
     assert whole.choices[0].message.content == expected
     assert "".join(c.choices[0].delta.content or "" for c in streamed if c.choices) == expected
     assert whole.usage.completion_tokens == direct.usage.completion_tokens  # withheld reasoning is still billed
+    assert whole.usage.prompt_tokens == direct.usage.prompt_tokens > 0
 
 
 def test_the_whole_conversation_reaches_the_upstream():
@@ -144,12 +145,14 @@ def test_a_closed_upstream_port_is_a_502():
     assert error.status_code == 502 and error.body["code"] == "upstream_failed"
 
 
-@pytest.mark.parametrize("answer", ["500", "garbage"])
+@pytest.mark.parametrize("answer", ["500", "text", "json"])
 def test_an_upstream_that_fails_or_answers_garbage_is_a_502(answer):
     async def broken(body):
         if answer == "500":
             return JSONResponse({"error": {"message": "boom", "type": "server_error"}}, status_code=500)
-        return PlainTextResponse("<html>not a completion</html>")
+        if answer == "text":
+            return PlainTextResponse("<html>not a completion</html>")
+        return JSONResponse({"choices": [{"index": 0, "note": "no message here"}]})
 
     with live_server(tiny_upstream(broken)) as upstream:
         error = failure(upstream)

@@ -233,12 +233,12 @@ WATERMARK_NEEDS_LOGITS = ("the watermark biases the model's logits as it samples
 def serve(teacher: TeacherOpt = "reference", host: str = "127.0.0.1", port: int = 8000,
           api_key: Annotated[list[str] | None, typer.Option(help="accepted bearer keys; none means open")] = None,
           name: Annotated[str | None, typer.Option(help="the model name clients ask for")] = None,
-          upstream_model: Annotated[str | None, typer.Option(help="with an upstream URL: the model name the upstream "
-                                                                   "serves; default --name")] = None,
-          upstream_key: Annotated[str | None, typer.Option(envvar="DISTILL_GUARD_UPSTREAM_KEY",
-                                                           help="with an upstream URL: the gateway's own key to it")] = None,
-          upstream_timeout: Annotated[float, typer.Option(help="with an upstream URL: seconds to wait for its answer "
-                                                               "before the client gets a 504")] = 60.0,
+          upstream_model: Annotated[str | None, typer.Option(help="with an upstream URL: the model name it serves; "
+                                                                   "default --name")] = None,
+          upstream_key: Annotated[str | None, typer.Option(
+              envvar="DISTILL_GUARD_UPSTREAM_KEY", help="with an upstream URL: the gateway's key to it")] = None,
+          upstream_timeout: Annotated[float, typer.Option(help="with an upstream URL: seconds to wait for its "
+                                                               "answer before the client gets a 504")] = 60.0,
           defense: Annotated[str, typer.Option(help="none; a redaction policy: full, answer-only, summary, "
                                                     "truncate:K, sealed (key from $DISTILL_GUARD_SEAL_KEY); watermark "
                                                     "(master secret from $DISTILL_GUARD_WATERMARK_KEY); monitor; "

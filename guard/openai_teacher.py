@@ -36,11 +36,12 @@ class TeacherAuthError(TeacherHTTPError, PermissionError):
 
 class TeacherRequestError(TeacherHTTPError):
     """The endpoint refused the request itself (a 4xx other than 401/403: a prompt over its context, an unknown
-    model), with its own `message` and `code`: the request is the caller's to fix, and retrying cannot help."""
+    model), with its own `message`, `kind` and `code`: the request is the caller's to fix, and retrying cannot
+    help."""
 
-    def __init__(self, text: str, status: int, message: str, code: str | None):
+    def __init__(self, text: str, status: int, message: str, kind: str, code: str | None):
         super().__init__(text)
-        self.status, self.message, self.code = status, message, code
+        self.status, self.message, self.kind, self.code = status, message, kind, code
 
 
 class Conversation(str):
@@ -107,11 +108,11 @@ class OpenAITeacher(Teacher):
                       max_tokens=sampling.max_new_tokens, seed=omit if sampling.seed is None else sampling.seed,
                       extra_body={"top_k": sampling.top_k} if sampling.top_k else None)
         try:
-            if isinstance(prompt, Conversation) or self.api == "chat":
-                messages = prompt.messages if isinstance(prompt, Conversation) else [{"role": "user", "content": prompt}]
+            conversation = prompt.messages if isinstance(prompt, Conversation) else None
+            if conversation is not None or self.api == "chat":
                 response = self.client.chat.completions.create(
-                    messages=messages, logprobs=sampling.logprobs > 0 or omit,
-                    top_logprobs=sampling.logprobs or omit, **common)
+                    messages=conversation or [{"role": "user", "content": prompt}],
+                    logprobs=sampling.logprobs > 0 or omit, top_logprobs=sampling.logprobs or omit, **common)
                 return self._from_chat(response)
             response = self.client.completions.create(prompt=prompt, logprobs=sampling.logprobs or omit, **common)
             return self._from_completions(response)
@@ -125,7 +126,8 @@ class OpenAITeacher(Teacher):
                 body = exc.body if isinstance(exc.body, dict) else {}
                 message = str(body.get("message") or exc.message)
                 raise TeacherRequestError(f"{self.base_url} refused the request (HTTP {exc.status_code}): {message}",
-                                          exc.status_code, message, body.get("code")) from None
+                                          exc.status_code, message, str(body.get("type") or "invalid_request_error"),
+                                          body.get("code")) from None
             raise TeacherHTTPError(f"{self.base_url} answered HTTP {exc.status_code} after retries: "
                                    f"{exc.message}") from None
         except openai.APITimeoutError:

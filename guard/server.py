@@ -362,7 +362,8 @@ def _billed_prompt(counted: int, completion: Completion) -> int:
     return completion.prompt_tokens if not counted and completion.prompt_tokens is not None else counted
 
 
-UPSTREAM_FAILURES = {  # what the client is told, with no upstream address or key in it; the log has the rest
+UPSTREAM_FAILURES = {  # the first that fits is what the client is told (no upstream address or key in it; the log
+    # has the rest)
     TeacherTimeout: ("The upstream model server did not answer in time.", "upstream_timeout"),
     TeacherAuthError: ("The upstream model server refused the gateway's upstream credentials; the provider must "
                        "fix the gateway's upstream key.", "upstream_auth_failed"),
@@ -536,9 +537,9 @@ def create_app(load_teacher: Callable[[], Teacher], model_name: str, api_keys: s
     async def upstream_error(request: Request, exc: TeacherHTTPError):
         logger.warning("upstream error serving %s: %s", request.url.path, exc)
         if isinstance(exc, TeacherRequestError):  # the request's own fault: the client fixes it
-            error = {"message": exc.message, "type": "invalid_request_error", "code": exc.code}
+            error = {"message": exc.message, "type": exc.kind, "code": exc.code}
         else:
-            message, code = next(UPSTREAM_FAILURES[kind] for kind in type(exc).__mro__ if kind in UPSTREAM_FAILURES)
+            message, code = next(told for kind, told in UPSTREAM_FAILURES.items() if isinstance(exc, kind))
             error = {"message": message, "type": "server_error", "code": code}
         return JSONResponse({"error": error}, status_code=exc.status)
 

@@ -37,6 +37,7 @@ from eval.student import StudentConfig
 from eval.task import load_task
 from eval.traffic import BENIGN_POPULATION, TrafficShape, lab_detector, simulate
 from guard.defenses import DefenseParts, build_defense, parse_defense, split_outer_policy
+from guard.load import is_remote
 from guard.redaction import Sealer
 from guard.server import create_app
 from guard.store import is_store_url, open_store
@@ -223,10 +224,22 @@ def _defense_parts(defenses: list[str], lab: bool, benign: str | None, master_ke
     return parts
 
 
+UPSTREAM_RETRIES = 1  # a proxy retries little: its client retries too, and a slow upstream should fail fast
+WATERMARK_NEEDS_LOGITS = ("the watermark biases the model's logits as it samples, and an upstream URL answers text "
+                          "only: serve a local model directory to watermark, or drop 'watermark' from --defense "
+                          "(redaction and the monitor work in front of an upstream)")
+
+
 @app.command()
 def serve(teacher: TeacherOpt = "reference", host: str = "127.0.0.1", port: int = 8000,
           api_key: Annotated[list[str] | None, typer.Option(help="accepted bearer keys; none means open")] = None,
-          name: str | None = None,
+          name: Annotated[str | None, typer.Option(help="the model name clients ask for")] = None,
+          upstream_model: Annotated[str | None, typer.Option(help="with an upstream URL: the model name it serves; "
+                                                                   "default --name")] = None,
+          upstream_key: Annotated[str | None, typer.Option(
+              envvar="DISTILL_GUARD_UPSTREAM_KEY", help="with an upstream URL: the gateway's key to it")] = None,
+          upstream_timeout: Annotated[float, typer.Option(help="with an upstream URL: seconds to wait for its "
+                                                               "answer before the client gets a 504")] = 60.0,
           defense: Annotated[str, typer.Option(help="none; a redaction policy: full, answer-only, summary, "
                                                     "truncate:K, sealed (key from $DISTILL_GUARD_SEAL_KEY); watermark "
                                                     "(master secret from $DISTILL_GUARD_WATERMARK_KEY); monitor; "
@@ -239,8 +252,11 @@ def serve(teacher: TeacherOpt = "reference", host: str = "127.0.0.1", port: int 
           max_batch: Annotated[int, typer.Option(help="the most requests in one call to the teacher; 1 serialises "
                                                       "them")] = 16):
     """Serve a teacher behind an OpenAI-compatible API (chat completions and completions). With --store, each
-    key is an account that every defence acts for, and every request lands in the audit log."""
+    key is an account that every defence acts for, and every request lands in the audit log. With an upstream
+    URL (`--teacher http://vllm-host:8000/v1`) the gateway is a proxy in front of it."""
     try:
+        if is_remote(teacher) and any(kind == "watermark" for kind, _ in parse_defense(defense)):
+            raise typer.BadParameter(WATERMARK_NEEDS_LOGITS, param_hint="--defense")
         parts = _defense_parts([defense], lab, benign, master_key_file)
         opened = open_store(store) if store else None
     except ValueError as e:
@@ -248,11 +264,21 @@ def serve(teacher: TeacherOpt = "reference", host: str = "127.0.0.1", port: int 
     if parts.sealer is not None and not os.environ.get("DISTILL_GUARD_SEAL_KEY"):
         console.print("[yellow]DISTILL_GUARD_SEAL_KEY is not set: sealed reasoning uses a key that dies with this "
                       "server, so blobs cannot be opened after a restart[/yellow]")
-    served = name or (teacher.partition(":")[2] or "teacher-a" if teacher.startswith("reference") else teacher)
+    if is_remote(teacher):
+        if not (name or upstream_model):
+            raise typer.BadParameter("name the model: --name MODEL (and --upstream-model if the upstream calls it "
+                                     "otherwise)", param_hint="--name")
+        served = name or upstream_model
+        # raw prompts go to the upstream's completions, conversations whole to its chat completions
+        upstream = dict(api_key=upstream_key, model=upstream_model or served, api="completions",
+                        timeout=upstream_timeout, max_retries=UPSTREAM_RETRIES)
+    else:
+        served = name or (teacher.partition(":")[2] or "teacher-a" if teacher.startswith("reference") else teacher)
+        upstream = {}
     inner, policy = split_outer_policy(defense, parts)
-    uvicorn.run(create_app(lambda: build_defense(inner, load_teacher(teacher), parts), served, set(api_key or ()),
-                           sealer=parts.sealer, policy=policy, store=opened, batch_window=batch_window,
-                           max_batch=max_batch),
+    uvicorn.run(create_app(lambda: build_defense(inner, load_teacher(teacher, **upstream), parts), served,
+                           set(api_key or ()), sealer=parts.sealer, policy=policy, store=opened,
+                           batch_window=batch_window, max_batch=max_batch),
                 host=host, port=port)
 
 

@@ -8,9 +8,15 @@ from guard.openai_teacher import OpenAITeacher
 from guard.teacher import HFTeacher, Teacher
 
 
+def is_remote(spec: str | Path) -> bool:
+    """Whether `spec` names an OpenAI-compatible endpoint (text only: no logits, no tokenizer) rather than a
+    local model."""
+    return str(spec).startswith(("http://", "https://"))
+
+
 def load_teacher(spec: str | Path, api_key: str | None = None, model: str | None = None, **kwargs) -> Teacher:
     """``http(s)://…/v1`` is an OpenAI-compatible endpoint serving `model` (key `api_key`); anything else
     is a local model directory (safetensors only, see `load_causal_lm`)."""
-    if str(spec).startswith(("http://", "https://")):
+    if is_remote(spec):
         return OpenAITeacher(str(spec), model=model or "default", api_key=api_key, **kwargs)
     return HFTeacher(spec, **kwargs)

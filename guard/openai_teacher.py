@@ -2,7 +2,8 @@
 
 The official `openai` client does the HTTP: timeouts, and retries with exponential backoff on 408,
 409, 429 and 5xx that honour the server's ``Retry-After``. This module maps prompts and sampling
-onto chat completions or completions, and turns failures into errors that say what to do.
+onto chat completions or completions, and turns failures into errors that say what to do, typed by whose
+fault they are, so that a gateway in front of the endpoint answers its own client rightly (`status`).
 """
 
 from __future__ import annotations
@@ -15,12 +16,54 @@ import openai
 from guard.teacher import Caller, Completion, Sampling, Teacher, TokenLogprob, callers_for
 
 
-class TeacherAuthError(PermissionError):
-    """The endpoint rejected the API key (HTTP 401/403)."""
-
-
 class TeacherHTTPError(RuntimeError):
-    """The endpoint failed after every retry, or answered something that is not a completion."""
+    """The endpoint failed after every retry, or answered something that is not a completion.
+
+    `status` is what a proxy in front of the endpoint answers its own client: 502, the upstream failed."""
+
+    status = 502
+
+
+class TeacherTimeout(TeacherHTTPError):
+    """The endpoint did not answer within the timeout (after every retry)."""
+
+    status = 504
+
+
+class TeacherAuthError(TeacherHTTPError, PermissionError):
+    """The endpoint rejected the API key (HTTP 401/403): the caller's own credentials, not its request."""
+
+
+class TeacherRequestError(TeacherHTTPError):
+    """The endpoint refused the request itself (a 4xx other than 401/403: a prompt over its context, an unknown
+    model), with its own `message`, `kind` and `code`: the request is the caller's to fix, and retrying cannot
+    help."""
+
+    def __init__(self, text: str, status: int, message: str, kind: str, code: str | None):
+        super().__init__(text)
+        self.status, self.message, self.kind, self.code = status, message, kind, code
+
+
+class Conversation(str):
+    """A chat prompt: the text defences, monitors and logs read, carrying the messages it came from.
+
+    A local model sees the text (its chat template applied, or the last user message); a remote chat endpoint
+    gets `messages`, the whole conversation, and applies the upstream model's own template.
+
+    Example:
+        >>> prompt = Conversation("and her boss?", [{"role": "user", "content": "who is Kalon?"},
+        ...                                         {"role": "assistant", "content": "a baker"},
+        ...                                         {"role": "user", "content": "and her boss?"}])
+        >>> str(prompt), len(prompt.messages)
+        ('and her boss?', 3)
+    """
+
+    messages: list[dict[str, str]]
+
+    def __new__(cls, text: str, messages: list[dict[str, str]]):
+        prompt = super().__new__(cls, text)
+        prompt.messages = messages
+        return prompt
 
 
 class OpenAITeacher(Teacher):
@@ -30,9 +73,11 @@ class OpenAITeacher(Teacher):
         base_url: the API root, e.g. ``http://127.0.0.1:8000/v1``.
         model: the model name the endpoint serves.
         api_key: bearer token; ``None`` reads ``OPENAI_API_KEY``.
-        api: ``"chat"`` (each prompt is one user message) or ``"completions"`` (raw prompts).
+        api: ``"chat"`` (each prompt is one user message) or ``"completions"`` (raw prompts). A `Conversation`
+            goes to chat completions whole, whichever `api`.
         timeout: seconds per HTTP request.
-        max_retries: retries on 408/409/429/5xx and connection errors.
+        max_retries: retries on 408/409/429/5xx, timeouts and connection errors (a proxy keeps them few: its
+            client retries too).
         concurrency: requests in flight at once.
 
     Example:
@@ -46,7 +91,7 @@ class OpenAITeacher(Teacher):
             raise ValueError(f"api must be 'chat' or 'completions', got {api!r}")
         self.client = openai.OpenAI(base_url=base_url, api_key=api_key or "no-key", timeout=timeout,
                                     max_retries=max_retries)
-        self.base_url, self.model, self.api, self.concurrency = base_url, model, api, concurrency
+        self.base_url, self.model, self.api, self.concurrency, self.timeout = base_url, model, api, concurrency, timeout
         self.name = model
 
     def complete(self, prompts: list[str], sampling: Sampling = Sampling(),
@@ -63,10 +108,11 @@ class OpenAITeacher(Teacher):
                       max_tokens=sampling.max_new_tokens, seed=omit if sampling.seed is None else sampling.seed,
                       extra_body={"top_k": sampling.top_k} if sampling.top_k else None)
         try:
-            if self.api == "chat":
+            conversation = prompt.messages if isinstance(prompt, Conversation) else None
+            if conversation is not None or self.api == "chat":
                 response = self.client.chat.completions.create(
-                    messages=[{"role": "user", "content": prompt}], logprobs=sampling.logprobs > 0 or omit,
-                    top_logprobs=sampling.logprobs or omit, **common)
+                    messages=conversation or [{"role": "user", "content": prompt}],
+                    logprobs=sampling.logprobs > 0 or omit, top_logprobs=sampling.logprobs or omit, **common)
                 return self._from_chat(response)
             response = self.client.completions.create(prompt=prompt, logprobs=sampling.logprobs or omit, **common)
             return self._from_completions(response)
@@ -76,10 +122,21 @@ class OpenAITeacher(Teacher):
         except openai.PermissionDeniedError:
             raise TeacherAuthError(f"{self.base_url} refused access to model {self.model!r} (HTTP 403)") from None
         except openai.APIStatusError as exc:
+            if 400 <= exc.status_code < 500:
+                body = exc.body if isinstance(exc.body, dict) else {}
+                message = str(body.get("message") or exc.message)
+                raise TeacherRequestError(f"{self.base_url} refused the request (HTTP {exc.status_code}): {message}",
+                                          exc.status_code, message, str(body.get("type") or "invalid_request_error"),
+                                          body.get("code")) from None
             raise TeacherHTTPError(f"{self.base_url} answered HTTP {exc.status_code} after retries: "
                                    f"{exc.message}") from None
+        except openai.APITimeoutError:
+            raise TeacherTimeout(f"cannot reach {self.base_url}: no answer within {self.timeout} s") from None
         except openai.APIConnectionError as exc:
             raise TeacherHTTPError(f"cannot reach {self.base_url}: {exc}") from None
+        except (openai.APIError, AttributeError, TypeError, ValueError) as exc:  # a body that is no completion
+            raise TeacherHTTPError(f"{self.base_url} answered something that is not a completion: "
+                                   f"{exc!r:.200}") from None
 
     @staticmethod
     def _from_chat(response) -> Completion:
@@ -90,7 +147,7 @@ class OpenAITeacher(Teacher):
             per_token = [[TokenLogprob(t.token, t.logprob) for t in step.top_logprobs] for step in steps]
             sampled = [TokenLogprob(step.token, step.logprob) for step in steps]
         return Completion(text=choice.message.content or "", logprobs=per_token, token_logprobs=sampled,
-                          finish_reason=choice.finish_reason or "stop", completion_tokens=_billed(response),
+                          finish_reason=choice.finish_reason or "stop", **_billed(response),
                           sealed_reasoning=(choice.message.model_extra or {}).get("sealed_reasoning"))
 
     @staticmethod
@@ -102,13 +159,16 @@ class OpenAITeacher(Teacher):
             per_token = [[TokenLogprob(token, logprob) for token, logprob in step.items()] for step in lp.top_logprobs]
             sampled = [TokenLogprob(token, logprob) for token, logprob in zip(lp.tokens, lp.token_logprobs)]
         return Completion(text=choice.text or "", logprobs=per_token, token_logprobs=sampled,
-                          finish_reason=choice.finish_reason or "stop", completion_tokens=_billed(response),
+                          finish_reason=choice.finish_reason or "stop", **_billed(response),
                           sealed_reasoning=(choice.model_extra or {}).get("sealed_reasoning"))
 
 
-def _billed(response) -> int | None:
-    """Completion tokens the endpoint reports for this one-prompt request (hidden reasoning included)."""
-    return response.usage.completion_tokens if response.usage is not None else None
+def _billed(response) -> dict[str, int | None]:
+    """The tokens the endpoint reports for this one-prompt request (hidden reasoning included): its count is
+    the one to bill by, since its tokenizer is not known here."""
+    if response.usage is None:
+        return {"completion_tokens": None, "prompt_tokens": None}
+    return {"completion_tokens": response.usage.completion_tokens, "prompt_tokens": response.usage.prompt_tokens}
 
 
 def _first_choice(response):

@@ -244,7 +244,7 @@ class Redact(Defense):
                 out.append(c)
             else:
                 out.append(Completion(text=r.text, finish_reason=c.finish_reason, sealed_reasoning=r.sealed,
-                                      completion_tokens=c.completion_tokens,
+                                      completion_tokens=c.completion_tokens, prompt_tokens=c.prompt_tokens,
                                       decisions={**c.decisions, "redaction": self.policy.name}))
         return out
 

@@ -9,6 +9,10 @@ what it sent.
 Bounds answer in OpenAI's error shape, never as a 500 with a traceback: a body over `max_body_bytes` is 413
 before it is parsed; prompt plus `max_tokens` beyond the model's context, more than `max_prompts` prompts,
 and malformed JSON are 400; anything unexpected is a 500 with a generic message, logged here in full.
+
+In front of an upstream (an `OpenAITeacher`: vLLM, a vendor API) the gateway is a proxy: an upstream that times
+out is a 504, one that fails or answers garbage a 502 (its credentials refused too: the provider's to fix), and
+an upstream 4xx that is the request's own fault reaches the client as that 4xx with the upstream's message.
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ from pydantic import BaseModel, Field
 from transformers import PreTrainedTokenizerBase
 
 from guard.batcher import Batcher
+from guard.openai_teacher import Conversation, TeacherAuthError, TeacherHTTPError, TeacherRequestError, TeacherTimeout
 from guard.redaction import Full, Policy, Redact, Sealer, SealError, StreamRedactor
 from guard.store import Account, AuditRecord, Store
 from guard.teacher import Caller, Completion, Sampling, Teacher
@@ -334,12 +339,14 @@ def _check_model(app: FastAPI, model: str) -> None:
 
 def chat_prompt(messages: list[ChatMessage], tokenizer: PreTrainedTokenizerBase | None) -> str:
     """The prompt a conversation becomes: the model's chat template over every message when its tokenizer has
-    one; otherwise the last user message verbatim, the form the reference lab's teachers (no template) were
-    trained on. (Issue 16 makes chat templates first-class.)"""
+    one; otherwise a `Conversation` whose text is the last user message verbatim (the form the reference lab's
+    teachers, without a template, were trained on; what defences, the monitor and the audit log read) and which
+    carries every message, so that a remote backend forwards the whole conversation to its chat endpoint.
+    (Issue 16 makes chat templates first-class.)"""
+    turns = [{"role": m.role, "content": m.content} for m in messages]
     if tokenizer is not None and tokenizer.chat_template:
-        return tokenizer.apply_chat_template([{"role": m.role, "content": m.content} for m in messages],
-                                             add_generation_prompt=True, tokenize=False)
-    return [m.content for m in messages if m.role == "user"][-1]
+        return tokenizer.apply_chat_template(turns, add_generation_prompt=True, tokenize=False)
+    return Conversation([m.content for m in messages if m.role == "user"][-1], turns)
 
 
 def prompt_tokens(teacher: Teacher, prompts: list[str]) -> list[int]:
@@ -348,6 +355,21 @@ def prompt_tokens(teacher: Teacher, prompts: list[str]) -> list[int]:
     if teacher.tokenizer is None:
         return [0] * len(prompts)
     return [len(ids) for ids in teacher.tokenizer(prompts, add_special_tokens=False, verbose=False)["input_ids"]]
+
+
+def _billed_prompt(counted: int, completion: Completion) -> int:
+    """The prompt's tokens to bill: the gateway's own count, or the backend's where the gateway cannot count
+    (a remote backend's tokenizer is not known here)."""
+    return completion.prompt_tokens if not counted and completion.prompt_tokens is not None else counted
+
+
+UPSTREAM_FAILURES = {  # the first that fits is what the client is told (no upstream address or key in it; the log
+    # has the rest)
+    TeacherTimeout: ("The upstream model server did not answer in time.", "upstream_timeout"),
+    TeacherAuthError: ("The upstream model server refused the gateway's upstream credentials; the provider must "
+                       "fix the gateway's upstream key.", "upstream_auth_failed"),
+    TeacherHTTPError: ("The upstream model server failed to answer.", "upstream_failed"),
+}
 
 
 def _check_context(teacher: Teacher, counts: list[int], max_tokens: int) -> None:
@@ -516,6 +538,16 @@ def create_app(load_teacher: Callable[[], Teacher], model_name: str, api_keys: s
     async def api_error(request: Request, exc: APIError):
         return JSONResponse({"error": exc.detail}, status_code=exc.status_code, headers=exc.headers)
 
+    @app.exception_handler(TeacherHTTPError)
+    async def upstream_error(request: Request, exc: TeacherHTTPError):
+        logger.warning("upstream error serving %s: %s", request.url.path, exc)
+        if isinstance(exc, TeacherRequestError):  # the request's own fault: the client fixes it
+            error = {"message": exc.message, "type": exc.kind, "code": exc.code}
+        else:
+            message, code = next(told for kind, told in UPSTREAM_FAILURES.items() if isinstance(exc, kind))
+            error = {"message": message, "type": "server_error", "code": code}
+        return JSONResponse({"error": error}, status_code=exc.status)
+
     @app.exception_handler(RequestValidationError)
     async def invalid_request(request: Request, exc: RequestValidationError):
         first = exc.errors()[0] if exc.errors() else {}
@@ -561,11 +593,13 @@ def create_app(load_teacher: Callable[[], Teacher], model_name: str, api_keys: s
         _check_context(teacher, [n_prompt], sampling.max_new_tokens)
         if body.stream:
             raw = _complete(request, prompt, sampling, caller, raw=True)
+            n_prompt = _billed_prompt(n_prompt, raw)
             _audit(request, caller, "chat", prompt, raw, n_prompt, started, _sent(raw, prompt))
             if refused(raw):
                 raise _refusal()
             return _sse(_chat_chunks(body, prompt, n_prompt, raw))
         completion = _complete(request, prompt, sampling, caller)
+        n_prompt = _billed_prompt(n_prompt, completion)
         _audit(request, caller, "chat", prompt, completion, n_prompt, started)
         if refused(completion):
             raise _refusal()
@@ -611,6 +645,7 @@ def create_app(load_teacher: Callable[[], Teacher], model_name: str, api_keys: s
         _check_context(teacher, counts, sampling.max_new_tokens)
         if body.stream:
             answers = [_complete(request, prompt, sampling, caller, raw=True) for prompt in prompts]
+            counts = [_billed_prompt(n, answer) for n, answer in zip(counts, answers)]
             for prompt, n, answer in zip(prompts, counts, answers):
                 _audit(request, caller, "completions", prompt, answer, n, started, _sent(answer, prompt))
             if any(map(refused, answers)):
@@ -619,6 +654,7 @@ def create_app(load_teacher: Callable[[], Teacher], model_name: str, api_keys: s
         choices, total = [], 0
         for index, prompt in enumerate(prompts):
             completion = _complete(request, prompt, sampling, caller)
+            counts[index] = _billed_prompt(counts[index], completion)
             _audit(request, caller, "completions", prompt, completion, counts[index], started)
             if refused(completion):
                 raise _refusal()

@@ -44,6 +44,7 @@ class Completion:
     answer: str = ""
     sealed_reasoning: str | None = None  # reasoning withheld by a `Sealed` redaction, encrypted for the provider
     completion_tokens: int | None = None  # tokens generated (and billed), hidden ones included; default len(token_ids)
+    prompt_tokens: int | None = None  # the prompt's tokens as the backend counted them, where it reports them
     decisions: dict[str, str] = field(default_factory=dict)  # what each defence decided for it, and why
 
     def __post_init__(self):

@@ -96,5 +96,5 @@ def test_teacher_build_is_deterministic_by_seed(tmp_path):
     assert first["final_loss"] == second["final_loss"]
     assert (tmp_path / "one/model.safetensors").read_bytes() == (tmp_path / "two/model.safetensors").read_bytes()
     train_teacher(TeacherRecipe("tiny", seed=5, style_seed=4, steps=12, batch_size=16), tokenizer,
-                          tmp_path / "three", world, measure=False)
+                  tmp_path / "three", world, measure=False)
     assert (tmp_path / "three/model.safetensors").read_bytes() != (tmp_path / "one/model.safetensors").read_bytes()

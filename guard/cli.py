@@ -238,7 +238,7 @@ def serve(teacher: TeacherOpt = "reference", host: str = "127.0.0.1", port: int 
           admin_key_file: Annotated[str | None, typer.Option(help="file holding the admin key that enables the "
                                                                   f"/admin API (or ${ADMIN_KEY_ENV}); needs "
                                                                   "--store")] = None,
-          retention_days: Annotated[float | None, typer.Option(min=0, min_open=True,
+          retention_days: Annotated[float | None, typer.Option(min=0.001,
                                                                help="purge audit rows older than this many days, "
                                                                     "at start-up and hourly; needs --store")] = None):
     """Serve a teacher behind an OpenAI-compatible API (chat completions and completions). With --store, each

@@ -2,9 +2,9 @@
 
 It is the seed of the gateway: routes are thin, auth is a dependency, and the teacher (defences and
 all) is created once in the lifespan. `stream=True` answers in OpenAI's server-sent-event chunks. Generation
-is not token-streamed: a completion is generated whole, then sent out through the redaction policy's
-`StreamRedactor`, so a policy that may withhold reasoning sends nothing until the end and never takes back
-what it sent.
+is not token-streamed: a completion is generated whole, then sent out through the `StreamRedactor` of the
+caller's redaction policy (its key's, else the gateway's), so a policy that may withhold reasoning sends
+nothing until the end and never takes back what it sent. The admin API (`/admin`) is `guard.admin`'s.
 
 Bounds answer in OpenAI's error shape, never as a 500 with a traceback: a body over `max_body_bytes` is 413
 before it is parsed; prompt plus `max_tokens` beyond the model's context, more than `max_prompts` prompts,

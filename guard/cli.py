@@ -36,6 +36,7 @@ from eval.report import markdown_table, merge_reports, write_report
 from eval.student import StudentConfig
 from eval.task import load_task
 from eval.traffic import BENIGN_POPULATION, TrafficShape, lab_detector, simulate
+from guard.admin import ADMIN_KEY_ENV, DAY
 from guard.defenses import DefenseParts, build_defense, parse_defense, split_outer_policy
 from guard.load import is_remote
 from guard.redaction import Sealer
@@ -250,19 +251,27 @@ def serve(teacher: TeacherOpt = "reference", host: str = "127.0.0.1", port: int 
                                                          "the audit log")] = None,
           batch_window: Annotated[float, typer.Option(help="seconds concurrent requests wait to share a batch")] = 0.005,
           max_batch: Annotated[int, typer.Option(help="the most requests in one call to the teacher; 1 serialises "
-                                                      "them")] = 16):
+                                                      "them")] = 16,
+          admin_key_file: Annotated[str | None, typer.Option(help="file holding the admin key that enables the "
+                                                                  f"/admin API (or ${ADMIN_KEY_ENV}); needs "
+                                                                  "--store")] = None,
+          retention_days: Annotated[float | None, typer.Option(min=0.001,
+                                                               help="purge audit rows older than this many days, "
+                                                                    "at start-up and hourly; needs --store")] = None):
     """Serve a teacher behind an OpenAI-compatible API (chat completions and completions). With --store, each
-    key is an account that every defence acts for, and every request lands in the audit log. With an upstream
-    URL (`--teacher http://vllm-host:8000/v1`) the gateway is a proxy in front of it."""
+    key is an account that every defence acts for, served under its key's redaction policy (else --defense's),
+    and every request lands in the audit log. With an upstream URL (`--teacher http://vllm-host:8000/v1`) the
+    gateway is a proxy in front of it."""
     try:
         if is_remote(teacher) and any(kind == "watermark" for kind, _ in parse_defense(defense)):
             raise typer.BadParameter(WATERMARK_NEEDS_LOGITS, param_hint="--defense")
         parts = _defense_parts([defense], lab, benign, master_key_file)
         opened = open_store(store) if store else None
-    except ValueError as e:
-        raise typer.BadParameter(str(e), param_hint="--defense/--store") from None
-    if parts.sealer is not None and not os.environ.get("DISTILL_GUARD_SEAL_KEY"):
-        console.print("[yellow]DISTILL_GUARD_SEAL_KEY is not set: sealed reasoning uses a key that dies with this "
+        admin_key = Path(admin_key_file).read_text() if admin_key_file else os.environ.get(ADMIN_KEY_ENV)
+    except (ValueError, OSError) as e:
+        raise typer.BadParameter(str(e), param_hint="--defense/--store/--admin-key-file") from None
+    if parts.sealer is not None and not os.environ.get(Sealer.ENV):
+        console.print(f"[yellow]{Sealer.ENV} is not set: sealed reasoning uses a key that dies with this "
                       "server, so blobs cannot be opened after a restart[/yellow]")
     if is_remote(teacher):
         if not (name or upstream_model):
@@ -276,10 +285,17 @@ def serve(teacher: TeacherOpt = "reference", host: str = "127.0.0.1", port: int 
         served = name or (teacher.partition(":")[2] or "teacher-a" if teacher.startswith("reference") else teacher)
         upstream = {}
     inner, policy = split_outer_policy(defense, parts)
-    uvicorn.run(create_app(lambda: build_defense(inner, load_teacher(teacher, **upstream), parts), served,
-                           set(api_key or ()), sealer=parts.sealer, policy=policy, store=opened,
-                           batch_window=batch_window, max_batch=max_batch),
-                host=host, port=port)
+    try:
+        # with a seal key set, accounts may have the sealed policy whatever the gateway's own is
+        sealer = parts.sealer or (Sealer.from_env() if os.environ.get(Sealer.ENV) else None)
+        gateway = create_app(lambda: build_defense(inner, load_teacher(teacher, **upstream), parts), served,
+                             set(api_key or ()), sealer=sealer, policy=policy, store=opened,
+                             summarize=parts.summarize, admin_key=admin_key or None,
+                             retention=None if retention_days is None else retention_days * DAY,
+                             batch_window=batch_window, max_batch=max_batch)
+    except ValueError as e:
+        raise typer.BadParameter(str(e), param_hint="--store/--admin-key-file/--retention-days") from None
+    uvicorn.run(gateway, host=host, port=port)
 
 
 app.command("gateway", help="The same server as `serve`: the gateway in front of a teacher, per account.")(serve)

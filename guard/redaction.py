@@ -227,6 +227,20 @@ def parse_policy(spec: str, summarize: Summarize | None = None, sealer: Sealer |
     return policies[spec]()
 
 
+def redact_completions(policy: Policy, prompts: list[str], completions: list[Completion]) -> list[Completion]:
+    """`completions` as `policy` serves them: a rewritten one keeps its finish reason and token count (hidden
+    tokens are still billed) and names the policy in its decisions."""
+    out = []
+    for c, r in zip(completions, policy.redact(prompts, [c.text for c in completions])):
+        if (r.text == c.text and r.sealed is None) or c.finish_reason in NOT_ANSWERED:
+            out.append(c)
+        else:
+            out.append(Completion(text=r.text, finish_reason=c.finish_reason, sealed_reasoning=r.sealed,
+                                  completion_tokens=c.completion_tokens, prompt_tokens=c.prompt_tokens,
+                                  decisions={**c.decisions, "redaction": policy.name}))
+    return out
+
+
 class Redact(Defense):
     """A teacher as served under a redaction policy. It is itself a Teacher, so defences compose."""
 
@@ -237,16 +251,7 @@ class Redact(Defense):
 
     def complete(self, prompts: list[str], sampling: Sampling = Sampling(),
                  callers: Sequence[Caller] | None = None) -> list[Completion]:
-        completions = self.teacher.complete(prompts, sampling, callers)
-        out = []
-        for c, r in zip(completions, self.policy.redact(prompts, [c.text for c in completions])):
-            if (r.text == c.text and r.sealed is None) or c.finish_reason in NOT_ANSWERED:
-                out.append(c)
-            else:
-                out.append(Completion(text=r.text, finish_reason=c.finish_reason, sealed_reasoning=r.sealed,
-                                      completion_tokens=c.completion_tokens, prompt_tokens=c.prompt_tokens,
-                                      decisions={**c.decisions, "redaction": self.policy.name}))
-        return out
+        return redact_completions(self.policy, prompts, self.teacher.complete(prompts, sampling, callers))
 
     def stream(self, prompt: str) -> StreamRedactor:
         return StreamRedactor(self.policy, prompt)

@@ -2,9 +2,9 @@
 
 It is the seed of the gateway: routes are thin, auth is a dependency, and the teacher (defences and
 all) is created once in the lifespan. `stream=True` answers in OpenAI's server-sent-event chunks. Generation
-is not token-streamed: a completion is generated whole, then sent out through the redaction policy's
-`StreamRedactor`, so a policy that may withhold reasoning sends nothing until the end and never takes back
-what it sent.
+is not token-streamed: a completion is generated whole, then sent out through the `StreamRedactor` of the
+caller's redaction policy (its key's, else the gateway's), so a policy that may withhold reasoning sends
+nothing until the end and never takes back what it sent. The admin API (`/admin`) is `guard.admin`'s.
 
 Bounds answer in OpenAI's error shape, never as a 500 with a traceback: a body over `max_body_bytes` is 413
 before it is parsed; prompt plus `max_tokens` beyond the model's context, more than `max_prompts` prompts,
@@ -30,16 +30,20 @@ from collections.abc import Callable, Iterator
 from contextlib import asynccontextmanager
 from typing import Literal
 
-from fastapi import Depends, FastAPI, HTTPException, Request, Response
+from fastapi import Depends, FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 from pydantic import BaseModel, Field
 from transformers import PreTrainedTokenizerBase
 
+from guard.admin import admin_digest, retention_kept
+from guard.admin import router as admin_router
 from guard.batcher import Batcher
+from guard.errors import APIError
 from guard.openai_teacher import Conversation, TeacherAuthError, TeacherHTTPError, TeacherRequestError, TeacherTimeout
-from guard.redaction import Full, Policy, Redact, Sealer, SealError, StreamRedactor
+from guard.redaction import (Full, Policy, Sealer, SealError, StreamRedactor, Summarize, parse_policy,
+                             redact_completions)
 from guard.store import Account, AuditRecord, Store
 from guard.teacher import Caller, Completion, Sampling, Teacher
 
@@ -189,15 +193,6 @@ class CompletionChunk(BaseModel):
     usage: Usage | None = None
 
 
-class APIError(HTTPException):
-    """An error in OpenAI's shape: {"error": {"message", "type", "code"}}."""
-
-    def __init__(self, status: int, message: str, kind: str = "invalid_request_error", code: str | None = None,
-                 headers: dict | None = None):
-        super().__init__(status_code=status, detail={"message": message, "type": kind, "code": code},
-                         headers=headers)
-
-
 class RateLimiter:
     """Requests and tokens per account over a sliding window (a minute by default), in this process's memory.
 
@@ -281,6 +276,40 @@ def require_caller(request: Request, response: Response,
         return Caller(ip=ip)
     response.headers.update(request.app.state.limiter.admit(account, time.time()))
     return Caller(account=account.name, ip=ip)
+
+
+class Policies:
+    """The redaction policy of each spec accounts name, built once per distinct spec and shared by every key
+    that names it. That is all a tier needs: a tier is a set of keys sharing a policy and limits. No spec
+    (None) is the gateway's own policy. `sealed` needs the gateway's sealer: without one it is refused, as is
+    an unknown spec (ValueError), never sealed under a key that dies with the process."""
+
+    def __init__(self, default: Policy, sealer: Sealer | None, summarize: Summarize | None):
+        self.default, self.sealer, self.summarize = default, sealer, summarize
+        self.built: dict[str, Policy] = {}
+        self.lock = threading.Lock()
+
+    def __call__(self, spec: str | None) -> Policy:
+        if spec is None:
+            return self.default
+        with self.lock:
+            if spec not in self.built:
+                if spec == "sealed" and self.sealer is None:
+                    raise ValueError("the sealed policy needs the gateway's sealing key ($DISTILL_GUARD_SEAL_KEY), "
+                                     "and this gateway has none")
+                self.built[spec] = parse_policy(spec, self.summarize, self.sealer)
+            return self.built[spec]
+
+
+def account_policy(request: Request, account: Account | None = Depends(resolve_account)) -> Policy:
+    """The redaction policy the request is served under: its account's when its key names one, else the
+    gateway's. An account whose policy this gateway cannot serve is refused, with the reason logged."""
+    try:
+        return request.app.state.policies(account.policy if account else None)
+    except ValueError as e:
+        logger.error("account %r cannot be served: %s", account.name, e)
+        raise APIError(403, "This key's redaction policy cannot be served by this gateway; ask its provider.",
+                       "permission_error", "policy_unavailable") from None
 
 
 class Metrics:
@@ -381,11 +410,18 @@ def _check_context(teacher: Teacher, counts: list[int], max_tokens: int) -> None
                                 "Reduce the prompt or max_tokens.", code="context_length_exceeded")
 
 
-def _complete(request: Request, prompt: str, sampling: Sampling, caller: Caller, raw: bool = False) -> Completion:
-    """The completion as served to `caller`, or with `raw` as the teacher wrote it, before the server's
+def _complete(request: Request, prompt: str, sampling: Sampling, caller: Caller) -> Completion:
+    """The completion for `caller` as the teacher (with its inner defences) wrote it, before the account's
     redaction policy."""
     state = request.app.state
-    return state.batcher.complete(state.teacher if raw else state.served, prompt, sampling, caller)
+    return state.batcher.complete(state.teacher, prompt, sampling, caller)
+
+
+def _served(policy: Policy, prompt: str, completion: Completion) -> Completion:
+    """The completion as `policy` serves it whole, the policy named in its audit row."""
+    [served] = redact_completions(policy, [prompt], [completion])
+    served.decisions["redaction"] = policy.name
+    return served
 
 
 def _check_sealed(sealer: Sealer | None, messages: list[ChatMessage],
@@ -496,13 +532,19 @@ class _Bounded:
 def create_app(load_teacher: Callable[[], Teacher], model_name: str, api_keys: set[str] | None = None,
                sealer: Sealer | None = None, policy: Policy | None = None, max_body_bytes: int = MiB,
                max_prompts: int = 64, store: Store | None = None, rate_window: float = 60.0,
-               batch_window: float = 0.005, max_batch: int = 16) -> FastAPI:
+               batch_window: float = 0.005, max_batch: int = 16, summarize: Summarize | None = None,
+               admin_key: str | None = None, retention: float | None = None) -> FastAPI:
     """Serve the teacher that `load_teacher` builds (called once, at start-up) as `model_name`.
 
     Args:
-        policy: the redaction the server applies on top of the teacher, to whole answers and, through its
-            `StreamRedactor`, to streams. None serves the teacher's text as it comes (streamed as `Full`).
-        sealer: opens the sealed reasoning clients hand back (the one the `sealed` policy seals with).
+        policy: the gateway's redaction, applied on top of the teacher to whole answers and, through its
+            `StreamRedactor`, to streams, for every account whose key names no policy of its own (a key's
+            policy, `keys create --policy`, takes its place). None serves the teacher's text as it comes
+            (`Full`).
+        sealer: seals reasoning for the `sealed` policy (the gateway's or an account's) and opens the sealed
+            reasoning clients hand back. Without one, a live key with the `sealed` policy is a ValueError here,
+            and a `sealed` key created while the gateway runs is refused with 403 (`policy_unavailable`).
+        summarize: writes the `summary` policy's summaries (default: an outline that tells nothing).
         max_body_bytes: larger request bodies are refused with 413.
         max_prompts: the most prompts one completions request may carry.
         store: API keys (hashed) and their accounts, and the audit log: each request's row is durable before
@@ -511,28 +553,42 @@ def create_app(load_teacher: Callable[[], Teacher], model_name: str, api_keys: s
             store) are counted; a minute, as the limits say, except in tests.
         batch_window, max_batch: concurrent requests reach the teacher in batches (`guard.batcher`): those that
             arrive within `batch_window` seconds, up to `max_batch`; `max_batch=1` serialises them.
+        admin_key: enables the admin API (`guard.admin`) behind this key; it needs `store`. Only its digest
+            is kept.
+        retention: seconds an audit row is kept; older rows are purged at start-up and then periodically.
     """
+    if (admin_key is not None or retention is not None) and store is None:
+        raise ValueError("the admin API and retention act on the audit log: they need a store (--store)")
+    policies = Policies(policy or Full(), sealer, summarize)
+    for account in store.list_keys() if store is not None else ():
+        if not account.revoked:
+            try:
+                policies(account.policy)  # built now, once; a tier this gateway cannot serve stops it here
+            except ValueError as e:
+                raise ValueError(f"the key {account.key_id} of account {account.name!r} has the policy "
+                                 f"{account.policy!r}: {e}") from None
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         app.state.teacher = load_teacher()
-        app.state.served = app.state.teacher if policy is None else Redact(app.state.teacher, policy)
         app.state.batcher = Batcher(batch_window, max_batch).start()
-        yield
+        async with retention_kept(store, retention):
+            yield
         app.state.batcher.stop()
-        app.state.teacher = app.state.served = None
+        app.state.teacher = None
 
     app = FastAPI(title="distill-guard teacher server", lifespan=lifespan)
     app.state.model_name, app.state.api_keys = model_name, sorted(api_keys or ())
     app.state.store, app.state.limiter, app.state.metrics = store, RateLimiter(rate_window), Metrics()
+    app.state.policies = policies
+    app.state.admin_digest = None if admin_key is None else admin_digest(admin_key)
     app.add_middleware(_Bounded, max_bytes=max_body_bytes)
-    stream_policy = policy or Full()
+    app.include_router(admin_router)
 
-    def _sent(completion: Completion, prompt: str) -> str:
-        """The text a stream of `completion` sends, under the server's policy (which the audit row names)."""
-        if policy is not None:
-            completion.decisions["redaction"] = policy.name
-        return stream_policy.redact([prompt], [completion.text])[0].text
+    def _sent(completion: Completion, prompt: str, policy: Policy) -> str:
+        """The text a stream of `completion` sends under `policy` (which the audit row names)."""
+        completion.decisions["redaction"] = policy.name
+        return policy.redact([prompt], [completion.text])[0].text
 
     @app.exception_handler(APIError)
     async def api_error(request: Request, exc: APIError):
@@ -579,7 +635,8 @@ def create_app(load_teacher: Callable[[], Teacher], model_name: str, api_keys: s
         return {"object": "list", "data": [{"id": app.state.model_name, "object": "model", "owned_by": "distill-guard"}]}
 
     @app.post("/v1/chat/completions", response_model=ChatResponse, response_model_exclude_none=True)
-    def chat_completions(body: ChatRequest, request: Request, caller: Caller = Depends(require_caller)):
+    def chat_completions(body: ChatRequest, request: Request, caller: Caller = Depends(require_caller),
+                         policy: Policy = Depends(account_policy)):
         _check_model(app, body.model)
         if not any(m.role == "user" for m in body.messages):
             raise APIError(400, "messages: at least one user message is required")
@@ -592,13 +649,13 @@ def create_app(load_teacher: Callable[[], Teacher], model_name: str, api_keys: s
         [n_prompt] = prompt_tokens(teacher, [prompt])
         _check_context(teacher, [n_prompt], sampling.max_new_tokens)
         if body.stream:
-            raw = _complete(request, prompt, sampling, caller, raw=True)
+            raw = _complete(request, prompt, sampling, caller)
             n_prompt = _billed_prompt(n_prompt, raw)
-            _audit(request, caller, "chat", prompt, raw, n_prompt, started, _sent(raw, prompt))
+            _audit(request, caller, "chat", prompt, raw, n_prompt, started, _sent(raw, prompt, policy))
             if refused(raw):
                 raise _refusal()
-            return _sse(_chat_chunks(body, prompt, n_prompt, raw))
-        completion = _complete(request, prompt, sampling, caller)
+            return _sse(_chat_chunks(body, prompt, n_prompt, raw, policy))
+        completion = _served(policy, prompt, _complete(request, prompt, sampling, caller))
         n_prompt = _billed_prompt(n_prompt, completion)
         _audit(request, caller, "chat", prompt, completion, n_prompt, started)
         if refused(completion):
@@ -614,13 +671,14 @@ def create_app(load_teacher: Callable[[], Teacher], model_name: str, api_keys: s
                                                 logprobs=logprobs, finish_reason=completion.finish_reason)],
                             usage=_usage(n_prompt, completion.completion_tokens))
 
-    def _chat_chunks(body: ChatRequest, prompt: str, n_prompt: int, completion: Completion) -> Iterator[ChatChunk]:
+    def _chat_chunks(body: ChatRequest, prompt: str, n_prompt: int, completion: Completion,
+                     policy: Policy) -> Iterator[ChatChunk]:
         # `object` is set, not left to its default, so that a chunk sent without its unset fields keeps it
         head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion.chunk", "created": int(time.time()),
                 "model": body.model}
         yield ChatChunk(**head, choices=[ChatChunkChoice(index=0, delta=ChatDelta(role="assistant", content=""),
                                                          finish_reason=None)])
-        for text, sealed in _streamed(completion, prompt, stream_policy):
+        for text, sealed in _streamed(completion, prompt, policy):
             delta = ChatDelta(content=text) if sealed is None else ChatDelta(content=text, sealed_reasoning=sealed)
             yield ChatChunk(**head, choices=[ChatChunkChoice(index=0, delta=delta, finish_reason=None)])
         yield ChatChunk(**head, choices=[ChatChunkChoice(index=0, delta=ChatDelta(),
@@ -629,7 +687,8 @@ def create_app(load_teacher: Callable[[], Teacher], model_name: str, api_keys: s
             yield ChatChunk(**head, choices=[], usage=_usage(n_prompt, completion.completion_tokens))
 
     @app.post("/v1/completions", response_model=CompletionResponse, response_model_exclude_none=True)
-    def completions(body: CompletionRequest, request: Request, caller: Caller = Depends(require_caller)):
+    def completions(body: CompletionRequest, request: Request, caller: Caller = Depends(require_caller),
+                    policy: Policy = Depends(account_policy)):
         _check_model(app, body.model)
         prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
         if not prompts:
@@ -644,16 +703,16 @@ def create_app(load_teacher: Callable[[], Teacher], model_name: str, api_keys: s
         counts = prompt_tokens(teacher, prompts)
         _check_context(teacher, counts, sampling.max_new_tokens)
         if body.stream:
-            answers = [_complete(request, prompt, sampling, caller, raw=True) for prompt in prompts]
+            answers = [_complete(request, prompt, sampling, caller) for prompt in prompts]
             counts = [_billed_prompt(n, answer) for n, answer in zip(counts, answers)]
             for prompt, n, answer in zip(prompts, counts, answers):
-                _audit(request, caller, "completions", prompt, answer, n, started, _sent(answer, prompt))
+                _audit(request, caller, "completions", prompt, answer, n, started, _sent(answer, prompt, policy))
             if any(map(refused, answers)):
                 raise _refusal()
-            return _sse(_completion_chunks(body, prompts, counts, answers))
+            return _sse(_completion_chunks(body, prompts, counts, answers, policy))
         choices, total = [], 0
         for index, prompt in enumerate(prompts):
-            completion = _complete(request, prompt, sampling, caller)
+            completion = _served(policy, prompt, _complete(request, prompt, sampling, caller))
             counts[index] = _billed_prompt(counts[index], completion)
             _audit(request, caller, "completions", prompt, completion, counts[index], started)
             if refused(completion):
@@ -672,11 +731,11 @@ def create_app(load_teacher: Callable[[], Teacher], model_name: str, api_keys: s
                                   choices=choices, usage=_usage(sum(counts), total))
 
     def _completion_chunks(body: CompletionRequest, prompts: list[str], counts: list[int],
-                           answers: list[Completion]) -> Iterator[CompletionChunk]:
+                           answers: list[Completion], policy: Policy) -> Iterator[CompletionChunk]:
         head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
                 "model": body.model}
         for index, (prompt, completion) in enumerate(zip(prompts, answers)):
-            for text, sealed in _streamed(completion, prompt, stream_policy):
+            for text, sealed in _streamed(completion, prompt, policy):
                 choice = CompletionChunkChoice(index=index, text=text, finish_reason=None)
                 if sealed is not None:
                     choice.sealed_reasoning = sealed

@@ -174,9 +174,10 @@ class Store:
         return (r.request_id, r.account, r.time, r.ip, r.payment, r.endpoint, prompt, response, r.prompt_tokens,
                 r.completion_tokens, json.dumps(r.decisions), r.latency, r.status)
 
-    def records(self, since: float | None = None) -> list[AuditRecord]:
-        rows = self._read("SELECT * FROM audit WHERE time >= ? ORDER BY time, rowid",
-                          (float("-inf") if since is None else since,))
+    def records(self, since: float | None = None, limit: int | None = None) -> list[AuditRecord]:
+        """Rows at or after `since` in time order, the first `limit` of them (all without one)."""
+        rows = self._read("SELECT * FROM audit WHERE time >= ? ORDER BY time, rowid LIMIT ?",
+                          (float("-inf") if since is None else since, -1 if limit is None else limit))
         return [AuditRecord(**{**dict(row), "decisions": json.loads(row["decisions"])}) for row in rows]
 
     def purge(self, older_than_seconds: float, now: float | None = None) -> int:

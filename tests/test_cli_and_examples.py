@@ -77,6 +77,17 @@ def test_provider_traffic_monitor_example():
     assert share < 5.0, out
 
 
+def test_provider_gateway_example():
+    out = run(sys.executable, "examples/provider_gateway.py", "--port", str(free_port()))
+    acme = re.search(r"acme sees:  '(.*)' \((\d+) tokens billed\)", out)
+    beta = re.search(r"beta sees:  '(.*)' \((\d+) tokens billed, streamed\)", out)
+    assert acme and beta, out
+    assert "thinking" in acme.group(1) and "answer:" in acme.group(1)  # the default policy shows the reasoning
+    assert beta.group(1).startswith("answer:") and "thinking" not in beta.group(1)  # beta's tier: answers only
+    assert int(beta.group(2)) > len(beta.group(1).split())  # the hidden reasoning is still billed
+    assert "0 of 2 clients flagged" in out and "2 not yet judged" in out, out
+
+
 def test_serving_commands_never_fall_back_to_the_lab_unasked(tmp_path):
     """Without the provider's own master secret or benign traffic, serving a watermark or the monitor is an
     error that says what to pass; the lab's public secret and simulated users come only with --lab."""

@@ -299,15 +299,17 @@ class Metrics:
 KNOWN_PATHS = ("/v1/chat/completions", "/v1/completions", "/v1/models", "/healthz", "/metrics")
 
 
-def _refusal() -> APIError:
-    return APIError(403, "The provider's traffic policy refused this request.", "permission_error", "refused")
+def _refusal(request_id: str) -> APIError:
+    return APIError(403, "The provider's traffic policy refused this request.", "permission_error", "refused",
+                    headers={"x-request-id": request_id})
 
 
 def _audit(request: Request, caller: Caller, endpoint: str, prompt: str, completion: Completion, n_prompt: int,
-           started: float, response: str | None = None) -> None:
+           started: float, response: str | None = None, *, request_id: str) -> None:
     """Charge the account its tokens and write one durable audit row for the request, before any of the
     response is sent. `response`: the text the client gets, when it is not `completion.text` (a stream
-    redacted as it goes out)."""
+    redacted as it goes out). `request_id` is the id the client receives (see `row_id`), so a client can find
+    its request in the log."""
     state = request.app.state
     state.metrics.tokens.labels(kind="prompt").inc(n_prompt)
     state.metrics.tokens.labels(kind="completion").inc(completion.completion_tokens)
@@ -317,12 +319,18 @@ def _audit(request: Request, caller: Caller, endpoint: str, prompt: str, complet
     if store is None:
         return
     decisions = {**completion.decisions, **({"served": "refused"} if completion.finish_reason == "refused" else {})}
-    store.log(AuditRecord(request_id=f"req-{uuid.uuid4().hex}", account=caller.account, time=started,
+    store.log(AuditRecord(request_id=request_id, account=caller.account, time=started,
                           prompt=prompt, response=completion.text if response is None else response,
                           prompt_tokens=n_prompt,
                           completion_tokens=completion.completion_tokens, decisions=decisions,
                           latency=time.time() - started, status=403 if refused(completion) else 200,
                           ip=caller.ip, endpoint=endpoint))
+
+
+def row_id(response_id: str, index: int, prompts: int) -> str:
+    """The audit row's request id for prompt `index` of a request with `prompts` prompts: the response's `id`
+    (also its `x-request-id` header) for one prompt, `{id}-{index}` for each of several (a completions batch)."""
+    return response_id if prompts == 1 else f"{response_id}-{index}"
 
 
 def refused(completion: Completion) -> bool:
@@ -424,13 +432,13 @@ def _streamed(completion: Completion, prompt: str, policy: Policy) -> Iterator[t
         yield last, redactor.sealed
 
 
-def _sse(chunks: Iterator[BaseModel]) -> StreamingResponse:
+def _sse(chunks: Iterator[BaseModel], request_id: str) -> StreamingResponse:
     def events():
         for chunk in chunks:
             yield f"data: {chunk.model_dump_json(exclude_unset=True)}\n\n"
         yield "data: [DONE]\n\n"
 
-    return StreamingResponse(events(), media_type="text/event-stream")
+    return StreamingResponse(events(), media_type="text/event-stream", headers={"x-request-id": request_id})
 
 
 def _usage(prompt: int, completion: int) -> Usage:
@@ -579,13 +587,14 @@ def create_app(load_teacher: Callable[[], Teacher], model_name: str, api_keys: s
         return {"object": "list", "data": [{"id": app.state.model_name, "object": "model", "owned_by": "distill-guard"}]}
 
     @app.post("/v1/chat/completions", response_model=ChatResponse, response_model_exclude_none=True)
-    def chat_completions(body: ChatRequest, request: Request, caller: Caller = Depends(require_caller)):
+    def chat_completions(body: ChatRequest, request: Request, response: Response,
+                         caller: Caller = Depends(require_caller)):
         _check_model(app, body.model)
         if not any(m.role == "user" for m in body.messages):
             raise APIError(400, "messages: at least one user message is required")
         if body.stream and body.logprobs:
             raise APIError(400, "logprobs are not streamed by this server; ask without stream=True")
-        started, teacher = time.time(), app.state.teacher
+        started, teacher, request_id = time.time(), app.state.teacher, f"chatcmpl-{uuid.uuid4().hex}"
         _check_sealed(sealer, body.messages, teacher.tokenizer)
         prompt = chat_prompt(body.messages, teacher.tokenizer)
         sampling = body.sampling((body.top_logprobs or 1) if body.logprobs else 0)
@@ -594,29 +603,31 @@ def create_app(load_teacher: Callable[[], Teacher], model_name: str, api_keys: s
         if body.stream:
             raw = _complete(request, prompt, sampling, caller, raw=True)
             n_prompt = _billed_prompt(n_prompt, raw)
-            _audit(request, caller, "chat", prompt, raw, n_prompt, started, _sent(raw, prompt))
+            _audit(request, caller, "chat", prompt, raw, n_prompt, started, _sent(raw, prompt), request_id=request_id)
             if refused(raw):
-                raise _refusal()
-            return _sse(_chat_chunks(body, prompt, n_prompt, raw))
+                raise _refusal(request_id)
+            return _sse(_chat_chunks(body, prompt, n_prompt, raw, request_id), request_id)
         completion = _complete(request, prompt, sampling, caller)
         n_prompt = _billed_prompt(n_prompt, completion)
-        _audit(request, caller, "chat", prompt, completion, n_prompt, started)
+        _audit(request, caller, "chat", prompt, completion, n_prompt, started, request_id=request_id)
         if refused(completion):
-            raise _refusal()
+            raise _refusal(request_id)
         logprobs = None
         if body.logprobs and completion.logprobs is not None:
             logprobs = ChatLogprobs(content=[
                 TokenLogprobOut(token=chosen.token, logprob=chosen.logprob, top_logprobs=_top(step[: body.top_logprobs or 0]))
                 for step, chosen in zip(completion.logprobs, completion.token_logprobs)])
-        return ChatResponse(id=f"chatcmpl-{uuid.uuid4().hex}", created=int(time.time()), model=body.model,
+        response.headers["x-request-id"] = request_id
+        return ChatResponse(id=request_id, created=int(time.time()), model=body.model,
                             choices=[ChatChoice(index=0, message=ChatMessageOut(content=completion.text,
                                                                        sealed_reasoning=completion.sealed_reasoning),
                                                 logprobs=logprobs, finish_reason=completion.finish_reason)],
                             usage=_usage(n_prompt, completion.completion_tokens))
 
-    def _chat_chunks(body: ChatRequest, prompt: str, n_prompt: int, completion: Completion) -> Iterator[ChatChunk]:
+    def _chat_chunks(body: ChatRequest, prompt: str, n_prompt: int, completion: Completion,
+                     request_id: str) -> Iterator[ChatChunk]:
         # `object` is set, not left to its default, so that a chunk sent without its unset fields keeps it
-        head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion.chunk", "created": int(time.time()),
+        head = {"id": request_id, "object": "chat.completion.chunk", "created": int(time.time()),
                 "model": body.model}
         yield ChatChunk(**head, choices=[ChatChunkChoice(index=0, delta=ChatDelta(role="assistant", content=""),
                                                          finish_reason=None)])
@@ -629,7 +640,8 @@ def create_app(load_teacher: Callable[[], Teacher], model_name: str, api_keys: s
             yield ChatChunk(**head, choices=[], usage=_usage(n_prompt, completion.completion_tokens))
 
     @app.post("/v1/completions", response_model=CompletionResponse, response_model_exclude_none=True)
-    def completions(body: CompletionRequest, request: Request, caller: Caller = Depends(require_caller)):
+    def completions(body: CompletionRequest, request: Request, response: Response,
+                    caller: Caller = Depends(require_caller)):
         _check_model(app, body.model)
         prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
         if not prompts:
@@ -639,25 +651,27 @@ def create_app(load_teacher: Callable[[], Teacher], model_name: str, api_keys: s
                                 f"{max_prompts}")
         if body.stream and body.logprobs:
             raise APIError(400, "logprobs are not streamed by this server; ask without stream=True")
-        started, teacher = time.time(), app.state.teacher
+        started, teacher, request_id = time.time(), app.state.teacher, f"cmpl-{uuid.uuid4().hex}"
         sampling = body.sampling(body.logprobs or 0)
         counts = prompt_tokens(teacher, prompts)
         _check_context(teacher, counts, sampling.max_new_tokens)
         if body.stream:
             answers = [_complete(request, prompt, sampling, caller, raw=True) for prompt in prompts]
             counts = [_billed_prompt(n, answer) for n, answer in zip(counts, answers)]
-            for prompt, n, answer in zip(prompts, counts, answers):
-                _audit(request, caller, "completions", prompt, answer, n, started, _sent(answer, prompt))
+            for index, (prompt, n, answer) in enumerate(zip(prompts, counts, answers)):
+                _audit(request, caller, "completions", prompt, answer, n, started, _sent(answer, prompt),
+                       request_id=row_id(request_id, index, len(prompts)))
             if any(map(refused, answers)):
-                raise _refusal()
-            return _sse(_completion_chunks(body, prompts, counts, answers))
+                raise _refusal(request_id)
+            return _sse(_completion_chunks(body, prompts, counts, answers, request_id), request_id)
         choices, total = [], 0
         for index, prompt in enumerate(prompts):
             completion = _complete(request, prompt, sampling, caller)
             counts[index] = _billed_prompt(counts[index], completion)
-            _audit(request, caller, "completions", prompt, completion, counts[index], started)
+            _audit(request, caller, "completions", prompt, completion, counts[index], started,
+                   request_id=row_id(request_id, index, len(prompts)))
             if refused(completion):
-                raise _refusal()
+                raise _refusal(request_id)
             logprobs = None
             if body.logprobs and completion.logprobs is not None:
                 logprobs = CompletionLogprobs(
@@ -668,12 +682,13 @@ def create_app(load_teacher: Callable[[], Teacher], model_name: str, api_keys: s
                                             sealed_reasoning=completion.sealed_reasoning,
                                             finish_reason=completion.finish_reason))
             total += completion.completion_tokens
-        return CompletionResponse(id=f"cmpl-{uuid.uuid4().hex}", created=int(time.time()), model=body.model,
+        response.headers["x-request-id"] = request_id
+        return CompletionResponse(id=request_id, created=int(time.time()), model=body.model,
                                   choices=choices, usage=_usage(sum(counts), total))
 
     def _completion_chunks(body: CompletionRequest, prompts: list[str], counts: list[int],
-                           answers: list[Completion]) -> Iterator[CompletionChunk]:
-        head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
+                           answers: list[Completion], request_id: str) -> Iterator[CompletionChunk]:
+        head = {"id": request_id, "object": "text_completion", "created": int(time.time()),
                 "model": body.model}
         for index, (prompt, completion) in enumerate(zip(prompts, answers)):
             for text, sealed in _streamed(completion, prompt, stream_policy):

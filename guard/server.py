@@ -35,6 +35,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 from pydantic import BaseModel, Field
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from transformers import PreTrainedTokenizerBase
 
 from guard.batcher import Batcher
@@ -45,6 +46,7 @@ from guard.teacher import Caller, Completion, Sampling, Teacher
 
 logger = logging.getLogger(__name__)
 MiB = 1 << 20
+GREEDY_BELOW = 1e-5  # temperature
 
 
 class ChatMessage(BaseModel):
@@ -65,7 +67,7 @@ class SamplingFields(BaseModel):
     top_p: float = Field(1.0, gt=0, le=1)
     top_k: int = Field(0, ge=0, description="extension (as in vLLM): sample from the k most likely tokens")
     max_tokens: int | None = Field(None, ge=1, le=4096)
-    seed: int | None = None
+    seed: int | None = Field(None, ge=-(1 << 63), lt=1 << 63, description="a 64-bit integer")
     n: int = Field(1, ge=1, le=1, description="only n=1 is served")
 
     @property
@@ -73,7 +75,9 @@ class SamplingFields(BaseModel):
         return self.stream_options is not None and self.stream_options.include_usage
 
     def sampling(self, logprobs: int) -> Sampling:
-        return Sampling(temperature=self.temperature, top_p=self.top_p, top_k=self.top_k,
+        # as in vLLM, a temperature this close to 0 is greedy: dividing the logits by it would overflow
+        temperature = self.temperature if self.temperature >= GREEDY_BELOW else 0.0
+        return Sampling(temperature=temperature, top_p=self.top_p, top_k=self.top_k,
                         max_new_tokens=self.max_tokens or 64, seed=self.seed, logprobs=logprobs)
 
 
@@ -383,6 +387,9 @@ UPSTREAM_FAILURES = {  # the first that fits is what the client is told (no upst
 def _check_context(teacher: Teacher, counts: list[int], max_tokens: int) -> None:
     limit = teacher.context_length
     for n in counts:
+        if n == 0 and teacher.tokenizer is not None:  # a remote teacher's prompts count 0: its server judges
+            raise APIError(400, "The prompt is empty: it has no tokens for the model to continue.",
+                           code="empty_prompt")
         if limit is not None and n + max_tokens > limit:
             raise APIError(400, f"This model's maximum context length is {limit} tokens. However, you requested "
                                 f"{n + max_tokens} tokens ({n} in the prompt, {max_tokens} in the completion). "
@@ -555,6 +562,12 @@ def create_app(load_teacher: Callable[[], Teacher], model_name: str, api_keys: s
             message, code = next(told for kind, told in UPSTREAM_FAILURES.items() if isinstance(exc, kind))
             error = {"message": message, "type": "server_error", "code": code}
         return JSONResponse({"error": error}, status_code=exc.status)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException):
+        # the framework's own errors (an unknown path, a body it cannot parse) in the same shape as ours
+        return JSONResponse({"error": {"message": str(exc.detail), "type": "invalid_request_error", "code": None}},
+                            status_code=exc.status_code, headers=exc.headers)
 
     @app.exception_handler(RequestValidationError)
     async def invalid_request(request: Request, exc: RequestValidationError):

@@ -35,6 +35,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 from pydantic import BaseModel, Field
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from transformers import PreTrainedTokenizerBase
 
 from guard.admin import admin_digest, retention_kept
@@ -49,6 +50,7 @@ from guard.teacher import Caller, Completion, Sampling, Teacher
 
 logger = logging.getLogger(__name__)
 MiB = 1 << 20
+GREEDY_BELOW = 1e-5  # temperature
 
 
 class ChatMessage(BaseModel):
@@ -69,7 +71,7 @@ class SamplingFields(BaseModel):
     top_p: float = Field(1.0, gt=0, le=1)
     top_k: int = Field(0, ge=0, description="extension (as in vLLM): sample from the k most likely tokens")
     max_tokens: int | None = Field(None, ge=1, le=4096)
-    seed: int | None = None
+    seed: int | None = Field(None, ge=-(1 << 63), lt=1 << 63, description="a 64-bit integer")
     n: int = Field(1, ge=1, le=1, description="only n=1 is served")
 
     @property
@@ -77,7 +79,9 @@ class SamplingFields(BaseModel):
         return self.stream_options is not None and self.stream_options.include_usage
 
     def sampling(self, logprobs: int) -> Sampling:
-        return Sampling(temperature=self.temperature, top_p=self.top_p, top_k=self.top_k,
+        # as in vLLM, a temperature this close to 0 is greedy: dividing the logits by it would overflow
+        temperature = self.temperature if self.temperature >= GREEDY_BELOW else 0.0
+        return Sampling(temperature=temperature, top_p=self.top_p, top_k=self.top_k,
                         max_new_tokens=self.max_tokens or 64, seed=self.seed, logprobs=logprobs)
 
 
@@ -328,15 +332,17 @@ class Metrics:
 KNOWN_PATHS = ("/v1/chat/completions", "/v1/completions", "/v1/models", "/healthz", "/metrics")
 
 
-def _refusal() -> APIError:
-    return APIError(403, "The provider's traffic policy refused this request.", "permission_error", "refused")
+def _refusal(request_id: str) -> APIError:
+    return APIError(403, "The provider's traffic policy refused this request.", "permission_error", "refused",
+                    headers={"x-request-id": request_id})
 
 
 def _audit(request: Request, caller: Caller, endpoint: str, prompt: str, completion: Completion, n_prompt: int,
-           started: float, response: str | None = None) -> None:
+           started: float, response: str | None = None, *, request_id: str) -> None:
     """Charge the account its tokens and write one durable audit row for the request, before any of the
     response is sent. `response`: the text the client gets, when it is not `completion.text` (a stream
-    redacted as it goes out)."""
+    redacted as it goes out). `request_id` is the id the client receives (see `row_id`), so a client can find
+    its request in the log."""
     state = request.app.state
     state.metrics.tokens.labels(kind="prompt").inc(n_prompt)
     state.metrics.tokens.labels(kind="completion").inc(completion.completion_tokens)
@@ -346,12 +352,18 @@ def _audit(request: Request, caller: Caller, endpoint: str, prompt: str, complet
     if store is None:
         return
     decisions = {**completion.decisions, **({"served": "refused"} if completion.finish_reason == "refused" else {})}
-    store.log(AuditRecord(request_id=f"req-{uuid.uuid4().hex}", account=caller.account, time=started,
+    store.log(AuditRecord(request_id=request_id, account=caller.account, time=started,
                           prompt=prompt, response=completion.text if response is None else response,
                           prompt_tokens=n_prompt,
                           completion_tokens=completion.completion_tokens, decisions=decisions,
                           latency=time.time() - started, status=403 if refused(completion) else 200,
                           ip=caller.ip, endpoint=endpoint))
+
+
+def row_id(response_id: str, index: int, prompts: int) -> str:
+    """The audit row's request id for prompt `index` of a request with `prompts` prompts: the response's `id`
+    (also its `x-request-id` header) for one prompt, `{id}-{index}` for each of several (a completions batch)."""
+    return response_id if prompts == 1 else f"{response_id}-{index}"
 
 
 def refused(completion: Completion) -> bool:
@@ -404,6 +416,9 @@ UPSTREAM_FAILURES = {  # the first that fits is what the client is told (no upst
 def _check_context(teacher: Teacher, counts: list[int], max_tokens: int) -> None:
     limit = teacher.context_length
     for n in counts:
+        if n == 0 and teacher.tokenizer is not None:  # a remote teacher's prompts count 0: its server judges
+            raise APIError(400, "The prompt is empty: it has no tokens for the model to continue.",
+                           code="empty_prompt")
         if limit is not None and n + max_tokens > limit:
             raise APIError(400, f"This model's maximum context length is {limit} tokens. However, you requested "
                                 f"{n + max_tokens} tokens ({n} in the prompt, {max_tokens} in the completion). "
@@ -460,13 +475,13 @@ def _streamed(completion: Completion, prompt: str, policy: Policy) -> Iterator[t
         yield last, redactor.sealed
 
 
-def _sse(chunks: Iterator[BaseModel]) -> StreamingResponse:
+def _sse(chunks: Iterator[BaseModel], request_id: str) -> StreamingResponse:
     def events():
         for chunk in chunks:
             yield f"data: {chunk.model_dump_json(exclude_unset=True)}\n\n"
         yield "data: [DONE]\n\n"
 
-    return StreamingResponse(events(), media_type="text/event-stream")
+    return StreamingResponse(events(), media_type="text/event-stream", headers={"x-request-id": request_id})
 
 
 def _usage(prompt: int, completion: int) -> Usage:
@@ -604,6 +619,12 @@ def create_app(load_teacher: Callable[[], Teacher], model_name: str, api_keys: s
             error = {"message": message, "type": "server_error", "code": code}
         return JSONResponse({"error": error}, status_code=exc.status)
 
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException):
+        # the framework's own errors (an unknown path, a body it cannot parse) in the same shape as ours
+        return JSONResponse({"error": {"message": str(exc.detail), "type": "invalid_request_error", "code": None}},
+                            status_code=exc.status_code, headers=exc.headers)
+
     @app.exception_handler(RequestValidationError)
     async def invalid_request(request: Request, exc: RequestValidationError):
         first = exc.errors()[0] if exc.errors() else {}
@@ -635,14 +656,14 @@ def create_app(load_teacher: Callable[[], Teacher], model_name: str, api_keys: s
         return {"object": "list", "data": [{"id": app.state.model_name, "object": "model", "owned_by": "distill-guard"}]}
 
     @app.post("/v1/chat/completions", response_model=ChatResponse, response_model_exclude_none=True)
-    def chat_completions(body: ChatRequest, request: Request, caller: Caller = Depends(require_caller),
-                         policy: Policy = Depends(account_policy)):
+    def chat_completions(body: ChatRequest, request: Request, response: Response,
+                         caller: Caller = Depends(require_caller), policy: Policy = Depends(account_policy)):
         _check_model(app, body.model)
         if not any(m.role == "user" for m in body.messages):
             raise APIError(400, "messages: at least one user message is required")
         if body.stream and body.logprobs:
             raise APIError(400, "logprobs are not streamed by this server; ask without stream=True")
-        started, teacher = time.time(), app.state.teacher
+        started, teacher, request_id = time.time(), app.state.teacher, f"chatcmpl-{uuid.uuid4().hex}"
         _check_sealed(sealer, body.messages, teacher.tokenizer)
         prompt = chat_prompt(body.messages, teacher.tokenizer)
         sampling = body.sampling((body.top_logprobs or 1) if body.logprobs else 0)
@@ -651,30 +672,32 @@ def create_app(load_teacher: Callable[[], Teacher], model_name: str, api_keys: s
         if body.stream:
             raw = _complete(request, prompt, sampling, caller)
             n_prompt = _billed_prompt(n_prompt, raw)
-            _audit(request, caller, "chat", prompt, raw, n_prompt, started, _sent(raw, prompt, policy))
+            _audit(request, caller, "chat", prompt, raw, n_prompt, started, _sent(raw, prompt, policy),
+                   request_id=request_id)
             if refused(raw):
-                raise _refusal()
-            return _sse(_chat_chunks(body, prompt, n_prompt, raw, policy))
+                raise _refusal(request_id)
+            return _sse(_chat_chunks(body, prompt, n_prompt, raw, policy, request_id), request_id)
         completion = _served(policy, prompt, _complete(request, prompt, sampling, caller))
         n_prompt = _billed_prompt(n_prompt, completion)
-        _audit(request, caller, "chat", prompt, completion, n_prompt, started)
+        _audit(request, caller, "chat", prompt, completion, n_prompt, started, request_id=request_id)
         if refused(completion):
-            raise _refusal()
+            raise _refusal(request_id)
         logprobs = None
         if body.logprobs and completion.logprobs is not None:
             logprobs = ChatLogprobs(content=[
                 TokenLogprobOut(token=chosen.token, logprob=chosen.logprob, top_logprobs=_top(step[: body.top_logprobs or 0]))
                 for step, chosen in zip(completion.logprobs, completion.token_logprobs)])
-        return ChatResponse(id=f"chatcmpl-{uuid.uuid4().hex}", created=int(time.time()), model=body.model,
+        response.headers["x-request-id"] = request_id
+        return ChatResponse(id=request_id, created=int(time.time()), model=body.model,
                             choices=[ChatChoice(index=0, message=ChatMessageOut(content=completion.text,
                                                                        sealed_reasoning=completion.sealed_reasoning),
                                                 logprobs=logprobs, finish_reason=completion.finish_reason)],
                             usage=_usage(n_prompt, completion.completion_tokens))
 
     def _chat_chunks(body: ChatRequest, prompt: str, n_prompt: int, completion: Completion,
-                     policy: Policy) -> Iterator[ChatChunk]:
+                     policy: Policy, request_id: str) -> Iterator[ChatChunk]:
         # `object` is set, not left to its default, so that a chunk sent without its unset fields keeps it
-        head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion.chunk", "created": int(time.time()),
+        head = {"id": request_id, "object": "chat.completion.chunk", "created": int(time.time()),
                 "model": body.model}
         yield ChatChunk(**head, choices=[ChatChunkChoice(index=0, delta=ChatDelta(role="assistant", content=""),
                                                          finish_reason=None)])
@@ -687,8 +710,8 @@ def create_app(load_teacher: Callable[[], Teacher], model_name: str, api_keys: s
             yield ChatChunk(**head, choices=[], usage=_usage(n_prompt, completion.completion_tokens))
 
     @app.post("/v1/completions", response_model=CompletionResponse, response_model_exclude_none=True)
-    def completions(body: CompletionRequest, request: Request, caller: Caller = Depends(require_caller),
-                    policy: Policy = Depends(account_policy)):
+    def completions(body: CompletionRequest, request: Request, response: Response,
+                    caller: Caller = Depends(require_caller), policy: Policy = Depends(account_policy)):
         _check_model(app, body.model)
         prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
         if not prompts:
@@ -698,25 +721,27 @@ def create_app(load_teacher: Callable[[], Teacher], model_name: str, api_keys: s
                                 f"{max_prompts}")
         if body.stream and body.logprobs:
             raise APIError(400, "logprobs are not streamed by this server; ask without stream=True")
-        started, teacher = time.time(), app.state.teacher
+        started, teacher, request_id = time.time(), app.state.teacher, f"cmpl-{uuid.uuid4().hex}"
         sampling = body.sampling(body.logprobs or 0)
         counts = prompt_tokens(teacher, prompts)
         _check_context(teacher, counts, sampling.max_new_tokens)
         if body.stream:
             answers = [_complete(request, prompt, sampling, caller) for prompt in prompts]
             counts = [_billed_prompt(n, answer) for n, answer in zip(counts, answers)]
-            for prompt, n, answer in zip(prompts, counts, answers):
-                _audit(request, caller, "completions", prompt, answer, n, started, _sent(answer, prompt, policy))
+            for index, (prompt, n, answer) in enumerate(zip(prompts, counts, answers)):
+                _audit(request, caller, "completions", prompt, answer, n, started, _sent(answer, prompt, policy),
+                       request_id=row_id(request_id, index, len(prompts)))
             if any(map(refused, answers)):
-                raise _refusal()
-            return _sse(_completion_chunks(body, prompts, counts, answers, policy))
+                raise _refusal(request_id)
+            return _sse(_completion_chunks(body, prompts, counts, answers, policy, request_id), request_id)
         choices, total = [], 0
         for index, prompt in enumerate(prompts):
             completion = _served(policy, prompt, _complete(request, prompt, sampling, caller))
             counts[index] = _billed_prompt(counts[index], completion)
-            _audit(request, caller, "completions", prompt, completion, counts[index], started)
+            _audit(request, caller, "completions", prompt, completion, counts[index], started,
+                   request_id=row_id(request_id, index, len(prompts)))
             if refused(completion):
-                raise _refusal()
+                raise _refusal(request_id)
             logprobs = None
             if body.logprobs and completion.logprobs is not None:
                 logprobs = CompletionLogprobs(
@@ -727,12 +752,13 @@ def create_app(load_teacher: Callable[[], Teacher], model_name: str, api_keys: s
                                             sealed_reasoning=completion.sealed_reasoning,
                                             finish_reason=completion.finish_reason))
             total += completion.completion_tokens
-        return CompletionResponse(id=f"cmpl-{uuid.uuid4().hex}", created=int(time.time()), model=body.model,
+        response.headers["x-request-id"] = request_id
+        return CompletionResponse(id=request_id, created=int(time.time()), model=body.model,
                                   choices=choices, usage=_usage(sum(counts), total))
 
     def _completion_chunks(body: CompletionRequest, prompts: list[str], counts: list[int],
-                           answers: list[Completion], policy: Policy) -> Iterator[CompletionChunk]:
-        head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
+                           answers: list[Completion], policy: Policy, request_id: str) -> Iterator[CompletionChunk]:
+        head = {"id": request_id, "object": "text_completion", "created": int(time.time()),
                 "model": body.model}
         for index, (prompt, completion) in enumerate(zip(prompts, answers)):
             for text, sealed in _streamed(completion, prompt, policy):

@@ -1,0 +1,150 @@
+"""The audit log is durable: a client finds its request in the log by the id it received, and `kill -9` under
+load loses no request whose response a client received, and duplicates none. The real gateway in a
+subprocess, real HTTP, the real `openai` SDK, real SQLite."""
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx
+import openai
+
+from conftest import free_port, live_server
+from guard.server import create_app
+from guard.store import Store
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_the_audit_row_carries_the_id_the_client_receives(teacher_a, tmp_path):
+    store = Store(tmp_path / "gateway.db")
+    key = store.create_key("alice")
+    with live_server(create_app(lambda: teacher_a, "teacher-a", store=store)) as url:
+        client = openai.OpenAI(base_url=url + "/v1", api_key=key, max_retries=0)
+        raw = client.chat.completions.with_raw_response.create(
+            model="teacher-a", messages=[{"role": "user", "content": "hello"}], max_tokens=4)
+        chat = raw.parse()
+        assert raw.headers["x-request-id"] == chat.id and chat.id.startswith("chatcmpl-")
+        raw = client.chat.completions.with_raw_response.create(
+            model="teacher-a", messages=[{"role": "user", "content": "hello"}], max_tokens=4, stream=True)
+        streamed = {chunk.id for chunk in raw.parse()}
+        assert streamed == {raw.headers["x-request-id"]}
+        raw = client.completions.with_raw_response.create(model="teacher-a", prompt=["one", "two"], max_tokens=4)
+        batch = raw.parse()
+        assert raw.headers["x-request-id"] == batch.id and batch.id.startswith("cmpl-")
+    ids = [r.request_id for r in store.records()]
+    assert sorted(ids) == sorted([chat.id, *streamed, f"{batch.id}-0", f"{batch.id}-1"])
+
+
+@contextmanager
+def gateway(db: Path, log: Path):
+    """`distill-guard gateway` on a loopback port, as an operator starts it; yields (process, base URL)."""
+    port = free_port()
+    with open(log, "ab") as out:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "guard.cli", "gateway", "--teacher", "reference", "--store", f"sqlite:///{db}",
+             "--port", str(port)], cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=out, stderr=out)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            assert process.poll() is None, log.read_text()[-3000:]
+            assert time.monotonic() < deadline, "the gateway did not start"
+            try:
+                if httpx.get(url + "/healthz").json()["status"] == "ok":
+                    break
+            except httpx.TransportError:
+                pass
+            time.sleep(0.1)
+        yield process, url
+    finally:
+        process.kill()
+        process.wait()
+
+
+class Load:
+    """Client threads sending a mix of requests until the gateway dies. A request is acknowledged once its
+    response (a stream: its first chunk) arrived; `expected` holds the audit row ids each acknowledgement
+    promises, `sent` counts the rows the requests sent could have written at most."""
+
+    def __init__(self, url: str, key: str, kill_after: int, kill: Callable[[], None]):
+        self.client = openai.OpenAI(base_url=url + "/v1", api_key=key, max_retries=0, timeout=30)
+        self.kill_after, self.kill = kill_after, kill
+        self.expected: list[str] = []
+        self.sent = 0
+        self.errors: list[Exception] = []
+        self.lock = threading.Lock()
+        self.dead = threading.Event()
+
+    def acknowledged(self, *row_ids: str) -> None:
+        with self.lock:
+            self.expected += row_ids
+            if len(self.expected) >= self.kill_after and not self.dead.is_set():
+                self.kill()  # the moment a response arrives: a row written after it would now be lost
+                self.dead.set()
+
+    def one(self, n: int) -> None:
+        messages = [{"role": "user", "content": f"question {n}"}]
+        with self.lock:
+            self.sent += 2 if n % 4 == 3 else 1
+        if n % 4 == 0:
+            self.acknowledged(self.client.chat.completions.create(model="teacher-a", messages=messages,
+                                                                  max_tokens=6).id)
+        elif n % 4 == 1:
+            for i, chunk in enumerate(self.client.chat.completions.create(model="teacher-a", messages=messages,
+                                                                          max_tokens=6, stream=True)):
+                if i == 0:
+                    self.acknowledged(chunk.id)
+        elif n % 4 == 2:
+            self.acknowledged(self.client.completions.create(model="teacher-a", prompt=f"question {n}",
+                                                             max_tokens=6).id)
+        else:
+            batch = self.client.completions.create(model="teacher-a", prompt=[f"q {n}", f"r {n}"], max_tokens=6)
+            self.acknowledged(f"{batch.id}-0", f"{batch.id}-1")
+
+    def worker(self, first: int, step: int) -> None:
+        n = first
+        while not self.dead.is_set():
+            try:
+                self.one(n)
+            except openai.APIConnectionError:
+                if not self.dead.is_set():
+                    raise
+            except Exception as e:  # noqa: BLE001 - surfaced by the test, not swallowed
+                self.errors.append(e)
+                return
+            n += step
+
+
+def test_kill_9_under_load_loses_no_acknowledged_request_and_duplicates_none(tmp_path):
+    db, log = tmp_path / "gateway.db", tmp_path / "gateway.log"
+    with Store(db) as store:
+        key = store.create_key("alice")
+    with gateway(db, log) as (process, url):
+        load = Load(url, key, kill_after=40, kill=lambda: os.kill(process.pid, signal.SIGKILL))
+        threads = [threading.Thread(target=load.worker, args=(i, 4)) for i in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=60)
+        assert not load.errors, load.errors
+        assert load.dead.is_set() and process.wait(timeout=10) == -signal.SIGKILL
+    with Store(db) as store:  # after the restart: a fresh store on the same file
+        ids = [r.request_id for r in store.records()]
+    expected = set(load.expected)
+    print(f"\nacknowledged rows {len(expected)}, rows in the log {len(ids)}, rows the requests sent could write "
+          f"{load.sent}")
+    assert len(expected) == len(load.expected) >= 40
+    assert len(ids) == len(set(ids)) <= load.sent  # no row twice, and none a request did not send
+    assert sorted(expected - set(ids)) == []  # every acknowledged request is in the log
+    with gateway(db, log) as (_, url):  # the restarted gateway serves on the same store and logs on
+        after = openai.OpenAI(base_url=url + "/v1", api_key=key, max_retries=0).completions.create(
+            model="teacher-a", prompt="question after", max_tokens=4)
+    with Store(db) as store:
+        assert [r.request_id for r in store.records()] == ids + [after.id]

@@ -81,13 +81,18 @@ class Batcher:
 
     def complete(self, teacher: Teacher, prompt: str, sampling: Sampling, caller: Caller) -> Completion:
         """`teacher`'s completion of `prompt` for `caller`, made in a batch; the batch's exception if it failed."""
-        request = _Request(teacher, prompt, sampling, caller)
+        return self.submit(teacher, [prompt], sampling, caller)[0].result()
+
+    def submit(self, teacher: Teacher, prompts: list[str], sampling: Sampling, caller: Caller) -> list[Future]:
+        """Queue `prompts` together, in order (one request's several prompts may then share a batch); each
+        future holds its completion or the batch's exception."""
+        requests = [_Request(teacher, prompt, sampling, caller) for prompt in prompts]
         with self.changed:
             if self.worker is None or self.stopping:
                 raise RuntimeError("the batcher is not running: start() it first (the server does, at start-up)")
-            self.pending.append(request)
+            self.pending.extend(requests)
             self.changed.notify()
-        return request.answer.result()
+        return [request.answer for request in requests]
 
     def _joined(self) -> int:
         """How many waiting requests, from the oldest on, can go out with it in one call."""

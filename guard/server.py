@@ -432,6 +432,12 @@ def _complete(request: Request, prompt: str, sampling: Sampling, caller: Caller)
     return state.batcher.complete(state.teacher, prompt, sampling, caller)
 
 
+def _complete_all(request: Request, prompts: list[str], sampling: Sampling, caller: Caller) -> list[Completion]:
+    """`_complete` for each of one request's prompts, queued together so that they can share a batch."""
+    state = request.app.state
+    return [answer.result() for answer in state.batcher.submit(state.teacher, prompts, sampling, caller)]
+
+
 def _served(policy: Policy, prompt: str, completion: Completion) -> Completion:
     """The completion as `policy` serves it whole, the policy named in its audit row."""
     [served] = redact_completions(policy, [prompt], [completion])
@@ -726,7 +732,7 @@ def create_app(load_teacher: Callable[[], Teacher], model_name: str, api_keys: s
         counts = prompt_tokens(teacher, prompts)
         _check_context(teacher, counts, sampling.max_new_tokens)
         if body.stream:
-            answers = [_complete(request, prompt, sampling, caller) for prompt in prompts]
+            answers = _complete_all(request, prompts, sampling, caller)
             counts = [_billed_prompt(n, answer) for n, answer in zip(counts, answers)]
             for index, (prompt, n, answer) in enumerate(zip(prompts, counts, answers)):
                 _audit(request, caller, "completions", prompt, answer, n, started, _sent(answer, prompt, policy),
@@ -735,8 +741,8 @@ def create_app(load_teacher: Callable[[], Teacher], model_name: str, api_keys: s
                 raise _refusal(request_id)
             return _sse(_completion_chunks(body, prompts, counts, answers, policy, request_id), request_id)
         choices, total = [], 0
-        for index, prompt in enumerate(prompts):
-            completion = _served(policy, prompt, _complete(request, prompt, sampling, caller))
+        for index, (prompt, written) in enumerate(zip(prompts, _complete_all(request, prompts, sampling, caller))):
+            completion = _served(policy, prompt, written)
             counts[index] = _billed_prompt(counts[index], completion)
             _audit(request, caller, "completions", prompt, completion, counts[index], started,
                    request_id=row_id(request_id, index, len(prompts)))

@@ -54,6 +54,16 @@ def test_concurrent_clients_are_batched_and_each_gets_its_own_greedy_text(teache
     assert texts == [teacher_a.complete([p], GREEDY)[0].text for p in PROMPTS]
 
 
+def test_the_prompts_of_one_completions_request_share_a_batch(teacher_a):
+    counting = Counting(teacher_a)
+    with live_server(create_app(lambda: counting, "teacher-a", batch_window=0.05, max_batch=16)) as url:
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+        whole = client.completions.create(model="teacher-a", prompt=PROMPTS[:6], temperature=0)
+    assert counting.batches == [PROMPTS[:6]]
+    assert [c.text for c in sorted(whole.choices, key=lambda c: c.index)] == \
+        [c.text for c in teacher_a.complete(PROMPTS[:6], GREEDY)]
+
+
 def test_a_failing_batch_fails_each_of_its_waiters_cleanly_and_the_gateway_serves_on(teacher_a):
     counting = Counting(teacher_a)
     prompts = PROMPTS[:5] + [PROMPTS[5] + POISON] + PROMPTS[6:8]

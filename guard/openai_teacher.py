@@ -39,9 +39,11 @@ class TeacherRequestError(TeacherHTTPError):
     model), with its own `message`, `kind` and `code`: the request is the caller's to fix, and retrying cannot
     help."""
 
-    def __init__(self, text: str, status: int, message: str, kind: str, code: str | None):
+    def __init__(self, text: str, status: int, message: str, kind: str, code: str | None,
+                 retry_after: str | None = None):
         super().__init__(text)
         self.status, self.message, self.kind, self.code = status, message, kind, code
+        self.retry_after = retry_after  # an upstream 429's, passed on so that the client's SDK waits as long
 
 
 class Conversation(str):
@@ -127,7 +129,7 @@ class OpenAITeacher(Teacher):
                 message = str(body.get("message") or exc.message)
                 raise TeacherRequestError(f"{self.base_url} refused the request (HTTP {exc.status_code}): {message}",
                                           exc.status_code, message, str(body.get("type") or "invalid_request_error"),
-                                          body.get("code")) from None
+                                          body.get("code"), exc.response.headers.get("retry-after")) from None
             raise TeacherHTTPError(f"{self.base_url} answered HTTP {exc.status_code} after retries: "
                                    f"{exc.message}") from None
         except openai.APITimeoutError:

@@ -618,12 +618,14 @@ def create_app(load_teacher: Callable[[], Teacher], model_name: str, api_keys: s
     @app.exception_handler(TeacherHTTPError)
     async def upstream_error(request: Request, exc: TeacherHTTPError):
         logger.warning("upstream error serving %s: %s", request.url.path, exc)
+        headers = {}
         if isinstance(exc, TeacherRequestError):  # the request's own fault: the client fixes it
             error = {"message": exc.message, "type": exc.kind, "code": exc.code}
+            headers = {"retry-after": exc.retry_after} if exc.retry_after else {}
         else:
             message, code = next(told for kind, told in UPSTREAM_FAILURES.items() if isinstance(exc, kind))
             error = {"message": message, "type": "server_error", "code": code}
-        return JSONResponse({"error": error}, status_code=exc.status)
+        return JSONResponse({"error": error}, status_code=exc.status, headers=headers)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException):

@@ -168,6 +168,17 @@ def test_an_upstream_400_reaches_the_client_as_a_400_with_the_upstreams_message(
     assert "maximum context length is 128 tokens" in caught.value.body["message"]
 
 
+def test_an_upstream_429_reaches_the_client_with_its_retry_after():
+    async def busy(body):
+        return JSONResponse({"error": {"message": "busy", "type": "rate_limit_error", "code": "busy"}},
+                            status_code=429, headers={"retry-after": "1"})
+
+    with live_server(tiny_upstream(busy)) as upstream, live_server(gateway(upstream)) as url:
+        with pytest.raises(openai.RateLimitError) as caught:
+            sdk(url).completions.create(model=GATEWAY_MODEL, prompt=PROMPTS[0], max_tokens=4)
+    assert caught.value.response.headers["retry-after"] == "1"
+
+
 def test_upstream_credentials_refused_is_a_502_that_names_no_key(teacher_a):
     with live_server(create_app(lambda: teacher_a, "teacher-a", {"sk-upstream-right"})) as upstream:
         error = failure(upstream, key="sk-upstream-wrong")

@@ -48,7 +48,14 @@ def postgres_server():
     with warnings.catch_warnings():  # platformdirs warns that $XDG_RUNTIME_DIR is unset; /tmp serves
         warnings.simplefilter("ignore")
         import pgserver
+    import psycopg
+
     server = pgserver.get_server(tempfile.mkdtemp(prefix="distill-guard-postgres-"), cleanup_mode="delete")
+    with psycopg.connect(server.get_uri(), autocommit=True) as db:
+        # A throwaway server: its own fsyncs (PostgreSQL's promise, not ours) cost seconds per test here. What the
+        # tests check of durability is the store's: it commits, synchronously, before a write returns.
+        db.execute("ALTER SYSTEM SET fsync = off")
+        db.execute("SELECT pg_reload_conf()")
     yield server
     server.cleanup()  # stops it and deletes its data
 

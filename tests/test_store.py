@@ -200,6 +200,13 @@ def test_purge_deletes_only_rows_older_than_the_retention(store_url):
         assert [r.request_id for r in store.records()] == [f"req-{n}" for n in range(6, 10)]
 
 
+def test_records_come_in_time_order_from_since_and_up_to_limit(store_url):
+    with open_store(store_url) as store:
+        store.log(*(record(n, time=0.0) for n in (5, 1, 4, 2, 3)))  # logged out of time order
+        assert [r.request_id for r in store.records()] == [f"req-{n}" for n in range(1, 6)]
+        assert [r.request_id for r in store.records(since=2.0, limit=2)] == ["req-2", "req-3"]
+
+
 def test_keys_cli_round_trip(tmp_path):
     url = f"sqlite:///{tmp_path}/store.db"
     created = subprocess.run(CLI + ["keys", "create", "--store", url, "--account", "alice", "--rpm", "5",

@@ -9,6 +9,7 @@ from contextlib import contextmanager
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+import psycopg
 import pytest
 import uvicorn
 
@@ -48,8 +49,6 @@ def postgres_server():
     with warnings.catch_warnings():  # platformdirs warns that $XDG_RUNTIME_DIR is unset; /tmp serves
         warnings.simplefilter("ignore")
         import pgserver
-    import psycopg
-
     server = pgserver.get_server(tempfile.mkdtemp(prefix="distill-guard-postgres-"), cleanup_mode="delete")
     with psycopg.connect(server.get_uri(), autocommit=True) as db:
         # A throwaway server: its own fsyncs (PostgreSQL's promise, not ours) cost seconds per test here. What the
@@ -63,8 +62,6 @@ def postgres_server():
 @pytest.fixture
 def postgres_url(postgres_server) -> str:
     """The URL of a fresh, empty database on the session's server."""
-    import psycopg
-
     name = f"test_{uuid.uuid4().hex[:16]}"
     with psycopg.connect(postgres_server.get_uri(), autocommit=True) as db:
         db.execute(f"CREATE DATABASE {name}")

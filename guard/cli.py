@@ -14,6 +14,7 @@ import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Annotated  # noqa: E402
 
+import psycopg
 import typer
 import uvicorn
 from rich.console import Console
@@ -247,8 +248,8 @@ def serve(teacher: TeacherOpt = "reference", host: str = "127.0.0.1", port: int 
                                                     "or several joined by '+'")] = "none",
           lab: LabOpt = False, benign: BenignOpt = None,
           master_key_file: Annotated[str | None, typer.Option(help="file holding the watermark master secret")] = None,
-          store: Annotated[str | None, typer.Option(help="sqlite:///PATH: API keys (`distill-guard keys create`) and "
-                                                         "the audit log")] = None,
+          store: Annotated[str | None, typer.Option(help="sqlite:///PATH or postgresql://USER@HOST/DB: API keys "
+                                                         "(`distill-guard keys create`) and the audit log")] = None,
           batch_window: Annotated[float, typer.Option(help="seconds concurrent requests wait to share a batch")] = 0.005,
           max_batch: Annotated[int, typer.Option(help="the most requests in one call to the teacher; 1 serialises "
                                                       "them")] = 16,
@@ -268,7 +269,7 @@ def serve(teacher: TeacherOpt = "reference", host: str = "127.0.0.1", port: int 
         parts = _defense_parts([defense], lab, benign, master_key_file)
         opened = open_store(store) if store else None
         admin_key = Path(admin_key_file).read_text() if admin_key_file else os.environ.get(ADMIN_KEY_ENV)
-    except (ValueError, OSError) as e:
+    except (ValueError, OSError, sqlite3.Error, psycopg.Error) as e:
         raise typer.BadParameter(str(e), param_hint="--defense/--store/--admin-key-file") from None
     if parts.sealer is not None and not os.environ.get(Sealer.ENV):
         console.print(f"[yellow]{Sealer.ENV} is not set: sealed reasoning uses a key that dies with this "
@@ -463,9 +464,9 @@ def _events(source: str, errors: str = "raise"):
 
 @app.command()
 def detect(log: Annotated[str, typer.Option(help="traffic log: JSONL, an Arrow dataset, or a gateway's audit log "
-                                                 "(sqlite:///PATH)")],
+                                                 "(sqlite:///PATH or postgresql://USER@HOST/DB)")],
            benign: Annotated[str | None, typer.Option(help="benign traffic to fit on (JSONL, Arrow or "
-                                                         "sqlite:///PATH): your own users, from the same "
+                                                         "a store URL): your own users, from the same "
                                                          "domain")] = None,
            lab: Annotated[bool, typer.Option(help="fit on the reference lab's simulated benign traffic (600 "
                                                   "clients, seed 0) instead")] = False,
@@ -482,7 +483,7 @@ def detect(log: Annotated[str, typer.Option(help="traffic log: JSONL, an Arrow d
         fit_on = _events(benign, errors)[0] if benign else \
             simulate(BENIGN_POPULATION, days=3, seed=0)[0]
         detector = TrafficDetector(target_fpr=fpr, use_embeddings=embeddings).fit(fit_on)
-    except (EventFormatError, FileNotFoundError, ValueError) as e:
+    except (EventFormatError, FileNotFoundError, ValueError, sqlite3.Error, psycopg.Error) as e:
         raise typer.BadParameter(str(e)) from None
     verdicts = detector.score(events)
     groups = judge_clusters(detector, events)
@@ -505,13 +506,14 @@ def detect(log: Annotated[str, typer.Option(help="traffic log: JSONL, an Arrow d
                       "clusters": groups})
 
 
-StoreOpt = Annotated[str, typer.Option(help="the gateway's store: sqlite:///PATH (relative) or sqlite:////PATH")]
+StoreOpt = Annotated[str, typer.Option(help="the gateway's store: sqlite:///PATH (relative), sqlite:////PATH, or "
+                                            "postgresql://USER@HOST/DB (password from $PGPASSWORD or ~/.pgpass)")]
 
 
 def _store(url: str):
     try:
         return open_store(url)
-    except (ValueError, sqlite3.Error) as e:
+    except (ValueError, sqlite3.Error, psycopg.Error) as e:
         raise typer.BadParameter(str(e), param_hint="--store") from None
 
 

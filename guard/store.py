@@ -1,9 +1,12 @@
 """The gateway's stores: API keys with their accounts, and the audit log, in one database named by a URL.
 
-The embedded default is SQLite (`sqlite:///PATH`, relative; `sqlite:////PATH`, absolute) in WAL mode with
-`synchronous=FULL`: a write returns only after its transaction is committed to disk, so a response the
-gateway acknowledges after `log` returns cannot be lost to a crash. One connection behind a lock serves
-every thread; SQLite serialises writers anyway.
+Either way a write returns only after its transaction is committed durably, so a response the gateway
+acknowledges after `log` returns cannot be lost to a crash.
+- SQLite, the embedded default (`sqlite:///PATH`, relative; `sqlite:////PATH`, absolute): WAL mode with
+  `synchronous=FULL`. One connection behind a lock serves every thread; SQLite serialises writers anyway.
+- PostgreSQL, at scale (`postgresql://USER@HOST/DB`; a password from $PGPASSWORD or ~/.pgpass keeps it out
+  of command lines): a pool of connections, one per thread at a time, with `synchronous_commit=on`, so
+  several gateway replicas can share one store.
 """
 
 from __future__ import annotations
@@ -19,23 +22,31 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+import psycopg
+from psycopg.rows import dict_row
+from psycopg_pool import ConnectionPool
+
 from detectors.events import Event, events_from_rows
 from guard.redaction import parse_policy
 
 KEY_PREFIX = "dg-"
 LOOKUP_CHARS = 16  # of the digest's hex, indexed: enough to make two keys' lookups collide almost never
 
+# One schema for both databases; only the column that keeps the audit log's insertion order differs ({seq}).
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS keys (
     id TEXT PRIMARY KEY, lookup TEXT NOT NULL, digest TEXT NOT NULL, account TEXT NOT NULL,
-    rpm INTEGER, tpm INTEGER, policy TEXT, created REAL NOT NULL, revoked REAL);
+    rpm INTEGER, tpm INTEGER, policy TEXT, created DOUBLE PRECISION NOT NULL, revoked DOUBLE PRECISION);
 CREATE INDEX IF NOT EXISTS keys_by_lookup ON keys (lookup);
 CREATE TABLE IF NOT EXISTS audit (
-    request_id TEXT PRIMARY KEY, account TEXT NOT NULL, time REAL NOT NULL, ip TEXT, payment TEXT,
-    endpoint TEXT NOT NULL, prompt TEXT NOT NULL, response TEXT, prompt_tokens INTEGER NOT NULL,
-    completion_tokens INTEGER NOT NULL, decisions TEXT NOT NULL, latency REAL, status INTEGER NOT NULL);
+    {seq}, request_id TEXT NOT NULL UNIQUE, account TEXT NOT NULL, time DOUBLE PRECISION NOT NULL, ip TEXT,
+    payment TEXT, endpoint TEXT NOT NULL, prompt TEXT NOT NULL, response TEXT, prompt_tokens INTEGER NOT NULL,
+    completion_tokens INTEGER NOT NULL, decisions TEXT NOT NULL, latency DOUBLE PRECISION,
+    status INTEGER NOT NULL);
 CREATE INDEX IF NOT EXISTS audit_by_time ON audit (time);
 """
+AUDIT_COLUMNS = ("request_id, account, time, ip, payment, endpoint, prompt, response, prompt_tokens, "
+                 "completion_tokens, decisions, latency, status")
 
 
 @dataclass(frozen=True)
@@ -81,40 +92,23 @@ def text_digest(text: str) -> str:
 
 
 class Store:
-    """Keys and audit log in one SQLite file. `keep_text=False` logs only the SHA-256 of each prompt and
-    response (repeats stay visible to `detect`; the text's content does not)."""
+    """Keys and audit log in one SQL database; `SQLiteStore` and `PostgresStore` supply the connection.
+    `keep_text=False` logs only the SHA-256 of each prompt and response (repeats stay visible to `detect`;
+    the text's content does not). SQL here is written with `?` placeholders."""
 
-    def __init__(self, path: str | Path, keep_text: bool = True):
-        self.path, self.keep_text = Path(path), keep_text
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._lock = threading.Lock()
-        self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
-        self._db.row_factory = sqlite3.Row
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=FULL")
-        self._db.execute("PRAGMA busy_timeout=10000")  # another process (a CLI beside the gateway) may write
-        with self._lock:
-            self._db.executescript(SCHEMA)
+    keep_text: bool
+    name: str  # the database, as messages name it: never with a password
 
     def _write(self, sql: str, rows: list[tuple]) -> int:
         """Run `sql` once per row in one transaction; returns the rows changed once the commit is durable."""
-        with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                changed = self._db.executemany(sql, rows).rowcount
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
-            self._db.execute("COMMIT")  # synchronous=FULL: on disk once this returns
-            return changed
+        raise NotImplementedError
 
-    def _read(self, sql: str, args: tuple = ()) -> list[sqlite3.Row]:
-        with self._lock:
-            return self._db.execute(sql, args).fetchall()
+    def _read(self, sql: str, args: tuple = ()) -> list:
+        """Rows that can be indexed by column name."""
+        raise NotImplementedError
 
     def close(self) -> None:
-        with self._lock:
-            self._db.close()
+        raise NotImplementedError
 
     def __enter__(self) -> Store:
         return self
@@ -163,9 +157,8 @@ class Store:
     def log(self, *records: AuditRecord) -> None:
         """Append requests' rows in one transaction (a group commit); returns once they are durable. A
         repeated request id is an error, and then none of the rows is written."""
-        self._write("INSERT INTO audit (request_id, account, time, ip, payment, endpoint, prompt, response, "
-                    "prompt_tokens, completion_tokens, decisions, latency, status) "
-                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", [self._row(r) for r in records])
+        self._write(f"INSERT INTO audit ({AUDIT_COLUMNS}) VALUES ({', '.join('?' * 13)})",
+                    [self._row(r) for r in records])
 
     def _row(self, r: AuditRecord) -> tuple:
         prompt, response = r.prompt, r.response
@@ -176,8 +169,9 @@ class Store:
 
     def records(self, since: float | None = None, limit: int | None = None) -> list[AuditRecord]:
         """Rows at or after `since` in time order, the first `limit` of them (all without one)."""
-        rows = self._read("SELECT * FROM audit WHERE time >= ? ORDER BY time, rowid LIMIT ?",
-                          (float("-inf") if since is None else since, -1 if limit is None else limit))
+        rows = self._read(f"SELECT {AUDIT_COLUMNS} FROM audit WHERE time >= ? ORDER BY time, seq"
+                          + ("" if limit is None else " LIMIT ?"),  # the two spell "no limit" differently
+                          (float("-inf") if since is None else since, *(() if limit is None else (limit,))))
         return [AuditRecord(**{**dict(row), "decisions": json.loads(row["decisions"])}) for row in rows]
 
     def purge(self, older_than_seconds: float, now: float | None = None) -> int:
@@ -186,26 +180,96 @@ class Store:
         return self._write("DELETE FROM audit WHERE time < ?", [(cutoff,)])
 
     def read_events(self, errors: Literal["raise", "skip"] = "raise") -> tuple[list[Event], int]:
-        """The audit log as the detectors' events (what `distill-guard detect --log sqlite:///...` reads)."""
+        """The audit log as the detectors' events (what `distill-guard detect --log URL` reads)."""
         rows = ({"client": r.account, "time": r.time, "prompt": r.prompt, "prompt_tokens": r.prompt_tokens,
                  "response_tokens": r.completion_tokens, "endpoint": r.endpoint, "ip": r.ip, "payment": r.payment}
                 for r in self.records())
-        return events_from_rows(rows, f"audit log {self.path}", errors)
+        return events_from_rows(rows, f"audit log {self.name}", errors)
 
 
-def _account(row: sqlite3.Row) -> Account:
+def _account(row) -> Account:
     return Account(name=row["account"], key_id=row["id"], rpm=row["rpm"], tpm=row["tpm"], policy=row["policy"],
                    revoked=row["revoked"] is not None)
 
 
+class SQLiteStore(Store):
+    def __init__(self, path: str | Path, keep_text: bool = True):
+        self.path, self.keep_text = Path(path), keep_text
+        self.name = str(self.path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()
+        self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+        self._db.row_factory = sqlite3.Row
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")
+        self._db.execute("PRAGMA busy_timeout=10000")  # another process (a CLI beside the gateway) may write
+        with self._lock:
+            self._db.executescript(SCHEMA.format(seq="seq INTEGER PRIMARY KEY"))  # SQLite's rowid, named
+
+    def _write(self, sql: str, rows: list[tuple]) -> int:
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                changed = self._db.executemany(sql, rows).rowcount
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")  # synchronous=FULL: on disk once this returns
+            return changed
+
+    def _read(self, sql: str, args: tuple = ()) -> list[sqlite3.Row]:
+        with self._lock:
+            return self._db.execute(sql, args).fetchall()
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+
+class PostgresStore(Store):
+    def __init__(self, url: str, keep_text: bool = True, max_connections: int = 8):
+        self.keep_text = keep_text
+        settings = {"autocommit": True, "row_factory": dict_row}  # transactions are opened where they are meant
+        with psycopg.connect(url, **settings) as db:  # connection errors surface here, at once and clearly
+            self.name = f"{db.info.host}/{db.info.dbname}"
+            with db.transaction():
+                # Replicas starting together would race on CREATE TABLE IF NOT EXISTS; one at a time.
+                db.execute("SELECT pg_advisory_xact_lock(hashtext('distill-guard schema'))")
+                db.execute(SCHEMA.format(seq="seq BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY"))
+        self._pool = ConnectionPool(url, kwargs=settings, configure=_commit_synchronously, min_size=1,
+                                    max_size=max_connections, open=True)
+
+    def _write(self, sql: str, rows: list[tuple]) -> int:
+        with self._pool.connection() as db, db.transaction():  # COMMIT when the block ends, ROLLBACK on error
+            cursor = db.cursor()
+            cursor.executemany(sql.replace("?", "%s"), rows)
+            return cursor.rowcount
+
+    def _read(self, sql: str, args: tuple = ()) -> list[dict]:
+        with self._pool.connection() as db:
+            return db.execute(sql.replace("?", "%s"), args).fetchall()
+
+    def close(self) -> None:
+        self._pool.close()
+
+
+def _commit_synchronously(db: psycopg.Connection) -> None:
+    # Asked for, not assumed from the server's or the database's settings: a COMMIT returns once it is on disk.
+    db.execute("SET synchronous_commit = on")
+
+
+POSTGRES_SCHEMES = ("postgresql://", "postgres://")
+
+
 def open_store(url: str, keep_text: bool = True) -> Store:
-    """The store a URL names: `sqlite:///PATH` (PostgreSQL arrives with issue 17)."""
+    """The store a URL names: `sqlite:///PATH` or `postgresql://USER@HOST[:PORT]/DB` (any libpq URL)."""
     if url.startswith("sqlite:///"):
-        return Store(url.removeprefix("sqlite:///"), keep_text)
-    if url.startswith(("postgresql://", "postgres://", "postgresql+")):
-        raise ValueError(f"{url.split('://')[0]}: PostgreSQL support arrives with issue 17; use sqlite:///PATH")
-    raise ValueError(f"{url!r} is not a store URL: use sqlite:///PATH (relative) or sqlite:////PATH (absolute)")
+        return SQLiteStore(url.removeprefix("sqlite:///"), keep_text)
+    if url.startswith(POSTGRES_SCHEMES):
+        return PostgresStore(url, keep_text)
+    raise ValueError(f"{url!r} is not a store URL: use sqlite:///PATH (relative), sqlite:////PATH (absolute) or "
+                     "postgresql://USER@HOST/DB")
 
 
 def is_store_url(source: str) -> bool:
-    return source.startswith(("sqlite://", "postgresql://", "postgres://", "postgresql+"))
+    return source.startswith(("sqlite://", *POSTGRES_SCHEMES))

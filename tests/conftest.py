@@ -1,11 +1,15 @@
 import os
 import socket
+import tempfile
 import threading
 import time
+import uuid
+import warnings
 from contextlib import contextmanager
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+import psycopg
 import pytest
 import uvicorn
 
@@ -35,6 +39,33 @@ def benign_detector():
 
     benign, _ = simulate(BENIGN_MIX, days=3, seed=0)
     return TrafficDetector(target_fpr=0.01, use_embeddings=False).fit(benign)
+
+
+@pytest.fixture(scope="session")
+def postgres_server():
+    """A real PostgreSQL server for the session, from the binaries the `pgserver` package bundles, listening
+    only on a Unix socket. As root it runs postgres as a system user `pgserver`, which it creates; so its data
+    lives outside pytest's temporary folders, which pytest keeps private to root."""
+    with warnings.catch_warnings():  # platformdirs warns that $XDG_RUNTIME_DIR is unset; /tmp serves
+        warnings.simplefilter("ignore")
+        import pgserver
+    server = pgserver.get_server(tempfile.mkdtemp(prefix="distill-guard-postgres-"), cleanup_mode="delete")
+    with psycopg.connect(server.get_uri(), autocommit=True) as db:
+        # A throwaway server: its own fsyncs (PostgreSQL's promise, not ours) cost seconds per test here. What the
+        # tests check of durability is the store's: it commits, synchronously, before a write returns.
+        db.execute("ALTER SYSTEM SET fsync = off")
+        db.execute("SELECT pg_reload_conf()")
+    yield server
+    server.cleanup()  # stops it and deletes its data
+
+
+@pytest.fixture
+def postgres_url(postgres_server) -> str:
+    """The URL of a fresh, empty database on the session's server."""
+    name = f"test_{uuid.uuid4().hex[:16]}"
+    with psycopg.connect(postgres_server.get_uri(), autocommit=True) as db:
+        db.execute(f"CREATE DATABASE {name}")
+    return postgres_server.get_uri(name)
 
 
 def free_port() -> int:

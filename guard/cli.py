@@ -42,7 +42,7 @@ from guard.defenses import DefenseParts, build_defense, parse_defense, split_out
 from guard.load import is_remote
 from guard.redaction import Sealer
 from guard.server import create_app
-from guard.store import is_store_url, open_store
+from guard.store import is_store_url, open_store, shown_url
 from guard.teacher import ModelLoadError, Sampling
 from watermark.detect import WatermarkDetector, name_client
 from watermark.kgw import GreenList, WatermarkConfig, load_keys, master_secret, new_master_secret
@@ -502,7 +502,7 @@ def detect(log: Annotated[str, typer.Option(help="traffic log: JSONL, an Arrow d
     console.print(f"{flagged} of {len(verdicts)} clients flagged at target FPR {fpr:g} ({young} not yet judged: "
                   f"fewer than {CHECKPOINTS[0]} requests); {len(groups)} clusters of linked accounts "
                   f"({sum(g['flagged'] for g in groups)} flagged); {skipped} bad rows skipped")
-    _write_json(out, {"log": log, "target_fpr": fpr, "skipped_rows": skipped, "clients": verdicts,
+    _write_json(out, {"log": shown_url(log), "target_fpr": fpr, "skipped_rows": skipped, "clients": verdicts,
                       "clusters": groups})
 
 

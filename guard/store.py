@@ -20,6 +20,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
 from typing import Literal
 
 import psycopg
@@ -273,3 +274,12 @@ def open_store(url: str, keep_text: bool = True) -> Store:
 
 def is_store_url(source: str) -> bool:
     return source.startswith(("sqlite://", *POSTGRES_SCHEMES))
+
+
+def shown_url(url: str) -> str:
+    """`url` as reports and logs may show it: a password in it becomes ***."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
+    return urlunsplit(parts._replace(netloc=netloc))

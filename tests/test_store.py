@@ -22,7 +22,7 @@ from eval.reference.world import reference_task
 from eval.traffic import simulate
 from guard.cli import app
 from guard.server import create_app
-from guard.store import AuditRecord, PostgresStore, SQLiteStore, Store, open_store
+from guard.store import AuditRecord, PostgresStore, SQLiteStore, Store, open_store, shown_url
 
 CLI = [sys.executable, "-m", "guard.cli"]
 
@@ -281,3 +281,9 @@ def test_the_gateway_logs_to_postgresql_and_detect_reads_it_there(teacher_a, pos
     verdicts = json.loads(report.read_text())["clients"]
     assert {client: v["requests"] for client, v in verdicts.items()} == asks
     assert verdicts["alice"]["judged"] and not verdicts["bob"]["judged"]
+
+
+def test_a_password_in_a_store_url_is_never_shown():
+    assert shown_url("postgresql://gw:s3cret@db.internal:5432/audit") == "postgresql://gw:***@db.internal:5432/audit"
+    assert shown_url("postgresql://gw@db.internal/audit") == "postgresql://gw@db.internal/audit"
+    assert shown_url("sqlite:///gateway.db") == "sqlite:///gateway.db"

@@ -2,8 +2,9 @@
 
 The embedded default is SQLite (`sqlite:///PATH`, relative; `sqlite:////PATH`, absolute) in WAL mode with
 `synchronous=FULL`: a write returns only after its transaction is committed to disk, so a response the
-gateway acknowledges after `log` returns cannot be lost to a crash. One connection behind a lock serves
-every thread; SQLite serialises writers anyway.
+gateway acknowledges after `log` returns cannot be lost to a crash. Audit rows are written by one thread that
+commits every row waiting in one transaction (`GroupCommit`); one connection behind a lock writes, another
+reads, so a key's lookup never waits for a commit's fsync.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from pathlib import Path
 from typing import Literal
 
 from detectors.events import Event, events_from_rows
+from guard.group_commit import GroupCommit
 from guard.redaction import parse_policy
 
 KEY_PREFIX = "dg-"
@@ -36,6 +38,8 @@ CREATE TABLE IF NOT EXISTS audit (
     completion_tokens INTEGER NOT NULL, decisions TEXT NOT NULL, latency REAL, status INTEGER NOT NULL);
 CREATE INDEX IF NOT EXISTS audit_by_time ON audit (time);
 """
+INSERT_AUDIT = ("INSERT INTO audit (request_id, account, time, ip, payment, endpoint, prompt, response, prompt_tokens, "
+                "completion_tokens, decisions, latency, status) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)")
 
 
 @dataclass(frozen=True)
@@ -87,14 +91,20 @@ class Store:
     def __init__(self, path: str | Path, keep_text: bool = True):
         self.path, self.keep_text = Path(path), keep_text
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._lock = threading.Lock()
-        self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
-        self._db.row_factory = sqlite3.Row
+        self._lock, self._read_lock = threading.Lock(), threading.Lock()
+        self._db = self._connect()
         self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=FULL")
-        self._db.execute("PRAGMA busy_timeout=10000")  # another process (a CLI beside the gateway) may write
         with self._lock:
             self._db.executescript(SCHEMA)
+        self._reader = self._connect()  # WAL: reads (a key's lookup) never wait for a commit's fsync
+        self._audit = GroupCommit(lambda rows: self._write(INSERT_AUDIT, rows), name=f"audit-log {self.path.name}")
+
+    def _connect(self) -> sqlite3.Connection:
+        db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+        db.row_factory = sqlite3.Row
+        db.execute("PRAGMA synchronous=FULL")
+        db.execute("PRAGMA busy_timeout=10000")  # another process (a CLI beside the gateway) may write
+        return db
 
     def _write(self, sql: str, rows: list[tuple]) -> int:
         """Run `sql` once per row in one transaction; returns the rows changed once the commit is durable."""
@@ -109,12 +119,14 @@ class Store:
             return changed
 
     def _read(self, sql: str, args: tuple = ()) -> list[sqlite3.Row]:
-        with self._lock:
-            return self._db.execute(sql, args).fetchall()
+        with self._read_lock:
+            return self._reader.execute(sql, args).fetchall()
 
     def close(self) -> None:
-        with self._lock:
+        self._audit.close()
+        with self._lock, self._read_lock:
             self._db.close()
+            self._reader.close()
 
     def __enter__(self) -> Store:
         return self
@@ -161,11 +173,10 @@ class Store:
 
     # audit log
     def log(self, *records: AuditRecord) -> None:
-        """Append requests' rows in one transaction (a group commit); returns once they are durable. A
-        repeated request id is an error, and then none of the rows is written."""
-        self._write("INSERT INTO audit (request_id, account, time, ip, payment, endpoint, prompt, response, "
-                    "prompt_tokens, completion_tokens, decisions, latency, status) "
-                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", [self._row(r) for r in records])
+        """Append requests' rows; returns once they are durable. Rows logged at the same time from other
+        threads share one transaction (a group commit). A repeated request id is an error, and then none of
+        the rows of this call is written."""
+        self._audit.submit([self._row(r) for r in records])
 
     def _row(self, r: AuditRecord) -> tuple:
         prompt, response = r.prompt, r.response

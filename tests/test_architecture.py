@@ -13,7 +13,7 @@ PACKAGES = ("guard", "detectors", "watermark", "eval")
 LAYERS = [
     ("guard.teacher", 1), ("guard.openai_teacher", 1), ("guard.load", 1), ("guard.reasoning", 1),
     ("guard.redaction", 2), ("watermark", 2), ("detectors", 2),
-    ("guard.defenses", 3), ("guard.server", 3), ("guard.store", 3),
+    ("guard.defenses", 3), ("guard.server", 3), ("guard.store", 3), ("guard.group_commit", 3),
     ("eval", 4),
     ("guard.cli", 5),
 ]

@@ -416,15 +416,33 @@ def _usage(prompt: int, completion: int) -> Usage:
 
 
 class _Bounded:
-    """ASGI middleware: a request body over `max_bytes` is refused with 413 before anything parses it, and an
-    unexpected exception becomes a generic 500 in OpenAI's shape, its traceback logged here, never sent."""
+    """ASGI middleware: a request body over `max_bytes` is refused with 413 before anything parses it, an
+    unexpected exception becomes a generic 500 in OpenAI's shape, its traceback logged here, never sent, and
+    every request is counted and timed in `metrics` (to its last byte, a stream's too). Pure ASGI: Starlette's
+    `@app.middleware("http")` would cost a task and a memory stream per request."""
 
-    def __init__(self, app, max_bytes: int):
-        self.app, self.max_bytes = app, max_bytes
+    def __init__(self, app, max_bytes: int, metrics: Metrics):
+        self.app, self.max_bytes, self.metrics = app, max_bytes, metrics
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
+        start, status = time.perf_counter(), 499  # stays so only when the client went away before any answer
+
+        async def counted(message):
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self._bounded(scope, receive, counted)
+        finally:
+            path = scope["path"] if scope["path"] in KNOWN_PATHS else "other"  # bounded label values
+            self.metrics.requests.labels(path=path, status=str(status)).inc()
+            self.metrics.latency.labels(path=path).observe(time.perf_counter() - start)
+
+    async def _bounded(self, scope, receive, send):
         declared = dict(scope["headers"]).get(b"content-length", b"0")
         if declared.isdigit() and int(declared) > self.max_bytes:
             return await self._error(send, 413, f"The request body is over the limit of {self.max_bytes} bytes.",
@@ -498,7 +516,7 @@ def create_app(load_teacher: Callable[[], Teacher], model_name: str, api_keys: s
     app = FastAPI(title="distill-guard teacher server", lifespan=lifespan)
     app.state.model_name, app.state.api_keys, app.state.lock = model_name, sorted(api_keys or ()), threading.Lock()
     app.state.store, app.state.limiter, app.state.metrics = store, RateLimiter(rate_window), Metrics()
-    app.add_middleware(_Bounded, max_bytes=max_body_bytes)
+    app.add_middleware(_Bounded, max_bytes=max_body_bytes, metrics=app.state.metrics)
     stream_policy = policy or Full()
 
     def _sent(completion: Completion, prompt: str) -> str:
@@ -518,15 +536,6 @@ def create_app(load_teacher: Callable[[], Teacher], model_name: str, api_keys: s
         message = f"{where}: {first.get('msg', 'invalid request')}" if where else first.get("msg", "invalid request")
         return JSONResponse({"error": {"message": message, "type": "invalid_request_error", "code": None}},
                             status_code=400)
-
-    @app.middleware("http")
-    async def measured(request: Request, call_next):
-        start = time.perf_counter()
-        response = await call_next(request)
-        path = request.url.path if request.url.path in KNOWN_PATHS else "other"  # bounded label values
-        app.state.metrics.requests.labels(path=path, status=str(response.status_code)).inc()
-        app.state.metrics.latency.labels(path=path).observe(time.perf_counter() - start)
-        return response
 
     @app.get("/healthz")
     def healthz():

@@ -36,8 +36,8 @@ import statistics
 import tempfile
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import aiohttp
 import uvicorn
 
 from eval.benchmarks import RESULTS, write_result
@@ -45,6 +45,9 @@ from guard.openai_teacher import OpenAITeacher
 from guard.server import PIECE, create_app
 from guard.store import Store
 from guard.teacher import Completion, Teacher
+
+if TYPE_CHECKING:
+    import aiohttp
 
 MODEL = "stub"
 ANSWER = "Kalon lives in Varn, so the river is the Sela. #### Sela"
@@ -134,6 +137,13 @@ def _percentiles(ms: list[float]) -> dict:
     return {"p50_ms": statistics.median(ms), "p90_ms": cuts[89], "p99_ms": cuts[98], "mean_ms": statistics.fmean(ms)}
 
 
+def _session(connections: int) -> aiohttp.ClientSession:
+    """A keep-alive client holding up to `connections` connections."""
+    import aiohttp  # optional (the dev extra): only this benchmark's load generator needs it
+
+    return aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=connections))
+
+
 async def _post(session: aiohttp.ClientSession, url: str, headers: dict, body: bytes) -> float:
     start = time.perf_counter()
     async with session.post(url, data=body, headers=headers) as response:
@@ -163,7 +173,7 @@ async def _sequential(targets: dict, samples: int, stream: bool) -> dict[str, li
     """One client, one request at a time, the targets taking turns."""
     body = json.dumps({**REQUEST, "stream": stream}).encode()
     timed = {name: [] for name in targets}
-    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=1)) as session:
+    async with _session(1) as session:
         for i in range(samples + samples // 10 + 1):  # the first tenth warms up
             for name, (url, headers) in targets.items():
                 ms = await (_first_token if stream else _post)(session, url, headers, body)
@@ -176,7 +186,7 @@ async def _load(url: str, headers: dict, concurrency: int, seconds: float) -> tu
     """`concurrency` clients sending back to back for `seconds`: requests done, their latencies, seconds taken."""
     body = json.dumps(REQUEST).encode()
     latencies: list[float] = []
-    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=concurrency)) as session:
+    async with _session(concurrency) as session:
         await asyncio.gather(*(_post(session, url, headers, body) for _ in range(concurrency)))  # open connections
         deadline = time.perf_counter() + seconds
         start = time.perf_counter()

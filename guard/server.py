@@ -13,6 +13,7 @@ and malformed JSON are 400; anything unexpected is a 500 with a generic message,
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 import json
 import logging
@@ -28,6 +29,7 @@ from typing import Literal
 
 from fastapi import Depends, FastAPI, HTTPException, Request, Response
 from fastapi.exceptions import RequestValidationError
+from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 from pydantic import BaseModel, Field
@@ -246,9 +248,31 @@ class RateLimiter:
             self.tokens[account].append((now, tokens))
 
 
-def resolve_account(request: Request) -> Account | None:
-    """The account behind the request's bearer key: through the store's hashed keys, or the server's own key
-    list compared in constant time (accounts key-0, key-1, ...); None when the server takes no keys."""
+class KeyCache:
+    """The accounts of keys the store resolved in the last `ttl` seconds, by the key's SHA-256 (no key is kept),
+    so that most requests skip the store's lookup. So a key revoked in the store (`distill-guard keys revoke`,
+    from any process) is refused within `ttl` seconds, and a changed limit or policy applies within `ttl` too.
+    Unknown keys are never cached: a new key works at once, and random keys cannot fill the cache. At most
+    `size` keys are held; when full, it starts over."""
+
+    def __init__(self, ttl: float, size: int = 10_000):
+        self.ttl, self.size = ttl, size
+        self.accounts: dict[bytes, tuple[float, Account]] = {}
+
+    def get(self, key: str, now: float) -> Account | None:
+        expires, account = self.accounts.get(hashlib.sha256(key.encode()).digest(), (0.0, None))
+        return account if now < expires else None
+
+    def put(self, key: str, account: Account, now: float) -> None:
+        if len(self.accounts) >= self.size:
+            self.accounts.clear()
+        self.accounts[hashlib.sha256(key.encode()).digest()] = (now + self.ttl, account)
+
+
+async def resolve_account(request: Request) -> Account | None:
+    """The account behind the request's bearer key: through the store's hashed keys (cached for a few seconds:
+    `KeyCache`), or the server's own key list compared in constant time (accounts key-0, key-1, ...); None when
+    the server takes no keys. Async, so that a cached key costs no trip to the thread pool."""
     state = request.app.state
     if state.store is None and not state.api_keys:
         return None
@@ -256,7 +280,11 @@ def resolve_account(request: Request) -> Account | None:
     account = None
     if scheme.lower() == "bearer" and token:
         if state.store is not None:
-            account = state.store.resolve(token)
+            account = state.keys.get(token, time.monotonic())
+            if account is None:
+                account = await run_in_threadpool(state.store.resolve, token)  # a database read may wait on disk
+                if account is not None:
+                    state.keys.put(token, account, time.monotonic())
         else:
             names = [f"key-{i}" for i, key in enumerate(state.api_keys)
                      if hmac.compare_digest(key.encode(), token.encode())]
@@ -266,10 +294,10 @@ def resolve_account(request: Request) -> Account | None:
     return account
 
 
-def require_caller(request: Request, response: Response,
-                   account: Account | None = Depends(resolve_account)) -> Caller:
+async def require_caller(request: Request, response: Response,
+                         account: Account | None = Depends(resolve_account)) -> Caller:
     """The caller every defence acts for: the key's account and the client's address (anonymous without keys),
-    admitted by the account's rate limits."""
+    admitted by the account's rate limits. (Async: it never blocks, so it needs no trip to the thread pool.)"""
     ip = request.client.host if request.client else None
     if account is None:
         return Caller(ip=ip)
@@ -491,7 +519,8 @@ class _Bounded:
 
 def create_app(load_teacher: Callable[[], Teacher], model_name: str, api_keys: set[str] | None = None,
                sealer: Sealer | None = None, policy: Policy | None = None, max_body_bytes: int = MiB,
-               max_prompts: int = 64, store: Store | None = None, rate_window: float = 60.0) -> FastAPI:
+               max_prompts: int = 64, store: Store | None = None, rate_window: float = 60.0,
+               key_cache_seconds: float = 5.0) -> FastAPI:
     """Serve the teacher that `load_teacher` builds (called once, at start-up) as `model_name`.
 
     Args:
@@ -504,6 +533,8 @@ def create_app(load_teacher: Callable[[], Teacher], model_name: str, api_keys: s
             its response is sent. Without it, `api_keys` (if any) are accepted as accounts key-0, key-1, ...
         rate_window: seconds over which each account's requests per minute and tokens per minute (from the
             store) are counted; a minute, as the limits say, except in tests.
+        key_cache_seconds: how long a key the store resolved is taken without asking the store again, so the
+            longest a revoked key is still served (`KeyCache`); 0 asks the store on every request.
     """
 
     @asynccontextmanager
@@ -516,6 +547,7 @@ def create_app(load_teacher: Callable[[], Teacher], model_name: str, api_keys: s
     app = FastAPI(title="distill-guard teacher server", lifespan=lifespan)
     app.state.model_name, app.state.api_keys, app.state.lock = model_name, sorted(api_keys or ()), threading.Lock()
     app.state.store, app.state.limiter, app.state.metrics = store, RateLimiter(rate_window), Metrics()
+    app.state.keys = KeyCache(key_cache_seconds)
     app.add_middleware(_Bounded, max_bytes=max_body_bytes, metrics=app.state.metrics)
     stream_policy = policy or Full()
 

@@ -109,9 +109,10 @@ def list_keys(store: Store = Depends(require_admin)):
 
 
 @router.delete("/keys/{key_id}", response_model=KeyOut)
-def revoke_key(key_id: str, store: Store = Depends(require_admin)):
+def revoke_key(key_id: str, request: Request, store: Store = Depends(require_admin)):
     if not store.revoke(key_id):
         raise APIError(404, f"No live key has the id {key_id!r}.", code="key_not_found")
+    request.app.state.keys.forget(key_id)  # refused by this gateway at once, not when its cached lookup expires
     return next(_key_out(a) for a in store.list_keys() if a.key_id == key_id)
 
 

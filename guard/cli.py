@@ -26,7 +26,8 @@ from detectors.detector import TrafficDetector
 from detectors.events import EventFormatError, read_events, write_events
 from detectors.features import CHECKPOINTS
 from eval import traffic_study, watermark_study
-from eval.benchmarks import gateway_batching, redaction_speed, traffic_speed, trainer_speed, watermark_speed
+from eval.benchmarks import (gateway_batching, gateway_overhead, redaction_speed, traffic_speed, trainer_speed,
+                             watermark_speed)
 from eval.attack import AttackConfig, evaluate
 from eval.harvest import load_harvest
 from eval.metrics import capability
@@ -617,6 +618,18 @@ def bench_batching(clients: Annotated[int, typer.Option(help="concurrent clients
                    max_batch: int = 16):
     """Requests/s through the gateway (loopback HTTP, concurrent clients) with the batcher and serialised."""
     gateway_batching.main(clients, requests, rounds, window, max_batch)
+
+
+@bench_app.command("gateway")
+def bench_gateway(samples: Annotated[int, typer.Option(help="sequential requests timed per target")] = 2000,
+                  seconds: Annotated[float, typer.Option(help="load per target per round")] = 4.0,
+                  concurrency: Annotated[int, typer.Option(help="requests in flight under load")] = 64,
+                  rounds: int = 3, stream_samples: int = 500,
+                  http: Annotated[str, typer.Option(help="uvicorn's HTTP parser: auto, h11 or httptools")] = "auto",
+                  loop: Annotated[str, typer.Option(help="uvicorn's event loop: auto, asyncio or uvloop")] = "auto",
+                  out: Annotated[str | None, typer.Option(help="folder for the JSON (default eval/results/benchmarks)")] = None):
+    """The latency, throughput and time to first token the gateway adds over calling a stub backend directly."""
+    gateway_overhead.main(samples, seconds, concurrency, rounds, stream_samples, http, loop, out)
 
 
 if __name__ == "__main__":

@@ -101,6 +101,8 @@ class OpenAITeacher(Teacher):
         """Every prompt goes out under this client's one API key: the endpoint, not `callers`, decides the
         account (a harvester playing several accounts holds one OpenAITeacher per key)."""
         callers_for(prompts, callers)
+        if len(prompts) == 1:  # the gateway's case: no thread pool to start and stop for one request
+            return [self._complete_one(prompts[0], sampling)]
         with ThreadPoolExecutor(max_workers=self.concurrency) as pool:
             return list(pool.map(lambda p: self._complete_one(p, sampling), prompts))
 

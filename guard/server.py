@@ -17,6 +17,7 @@ an upstream 4xx that is the request's own fault reaches the client as that 4xx w
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 import json
 import logging
@@ -32,6 +33,7 @@ from typing import Literal
 
 from fastapi import Depends, FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
+from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 from pydantic import BaseModel, Field
@@ -251,9 +253,35 @@ class RateLimiter:
             self.tokens[account].append((now, tokens))
 
 
-def resolve_account(request: Request) -> Account | None:
-    """The account behind the request's bearer key: through the store's hashed keys, or the server's own key
-    list compared in constant time (accounts key-0, key-1, ...); None when the server takes no keys."""
+class KeyCache:
+    """The accounts of keys the store resolved in the last `ttl` seconds, by the key's SHA-256 (no key is kept),
+    so that most requests skip the store's lookup. So a key revoked in the store (`distill-guard keys revoke`,
+    from any process) is refused within `ttl` seconds, and a changed limit or policy applies within `ttl` too.
+    Unknown keys are never cached: a new key works at once, and random keys cannot fill the cache. At most
+    `size` keys are held; when full, it starts over."""
+
+    def __init__(self, ttl: float, size: int = 10_000):
+        self.ttl, self.size = ttl, size
+        self.accounts: dict[bytes, tuple[float, Account]] = {}
+
+    def get(self, key: str, now: float) -> Account | None:
+        expires, account = self.accounts.get(hashlib.sha256(key.encode()).digest(), (0.0, None))
+        return account if now < expires else None
+
+    def put(self, key: str, account: Account, now: float) -> None:
+        if len(self.accounts) >= self.size:
+            self.accounts.clear()
+        self.accounts[hashlib.sha256(key.encode()).digest()] = (now + self.ttl, account)
+
+    def forget(self, key_id: str) -> None:
+        """Drop the key with this id (revoked here, through the admin API)."""
+        self.accounts = {digest: held for digest, held in self.accounts.items() if held[1].key_id != key_id}
+
+
+async def resolve_account(request: Request) -> Account | None:
+    """The account behind the request's bearer key: through the store's hashed keys (cached for a few seconds:
+    `KeyCache`), or the server's own key list compared in constant time (accounts key-0, key-1, ...); None when
+    the server takes no keys. Async, so that a cached key costs no trip to the thread pool."""
     state = request.app.state
     if state.store is None and not state.api_keys:
         return None
@@ -261,7 +289,11 @@ def resolve_account(request: Request) -> Account | None:
     account = None
     if scheme.lower() == "bearer" and token:
         if state.store is not None:
-            account = state.store.resolve(token)
+            account = state.keys.get(token, time.monotonic())
+            if account is None:
+                account = await run_in_threadpool(state.store.resolve, token)  # a database read may wait on disk
+                if account is not None:
+                    state.keys.put(token, account, time.monotonic())
         else:
             names = [f"key-{i}" for i, key in enumerate(state.api_keys)
                      if hmac.compare_digest(key.encode(), token.encode())]
@@ -271,10 +303,10 @@ def resolve_account(request: Request) -> Account | None:
     return account
 
 
-def require_caller(request: Request, response: Response,
-                   account: Account | None = Depends(resolve_account)) -> Caller:
+async def require_caller(request: Request, response: Response,
+                         account: Account | None = Depends(resolve_account)) -> Caller:
     """The caller every defence acts for: the key's account and the client's address (anonymous without keys),
-    admitted by the account's rate limits."""
+    admitted by the account's rate limits. (Async: it never blocks, so it needs no trip to the thread pool.)"""
     ip = request.client.host if request.client else None
     if account is None:
         return Caller(ip=ip)
@@ -495,15 +527,33 @@ def _usage(prompt: int, completion: int) -> Usage:
 
 
 class _Bounded:
-    """ASGI middleware: a request body over `max_bytes` is refused with 413 before anything parses it, and an
-    unexpected exception becomes a generic 500 in OpenAI's shape, its traceback logged here, never sent."""
+    """ASGI middleware: a request body over `max_bytes` is refused with 413 before anything parses it, an
+    unexpected exception becomes a generic 500 in OpenAI's shape, its traceback logged here, never sent, and
+    every request is counted and timed in `metrics` (to its last byte, a stream's too). Pure ASGI: Starlette's
+    `@app.middleware("http")` would cost a task and a memory stream per request."""
 
-    def __init__(self, app, max_bytes: int):
-        self.app, self.max_bytes = app, max_bytes
+    def __init__(self, app, max_bytes: int, metrics: Metrics):
+        self.app, self.max_bytes, self.metrics = app, max_bytes, metrics
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
+        start, status = time.perf_counter(), 499  # stays so only when the client went away before any answer
+
+        async def counted(message):
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self._bounded(scope, receive, counted)
+        finally:
+            path = scope["path"] if scope["path"] in KNOWN_PATHS else "other"  # bounded label values
+            self.metrics.requests.labels(path=path, status=str(status)).inc()
+            self.metrics.latency.labels(path=path).observe(time.perf_counter() - start)
+
+    async def _bounded(self, scope, receive, send):
         declared = dict(scope["headers"]).get(b"content-length", b"0")
         if declared.isdigit() and int(declared) > self.max_bytes:
             return await self._error(send, 413, f"The request body is over the limit of {self.max_bytes} bytes.",
@@ -554,7 +604,8 @@ def create_app(load_teacher: Callable[[], Teacher], model_name: str, api_keys: s
                sealer: Sealer | None = None, policy: Policy | None = None, max_body_bytes: int = MiB,
                max_prompts: int = 64, store: Store | None = None, rate_window: float = 60.0,
                batch_window: float = 0.005, max_batch: int = 16, summarize: Summarize | None = None,
-               admin_key: str | None = None, retention: float | None = None) -> FastAPI:
+               admin_key: str | None = None, retention: float | None = None,
+               key_cache_seconds: float = 5.0) -> FastAPI:
     """Serve the teacher that `load_teacher` builds (called once, at start-up) as `model_name`.
 
     Args:
@@ -577,6 +628,8 @@ def create_app(load_teacher: Callable[[], Teacher], model_name: str, api_keys: s
         admin_key: enables the admin API (`guard.admin`) behind this key; it needs `store`. Only its digest
             is kept.
         retention: seconds an audit row is kept; older rows are purged at start-up and then periodically.
+        key_cache_seconds: how long a key the store resolved is taken without asking the store again, so the
+            longest a revoked key is still served (`KeyCache`); 0 asks the store on every request.
     """
     if (admin_key is not None or retention is not None) and store is None:
         raise ValueError("the admin API and retention act on the audit log: they need a store (--store)")
@@ -603,7 +656,8 @@ def create_app(load_teacher: Callable[[], Teacher], model_name: str, api_keys: s
     app.state.store, app.state.limiter, app.state.metrics = store, RateLimiter(rate_window), Metrics()
     app.state.policies = policies
     app.state.admin_digest = None if admin_key is None else admin_digest(admin_key)
-    app.add_middleware(_Bounded, max_bytes=max_body_bytes)
+    app.state.keys = KeyCache(key_cache_seconds)
+    app.add_middleware(_Bounded, max_bytes=max_body_bytes, metrics=app.state.metrics)
     app.include_router(admin_router)
 
     def _sent(completion: Completion, prompt: str, policy: Policy) -> str:
@@ -640,15 +694,6 @@ def create_app(load_teacher: Callable[[], Teacher], model_name: str, api_keys: s
         message = f"{where}: {first.get('msg', 'invalid request')}" if where else first.get("msg", "invalid request")
         return JSONResponse({"error": {"message": message, "type": "invalid_request_error", "code": None}},
                             status_code=400)
-
-    @app.middleware("http")
-    async def measured(request: Request, call_next):
-        start = time.perf_counter()
-        response = await call_next(request)
-        path = request.url.path if request.url.path in KNOWN_PATHS else "other"  # bounded label values
-        app.state.metrics.requests.labels(path=path, status=str(response.status_code)).inc()
-        app.state.metrics.latency.labels(path=path).observe(time.perf_counter() - start)
-        return response
 
     @app.get("/healthz")
     def healthz():

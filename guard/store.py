@@ -1,9 +1,10 @@
 """The gateway's stores: API keys with their accounts, and the audit log, in one database named by a URL.
 
 Either way a write returns only after its transaction is committed durably, so a response the gateway
-acknowledges after `log` returns cannot be lost to a crash.
+acknowledges after `log` returns cannot be lost to a crash. Audit rows logged at the same time share one
+transaction (`GroupCommit`), so requests do not queue behind each other's fsyncs.
 - SQLite, the embedded default (`sqlite:///PATH`, relative; `sqlite:////PATH`, absolute): WAL mode with
-  `synchronous=FULL`. One connection behind a lock serves every thread; SQLite serialises writers anyway.
+  `synchronous=FULL`. One connection behind a lock writes (SQLite serialises writers anyway); another reads.
 - PostgreSQL, at scale (`postgresql://USER@HOST/DB`; a password from $PGPASSWORD or ~/.pgpass keeps it out
   of command lines): a pool of connections, one per thread at a time, with `synchronous_commit=on`, so
   several gateway replicas can share one store.
@@ -28,6 +29,7 @@ from psycopg.rows import dict_row
 from psycopg_pool import ConnectionPool
 
 from detectors.events import Event, events_from_rows
+from guard.group_commit import GroupCommit
 from guard.redaction import parse_policy
 
 KEY_PREFIX = "dg-"
@@ -48,6 +50,7 @@ CREATE INDEX IF NOT EXISTS audit_by_time ON audit (time);
 """
 AUDIT_COLUMNS = ("request_id, account, time, ip, payment, endpoint, prompt, response, prompt_tokens, "
                  "completion_tokens, decisions, latency, status")
+INSERT_AUDIT = f"INSERT INTO audit ({AUDIT_COLUMNS}) VALUES ({', '.join('?' * 13)})"
 
 
 @dataclass(frozen=True)
@@ -108,6 +111,10 @@ class Store:
         """Rows that can be indexed by column name."""
         raise NotImplementedError
 
+    def _start_audit_writer(self) -> None:
+        """Audit rows go through one writer thread that commits every row waiting in one transaction."""
+        self._audit = GroupCommit(lambda rows: self._write(INSERT_AUDIT, rows), name=f"audit-log {self.name}")
+
     def close(self) -> None:
         raise NotImplementedError
 
@@ -156,10 +163,10 @@ class Store:
 
     # audit log
     def log(self, *records: AuditRecord) -> None:
-        """Append requests' rows in one transaction (a group commit); returns once they are durable. A
-        repeated request id is an error, and then none of the rows is written."""
-        self._write(f"INSERT INTO audit ({AUDIT_COLUMNS}) VALUES ({', '.join('?' * 13)})",
-                    [self._row(r) for r in records])
+        """Append requests' rows; returns once they are durable. Rows logged at the same time from other
+        threads share one transaction (a group commit). A repeated request id is an error, and then none of
+        the rows of this call is written."""
+        self._audit.submit([self._row(r) for r in records])
 
     def _row(self, r: AuditRecord) -> tuple:
         prompt, response = r.prompt, r.response
@@ -194,18 +201,27 @@ def _account(row) -> Account:
 
 
 class SQLiteStore(Store):
+    """One connection behind a lock writes; another reads, so that a key's lookup never waits for a commit's
+    fsync (WAL lets readers run beside the writer)."""
+
     def __init__(self, path: str | Path, keep_text: bool = True):
         self.path, self.keep_text = Path(path), keep_text
         self.name = str(self.path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._lock = threading.Lock()
-        self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
-        self._db.row_factory = sqlite3.Row
+        self._lock, self._read_lock = threading.Lock(), threading.Lock()
+        self._db = self._connect()
         self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=FULL")
-        self._db.execute("PRAGMA busy_timeout=10000")  # another process (a CLI beside the gateway) may write
         with self._lock:
             self._db.executescript(SCHEMA.format(seq="seq INTEGER PRIMARY KEY"))  # SQLite's rowid, named
+        self._reader = self._connect()
+        self._start_audit_writer()
+
+    def _connect(self) -> sqlite3.Connection:
+        db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+        db.row_factory = sqlite3.Row
+        db.execute("PRAGMA synchronous=FULL")
+        db.execute("PRAGMA busy_timeout=10000")  # another process (a CLI beside the gateway) may write
+        return db
 
     def _write(self, sql: str, rows: list[tuple]) -> int:
         with self._lock:
@@ -219,12 +235,14 @@ class SQLiteStore(Store):
             return changed
 
     def _read(self, sql: str, args: tuple = ()) -> list[sqlite3.Row]:
-        with self._lock:
-            return self._db.execute(sql, args).fetchall()
+        with self._read_lock:
+            return self._reader.execute(sql, args).fetchall()
 
     def close(self) -> None:
-        with self._lock:
+        self._audit.close()
+        with self._lock, self._read_lock:
             self._db.close()
+            self._reader.close()
 
 
 class PostgresStore(Store):
@@ -239,6 +257,7 @@ class PostgresStore(Store):
                 db.execute(SCHEMA.format(seq="seq BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY"))
         self._pool = ConnectionPool(url, kwargs=settings, configure=_commit_synchronously, min_size=1,
                                     max_size=max_connections, open=True)
+        self._start_audit_writer()
 
     def _write(self, sql: str, rows: list[tuple]) -> int:
         with self._pool.connection() as db, db.transaction():  # COMMIT when the block ends, ROLLBACK on error
@@ -251,6 +270,7 @@ class PostgresStore(Store):
             return db.execute(sql.replace("?", "%s"), args).fetchall()
 
     def close(self) -> None:
+        self._audit.close()
         self._pool.close()
 
 

@@ -17,13 +17,13 @@ import openai
 
 from conftest import free_port, live_server
 from guard.server import create_app
-from guard.store import Store
+from guard.store import SQLiteStore
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_the_audit_row_carries_the_id_the_client_receives(teacher_a, tmp_path):
-    store = Store(tmp_path / "gateway.db")
+    store = SQLiteStore(tmp_path / "gateway.db")
     key = store.create_key("alice")
     with live_server(create_app(lambda: teacher_a, "teacher-a", store=store)) as url:
         client = openai.OpenAI(base_url=url + "/v1", api_key=key, max_retries=0)
@@ -124,7 +124,7 @@ class Load:
 
 def test_kill_9_under_load_loses_no_acknowledged_request_and_duplicates_none(tmp_path):
     db, log = tmp_path / "gateway.db", tmp_path / "gateway.log"
-    with Store(db) as store:
+    with SQLiteStore(db) as store:
         key = store.create_key("alice")
     with gateway(db, log) as (process, url):
         load = Load(url, key, kill_after=40, kill=lambda: os.kill(process.pid, signal.SIGKILL))
@@ -135,7 +135,7 @@ def test_kill_9_under_load_loses_no_acknowledged_request_and_duplicates_none(tmp
             t.join(timeout=60)
         assert not load.errors, load.errors
         assert load.dead.is_set() and process.wait(timeout=10) == -signal.SIGKILL
-    with Store(db) as store:  # after the restart: a fresh store on the same file
+    with SQLiteStore(db) as store:  # after the restart: a fresh store on the same file
         ids = [r.request_id for r in store.records()]
     expected = set(load.expected)
     print(f"\nacknowledged rows {len(expected)}, rows in the log {len(ids)}, rows the requests sent could write "
@@ -146,5 +146,5 @@ def test_kill_9_under_load_loses_no_acknowledged_request_and_duplicates_none(tmp
     with gateway(db, log) as (_, url):  # the restarted gateway serves on the same store and logs on
         after = openai.OpenAI(base_url=url + "/v1", api_key=key, max_retries=0).completions.create(
             model="teacher-a", prompt="question after", max_tokens=4)
-    with Store(db) as store:
+    with SQLiteStore(db) as store:
         assert [r.request_id for r in store.records()] == ids + [after.id]

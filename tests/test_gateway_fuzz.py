@@ -10,7 +10,7 @@ from schemathesis.generation.modes import GenerationMode
 
 from conftest import live_server
 from guard.server import create_app
-from guard.store import Store
+from guard.store import SQLiteStore
 
 EXAMPLES = 60  # per operation and mode: the whole run stays well under a minute
 CHEAP_TOKENS = 4  # generation stays cheap: any valid max_tokens above this is sent as this
@@ -19,7 +19,7 @@ sent = []
 
 @pytest.fixture(scope="module")
 def gateway(teacher_a, tmp_path_factory):
-    store = Store(tmp_path_factory.mktemp("fuzz") / "gateway.db")
+    store = SQLiteStore(tmp_path_factory.mktemp("fuzz") / "gateway.db")
     key = store.create_key("fuzzer")
     with live_server(create_app(lambda: teacher_a, "teacher-a", store=store)) as url:
         yield url, key

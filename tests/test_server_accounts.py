@@ -147,3 +147,30 @@ def test_health_and_prometheus_metrics_count_what_was_served(teacher_a, tmp_path
     assert completions == {"200": 2.0, "429": 1.0, "401": 1.0}
     served = sum(r.completion_tokens for r in store.records())
     assert samples[("distill_guard_tokens_total", (("kind", "completion"),))] == served > 0
+
+
+def test_a_key_revoked_while_serving_is_refused_once_its_cached_lookup_expires(teacher_a, tmp_path):
+    import time
+
+    import httpx
+
+    store = open_store(f"sqlite:///{tmp_path / 'gateway.db'}")
+    keys = [store.create_key(f"user-{n}") for n in range(3)]
+    ids = [store.resolve(key).key_id for key in keys]
+
+    def status(url: str, key: str) -> int:
+        return httpx.get(url + "/v1/models", headers={"authorization": f"Bearer {key}"}, timeout=30).status_code
+
+    for seconds, key, key_id in ((0.0, keys[0], ids[0]), (0.5, keys[1], ids[1]), (600.0, keys[2], ids[2])):
+        with live_server(create_app(lambda: teacher_a, "teacher-a", store=store, key_cache_seconds=seconds)) as url:
+            assert status(url, key) == 200
+            store.revoke(key_id)
+            if seconds == 0:
+                assert status(url, key) == 401  # no cache: refused at once
+            elif seconds == 0.5:
+                deadline = time.monotonic() + 20
+                while status(url, key) == 200 and time.monotonic() < deadline:
+                    time.sleep(0.1)
+                assert status(url, key) == 401  # refused once the cached lookup expired
+            else:
+                assert status(url, key) == 200  # within the cache's lifetime the revoked key is still served

@@ -287,3 +287,40 @@ def test_a_password_in_a_store_url_is_never_shown():
     assert shown_url("postgresql://gw:s3cret@db.internal:5432/audit") == "postgresql://gw:***@db.internal:5432/audit"
     assert shown_url("postgresql://gw@db.internal/audit") == "postgresql://gw@db.internal/audit"
     assert shown_url("sqlite:///gateway.db") == "sqlite:///gateway.db"
+
+
+def test_a_group_commit_fails_only_the_call_whose_rows_fail(tmp_path):
+    store = SQLiteStore(tmp_path / "store.db")
+    store.log(record(0))
+    commit, first_held, release, batches = store._audit.write, threading.Event(), threading.Event(), []
+
+    def held(rows):  # the first commit waits on the disk, so the calls behind it queue up and share the next one
+        first_held.set()
+        release.wait(10)
+        batches.append(len(rows))
+        return commit(rows)
+
+    store._audit.write = held
+    errors = {}
+
+    def log(n: int) -> None:
+        try:
+            store.log(record(n))
+        except sqlite3.IntegrityError as error:
+            errors[n] = error
+
+    first = threading.Thread(target=log, args=(1,))
+    first.start()
+    assert first_held.wait(10)
+    queued = [threading.Thread(target=log, args=(n,)) for n in (0, 2, 3)]  # row 0's id is taken: only it fails
+    for t in queued:
+        t.start()
+    while len(store._audit._waiting) < len(queued):
+        threading.Event().wait(0.01)
+    release.set()
+    for t in [first, *queued]:
+        t.join(10)
+    assert list(errors) == [0] and "UNIQUE" in str(errors[0])
+    assert sorted(r.request_id for r in store.records()) == ["req-0", "req-1", "req-2", "req-3"]
+    assert batches[:2] == [1, 3]  # the three queued calls went to disk together, then each alone
+    store.close()

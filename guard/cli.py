@@ -23,7 +23,7 @@ from transformers import AutoTokenizer
 from detectors.cluster import judge_clusters
 from detectors.detector import TrafficDetector
 from detectors.events import EventFormatError, read_events, write_events
-from eval import traffic_study, watermark_study
+from eval import gateway_study, traffic_study, watermark_study
 from eval.benchmarks import redaction_speed, traffic_speed, trainer_speed, watermark_speed
 from eval.attack import AttackConfig, evaluate
 from eval.harvest import load_harvest
@@ -235,7 +235,9 @@ def serve(teacher: TeacherOpt = "reference", host: str = "127.0.0.1", port: int 
           store: Annotated[str | None, typer.Option(help="sqlite:///PATH: API keys (`distill-guard keys create`) and "
                                                          "the audit log")] = None):
     """Serve a teacher behind an OpenAI-compatible API (chat completions and completions). With --store, each
-    key is an account that every defence acts for, and every request lands in the audit log."""
+    key is an account that every defence acts for, and every request lands in the audit log. With --lab, the
+    gateway also takes each request's time from the x-distill-guard-lab-time header (a lab client's simulated
+    clock)."""
     try:
         parts = _defense_parts([defense], lab, benign, master_key_file)
         opened = open_store(store) if store else None
@@ -247,7 +249,7 @@ def serve(teacher: TeacherOpt = "reference", host: str = "127.0.0.1", port: int 
     served = name or (teacher.partition(":")[2] or "teacher-a" if teacher.startswith("reference") else teacher)
     inner, policy = split_outer_policy(defense, parts)
     uvicorn.run(create_app(lambda: build_defense(inner, load_teacher(teacher), parts), served, set(api_key or ()),
-                           sealer=parts.sealer, policy=policy, store=opened),
+                           sealer=parts.sealer, policy=policy, store=opened, lab_clock=lab),
                 host=host, port=port)
 
 
@@ -519,6 +521,16 @@ def study_traffic(out: str = "runs/traffic",
     traffic_study.main(out, list(range(1, seeds + 1)), budget, attack_seeds,
                        variants=tuple(traffic_study.VARIANTS) if embeddings else ("timing+content",),
                        students=students)
+
+
+@study_app.command("gateway")
+def study_gateway(out: str = "runs/gateway", seeds: Annotated[int, typer.Option(help="attack replicates")] = 3,
+                  budget: int = 2000, steps: StepsOpt = None,
+                  students: Annotated[str | None, typer.Option(help="student cache shared with other studies, e.g. "
+                                                                   "eval/results/redaction-naive/students")] = None):
+    """The defences through the gateway over HTTP: answer-only and the monitor against the naive, slow and hydra
+    attackers (each its own key), and the monitor's cost to replayed benign users, beside the lab's numbers."""
+    gateway_study.main(out, seeds, budget, students, steps)
 
 
 @study_app.command("watermark")

@@ -35,7 +35,7 @@ from transformers import PreTrainedTokenizerBase
 
 from guard.redaction import Full, Policy, Redact, Sealer, SealError, StreamRedactor
 from guard.store import Account, AuditRecord, Store
-from guard.teacher import Caller, Completion, Sampling, Teacher
+from guard.teacher import LAB_TIME_HEADER, Caller, Completion, Sampling, Teacher
 
 logger = logging.getLogger(__name__)
 MiB = 1 << 20
@@ -269,12 +269,27 @@ def resolve_account(request: Request) -> Account | None:
 def require_caller(request: Request, response: Response,
                    account: Account | None = Depends(resolve_account)) -> Caller:
     """The caller every defence acts for: the key's account and the client's address (anonymous without keys),
-    admitted by the account's rate limits."""
+    admitted by the account's rate limits. A lab gateway (`lab_clock`) takes the caller's time from the
+    `LAB_TIME_HEADER`, so that an experiment's simulated clock reaches the monitor; any other ignores it."""
     ip = request.client.host if request.client else None
+    when = _lab_time(request) if request.app.state.lab_clock else None
     if account is None:
-        return Caller(ip=ip)
+        return Caller(ip=ip, time=when)
     response.headers.update(request.app.state.limiter.admit(account, time.time()))
-    return Caller(account=account.name, ip=ip)
+    return Caller(account=account.name, ip=ip, time=when)
+
+
+def _lab_time(request: Request) -> float | None:
+    sent = request.headers.get(LAB_TIME_HEADER)
+    if sent is None:
+        return None
+    try:
+        when = float(sent)
+    except ValueError:
+        when = math.nan
+    if not math.isfinite(when):
+        raise APIError(400, f"{LAB_TIME_HEADER}: {sent!r} is not a time in seconds since the epoch")
+    return when
 
 
 class Metrics:
@@ -311,7 +326,8 @@ def _audit(request: Request, caller: Caller, endpoint: str, prompt: str, complet
     if store is None:
         return
     decisions = {**completion.decisions, **({"served": "refused"} if completion.finish_reason == "refused" else {})}
-    store.log(AuditRecord(request_id=f"req-{uuid.uuid4().hex}", account=caller.account, time=started,
+    store.log(AuditRecord(request_id=f"req-{uuid.uuid4().hex}", account=caller.account,
+                          time=started if caller.time is None else caller.time,
                           prompt=prompt, response=completion.text if response is None else response,
                           prompt_tokens=n_prompt,
                           completion_tokens=completion.completion_tokens, decisions=decisions,
@@ -473,7 +489,8 @@ class _Bounded:
 
 def create_app(load_teacher: Callable[[], Teacher], model_name: str, api_keys: set[str] | None = None,
                sealer: Sealer | None = None, policy: Policy | None = None, max_body_bytes: int = MiB,
-               max_prompts: int = 64, store: Store | None = None, rate_window: float = 60.0) -> FastAPI:
+               max_prompts: int = 64, store: Store | None = None, rate_window: float = 60.0,
+               lab_clock: bool = False) -> FastAPI:
     """Serve the teacher that `load_teacher` builds (called once, at start-up) as `model_name`.
 
     Args:
@@ -486,6 +503,8 @@ def create_app(load_teacher: Callable[[], Teacher], model_name: str, api_keys: s
             its response is sent. Without it, `api_keys` (if any) are accepted as accounts key-0, key-1, ...
         rate_window: seconds over which each account's requests per minute and tokens per minute (from the
             store) are counted; a minute, as the limits say, except in tests.
+        lab_clock: a lab gateway: each caller's time (what the monitor judges, and the audit row's time) is the
+            simulated time its client sends in the `LAB_TIME_HEADER`. Never in production.
     """
 
     @asynccontextmanager
@@ -498,6 +517,7 @@ def create_app(load_teacher: Callable[[], Teacher], model_name: str, api_keys: s
     app = FastAPI(title="distill-guard teacher server", lifespan=lifespan)
     app.state.model_name, app.state.api_keys, app.state.lock = model_name, sorted(api_keys or ()), threading.Lock()
     app.state.store, app.state.limiter, app.state.metrics = store, RateLimiter(rate_window), Metrics()
+    app.state.lab_clock = lab_clock
     app.add_middleware(_Bounded, max_bytes=max_body_bytes)
     stream_policy = policy or Full()
 

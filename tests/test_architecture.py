@@ -14,7 +14,7 @@ LAYERS = [
     ("guard.teacher", 1), ("guard.openai_teacher", 1), ("guard.load", 1), ("guard.reasoning", 1),
     ("guard.redaction", 2), ("watermark", 2), ("detectors", 2),
     ("guard.defenses", 3), ("guard.server", 3), ("guard.store", 3),
-    ("eval", 4),
+    ("eval", 4), ("eval.gateway_study", 4),
     ("guard.cli", 5),
 ]
 

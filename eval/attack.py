@@ -232,23 +232,26 @@ def reasoning_words(completions) -> int:
 def evaluate(teacher: Teacher, task: Task, defenses: list[str], attack: AttackConfig, budgets: list[int],
              seeds: int, out_dir: str | Path, progress: bool = True, save_students: bool = False,
              parts: DefenseParts | None = None, benign: list[Event] | None = None,
-             students: str | Path | None = None) -> dict:
+             students: str | Path | None = None, served_as: dict[str, tuple] | None = None) -> dict:
     """Every defence x budget x seed; writes report.json, report.md and plots to `out_dir`. With
     `save_students`, each trained student is kept (safetensors) in its cell's `student/` for audits.
 
     `parts`: what the defences need (default: the reference lab's, `lab_parts`). `benign`: the benign traffic
     replayed through a defence that remembers callers, to measure what it costs benign users (default: the
     lab's simulated users). `students`: the cache of trained students' scores (default `out_dir/students`);
-    evaluations that share one train a student only once for the same training rows."""
+    evaluations that share one train a student only once for the same training rows. `served_as`: by defence,
+    (Accuracy, completions) of the teacher as benign users are served, where already measured (a remote gateway
+    that remembers callers, measured once for several attacks); "none"'s is also the undefended baseline."""
     out_dir = Path(out_dir)
     students = Path(students) if students else out_dir / "students"
     start = time.perf_counter()
-    baseline, undefended = capability(teacher, task)
+    served_as = served_as or {}
+    baseline, undefended = served_as["none"] if "none" in served_as else capability(teacher, task)
     parts = lab_parts(defenses) if parts is None else parts
     served_by = {defense: build_defense(defense, teacher, parts) for defense in defenses}
     served_accuracy, reasoning_shown, accuracy_drop = {}, {}, {}
     for defense, served in served_by.items():
-        accuracy, completions = benign_accuracy(served, task, benign)
+        accuracy, completions = served_as.get(defense) or benign_accuracy(served, task, benign)
         served_accuracy[defense] = accuracy
         reasoning_shown[defense] = reasoning_words(completions) / max(1, reasoning_words(undefended))
         # what the defence costs a benign user, paired item by item against the undefended teacher

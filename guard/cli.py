@@ -25,7 +25,7 @@ from detectors.cluster import judge_clusters
 from detectors.detector import TrafficDetector
 from detectors.events import EventFormatError, read_events, write_events
 from detectors.features import CHECKPOINTS
-from eval import traffic_study, watermark_study
+from eval import gateway_study, traffic_study, watermark_study
 from eval.benchmarks import (gateway_batching, gateway_overhead, redaction_speed, traffic_speed, trainer_speed,
                              watermark_speed)
 from eval.attack import AttackConfig, evaluate
@@ -263,7 +263,8 @@ def serve(teacher: TeacherOpt = "reference", host: str = "127.0.0.1", port: int 
     """Serve a teacher behind an OpenAI-compatible API (chat completions and completions). With --store, each
     key is an account that every defence acts for, served under its key's redaction policy (else --defense's),
     and every request lands in the audit log. With an upstream URL (`--teacher http://vllm-host:8000/v1`) the
-    gateway is a proxy in front of it."""
+    gateway is a proxy in front of it. With --lab, the gateway also takes each request's time from the
+    x-distill-guard-lab-time header (a lab client's simulated clock)."""
     try:
         if is_remote(teacher) and any(kind == "watermark" for kind, _ in parse_defense(defense)):
             raise typer.BadParameter(WATERMARK_NEEDS_LOGITS, param_hint="--defense")
@@ -294,7 +295,7 @@ def serve(teacher: TeacherOpt = "reference", host: str = "127.0.0.1", port: int 
                              set(api_key or ()), sealer=sealer, policy=policy, store=opened,
                              summarize=parts.summarize, admin_key=admin_key or None,
                              retention=None if retention_days is None else retention_days * DAY,
-                             batch_window=batch_window, max_batch=max_batch)
+                             batch_window=batch_window, max_batch=max_batch, lab_clock=lab)
     except ValueError as e:
         raise typer.BadParameter(str(e), param_hint="--store/--admin-key-file/--retention-days") from None
     uvicorn.run(gateway, host=host, port=port)
@@ -571,6 +572,16 @@ def study_traffic(out: str = "runs/traffic",
     traffic_study.main(out, list(range(1, seeds + 1)), budget, attack_seeds,
                        variants=tuple(traffic_study.VARIANTS) if embeddings else ("timing+content",),
                        students=students)
+
+
+@study_app.command("gateway")
+def study_gateway(out: str = "runs/gateway", seeds: Annotated[int, typer.Option(help="attack replicates")] = 3,
+                  budget: int = 2000, steps: StepsOpt = None,
+                  students: Annotated[str | None, typer.Option(help="student cache shared with other studies, e.g. "
+                                                                   "eval/results/redaction-naive/students")] = None):
+    """The defences through the gateway over HTTP: answer-only and the monitor against the naive, slow and hydra
+    attackers (each its own key), and the monitor's cost to replayed benign users, beside the lab's numbers."""
+    gateway_study.main(out, seeds, budget, students, steps)
 
 
 @study_app.command("watermark")

@@ -13,7 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import openai
 
-from guard.teacher import Caller, Completion, Sampling, Teacher, TokenLogprob, callers_for
+from guard.teacher import LAB_TIME_HEADER, Caller, Completion, Sampling, Teacher, TokenLogprob, callers_for
 
 
 class TeacherHTTPError(RuntimeError):
@@ -81,6 +81,8 @@ class OpenAITeacher(Teacher):
         max_retries: retries on 408/409/429/5xx, timeouts and connection errors (a proxy keeps them few: its
             client retries too).
         concurrency: requests in flight at once.
+        lab_clock: send each caller's simulated time in the ``LAB_TIME_HEADER`` (to a gateway started with
+            ``--lab``), one request at a time in the callers' order: the order a traffic monitor judges.
 
     Example:
         >>> teacher = OpenAITeacher("http://127.0.0.1:8000/v1", model="teacher-a", api_key="sk-local")
@@ -88,29 +90,35 @@ class OpenAITeacher(Teacher):
     """
 
     def __init__(self, base_url: str, model: str, api_key: str | None = None, api: str = "chat",
-                 timeout: float = 60.0, max_retries: int = 5, concurrency: int = 8):
+                 timeout: float = 60.0, max_retries: int = 5, concurrency: int = 8, lab_clock: bool = False):
         if api not in ("chat", "completions"):
             raise ValueError(f"api must be 'chat' or 'completions', got {api!r}")
         self.client = openai.OpenAI(base_url=base_url, api_key=api_key or "no-key", timeout=timeout,
                                     max_retries=max_retries)
         self.base_url, self.model, self.api, self.concurrency, self.timeout = base_url, model, api, concurrency, timeout
+        self.lab_clock = lab_clock
         self.name = model
 
     def complete(self, prompts: list[str], sampling: Sampling = Sampling(),
                  callers: Sequence[Caller] | None = None) -> list[Completion]:
         """Every prompt goes out under this client's one API key: the endpoint, not `callers`, decides the
-        account (a harvester playing several accounts holds one OpenAITeacher per key)."""
-        callers_for(prompts, callers)
+        account (a harvester playing several accounts holds one OpenAITeacher per key); with `lab_clock`, their
+        times go along."""
+        callers = callers_for(prompts, callers)
+        if self.lab_clock:  # one at a time, in order: the simulated clock's order is the order the monitor sees
+            return [self._complete_one(p, sampling, c) for p, c in zip(prompts, callers)]
         if len(prompts) == 1:  # the gateway's case: no thread pool to start and stop for one request
             return [self._complete_one(prompts[0], sampling)]
         with ThreadPoolExecutor(max_workers=self.concurrency) as pool:
             return list(pool.map(lambda p: self._complete_one(p, sampling), prompts))
 
-    def _complete_one(self, prompt: str, sampling: Sampling) -> Completion:
+    def _complete_one(self, prompt: str, sampling: Sampling, caller: Caller | None = None) -> Completion:
         omit = openai.omit  # a field left out of the request, rather than sent as null
+        lab_time = caller is not None and caller.time is not None
         common = dict(model=self.model, temperature=sampling.temperature, top_p=sampling.top_p,
                       max_tokens=sampling.max_new_tokens, seed=omit if sampling.seed is None else sampling.seed,
-                      extra_body={"top_k": sampling.top_k} if sampling.top_k else None)
+                      extra_body={"top_k": sampling.top_k} if sampling.top_k else None,
+                      extra_headers={LAB_TIME_HEADER: repr(caller.time)} if lab_time else None)
         try:
             conversation = prompt.messages if isinstance(prompt, Conversation) else None
             if conversation is not None or self.api == "chat":
@@ -123,7 +131,9 @@ class OpenAITeacher(Teacher):
         except openai.AuthenticationError:
             raise TeacherAuthError(f"{self.base_url} rejected the API key (HTTP 401): pass the right key "
                                    "with --api-key or OPENAI_API_KEY") from None
-        except openai.PermissionDeniedError:
+        except openai.PermissionDeniedError as exc:
+            if _code(exc) == "refused":  # a defence refused this one request (the gateway's monitor): no answer
+                return Completion(text="", finish_reason="refused")
             raise TeacherAuthError(f"{self.base_url} refused access to model {self.model!r} (HTTP 403)") from None
         except openai.APIStatusError as exc:
             if 400 <= exc.status_code < 500:
@@ -173,6 +183,11 @@ def _billed(response) -> dict[str, int | None]:
     if response.usage is None:
         return {"completion_tokens": None, "prompt_tokens": None}
     return {"completion_tokens": response.usage.completion_tokens, "prompt_tokens": response.usage.prompt_tokens}
+
+
+def _code(exc: openai.APIStatusError) -> str | None:
+    """The `code` of an error in OpenAI's shape (the SDK hands over its "error" object as the body)."""
+    return exc.body.get("code") if isinstance(exc.body, dict) else None
 
 
 def _first_choice(response):

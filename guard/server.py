@@ -48,7 +48,7 @@ from guard.openai_teacher import Conversation, TeacherAuthError, TeacherHTTPErro
 from guard.redaction import (Full, Policy, Sealer, SealError, StreamRedactor, Summarize, parse_policy,
                              redact_completions)
 from guard.store import Account, AuditRecord, Store
-from guard.teacher import Caller, Completion, Sampling, Teacher
+from guard.teacher import LAB_TIME_HEADER, Caller, Completion, Sampling, Teacher
 
 logger = logging.getLogger(__name__)
 MiB = 1 << 20
@@ -306,12 +306,28 @@ async def resolve_account(request: Request) -> Account | None:
 async def require_caller(request: Request, response: Response,
                          account: Account | None = Depends(resolve_account)) -> Caller:
     """The caller every defence acts for: the key's account and the client's address (anonymous without keys),
-    admitted by the account's rate limits. (Async: it never blocks, so it needs no trip to the thread pool.)"""
+    admitted by the account's rate limits. A lab gateway (`lab_clock`) takes the caller's time from the
+    `LAB_TIME_HEADER`, so that an experiment's simulated clock reaches the monitor; any other ignores it.
+    (Async: it never blocks, so it needs no trip to the thread pool.)"""
     ip = request.client.host if request.client else None
+    when = _lab_time(request) if request.app.state.lab_clock else None
     if account is None:
-        return Caller(ip=ip)
+        return Caller(ip=ip, time=when)
     response.headers.update(request.app.state.limiter.admit(account, time.time()))
-    return Caller(account=account.name, ip=ip)
+    return Caller(account=account.name, ip=ip, time=when)
+
+
+def _lab_time(request: Request) -> float | None:
+    sent = request.headers.get(LAB_TIME_HEADER)
+    if sent is None:
+        return None
+    try:
+        when = float(sent)
+    except ValueError:
+        when = math.nan
+    if not math.isfinite(when):
+        raise APIError(400, f"{LAB_TIME_HEADER}: {sent!r} is not a time in seconds since the epoch")
+    return when
 
 
 class Policies:
@@ -384,7 +400,8 @@ def _audit(request: Request, caller: Caller, endpoint: str, prompt: str, complet
     if store is None:
         return
     decisions = {**completion.decisions, **({"served": "refused"} if completion.finish_reason == "refused" else {})}
-    store.log(AuditRecord(request_id=request_id, account=caller.account, time=started,
+    store.log(AuditRecord(request_id=request_id, account=caller.account,
+                          time=started if caller.time is None else caller.time,
                           prompt=prompt, response=completion.text if response is None else response,
                           prompt_tokens=n_prompt,
                           completion_tokens=completion.completion_tokens, decisions=decisions,
@@ -605,7 +622,7 @@ def create_app(load_teacher: Callable[[], Teacher], model_name: str, api_keys: s
                max_prompts: int = 64, store: Store | None = None, rate_window: float = 60.0,
                batch_window: float = 0.005, max_batch: int = 16, summarize: Summarize | None = None,
                admin_key: str | None = None, retention: float | None = None,
-               key_cache_seconds: float = 5.0) -> FastAPI:
+               key_cache_seconds: float = 5.0, lab_clock: bool = False) -> FastAPI:
     """Serve the teacher that `load_teacher` builds (called once, at start-up) as `model_name`.
 
     Args:
@@ -630,6 +647,8 @@ def create_app(load_teacher: Callable[[], Teacher], model_name: str, api_keys: s
         retention: seconds an audit row is kept; older rows are purged at start-up and then periodically.
         key_cache_seconds: how long a key the store resolved is taken without asking the store again, so the
             longest a revoked key is still served (`KeyCache`); 0 asks the store on every request.
+        lab_clock: a lab gateway: each caller's time (what the monitor judges, and the audit row's time) is the
+            simulated time its client sends in the `LAB_TIME_HEADER`. Never in production.
     """
     if (admin_key is not None or retention is not None) and store is None:
         raise ValueError("the admin API and retention act on the audit log: they need a store (--store)")
@@ -659,6 +678,7 @@ def create_app(load_teacher: Callable[[], Teacher], model_name: str, api_keys: s
     app.state.keys = KeyCache(key_cache_seconds)
     app.add_middleware(_Bounded, max_bytes=max_body_bytes, metrics=app.state.metrics)
     app.include_router(admin_router)
+    app.state.lab_clock = lab_clock
 
     def _sent(completion: Completion, prompt: str, policy: Policy) -> str:
         """The text a stream of `completion` sends under `policy` (which the audit row names)."""

@@ -92,6 +92,10 @@ class Caller:
 
 
 ANONYMOUS = Caller()
+# The request header in which a lab client sends its caller's simulated time (seconds since the epoch). Only a
+# gateway started for the lab (`create_app(lab_clock=True)`, `gateway --lab`) honours it; any other ignores it,
+# so no client can choose the time a production monitor judges it at.
+LAB_TIME_HEADER = "x-distill-guard-lab-time"
 
 
 def callers_for(prompts: list[str], callers: Sequence[Caller] | None) -> list[Caller]:

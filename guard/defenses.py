@@ -7,6 +7,7 @@ detector, the summariser. A missing part is an error that says what to pass.
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -96,20 +97,28 @@ class Monitored(Defense):
 
     def __init__(self, teacher: Teacher, monitor: Monitor):
         super().__init__(teacher)
-        self.monitor = monitor
+        self.monitor, self.lock = monitor, threading.Lock()
         self.name = f"{teacher.name}+monitor"
 
     def fresh(self) -> Monitored:
         clone = super().fresh()
-        clone.monitor = Monitor(self.monitor.detector, *self.monitor.settings)
+        clone.monitor, clone.lock = Monitor(self.monitor.detector, *self.monitor.settings), threading.Lock()
         return clone
+
+    def _judge(self, prompts: list[str], callers: Sequence[Caller]) -> list:
+        with self.lock:  # the gateway's batcher and its request threads both report requests
+            return [self.monitor.observe(Event(c.account, time.time() if c.time is None else c.time, p, ip=c.ip,
+                                               payment=c.payment))
+                    for p, c in zip(prompts, callers)]
+
+    def observe(self, prompts: list[str], callers: Sequence[Caller]) -> None:
+        self._judge(prompts, callers)
+        self.teacher.observe(prompts, callers)
 
     def complete(self, prompts: list[str], sampling: Sampling = Sampling(),
                  callers: Sequence[Caller] | None = None) -> list[Completion]:
         callers = callers_for(prompts, callers)
-        actions = [self.monitor.observe(Event(c.account, time.time() if c.time is None else c.time, p, ip=c.ip,
-                                              payment=c.payment))
-                   for p, c in zip(prompts, callers)]
+        actions = self._judge(prompts, callers)
         out: list[Completion | None] = [None] * len(prompts)
         for degraded, served in ((False, self.teacher), (True, Redact(self.teacher, AnswerOnly()))):
             chosen = [i for i, a in enumerate(actions) if a.served and (a.kind != "allow") == degraded]

@@ -391,22 +391,25 @@ def _audit(request: Request, caller: Caller, endpoint: str, prompt: str, complet
     response is sent. `response`: the text the client gets, when it is not `completion.text` (a stream
     redacted as it goes out). `request_id` is the id the client receives (see `row_id`), so a client can find
     its request in the log."""
-    state = request.app.state
-    state.metrics.tokens.labels(kind="prompt").inc(n_prompt)
-    state.metrics.tokens.labels(kind="completion").inc(completion.completion_tokens)
-    if state.store is not None or state.api_keys:
-        state.limiter.charge(caller.account, n_prompt + completion.completion_tokens, time.time())
+    state, status = request.app.state, TURNED_AWAY.get(completion.finish_reason, 200)
+    if status != 400:  # a prompt turned away for its length was never read by the model: nothing to charge
+        state.metrics.tokens.labels(kind="prompt").inc(n_prompt)
+        state.metrics.tokens.labels(kind="completion").inc(completion.completion_tokens)
+        if state.store is not None or state.api_keys:
+            state.limiter.charge(caller.account, n_prompt + completion.completion_tokens, time.time())
     store = state.store
     if store is None:
         return
-    decisions = {**completion.decisions, **({"served": "refused"} if completion.finish_reason == "refused" else {})}
+    decisions = {**completion.decisions, **({"served": completion.finish_reason} if status != 200 else {})}
     store.log(AuditRecord(request_id=request_id, account=caller.account,
                           time=started if caller.time is None else caller.time,
                           prompt=prompt, response=completion.text if response is None else response,
                           prompt_tokens=n_prompt,
                           completion_tokens=completion.completion_tokens, decisions=decisions,
-                          latency=time.time() - started, status=403 if refused(completion) else 200,
-                          ip=caller.ip, endpoint=endpoint))
+                          latency=time.time() - started, status=status, ip=caller.ip, endpoint=endpoint))
+
+
+TURNED_AWAY = {"refused": 403, "context_length": 400}  # the status of a request answered without generation
 
 
 def row_id(response_id: str, index: int, prompts: int) -> str:
@@ -472,6 +475,23 @@ def _check_context(teacher: Teacher, counts: list[int], max_tokens: int) -> None
             raise APIError(400, f"This model's maximum context length is {limit} tokens. However, you requested "
                                 f"{n + max_tokens} tokens ({n} in the prompt, {max_tokens} in the completion). "
                                 "Reduce the prompt or max_tokens.", code="context_length_exceeded")
+
+
+def _check_length(request: Request, caller: Caller, endpoint: str, prompts: list[str], counts: list[int],
+                  max_tokens: int, started: float, request_id: str) -> None:
+    """`_check_context`, and a request it turns away is still its account's traffic: the defences that keep
+    history observe it (as the monitor counts an over-long prompt sent to a local teacher), and the audit log
+    keeps its rows (status 400), so that `detect` on the log sees what the monitor saw."""
+    try:
+        _check_context(request.app.state.teacher, counts, max_tokens)
+    except APIError as error:
+        if error.detail["code"] == "context_length_exceeded":
+            request.app.state.teacher.observe(prompts, [caller] * len(prompts))
+            for index, (prompt, n) in enumerate(zip(prompts, counts)):
+                _audit(request, caller, endpoint, prompt, Completion(text="", finish_reason="context_length"), n,
+                       started, request_id=row_id(request_id, index, len(prompts)))
+            error.headers = {**(error.headers or {}), "x-request-id": request_id}  # the client can find its row
+        raise
 
 
 def _complete(request: Request, prompt: str, sampling: Sampling, caller: Caller) -> Completion:
@@ -741,7 +761,7 @@ def create_app(load_teacher: Callable[[], Teacher], model_name: str, api_keys: s
         prompt = chat_prompt(body.messages, teacher.tokenizer)
         sampling = body.sampling((body.top_logprobs or 1) if body.logprobs else 0)
         [n_prompt] = prompt_tokens(teacher, [prompt])
-        _check_context(teacher, [n_prompt], sampling.max_new_tokens)
+        _check_length(request, caller, "chat", [prompt], [n_prompt], sampling.max_new_tokens, started, request_id)
         if body.stream:
             raw = _complete(request, prompt, sampling, caller)
             n_prompt = _billed_prompt(n_prompt, raw)
@@ -797,7 +817,7 @@ def create_app(load_teacher: Callable[[], Teacher], model_name: str, api_keys: s
         started, teacher, request_id = time.time(), app.state.teacher, f"cmpl-{uuid.uuid4().hex}"
         sampling = body.sampling(body.logprobs or 0)
         counts = prompt_tokens(teacher, prompts)
-        _check_context(teacher, counts, sampling.max_new_tokens)
+        _check_length(request, caller, "completions", prompts, counts, sampling.max_new_tokens, started, request_id)
         if body.stream:
             answers = _complete_all(request, prompts, sampling, caller)
             counts = [_billed_prompt(n, answer) for n, answer in zip(counts, answers)]

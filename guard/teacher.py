@@ -126,6 +126,11 @@ class Teacher:
         """The same deployment with no memory of earlier callers (a new attack replicate starts here)."""
         return self
 
+    def observe(self, prompts: list[str], callers: Sequence[Caller]) -> None:
+        """Requests turned away before generation (a prompt over the model's context): still their callers'
+        traffic, which a defence that keeps history counts as a local teacher's caller would have it counted.
+        A plain teacher has nothing to record."""
+
 
 class Defense(Teacher):
     """A teacher that wraps a teacher and acts per caller: `Redact(Watermark(teacher))`.
@@ -159,6 +164,9 @@ class Defense(Teacher):
         clone = copy.copy(self)
         clone.teacher = self.teacher.fresh()
         return clone
+
+    def observe(self, prompts: list[str], callers: Sequence[Caller]) -> None:
+        self.teacher.observe(prompts, callers)
 
 
 class ModelLoadError(ValueError):

@@ -125,6 +125,30 @@ def test_the_monitor_blocks_a_harvesting_account_while_another_is_served_and_log
     assert rows and all(r.decisions["monitor"].startswith(("block: p=", "throttle: p=")) for r in rows)
 
 
+def test_a_prompt_turned_away_for_its_length_is_still_the_accounts_traffic(teacher_a, benign_detector, tmp_path):
+    """A 400 for an over-long prompt comes before generation, but the monitor still counts the request (as it
+    counts one sent to a local teacher in-process), and the audit log keeps its row; nothing is charged."""
+    import httpx
+
+    store = open_store(f"sqlite:///{tmp_path / 'gateway.db'}")
+    key = store.create_key("verbose", tpm=1000)
+    served = build_defense("monitor", teacher_a, DefenseParts(detector=benign_detector))
+    long_prompt = "word " * (teacher_a.context_length + 10)
+    with live_server(create_app(lambda: served, "teacher-a", store=store)) as url:
+        replies = [httpx.post(url + "/v1/completions", headers={"authorization": f"Bearer {key}"}, timeout=30,
+                              json={"model": "teacher-a", "prompt": long_prompt, "max_tokens": 8})
+                   for _ in range(3)]
+        served_one = httpx.post(url + "/v1/completions", headers={"authorization": f"Bearer {key}"}, timeout=30,
+                                json={"model": "teacher-a", "prompt": "question: where does Kalon live?\n",
+                                      "max_tokens": 8})
+    assert [r.json()["error"]["code"] for r in replies] == ["context_length_exceeded"] * 3
+    assert served.monitor.states["verbose"].count == 4  # the three turned away and the one served
+    rows = store.records()
+    assert [r.status for r in rows] == [400, 400, 400, 200]
+    assert {r.request_id for r in rows[:3]} == {r.headers["x-request-id"] for r in replies}
+    assert served_one.headers["x-ratelimit-remaining-tokens"] == "1000"  # the 400s charged nothing
+
+
 def test_health_and_prometheus_metrics_count_what_was_served(teacher_a, tmp_path):
     import httpx
     from prometheus_client.parser import text_string_to_metric_families

@@ -149,12 +149,15 @@ def same_texts(a: list[Completion], b: list[Completion]) -> int:
 
 
 def refused_share(store_path: Path, accounts: list[str]) -> dict:
-    """The share of these accounts' requests the gateway refused (403), from its audit log."""
+    """The share of these accounts' requests the gateway refused (403), from its audit log; and how many it
+    turned away for their length (400: over the model's context, refused with or without a defence)."""
     with sqlite3.connect(store_path) as db:
         marks = ",".join("?" * len(accounts))
-        total, refused = db.execute(f"SELECT count(*), coalesce(sum(status = 403), 0) FROM audit "
-                                    f"WHERE account IN ({marks})", accounts).fetchone()
-    return {"requests": total, "refused": refused, "refused_share": refused / total if total else None}
+        total, refused, too_long = db.execute(f"SELECT count(*), coalesce(sum(status = 403), 0), "
+                                              f"coalesce(sum(status = 400), 0) FROM audit "
+                                              f"WHERE account IN ({marks})", accounts).fetchone()
+    return {"requests": total, "refused": refused, "refused_share": refused / total if total else None,
+            "over_context": too_long}
 
 
 def lab_cell(root: Path, defense: str, budget: int, seed: int) -> dict | None:
@@ -286,5 +289,6 @@ def markdown(report: dict) -> str:
     lines += ["", f"Benign cost of the monitor (replayed benign users, each with its own key): accuracy drop "
                   f"{drop['mean']:+.3f} [{drop['ci95'][0]:+.3f}, {drop['ci95'][1]:+.3f}] against the undefended "
                   f"gateway ({drop['items_changed']} items changed); {cost['refused']} of {cost['requests']} benign "
-                  f"requests refused ({(cost['refused_share'] or 0):.2%})."]
+                  f"requests refused ({(cost['refused_share'] or 0):.2%}); {cost.get('over_context', 0)} turned "
+                  "away for a prompt over the teacher's context (with or without a defence)."]
     return "\n".join(lines)

@@ -25,17 +25,13 @@ from __future__ import annotations
 import copy
 import itertools
 import json
-import socket
 import sqlite3
-import threading
 import time
 from collections.abc import Sequence
-from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
-import uvicorn
 
 from detectors.detector import TrafficDetector
 from eval.attack import BENIGN_REPLAY, AttackConfig, evaluate, lab_parts
@@ -48,7 +44,7 @@ from eval.traffic import TrafficShape, served_to_benign_users, simulate
 from eval.traffic_study import SHAPES
 from guard.defenses import DefenseParts, build_defense, split_outer_policy
 from guard.openai_teacher import OpenAITeacher, TeacherRequestError
-from guard.server import create_app
+from guard.server import create_app, serve_in_thread
 from guard.store import SQLiteStore, Store
 from guard.teacher import Caller, Completion, Sampling, Teacher, callers_for
 
@@ -115,26 +111,6 @@ class GatewayAccounts(Teacher):
             run = list(run)
             out += self.client(account).complete([prompts[i] for i in run], sampling, [callers[i] for i in run])
         return out
-
-
-@contextmanager
-def serving(app):
-    """`app` served by uvicorn on a free loopback port, in a thread, for the duration of the block."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    while not server.started:
-        if not thread.is_alive():
-            raise RuntimeError(f"the gateway on port {port} did not start")
-        time.sleep(0.02)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=30)
 
 
 def gateway_app(teacher: Teacher, defense: str, parts: DefenseParts, store: Store, lab_clock: bool):
@@ -206,7 +182,7 @@ def main(out: str, seeds: int = 3, budget: int = 2000, students: str | None = No
         store_path = out_dir / f"gateway-{defense}.sqlite"
         for stale in (store_path, *(store_path.with_name(store_path.name + x) for x in ("-wal", "-shm"))):
             stale.unlink(missing_ok=True)  # a rerun's gateway starts with no memory; its audit log, too
-        with SQLiteStore(store_path) as store, serving(gateway_app(teacher, defense, parts, store, lab_clock)) as url:
+        with SQLiteStore(store_path) as store, serve_in_thread(gateway_app(teacher, defense, parts, store, lab_clock)) as url:
             # the teacher as its benign users are served: through the monitor, amid their replayed traffic
             users = GatewayAccounts(url, store, lab_clock, remembers_callers=lab_clock)
             in_process = build_defense(defense, teacher, parts).fresh()

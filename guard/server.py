@@ -23,14 +23,16 @@ import json
 import logging
 import math
 import re
+import socket
 import threading
 import time
 import uuid
 from collections import defaultdict, deque
 from collections.abc import Callable, Iterator
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, contextmanager
 from typing import Literal
 
+import uvicorn
 from fastapi import Depends, FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.concurrency import run_in_threadpool
@@ -866,3 +868,26 @@ def create_app(load_teacher: Callable[[], Teacher], model_name: str, api_keys: s
             yield CompletionChunk(**head, choices=[], usage=_usage(sum(counts), billed))
 
     return app
+
+
+@contextmanager
+def serve_in_thread(app: FastAPI, port: int = 0, start_timeout: float = 30.0) -> Iterator[str]:
+    """Serve `app` with uvicorn on loopback (`port`, or a free one) in a thread of this process for the
+    duration of the block, which gets the base URL: for tests, experiments and notebooks. A deployment runs
+    `distill-guard gateway` instead."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", port))
+        port = probe.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + start_timeout
+    while not server.started:
+        if time.monotonic() > deadline or not thread.is_alive():
+            raise RuntimeError(f"the server on port {port} did not start")
+        time.sleep(0.02)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)

@@ -1,19 +1,16 @@
 import os
 import socket
 import tempfile
-import threading
-import time
 import uuid
 import warnings
-from contextlib import contextmanager
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import psycopg
 import pytest
-import uvicorn
 
 from eval.reference import MODELS_DIR
+from guard.server import serve_in_thread
 from guard.teacher import HFTeacher
 
 
@@ -74,20 +71,4 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@contextmanager
-def live_server(app):
-    """Run an ASGI app with uvicorn on a loopback port for the duration of the block."""
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        if time.monotonic() > deadline or not thread.is_alive():
-            raise RuntimeError("test server did not start")
-        time.sleep(0.02)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
+live_server = serve_in_thread  # the app on a loopback port in a thread: `with live_server(app) as url:`

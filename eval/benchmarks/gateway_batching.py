@@ -14,41 +14,16 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
-import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 
 import numpy as np
 import openai
 import torch
-import uvicorn
 
 from eval.benchmarks import write_result
 from eval.reference import load_teacher
 from eval.reference.world import reference_task
-from guard.server import create_app
-
-
-@contextmanager
-def serving(app) -> Iterator[str]:
-    """The app on a free loopback port, in a thread, for the duration of the block: its /v1 URL."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    while not server.started:
-        if not thread.is_alive():
-            raise RuntimeError("the gateway did not start")
-        time.sleep(0.02)
-    try:
-        yield f"http://127.0.0.1:{port}/v1"
-    finally:
-        server.should_exit = True
-        thread.join()
+from guard.server import create_app, serve_in_thread
 
 
 async def ask(url: str, prompts: list[str], clients: int) -> tuple[list[str], float]:
@@ -79,8 +54,9 @@ def main(clients: int = 16, requests: int = 128, rounds: int = 3, window: float 
     sides = {"batched": max_batch, "serialised": 1}
     rates: dict[str, list[float]] = {side: [] for side in sides}
     mismatches = 0
-    with serving(create_app(lambda: teacher, "teacher", batch_window=window, max_batch=max_batch)) as batched, \
-            serving(create_app(lambda: teacher, "teacher", batch_window=window, max_batch=1)) as serialised:
+    with serve_in_thread(create_app(lambda: teacher, "teacher", batch_window=window, max_batch=max_batch)) as batched, \
+            serve_in_thread(create_app(lambda: teacher, "teacher", batch_window=window, max_batch=1)) as serialised:
+        batched, serialised = batched + "/v1", serialised + "/v1"
         asyncio.run(ask(batched, prompts[:clients], clients))  # warm-up
         for _ in range(rounds):
             texts = {}

@@ -116,8 +116,8 @@ def test_a_stopped_batcher_refuses_rather_than_leaving_a_caller_waiting(teacher_
 
 def test_batching_benchmark_smoke(teacher_a):
     """Smoke test: the benchmark's gateway and clients still run and get each prompt's own answer. Not timed."""
-    from eval.benchmarks.gateway_batching import ask, serving
+    from eval.benchmarks.gateway_batching import ask
 
-    with serving(create_app(lambda: teacher_a, "teacher", max_batch=4)) as url:
-        texts, _ = asyncio.run(ask(url, PROMPTS[:6], clients=3))
+    with live_server(create_app(lambda: teacher_a, "teacher", max_batch=4)) as url:
+        texts, _ = asyncio.run(ask(url + "/v1", PROMPTS[:6], clients=3))
     assert texts == [teacher_a.complete([p], GREEDY)[0].text for p in PROMPTS[:6]]

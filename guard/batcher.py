@@ -13,7 +13,7 @@ not give the same answer twice.
 
 Greedy text does not depend on the batch: the local backend left-pads with an attention mask (on the reference
 teacher, batched and solo greedy text matched on every lab prompt we tried). An upstream (OpenAI-compatible)
-backend sends a batch's prompts as concurrent HTTP requests, so batching lets its calls overlap too.
+backend does not need it: the gateway calls one from each request's thread (`Teacher.concurrent`).
 
 Example:
     >>> batcher = Batcher(window=0.005, max_batch=16)

@@ -89,6 +89,8 @@ class OpenAITeacher(Teacher):
         >>> teacher.complete(["question: where does Kalon live?\\n"], Sampling(temperature=0))[0].answer
     """
 
+    concurrent = True  # each prompt is its own HTTP request: callers need not wait for one another
+
     def __init__(self, base_url: str, model: str, api_key: str | None = None, api: str = "chat",
                  timeout: float = 60.0, max_retries: int = 5, concurrency: int = 8, lab_clock: bool = False):
         if api not in ("chat", "completions"):

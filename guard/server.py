@@ -499,13 +499,16 @@ def _check_length(request: Request, caller: Caller, endpoint: str, prompts: list
 def _complete(request: Request, prompt: str, sampling: Sampling, caller: Caller) -> Completion:
     """The completion for `caller` as the teacher (with its inner defences) wrote it, before the account's
     redaction policy."""
-    state = request.app.state
-    return state.batcher.complete(state.teacher, prompt, sampling, caller)
+    return _complete_all(request, [prompt], sampling, caller)[0]
 
 
 def _complete_all(request: Request, prompts: list[str], sampling: Sampling, caller: Caller) -> list[Completion]:
-    """`_complete` for each of one request's prompts, queued together so that they can share a batch."""
+    """`_complete` for each of one request's prompts, queued together so that they can share a batch. A
+    backend that serves concurrent calls itself (an upstream server) is called at once, from this request's
+    thread: batching would only make its requests wait for each other."""
     state = request.app.state
+    if state.teacher.concurrent:
+        return state.teacher.complete(prompts, sampling, [caller] * len(prompts))
     return [answer.result() for answer in state.batcher.submit(state.teacher, prompts, sampling, caller)]
 
 

@@ -115,6 +115,7 @@ class Teacher:
 
     name: str = "teacher"
     remembers_callers = False  # whether one request's answer can depend on the caller's earlier requests
+    concurrent = False  # whether `complete` may run in many threads at once (a remote backend's HTTP calls)
     tokenizer: PreTrainedTokenizerBase | None = None  # a local model's own; None where the backend is remote
     context_length: int | None = None  # the most tokens (prompt and completion) the model attends to, if known
 
@@ -155,6 +156,10 @@ class Defense(Teacher):
     @property
     def tokenizer(self) -> PreTrainedTokenizerBase | None:
         return self.teacher.tokenizer
+
+    @property
+    def concurrent(self) -> bool:  # a defence keeping shared state guards it with a lock (`Monitored`)
+        return self.teacher.concurrent
 
     @property
     def context_length(self) -> int | None:

@@ -130,6 +130,38 @@ def failure(upstream_url: str, **settings) -> openai.APIStatusError:
     return caught.value
 
 
+def test_a_slow_upstream_answer_holds_up_no_other_client():
+    """A proxy does not queue requests behind each other (no batch waits for a slow one): requests sent while
+    a slow one is in flight reach the upstream before it answers."""
+    slow_in_flight, overlapped = False, []
+
+    async def echo(body):
+        nonlocal slow_in_flight
+        if body["prompt"] == "slow":
+            slow_in_flight = True
+            await asyncio.sleep(1.5)
+            slow_in_flight = False
+        else:
+            overlapped.append(slow_in_flight)
+        return JSONResponse({"id": "cmpl-1", "object": "text_completion", "created": 0, "model": "teacher-a",
+                             "choices": [{"index": 0, "text": "ok", "finish_reason": "stop"}],
+                             "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}})
+
+    async def ask_all(url):
+        client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="sk-client", max_retries=0)
+
+        async def ask(prompt, after):
+            await asyncio.sleep(after)
+            return await client.completions.create(model=GATEWAY_MODEL, prompt=prompt, max_tokens=2)
+
+        return await asyncio.gather(ask("slow", 0), *(ask(p, 0.3) for p in "abcd"))
+
+    with live_server(tiny_upstream(echo)) as upstream, live_server(gateway(upstream)) as url:
+        answers = asyncio.run(ask_all(url))
+    assert [a.choices[0].text for a in answers] == ["ok"] * 5
+    assert overlapped == [True] * 4
+
+
 def test_an_upstream_slower_than_the_timeout_is_a_504():
     async def slow(body):
         await asyncio.sleep(2.0)

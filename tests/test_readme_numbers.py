@@ -323,6 +323,31 @@ def watermark_speed(table: Table, sources: list) -> list[list]:
     return expected
 
 
+def gateway_overhead(table: Table, sources: list) -> list[list]:
+    result = sources[0]
+    expected = []
+    for cell in table.rows:
+        target = next(key for label, key in (("local", "gateway_local"), ("proxy", "gateway_upstream"),
+                                             ("the stub", "direct")) if cell[0].startswith(label))
+        load = result["throughput"][target]
+        cpu = sum(load["server_cpu_ms_per_request"].values()) if target != "gateway_upstream" else \
+            load["server_cpu_ms_per_request"]["gateway"]
+        if target == "direct":
+            expected.append([None, "—", "—", [load["requests_per_s"]], [cpu]])
+            continue
+        latency, first = result["latency"][target], result["stream_first_token"][target]
+        expected.append([None, [latency["added_p50_ms"], latency["added_p99_ms"]], [first["added_p50_ms"]],
+                         [load["requests_per_s"]], [cpu]])
+    return expected
+
+
+def gateway_batching(table: Table, sources: list) -> list[list]:
+    result = sources[0]
+    return [[None, [result["batched_requests_per_s"]], [result["greedy_mismatches"], result["greedy_compared"]]],
+            [None, [result["serialised_requests_per_s"]], "—"],
+            [None, [result["speedup"]], "—"]]
+
+
 CHECKERS = {
     "| | teacher-a | teacher-b |": reference_lab,
     "| budget | student after, with reasoning (none) | transfer τ [95% CI] | student after, answers only "
@@ -338,6 +363,9 @@ CHECKERS = {
     "| traffic | accounts | flagged, timing+content [95% CI] | flagged, with embeddings | via cluster | median "
     "requests before the flag | student after, through the monitor | protection at 2,000 queries [95% CI] |": traffic,
     "| measure | figure | command |": performance,
+    "| gateway path | added latency, p50 / p99 | stream's first token, added p50 | requests/s, 64 in flight | "
+    "gateway CPU per request |": gateway_overhead,
+    "| generation in the gateway | requests/s, 16 concurrent clients | greedy texts that differ |": gateway_batching,
     "| vocabulary | size | distinct contexts in the text | transformers | ours, keyed green lists | ratio | ours, "
     "transformers' green lists | ratio | max \\|Δz\\| | processor per decoding step, batch 32 (softmax + multinomial "
     "alone) |": watermark_speed,

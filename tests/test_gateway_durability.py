@@ -17,7 +17,7 @@ import openai
 
 from conftest import free_port, live_server
 from guard.server import create_app
-from guard.store import SQLiteStore
+from guard.store import SQLiteStore, text_digest
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -43,13 +43,13 @@ def test_the_audit_row_carries_the_id_the_client_receives(teacher_a, tmp_path):
 
 
 @contextmanager
-def gateway(db: Path, log: Path):
+def gateway(db: Path, log: Path, *options: str):
     """`distill-guard gateway` on a loopback port, as an operator starts it; yields (process, base URL)."""
     port = free_port()
     with open(log, "ab") as out:
         process = subprocess.Popen(
             [sys.executable, "-m", "guard.cli", "gateway", "--teacher", "reference", "--store", f"sqlite:///{db}",
-             "--port", str(port)], cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=out, stderr=out)
+             "--port", str(port), *options], cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=out, stderr=out)
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 90
@@ -143,8 +143,10 @@ def test_kill_9_under_load_loses_no_acknowledged_request_and_duplicates_none(tmp
     assert len(expected) == len(load.expected) >= 40
     assert len(ids) == len(set(ids)) <= load.sent  # no row twice, and none a request did not send
     assert sorted(expected - set(ids)) == []  # every acknowledged request is in the log
-    with gateway(db, log) as (_, url):  # the restarted gateway serves on the same store and logs on
+    with gateway(db, log, "--no-log-text") as (_, url):  # restarted on the same store, now logging only hashes
         after = openai.OpenAI(base_url=url + "/v1", api_key=key, max_retries=0).completions.create(
             model="teacher-a", prompt="question after", max_tokens=4)
     with SQLiteStore(db) as store:
-        assert [r.request_id for r in store.records()] == ids + [after.id]
+        rows = store.records()
+    assert [r.request_id for r in rows] == ids + [after.id]
+    assert rows[-1].prompt == text_digest("question after") and rows[-1].response == text_digest(after.choices[0].text)

@@ -323,6 +323,32 @@ def watermark_speed(table: Table, sources: list) -> list[list]:
     return expected
 
 
+def through_gateway(table: Table, sources: list) -> list[list]:
+    def shown(stat: dict | None):
+        return interval(stat) if stat else "—"
+
+    attacks = {(a["defense"], a["attacker"]): a for a in sources[0]["attacks"]}
+    expected = []
+    for cell in table.rows:
+        a = attacks[cell[0], cell[1]]
+        expected.append([a["defense"], a["attacker"], a["training_rows"], interval(a["transfer"]),
+                         shown(a.get("protection")), shown((a["in_process"] or {}).get("protection")),
+                         [sum(a["same_rows_as_in_process"]), a["seeds"]]])
+    return expected
+
+
+def through_gateway_served(table: Table, sources: list) -> list[list]:
+    served = sources[0]["served"]
+    expected = []
+    for cell in table.rows:
+        s = served[cell[0]]
+        refused = s.get("benign_requests")
+        expected.append([None, [s["accuracy"]], [s["in_process_accuracy"]],
+                         [s["texts_identical_in_process"], s["items"]],
+                         [refused["refused"], refused["requests"]] if refused else "—"])
+    return expected
+
+
 def gateway_overhead(table: Table, sources: list) -> list[list]:
     result = sources[0]
     expected = []
@@ -363,6 +389,10 @@ CHECKERS = {
     "| traffic | accounts | flagged, timing+content [95% CI] | flagged, with embeddings | via cluster | median "
     "requests before the flag | student after, through the monitor | protection at 2,000 queries [95% CI] |": traffic,
     "| measure | figure | command |": performance,
+    "| defence | attacker | rows the attacker kept, per seed | transfer τ [95% CI] | protection through the gateway "
+    "[95% CI] | protection in-process [95% CI] | harvests identical to in-process |": through_gateway,
+    "| gateway | teacher accuracy as served, through HTTP | in-process | greedy texts identical to in-process | "
+    "replayed benign requests refused |": through_gateway_served,
     "| gateway path | added latency, p50 / p99 | stream's first token, added p50 | requests/s, 64 in flight | "
     "gateway CPU per request |": gateway_overhead,
     "| generation in the gateway | requests/s, 16 concurrent clients | greedy texts that differ |": gateway_batching,

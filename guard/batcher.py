@@ -1,8 +1,10 @@
 """A small dynamic batcher: concurrent requests to one teacher go out together, not one behind another.
 
-Requests that arrive within `window` seconds of the oldest waiting one, up to `max_batch` of them, reach
-`teacher.complete(prompts, sampling, callers)` in one call, and each waiter gets its own completion (or the
-batch's exception). One worker thread makes every call, so the teacher still sees one call at a time and
+Requests that wait while the teacher generates, and those that arrive within `window` seconds of the oldest
+waiting one, up to `max_batch` of them, reach `teacher.complete(prompts, sampling, callers)` in one call, and
+each waiter gets its own completion (or the batch's exception). The default window is 0: an idle teacher takes
+a lone request at once (no added latency), and under load the requests that queue behind a batch form the
+next one. One worker thread makes every call, so the teacher still sees one call at a time and
 every prompt in arrival order: a defence that decides each request from the ones before it (the monitor)
 decides as it would behind a lock.
 
@@ -16,7 +18,7 @@ teacher, batched and solo greedy text matched on every lab prompt we tried). An 
 backend does not need it: the gateway calls one from each request's thread (`Teacher.concurrent`).
 
 Example:
-    >>> batcher = Batcher(window=0.005, max_batch=16)
+    >>> batcher = Batcher(max_batch=16)
     >>> batcher.start()
     >>> batcher.complete(teacher, "question: where does Kalon live?\\n", GREEDY, Caller("acme")).answer
     >>> batcher.stop()
@@ -50,12 +52,12 @@ class Batcher:
     """Batches `complete` calls from many threads into few calls to the teacher, made by one worker thread.
 
     Args:
-        window: seconds the oldest waiting request waits for others to join it (a few milliseconds); a request
-            that waited longer than that behind the previous batch goes out with whatever came meanwhile.
+        window: seconds the oldest waiting request waits for others to join it (0: none); a request that waited
+            longer than that behind the previous batch goes out with whatever came meanwhile.
         max_batch: the most prompts in one call; 1 serialises the requests, as a lock would.
     """
 
-    def __init__(self, window: float = 0.005, max_batch: int = 16):
+    def __init__(self, window: float = 0.0, max_batch: int = 16):
         if window < 0 or max_batch < 1:
             raise ValueError(f"window must be >= 0 and max_batch >= 1, got {window} and {max_batch}")
         self.window, self.max_batch = window, max_batch

@@ -251,7 +251,7 @@ def serve(teacher: TeacherOpt = "reference", host: str = "127.0.0.1", port: int 
           master_key_file: Annotated[str | None, typer.Option(help="file holding the watermark master secret")] = None,
           store: Annotated[str | None, typer.Option(help="sqlite:///PATH or postgresql://USER@HOST/DB: API keys "
                                                          "(`distill-guard keys create`) and the audit log")] = None,
-          batch_window: Annotated[float, typer.Option(help="seconds concurrent requests wait to share a batch")] = 0.005,
+          batch_window: Annotated[float, typer.Option(help="seconds a request waits for others to share its batch (0: none; under load, requests queued behind a batch share the next)")] = 0.0,
           max_batch: Annotated[int, typer.Option(help="the most requests in one call to the teacher; 1 serialises "
                                                       "them")] = 16,
           admin_key_file: Annotated[str | None, typer.Option(help="file holding the admin key that enables the "
@@ -628,7 +628,7 @@ def bench_redaction(prompts: int = 256, rounds: Annotated[int, typer.Option(help
 def bench_batching(clients: Annotated[int, typer.Option(help="concurrent clients")] = 16,
                    requests: Annotated[int, typer.Option(help="requests per round, each side")] = 128,
                    rounds: Annotated[int, typer.Option(help="rounds, the two sides alternating")] = 3,
-                   window: Annotated[float, typer.Option(help="the batcher's window, in seconds")] = 0.005,
+                   window: Annotated[float, typer.Option(help="the batcher's window, in seconds")] = 0.0,
                    max_batch: int = 16):
     """Requests/s through the gateway (loopback HTTP, concurrent clients) with the batcher and serialised."""
     gateway_batching.main(clients, requests, rounds, window, max_batch)

@@ -645,7 +645,7 @@ class _Bounded:
 def create_app(load_teacher: Callable[[], Teacher], model_name: str, api_keys: set[str] | None = None,
                sealer: Sealer | None = None, policy: Policy | None = None, max_body_bytes: int = MiB,
                max_prompts: int = 64, store: Store | None = None, rate_window: float = 60.0,
-               batch_window: float = 0.005, max_batch: int = 16, summarize: Summarize | None = None,
+               batch_window: float = 0.0, max_batch: int = 16, summarize: Summarize | None = None,
                admin_key: str | None = None, retention: float | None = None,
                key_cache_seconds: float = 5.0, lab_clock: bool = False) -> FastAPI:
     """Serve the teacher that `load_teacher` builds (called once, at start-up) as `model_name`.
@@ -665,8 +665,9 @@ def create_app(load_teacher: Callable[[], Teacher], model_name: str, api_keys: s
             its response is sent. Without it, `api_keys` (if any) are accepted as accounts key-0, key-1, ...
         rate_window: seconds over which each account's requests per minute and tokens per minute (from the
             store) are counted; a minute, as the limits say, except in tests.
-        batch_window, max_batch: concurrent requests reach the teacher in batches (`guard.batcher`): those that
-            arrive within `batch_window` seconds, up to `max_batch`; `max_batch=1` serialises them.
+        batch_window, max_batch: concurrent requests reach the teacher in batches (`guard.batcher`): those queued
+            while it generates, and those that arrive within `batch_window` seconds, up to `max_batch`;
+            `max_batch=1` serialises them.
         admin_key: enables the admin API (`guard.admin`) behind this key; it needs `store`. Only its digest
             is kept.
         retention: seconds an audit row is kept; older rows are purged at start-up and then periodically.

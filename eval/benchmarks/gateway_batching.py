@@ -47,7 +47,7 @@ async def ask(url: str, prompts: list[str], clients: int) -> tuple[list[str], fl
     return texts, seconds
 
 
-def main(clients: int = 16, requests: int = 128, rounds: int = 3, window: float = 0.005,
+def main(clients: int = 16, requests: int = 128, rounds: int = 3, window: float = 0.0,
          max_batch: int = 16) -> dict:
     teacher = load_teacher("reference")
     prompts = [item.prompt for item in reference_task().eval_items[:requests]]

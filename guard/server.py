@@ -206,13 +206,15 @@ class RateLimiter:
 
     A request is admitted while its account sent fewer than `rpm` requests and used fewer than `tpm` tokens in
     the window; tokens are charged when a completion is done (a stream's too). Memory per account is bounded
-    by its limits. (Counters shared by replicas belong in Redis: issue 17.)
+    by its requests in one window, and each request costs O(1). (Counters shared by replicas belong in Redis:
+    issue 17.)
     """
 
     def __init__(self, window: float = 60.0):
         self.window = window
         self.requests: dict[str, deque[float]] = defaultdict(deque)
         self.tokens: dict[str, deque[tuple[float, int]]] = defaultdict(deque)
+        self.used: dict[str, int] = defaultdict(int)  # the sum of `tokens`, kept so a request costs O(1)
         self.lock = threading.Lock()
 
     def _trim(self, account: str, now: float) -> None:
@@ -220,14 +222,14 @@ class RateLimiter:
         while requests and requests[0] <= now - self.window:
             requests.popleft()
         while tokens and tokens[0][0] <= now - self.window:
-            tokens.popleft()
+            self.used[account] -= tokens.popleft()[1]
 
     def admit(self, account: Account, now: float) -> dict[str, str]:
         """The rate-limit headers for this request; raises a 429 with Retry-After when a limit is reached."""
         with self.lock:
             self._trim(account.name, now)
             requests, tokens = self.requests[account.name], self.tokens[account.name]
-            used = sum(n for _, n in tokens)
+            used = self.used[account.name]
             headers, waits = {}, []
             if account.rpm is not None:
                 headers |= {"x-ratelimit-limit-requests": str(account.rpm),
@@ -253,6 +255,7 @@ class RateLimiter:
     def charge(self, account: str, tokens: int, now: float) -> None:
         with self.lock:
             self.tokens[account].append((now, tokens))
+            self.used[account] += tokens
 
 
 class KeyCache:

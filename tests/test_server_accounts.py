@@ -113,6 +113,26 @@ def test_a_key_with_a_token_limit_is_refused_once_its_tokens_are_spent(teacher_a
     assert all(s == 429 for s in statuses[statuses.index(429):])  # refused until the window passes
 
 
+def test_spent_tokens_leave_the_window_and_free_the_account_again():
+    from guard.errors import APIError
+    from guard.server import RateLimiter
+    from guard.store import Account
+
+    limiter, account = RateLimiter(window=60.0), Account("tokens", key_id="k", tpm=100)
+    limiter.admit(account, now=0.0)
+    limiter.charge("tokens", 70, now=1.0)
+    limiter.admit(account, now=2.0)
+    limiter.charge("tokens", 40, now=30.0)
+    with pytest.raises(APIError) as refused:
+        limiter.admit(account, now=31.0)
+    assert refused.value.headers["retry-after"] == "30"  # when the first 70 tokens leave the window
+    assert limiter.admit(account, now=61.5)["x-ratelimit-remaining-tokens"] == "60"  # only the 40 remain
+    limiter.charge("tokens", 60, now=61.6)  # 100 in the window again
+    with pytest.raises(APIError):
+        limiter.admit(account, now=61.7)
+    assert limiter.admit(account, now=91.0)["x-ratelimit-remaining-tokens"] == "40"
+
+
 def test_the_monitor_blocks_a_harvesting_account_while_another_is_served_and_logs_why(teacher_a, benign_detector,
                                                                                      tmp_path):
     """Two accounts on one server with the monitor, on the wall clock: the one harvesting at script speed is

@@ -19,7 +19,7 @@ from fastapi import APIRouter, Depends, Query, Request
 from pydantic import BaseModel, Field
 
 from guard.errors import APIError
-from guard.store import AuditRecord, Store
+from guard.store import MAX_LIMIT, AuditRecord, Store
 
 logger = logging.getLogger(__name__)
 ADMIN_KEY_ENV = "DISTILL_GUARD_ADMIN_KEY"
@@ -54,8 +54,8 @@ router = APIRouter(prefix="/admin")
 
 class NewKey(BaseModel):
     account: str = Field(min_length=1)
-    rpm: int | None = Field(None, ge=1)
-    tpm: int | None = Field(None, ge=1)
+    rpm: int | None = Field(None, ge=1, le=MAX_LIMIT)
+    tpm: int | None = Field(None, ge=1, le=MAX_LIMIT)
     policy: str | None = Field(None, description="redaction policy spec; none: the gateway's")
 
 
@@ -81,7 +81,7 @@ class AuditPage(BaseModel):
 
 
 class Purge(BaseModel):
-    older_than_days: float = Field(gt=0)
+    older_than_days: float = Field(gt=0, le=1e6)
 
 
 def _key_out(account) -> dict:

@@ -33,6 +33,7 @@ from guard.group_commit import GroupCommit
 from guard.redaction import parse_policy
 
 KEY_PREFIX = "dg-"
+MAX_LIMIT = 2**63 - 1  # the largest rpm or tpm both databases store (a signed 64-bit integer)
 LOOKUP_CHARS = 16  # of the digest's hex, indexed: enough to make two keys' lookups collide almost never
 
 # One schema for both databases; only the column that keeps the audit log's insertion order differs ({seq}).
@@ -131,8 +132,8 @@ class Store:
         if not account:
             raise ValueError("an account name is required")
         for name, limit in (("rpm", rpm), ("tpm", tpm)):
-            if limit is not None and limit < 1:
-                raise ValueError(f"{name} must be a positive whole number, got {limit}")
+            if limit is not None and not 1 <= limit <= MAX_LIMIT:
+                raise ValueError(f"{name} must be a whole number from 1 to {MAX_LIMIT}, got {limit}")
         if policy is not None:
             parse_policy(policy)  # a misspelt policy fails now, not on the account's first request
         key = KEY_PREFIX + secrets.token_urlsafe(32)

@@ -14,6 +14,7 @@ from guard.store import SQLiteStore
 
 EXAMPLES = 60  # per operation and mode: the whole run stays well under a minute
 CHEAP_TOKENS = 4  # generation stays cheap: any valid max_tokens above this is sent as this
+ADMIN_KEY = "fuzz-admin-key-0123456789abcdef0123456789"  # the admin API is fuzzed too, behind its own key
 sent = []
 
 
@@ -21,7 +22,7 @@ sent = []
 def gateway(teacher_a, tmp_path_factory):
     store = SQLiteStore(tmp_path_factory.mktemp("fuzz") / "gateway.db")
     key = store.create_key("fuzzer")
-    with live_server(create_app(lambda: teacher_a, "teacher-a", store=store)) as url:
+    with live_server(create_app(lambda: teacher_a, "teacher-a", store=store, admin_key=ADMIN_KEY)) as url:
         yield url, key
     print(f"\nschemathesis sent {len(sent)} requests: "
           f"{sorted({status: sent.count(status) for status in sent}.items())} (status, count)")
@@ -31,8 +32,9 @@ def test_no_request_the_schema_allows_or_not_gets_a_500(gateway):
     url, key = gateway
     schema = schemathesis.openapi.from_url(url + "/openapi.json")
     operations = [result.ok() for result in schema.get_all_operations()]
-    assert {op.path for op in operations} >= {"/v1/chat/completions", "/v1/completions", "/v1/models"}
+    assert {op.path for op in operations} >= {"/v1/chat/completions", "/v1/completions", "/v1/models", "/admin/keys"}
     for operation in operations:
+        bearer = ADMIN_KEY if operation.path.startswith("/admin") else key
         # requests that fit the schema, and (where there is a body to break) requests that do not
         for mode in (GenerationMode.POSITIVE, GenerationMode.NEGATIVE)[: 2 if operation.body else 1]:
             @given(case=operation.as_strategy(mode))
@@ -43,7 +45,7 @@ def test_no_request_the_schema_allows_or_not_gets_a_500(gateway):
                         case.body["model"] = "teacher-a"  # the one served: past the model check, to generation
                     if isinstance(case.body.get("max_tokens"), int) and CHEAP_TOKENS < case.body["max_tokens"] <= 4096:
                         case.body["max_tokens"] = CHEAP_TOKENS
-                response = case.call_and_validate(base_url=url, headers={"Authorization": f"Bearer {key}"},
+                response = case.call_and_validate(base_url=url, headers={"Authorization": f"Bearer {bearer}"},
                                                   checks=[not_a_server_error])
                 sent.append(response.status_code)
                 assert "Traceback" not in response.text

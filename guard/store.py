@@ -133,7 +133,7 @@ class Store:
             raise ValueError("an account name is required")
         for name, limit in (("rpm", rpm), ("tpm", tpm)):
             if limit is not None and not 1 <= limit <= MAX_LIMIT:
-                raise ValueError(f"{name} must be a whole number from 1 to {MAX_LIMIT}, got {limit}")
+                raise ValueError(f"{name} must be a positive whole number up to {MAX_LIMIT}, got {limit}")
         if policy is not None:
             parse_policy(policy)  # a misspelt policy fails now, not on the account's first request
         key = KEY_PREFIX + secrets.token_urlsafe(32)

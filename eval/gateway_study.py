@@ -25,7 +25,6 @@ from __future__ import annotations
 import copy
 import itertools
 import json
-import sqlite3
 import time
 from collections.abc import Sequence
 from dataclasses import replace
@@ -124,16 +123,14 @@ def same_texts(a: list[Completion], b: list[Completion]) -> int:
     return sum(x.text == y.text for x, y in zip(a, b))
 
 
-def refused_share(store_path: Path, accounts: list[str]) -> dict:
+def refused_share(store: Store, accounts: list[str]) -> dict:
     """The share of these accounts' requests the gateway refused (403), from its audit log; and how many it
     turned away for their length (400: over the model's context, refused with or without a defence)."""
-    with sqlite3.connect(store_path) as db:
-        marks = ",".join("?" * len(accounts))
-        total, refused, too_long = db.execute(f"SELECT count(*), coalesce(sum(status = 403), 0), "
-                                              f"coalesce(sum(status = 400), 0) FROM audit "
-                                              f"WHERE account IN ({marks})", accounts).fetchone()
+    mine = set(accounts)
+    statuses = [r.status for r in store.records() if r.account in mine]
+    total, refused = len(statuses), statuses.count(403)
     return {"requests": total, "refused": refused, "refused_share": refused / total if total else None,
-            "over_context": too_long}
+            "over_context": statuses.count(400)}
 
 
 def lab_cell(root: Path, defense: str, budget: int, seed: int) -> dict | None:
@@ -199,7 +196,7 @@ def main(out: str, seeds: int = 3, budget: int = 2000, students: str | None = No
                 "items_refused": sum(c.finish_reason == "refused" for c in texts),
                 "over_context": {"gateway": sum(c.finish_reason == "context_length" for c in texts),
                                  "in_process": sum(c.finish_reason == "context_length" for c in lab_texts)},
-                **({"benign_requests": refused_share(store_path, [users.account(a) for a in users.clients])}
+                **({"benign_requests": refused_share(store, [users.account(a) for a in users.clients])}
                    if lab_clock else {})}
             print(defense, json.dumps(report["served"][defense]), flush=True)
             for attacker in attackers:

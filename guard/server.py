@@ -877,14 +877,19 @@ def create_app(load_teacher: Callable[[], Teacher], model_name: str, api_keys: s
     return app
 
 
+def free_port() -> int:
+    """A loopback port no one listens on now."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
 @contextmanager
-def serve_in_thread(app: FastAPI, port: int = 0, start_timeout: float = 30.0) -> Iterator[str]:
+def serve_in_thread(app: FastAPI, port: int | None = None, start_timeout: float = 30.0) -> Iterator[str]:
     """Serve `app` with uvicorn on loopback (`port`, or a free one) in a thread of this process for the
     duration of the block, which gets the base URL: for tests, experiments and notebooks. A deployment runs
     `distill-guard gateway` instead."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", port))
-        port = probe.getsockname()[1]
+    port = free_port() if port is None else port
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()

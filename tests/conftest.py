@@ -1,5 +1,4 @@
 import os
-import socket
 import tempfile
 import uuid
 import warnings
@@ -10,7 +9,7 @@ import psycopg
 import pytest
 
 from eval.reference import MODELS_DIR
-from guard.server import serve_in_thread
+from guard.server import free_port, serve_in_thread  # noqa: F401 (free_port: for the tests)
 from guard.teacher import HFTeacher
 
 
@@ -63,12 +62,6 @@ def postgres_url(postgres_server) -> str:
     with psycopg.connect(postgres_server.get_uri(), autocommit=True) as db:
         db.execute(f"CREATE DATABASE {name}")
     return postgres_server.get_uri(name)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 live_server = serve_in_thread  # the app on a loopback port in a thread: `with live_server(app) as url:`

@@ -42,7 +42,7 @@ import uvicorn
 
 from eval.benchmarks import RESULTS, write_result
 from guard.openai_teacher import OpenAITeacher
-from guard.server import PIECE, create_app
+from guard.server import PIECE, create_app, free_port
 from guard.store import SQLiteStore
 from guard.teacher import Completion, Teacher
 
@@ -115,12 +115,6 @@ def _serve(role: str, port: int, db: str, backend: str, http: str, loop: str) ->
         app, lifespan = create_app(teacher, MODEL, store=SQLiteStore(db)), "on"
     uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning", access_log=False, http=http, loop=loop,
                 lifespan=lifespan)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _cpu_seconds(pid: int) -> float:
@@ -251,7 +245,7 @@ def run(samples: int = 2000, seconds: float = 4.0, concurrency: int = 64, rounds
         db = str(Path(tmp) / "gateway.db")
         with SQLiteStore(db) as store:
             key = store.create_key("bench", rpm=10**9)  # the limiter counts every request, and admits them all
-        ports = {role: _free_port() for role in ("backend", "local", "upstream")}
+        ports = {role: free_port() for role in ("backend", "local", "upstream")}
         urls = {role: f"http://127.0.0.1:{port}" for role, port in ports.items()}
         servers = {role: spawn.Process(target=_serve, args=(role, port, db, urls["backend"], http, loop), daemon=True)
                    for role, port in ports.items()}

@@ -1,17 +1,28 @@
-"""Cross-account clustering: a sybil swarm spreads one harvest over accounts that each look clean.
+"""Cross-account linking: a swarm spreads one harvest over accounts that each look clean.
 
-Accounts are linked by evidence of common control: a shared payment fingerprint, the same /24 network,
-synchronised timing (first request within a minute and the same pace), and shared prompt templates
-(prompts that are the same once names and numbers are masked). One weak signal is common among benign
-customers (two batch jobs may use one template; colleagues share an office network), so an edge needs a
-shared payment fingerprint, or two of the other three. Connected groups of at least `min_size` accounts are
-then judged as one client: their pooled traffic goes through the fitted detector, and if the pool is
-flagged every member is.
+Accounts are linked by evidence of common control, read from each account's first `LINK_AT` requests:
+- a shared payment fingerprint (enough on its own);
+- the same /24 network;
+- synchronised timing: first requests within `start_window` seconds, at the same regular pace (a script's);
+- shared wording templates: prompts that are the same once names and numbers are masked;
+- joint coverage: both accounts ask about things benign users rarely ask about (their keys' surprisal under
+  the benign population's popularity is above what 75% of benign task askers show), and never about the same
+  thing, as the parts of one harvest split between accounts do, where people's interests overlap on the
+  popular.
+Each weak signal alone is common among benign customers (colleagues share an office network, two batch jobs
+may share a template, two evaluation customers both ask about everything), so an edge needs a shared
+payment fingerprint or two of the other four; and the last three count only between accounts that started
+within `TOGETHER` of each other (two evaluation customers using one harness, days apart, are not a swarm). A connected group of at least `min_size` accounts is judged
+as one client: its pooled traffic goes through the fitted detector.
+
+`Linker` does this online, one request at a time, for the monitor (and so for the gateway); `clusters` and
+`judge_clusters` do it on a log.
 """
 
 from __future__ import annotations
 
 import re
+from collections import OrderedDict, defaultdict
 from dataclasses import dataclass
 
 import numpy as np
@@ -20,9 +31,11 @@ from scipy.sparse.csgraph import connected_components
 
 from detectors.detector import TrafficDetector
 from detectors.events import Event
-from detectors.features import by_client
+from detectors.features import LINK_AT, Popularity, by_client, task_surprisal
 
 MASK = re.compile(r"\b[A-Z][a-z]+\b|\d+")
+START_WINDOW = 60.0  # seconds between the first requests of accounts in step
+TOGETHER = 3600.0  # seconds between the first requests of accounts that a network alone does not link
 
 
 @dataclass
@@ -32,31 +45,47 @@ class Account:
     network: str | None
     start: float
     pace: float  # median seconds between requests
+    regular: bool  # a script's clock: gaps that vary by less than half their mean
     shapes: frozenset[str]
+    keys: frozenset[str]
+    rare: bool  # asks about what benign users rarely do (see `linked`)
 
 
-def summarize(client: str, events: list[Event], sample: int = 64) -> Account:
+def summarize(client: str, events: list[Event], popularity: Popularity | None = None,
+              rare_surprisal: float = np.inf) -> Account:
+    """An account from its first requests (`LINK_AT` of them are enough)."""
+    events = events[:LINK_AT]
     times = np.array([e.time for e in events])
+    gaps = np.diff(times)
     ip = events[0].ip
-    shapes = frozenset(MASK.sub("#", e.prompt) for e in events[:sample])
+    keys = frozenset(popularity.key(e.prompt)[0] for e in events) if popularity is not None else frozenset()
+    surprisal = task_surprisal([e.prompt for e in events], popularity) if popularity is not None else None
+    rare = surprisal is not None and surprisal >= rare_surprisal
     return Account(client, events[0].payment, ip.rsplit(".", 1)[0] if ip and "." in ip else ip, float(times[0]),
-                   float(np.median(np.diff(times))) if len(times) > 1 else float("inf"), shapes)
+                   float(np.median(gaps)) if len(gaps) else float("inf"),
+                   len(gaps) > 1 and gaps.std() < 0.5 * gaps.mean(),
+                   frozenset(MASK.sub("#", e.prompt) for e in events), keys, rare)
 
 
-def linked(a: Account, b: Account, start_window: float = 60.0, pace_ratio: float = 1.25,
-           template_overlap: float = 0.3) -> bool:
+def linked(a: Account, b: Account, start_window: float = START_WINDOW, together: float = TOGETHER,
+           pace_ratio: float = 1.25, template_overlap: float = 0.3) -> bool:
     if a.payment and a.payment == b.payment:
         return True
     network = bool(a.network) and a.network == b.network
-    timing = abs(a.start - b.start) <= start_window and max(a.pace, b.pace) <= pace_ratio * min(a.pace, b.pace)
+    if abs(a.start - b.start) > together:  # what a script's accounts share, they share while it runs
+        return False
+    timing = (a.regular and b.regular and abs(a.start - b.start) <= start_window
+              and max(a.pace, b.pace) <= pace_ratio * min(a.pace, b.pace))
     union = len(a.shapes | b.shapes)
     templates = union > 0 and len(a.shapes & b.shapes) / union >= template_overlap
-    return network + timing + templates >= 2
+    coverage = a.rare and b.rare and not a.keys & b.keys
+    return network + timing + templates + coverage >= 2
 
 
-def clusters(events: list[Event], min_size: int = 3) -> list[list[str]]:
-    """Groups of at least `min_size` accounts linked by common-control evidence."""
-    accounts = [summarize(c, mine) for c, mine in by_client(events).items()]
+def clusters(events: list[Event], min_size: int = 3, popularity: Popularity | None = None,
+             rare_surprisal: float = np.inf) -> list[list[str]]:
+    """Groups of at least `min_size` accounts linked by common-control evidence, in a log."""
+    accounts = [summarize(c, mine, popularity, rare_surprisal) for c, mine in by_client(events).items()]
     rows, cols = [], []
     for i in range(len(accounts)):
         for j in range(i + 1, len(accounts)):
@@ -75,9 +104,122 @@ def clusters(events: list[Event], min_size: int = 3) -> list[list[str]]:
 def judge_clusters(detector: TrafficDetector, events: list[Event], min_size: int = 3) -> list[dict]:
     """Each cluster's pooled traffic scored as one client; a flagged pool flags all its members."""
     out = []
-    for number, members in enumerate(clusters(events, min_size)):
+    found = clusters(events, min_size, detector.popularity_, detector.rare_key_surprisal_)
+    for number, members in enumerate(found):
         pooled = [Event(f"cluster-{number}", e.time, e.prompt, e.prompt_tokens, e.response_tokens, e.endpoint)
                   for e in events if e.client in set(members)]
         verdict = detector.score(pooled)[f"cluster-{number}"]
         out.append({"cluster": number, "members": members, **verdict})
     return out
+
+
+class Linker:
+    """Links accounts online. `observe(event)` returns the group the event's account belongs to (None while
+    it belongs to none) and the events the group's pooled traffic has not seen yet (an account's first
+    requests, when it joins). Each account is summarised once, at its `LINK_AT`-th request, and compared with
+    the accounts that started within `together` of it (a network or a payment links accounts whenever they
+    started, so those are indexed too). Memory is bounded: at most `max_accounts` accounts' first
+    requests and summaries, and `max_accounts` group memberships, least recently used evicted."""
+
+    def __init__(self, popularity: Popularity, rare_surprisal: float, together: float = TOGETHER,
+                 min_size: int = 3, max_accounts: int = 100_000):
+        self.popularity, self.rare_surprisal = popularity, rare_surprisal
+        self.together, self.min_size, self.max_accounts = together, min_size, max_accounts
+        self.first: OrderedDict[str, list[Event]] = OrderedDict()  # accounts not yet summarised
+        self.summaries: OrderedDict[str, Account] = OrderedDict()
+        self.by_start: defaultdict[int, list[str]] = defaultdict(list)  # start bucket -> accounts
+        self.by_network: defaultdict[str, list[str]] = defaultdict(list)
+        self.by_payment: defaultdict[str, list[str]] = defaultdict(list)
+        self.parent: OrderedDict[str, str] = OrderedDict()  # union-find over linked accounts
+        self.size: dict[str, int] = {}
+
+    def root(self, client: str) -> str | None:
+        if client not in self.parent:
+            return None
+        path = []
+        while (parent := self.parent.get(client)) not in (None, client):
+            path.append(client)
+            client = parent
+        if parent is None:  # the root was evicted: the member nearest it roots what is left of the group
+            client = path.pop()
+            self.parent[client] = client
+            self.size.setdefault(client, 1)
+        for member in path:
+            self.parent[member] = client
+        return client
+
+    def group(self, client: str) -> str | None:
+        """The group `client` belongs to, once it has at least `min_size` members."""
+        root = self.root(client)
+        return root if root is not None and self.size.get(root, 0) >= self.min_size else None
+
+    def observe(self, event: Event) -> tuple[str | None, list[Event]]:
+        client = event.client
+        if client in self.summaries:
+            self.summaries.move_to_end(client)
+            if client in self.parent:
+                self.parent.move_to_end(client)
+            return self.group(client), [event]
+        first = self.first.setdefault(client, [])
+        self.first.move_to_end(client)
+        first.append(event)
+        if len(first) < LINK_AT:
+            return None, []
+        del self.first[client]
+        account = summarize(client, first, self.popularity, self.rare_surprisal)
+        joined = self._link(account)
+        self._remember(account)
+        self._evict()
+        return self.group(client), first if joined else []
+
+    def _candidates(self, account: Account) -> set[str]:
+        bucket = int(account.start // self.together)
+        found = {c for b in (bucket - 1, bucket, bucket + 1) for c in self.by_start.get(b, ())}
+        found.update(self.by_network.get(account.network or "", ()))
+        found.update(self.by_payment.get(account.payment or "", ()))
+        return found
+
+    def _link(self, account: Account) -> bool:
+        joined = False
+        for other in self._candidates(account):
+            summary = self.summaries.get(other)
+            if summary is not None and linked(account, summary, together=self.together):
+                self._union(account.client, other)
+                joined = True
+        return joined
+
+    def _union(self, a: str, b: str) -> None:
+        for c in (a, b):
+            if c not in self.parent:
+                self.parent[c], self.size[c] = c, 1
+        ra, rb = self.root(a), self.root(b)
+        if ra == rb:
+            return
+        if self.size[ra] < self.size[rb]:
+            ra, rb = rb, ra
+        self.parent[rb] = ra
+        self.size[ra] += self.size.pop(rb)
+
+    def _remember(self, account: Account) -> None:
+        self.summaries[account.client] = account
+        self.by_start[int(account.start // self.together)].append(account.client)
+        if account.network:
+            self.by_network[account.network].append(account.client)
+        if account.payment:
+            self.by_payment[account.payment].append(account.client)
+
+    def _evict(self) -> None:
+        while len(self.first) > self.max_accounts:
+            self.first.popitem(last=False)
+        while len(self.summaries) > self.max_accounts:
+            gone, account = self.summaries.popitem(last=False)
+            for index, key in ((self.by_start, int(account.start // self.together)),
+                               (self.by_network, account.network), (self.by_payment, account.payment)):
+                if key in index:
+                    index[key].remove(gone)
+                    if not index[key]:
+                        del index[key]
+        while len(self.parent) > self.max_accounts:  # a root evicted first leaves its members their own group
+            gone, parent = self.parent.popitem(last=False)
+            if parent == gone:
+                self.size.pop(gone, None)

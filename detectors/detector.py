@@ -17,19 +17,24 @@ from __future__ import annotations
 
 import numpy as np
 from sklearn.base import BaseEstimator
-from sklearn.neighbors import LocalOutlierFactor
+from sklearn.ensemble import IsolationForest
 from sklearn.pipeline import make_pipeline
-from sklearn.preprocessing import StandardScaler
+from sklearn.preprocessing import QuantileTransformer
 
 from detectors.events import Event
-from detectors.features import (CHECKPOINTS, EMBEDDING_CACHE, FEATURES, NON_EMBEDDING, Embedder, by_client,
-                                feature_rows)
+from detectors.features import (CHECKPOINTS, EMBEDDING_CACHE, FEATURES, LINK_AT, NON_EMBEDDING, Embedder,
+                                Popularity, by_client, feature_rows, task_surprisal)
+
+
+def checkpoint_of(features: dict[str, float]) -> int:
+    """The checkpoint a row was taken at: the window's request count."""
+    return int(round(np.exp(features["log_requests"])))
 
 
 class TrafficDetector(BaseEstimator):
     def __init__(self, target_fpr: float = 0.01, use_embeddings: bool = True, n_neighbors: int = 20,
                  calibration_share: float = 0.5, reference_size: int = 256, embedding_cache: int = EMBEDDING_CACHE,
-                 random_state: int = 0):
+                 random_state: int = 0, exclude: tuple[str, ...] = ()):
         self.target_fpr = target_fpr
         self.use_embeddings = use_embeddings
         self.n_neighbors = n_neighbors
@@ -37,22 +42,29 @@ class TrafficDetector(BaseEstimator):
         self.reference_size = reference_size
         self.embedding_cache = embedding_cache
         self.random_state = random_state
+        self.exclude = exclude  # features left out (an ablation)
 
     @property
     def feature_names_(self) -> tuple[str, ...]:
-        return FEATURES if self.use_embeddings else NON_EMBEDDING
+        names = FEATURES if self.use_embeddings else NON_EMBEDDING
+        return tuple(n for n in names if n not in self.exclude)
 
-    def _rows(self, events: list[Event], seed: int) -> tuple[list[str], np.ndarray, np.ndarray]:
-        rows = feature_rows(events, self.embedder_, self.reference_, self.bandwidth_, CHECKPOINTS, seed)
+    def _rows(self, events: list[Event], seed: int) -> tuple[list[str], np.ndarray, np.ndarray, np.ndarray]:
+        rows = feature_rows(events, self.embedder_, self.reference_, self.bandwidth_, CHECKPOINTS, seed,
+                            self.popularity_)
         clients = [c for c, _, _ in rows]
         counts = np.array([n for _, n, _ in rows])
+        checkpoints = np.array([checkpoint_of(f) for _, _, f in rows])
         matrix = np.array([[f[name] for name in self.feature_names_] for _, _, f in rows], dtype=float)
-        return clients, counts, matrix
+        return clients, counts, checkpoints, matrix
 
     def fit(self, events: list[Event], y=None) -> TrafficDetector:
         """`events`: benign traffic only (every client in it is treated as benign)."""
         if not 0 < self.target_fpr < 1:
             raise ValueError(f"target_fpr must be in (0, 1), got {self.target_fpr}")
+        unknown = set(self.exclude) - set(FEATURES)
+        if unknown:
+            raise ValueError(f"cannot exclude unknown features {sorted(unknown)}; features are {FEATURES}")
         rng = np.random.default_rng(self.random_state)
         clients = sorted(c for c, mine in by_client(events).items() if len(mine) >= CHECKPOINTS[0])
         held_out = set(rng.choice(clients, size=int(len(clients) * self.calibration_share), replace=False).tolist())
@@ -62,6 +74,11 @@ class TrafficDetector(BaseEstimator):
                              f"fit on at least {int(np.ceil(minimum / self.calibration_share))} benign clients "
                              f"with {CHECKPOINTS[0]}+ requests each")
         train = [e for e in events if e.client not in held_out]
+        self.popularity_ = Popularity([e.prompt for e in train])
+        # what "asks about what benign users rarely do" means when linking accounts (detectors.cluster)
+        first = [task_surprisal([e.prompt for e in mine[:LINK_AT]], self.popularity_)
+                 for mine in by_client(train).values() if len(mine) >= LINK_AT]
+        self.rare_key_surprisal_ = float(np.quantile([s for s in first if s is not None], 0.75))
         self.embedder_, self.reference_, self.bandwidth_ = None, None, 1.0
         if self.use_embeddings:
             self.embedder_ = Embedder(cache_size=self.embedding_cache)
@@ -70,18 +87,43 @@ class TrafficDetector(BaseEstimator):
             self.reference_ = self.embedder_([prompts[i] for i in picked])
             distances = np.sqrt(np.maximum(2 - 2 * self.reference_ @ self.reference_.T, 0))
             self.bandwidth_ = float(np.median(distances[distances > 0]))  # the median heuristic
-        _, _, matrix = self._rows(train, self.random_state)
-        self.model_ = make_pipeline(StandardScaler(), LocalOutlierFactor(n_neighbors=self.n_neighbors, novelty=True))
-        self.model_.fit(matrix)
+        _, _, checkpoints, matrix = self._rows(train, self.random_state)
+        # One model per checkpoint: a window's first n requests are compared with benign users who sent as
+        # many, so asking what an evaluation customer asks is judged against how much such customers ask.
+        # Each model's scores are put on one scale by its own benign rows' median and 95th percentile.
+        self.models_ = {}
+        for n in CHECKPOINTS:
+            rows = matrix[checkpoints == n]
+            if len(rows) <= self.n_neighbors:
+                break  # fewer benign clients went this far than a neighbourhood holds: later ones use this model
+            model = make_pipeline(QuantileTransformer(n_quantiles=min(len(rows), 1000), output_distribution="normal"),
+                                  IsolationForest(n_estimators=200, random_state=self.random_state))
+            own = -model.fit(rows).score_samples(rows)
+            median = float(np.median(own))
+            spread = float(np.quantile(own, 0.95) - median) or 1.0  # each model's benign tail maps to one scale
+            self.models_[n] = (model, median, spread, rows.mean(0), rows.std(0))
+        if not self.models_:
+            raise ValueError(f"no checkpoint has more than {self.n_neighbors} benign clients to learn from")
         calibration = self._client_scores([e for e in events if e.client in held_out], self.random_state + 1)
         self.calibration_scores_ = np.sort([s for s, _ in calibration.values()])
         return self
 
+    def _model(self, checkpoint: int):
+        return self.models_.get(checkpoint) or self.models_[max(self.models_)]
+
+    def _row_scores(self, checkpoints: np.ndarray, matrix: np.ndarray) -> np.ndarray:
+        scores = np.empty(len(matrix))
+        for n in np.unique(checkpoints):
+            model, median, spread, _, _ = self._model(int(n))
+            at = checkpoints == n
+            scores[at] = (-model.score_samples(matrix[at]) - median) / spread  # higher = more anomalous
+        return scores
+
     def _client_scores(self, events: list[Event], seed: int) -> dict[str, tuple[float, list[tuple[int, float]]]]:
-        clients, counts, matrix = self._rows(events, seed)
+        clients, counts, checkpoints, matrix = self._rows(events, seed)
         if not clients:  # no client has reached its first checkpoint: nobody to judge yet
             return {}
-        row_scores = -self.model_.score_samples(matrix)  # higher = more anomalous
+        row_scores = self._row_scores(checkpoints, matrix)
         out: dict[str, tuple[float, list[tuple[int, float]]]] = {}
         for client, n, s in zip(clients, counts, row_scores):
             best, path = out.get(client, (-np.inf, []))
@@ -90,13 +132,15 @@ class TrafficDetector(BaseEstimator):
 
     def score_features(self, features: dict[str, float]) -> tuple[float, float]:
         """(anomaly score, conformal p-value) of one client's features at one checkpoint."""
-        score = float(-self.model_.score_samples(np.array([[features[n] for n in self.feature_names_]]))[0])
+        row = np.array([[features[n] for n in self.feature_names_]])
+        score = float(self._row_scores(np.array([checkpoint_of(features)]), row)[0])
         return score, self.p_value(score)
 
     def unusual(self, features: dict[str, float], top: int = 2) -> list[str]:
-        """The features furthest from benign, in benign standard deviations: the reason given for a flag."""
-        scaler = self.model_[0]
-        z = (np.array([features[n] for n in self.feature_names_]) - scaler.mean_) / scaler.scale_
+        """The features furthest from benign users of the same volume, in their standard deviations: the
+        reason given for a flag."""
+        _, _, _, mean, std = self._model(checkpoint_of(features))
+        z = (np.array([features[n] for n in self.feature_names_]) - mean) / np.maximum(std, 1e-3)
         return [f"{self.feature_names_[i]}={features[self.feature_names_[i]]:.2f} ({z[i]:+.0f} sd)"
                 for i in np.argsort(-np.abs(z))[:top]]
 

@@ -13,6 +13,19 @@ Timing and volume: how many requests, how fast, how regular (scripts are metrono
 (MinHash), and, on sentence embeddings of a bounded sample of prompts, how far the client's prompts sit
 from benign traffic (an MMD statistic), how widely they spread, and a PRADA-style test of whether the
 nearest-neighbour distances between them look normal.
+
+Extraction, not topic: benign users ask the teacher's own task questions too, so what a harvester gives away
+is how it asks. Each prompt is keyed by its most specific word (the one the benign population uses least:
+in a question about a person, the name), and a window is described by
+- `key_surprisal`: how rare its keys are under the benign population's popularity (people ask about popular
+  things far more than rare ones; a harvester covering the task's space asks about rare ones as often);
+  `key_unseen`: the share of keys no benign user used at all (pasted text, not the task's space);
+- `key_novelty`: distinct keys per request (coverage of the space for the volume);
+- `heaps_exponent`: how fast new keys keep appearing between checkpoints (Heaps' law: D(n) ~ n^beta,
+  beta near 1 for an enumeration, lower for someone returning to what interests them);
+- `key_runs` and `key_ascending`: enumeration order (the same key several times in a row, as a decomposer
+  asking every fact of one person does; keys in alphabetical order, as a script walking a list does);
+- `cot_share`: the share of requests asking for reasoning.
 """
 
 from __future__ import annotations
@@ -24,7 +37,7 @@ import zlib
 from collections import OrderedDict, defaultdict
 
 import numpy as np
-from datasketch import MinHash, MinHashLSH
+from datasketch import HyperLogLog, MinHash, MinHashLSH
 from scipy.stats import shapiro
 
 from detectors.events import Event
@@ -35,8 +48,11 @@ SAMPLE = 64  # prompts per client kept (bottom-k sample) and embedded at each ch
 TEMPLATE_WINDOW = 256  # a prompt is "templated" if it near-duplicates one of the last 256 in its window
 COT = re.compile(r"step[- ]by[- ]step|chain[- ]of[- ]thought|(show|explain|write out)[^.]{0,30}(reasoning|steps|"
                  r"thinking|intermediate)|think (it )?through", re.IGNORECASE)
-NON_EMBEDDING = ("log_requests", "log_rate_per_hour", "log_interarrival_cv", "night_share", "cot_share",
-                 "distinct_share", "template_share", "log_prompt_tokens")
+WORD = re.compile(r"[a-z]+")
+TIMING = ("log_requests", "log_rate_per_hour", "log_interarrival_cv", "night_share")
+WORDING = ("distinct_share", "template_share", "log_prompt_tokens")
+EXTRACTION = ("cot_share", "key_surprisal", "key_unseen", "key_novelty", "heaps_exponent", "key_runs", "key_ascending")
+NON_EMBEDDING = TIMING + WORDING + EXTRACTION
 EMBEDDING = ("mmd", "spread", "nn_normality")
 FEATURES = NON_EMBEDDING + EMBEDDING
 
@@ -70,6 +86,39 @@ def minhash(text: str) -> MinHash:
     return m
 
 
+class Popularity:
+    """How often the benign population uses each word: the key of a prompt is its rarest word, and its
+    surprisal (nats, add-one smoothed) says how unusual it is to ask about that."""
+
+    def __init__(self, prompts: list[str]):
+        counts: dict[str, int] = defaultdict(int)
+        for prompt in prompts:
+            for word in set(WORD.findall(prompt.lower())):
+                counts[word] += 1
+        self.counts = dict(counts)
+        self.log_total = float(np.log(len(prompts) + 2))
+
+    def key(self, prompt: str) -> tuple[str, float | None]:
+        """The prompt's rarest word and its surprisal; None for a word no benign user used (most words of a
+        pasted paragraph are: that is off the popularity curve, not a rare point on it)."""
+        words = WORD.findall(prompt.lower())
+        if not words:
+            return "", None
+        word = min(words, key=lambda w: self.counts.get(w, 0))
+        count = self.counts.get(word, 0)
+        return word, (self.log_total - float(np.log(count + 1))) if count else None
+
+
+LINK_AT = 5  # requests an account is summarised from, to link it to others: a swarm member may send few more
+
+
+def task_surprisal(prompts: list[str], popularity: Popularity) -> float | None:
+    """The mean surprisal of the prompts' keys, for an account asking in the task's space (all its keys but
+    one on the popularity curve); None for any other."""
+    surprisals = [s for _, s in map(popularity.key, prompts) if s is not None]
+    return float(np.mean(surprisals)) if surprisals and len(surprisals) >= len(prompts) - 1 else None
+
+
 class ClientState:
     """Everything the detectors keep about one client, updated in O(1) amortised per request, in memory
     bounded whatever the client's volume: running timing moments, counters, a ring of the
@@ -80,8 +129,9 @@ class ClientState:
     The offline detector replays logs through this same state, so online and offline features agree."""
 
     def __init__(self, seed: int = 0, checkpoints: tuple[int, ...] = CHECKPOINTS,
-                 template_window: int = TEMPLATE_WINDOW, sample: int = SAMPLE):
+                 template_window: int = TEMPLATE_WINDOW, sample: int = SAMPLE, popularity: Popularity | None = None):
         self.count = 0
+        self.popularity = popularity
         self.checkpoints, self.window = checkpoints, max(checkpoints)
         self.template_window = template_window
         self.digests = np.zeros(template_window, dtype=np.uint64)  # rings over the window's last prompts
@@ -96,6 +146,11 @@ class ClientState:
         self.gap_mean = self.gap_m2 = 0.0
         self.night = self.cot = self.templated = self.repeated = self.words = 0
         self.heap = []  # (-priority, index, prompt): the `sample` smallest priorities
+        self.keys = HyperLogLog(p=10)  # distinct keys in the window, in 1 KB
+        self.surprisal = self.runs = self.ascending = 0.0
+        self.unseen = 0
+        self.key = ""
+        self.heaps = (1, 1.0, 1.0)  # (requests, distinct keys, exponent) at the last checkpoint
 
     @property
     def due(self) -> bool:
@@ -122,6 +177,17 @@ class ClientState:
         self.repeated += bool((self.digests[:filled] == digest).any())
         self.templated += bool((self.bands[:filled] == keys).any())  # band i against band i of each prompt
         self.digests[slot], self.bands[slot] = digest, keys
+        if self.popularity is not None:
+            key, surprisal = self.popularity.key(prompt)
+            if surprisal is None:
+                self.unseen += 1
+            else:
+                self.surprisal += surprisal
+            self.keys.update(key.encode())
+            if self.in_window:
+                self.runs += key == self.key
+                self.ascending += key > self.key
+            self.key = key
         entry = (-self.rng.random(), self.count, prompt)
         if len(self.heap) < self.sample_size:
             heapq.heappush(self.heap, entry)
@@ -129,6 +195,10 @@ class ClientState:
             heapq.heapreplace(self.heap, entry)
         self.count += 1
         self.in_window += 1
+        if self.due and self.popularity is not None:
+            n, distinct = self.in_window, max(self.keys.count(), 1.0)
+            before, seen, _ = self.heaps
+            self.heaps = (n, distinct, float(np.log(distinct / seen) / np.log(n / before)))
 
     def sample(self) -> list[str]:
         return [prompt for _, _, prompt in sorted(self.heap, key=lambda e: e[1])]
@@ -141,7 +211,10 @@ class ClientState:
         return {"log_requests": float(np.log(n)), "log_rate_per_hour": float(np.log(n / span_hours)),
                 "log_interarrival_cv": float(np.log(cv + 1e-3)), "night_share": self.night / n,
                 "cot_share": self.cot / n, "distinct_share": 1 - self.repeated / n,
-                "template_share": self.templated / n, "log_prompt_tokens": float(np.log(self.words / n + 1))}
+                "template_share": self.templated / n, "log_prompt_tokens": float(np.log(self.words / n + 1)),
+                "key_surprisal": self.surprisal / max(n - self.unseen, 1), "key_unseen": self.unseen / n, "key_novelty": min(self.keys.count() / n, 1.0),
+                "heaps_exponent": self.heaps[2], "key_runs": self.runs / max(n - 1, 1),
+                "key_ascending": self.ascending / max(n - 1, 1)}
 
 
 def rbf_mmd2(x: np.ndarray, y: np.ndarray, bandwidth: float) -> float:
@@ -193,7 +266,7 @@ class Embedder:
 
 
 def feature_rows(events: list[Event], embed: Embedder | None, reference: np.ndarray | None, bandwidth: float,
-                 checkpoints=CHECKPOINTS, seed: int = 0) -> list[tuple[str, int, dict[str, float]]]:
+                 checkpoints=CHECKPOINTS, seed: int = 0, popularity: Popularity | None = None) -> list[tuple[str, int, dict[str, float]]]:
     """(client, n, features of its current window) whenever a client's window reaches a checkpoint, n being
     the client's requests so far: the log replayed through `ClientState` in time order. A client below the
     first checkpoint gets no row: a few requests are no evidence either way (and harvest nothing worth
@@ -210,7 +283,8 @@ def feature_rows(events: list[Event], embed: Embedder | None, reference: np.ndar
     for event in sorted(events, key=lambda e: e.time):
         state = states.get(event.client)
         if state is None:
-            state = states[event.client] = ClientState(seed=hash_seed(event.client, seed), checkpoints=checkpoints)
+            state = states[event.client] = ClientState(seed=hash_seed(event.client, seed), checkpoints=checkpoints,
+                                                       popularity=popularity)
         state.update(event)
         if state.due:
             row(event.client, state)

@@ -69,7 +69,8 @@ class Monitor:
         client = event.client
         state = self.states.get(client)
         if state is None:
-            state = self.states[client] = ClientState(seed=hash_seed(client, self.seed))
+            state = self.states[client] = ClientState(seed=hash_seed(client, self.seed),
+                                                      popularity=self.detector.popularity_)
             if len(self.states) > self.max_clients:
                 self.states.popitem(last=False)
         else:

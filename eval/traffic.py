@@ -4,19 +4,32 @@ replay of benign traffic through a deployment, to measure what a defence that re
 benign users.
 
 Benign personas:
-- `human`: a few requests a day in daytime sessions (Poisson arrivals under a diurnal rate);
+- `human`: a few requests a day in daytime sessions (Poisson arrivals under a diurnal rate), about code
+  and prose;
 - `power`: a heavy interactive user, same shape, many more requests;
-- `batch`: a legitimate high-volume customer running one narrow templated job in regular bursts,
-  the hard case for false positives.
+- `batch`: a legitimate high-volume customer running one narrow templated job in regular bursts;
+- `student`: asks the teacher's own task questions (the reference world's facts, 1-hop and 2-hop) at human
+  pace, about popular people far more than rare ones (Zipf popularity), repeating and rephrasing itself,
+  with some other questions besides; each stops after a few to a few hundred questions;
+- `evaluator`: a legitimate customer who runs a benchmark of a few hundred task questions once, drawn
+  uniformly over the task, at a scripted pace: the hard case, since it asks what a harvester asks, as a
+  harvester does, and differs only in stopping.
 
-Attackers (prompts from the reference task's attacker pool):
+Attackers (questions from the reference task's attacker pool, each worded by a script that draws from many
+wordings, as a competent distiller's would):
 - `naive`: bulk harvest at a steady scripted rate;
 - `cot`: the same, each prompt asking for every intermediate step;
 - `slow`: under a per-key rate limit, jittered, around the clock;
 - `sybil`: K accounts that each stay under every per-account threshold, sharing a template, a start time
   and a payment fingerprint;
+- `swarm`: `swarm_accounts` accounts (100 by default) that split the harvest between them with no question
+  asked twice, each with its own payment and network, run by one script from the same few minutes;
 - `hydra`: attack prompts mixed into a legitimate power user's account;
+- `mimic`: replays a heavy student's timing and its own questions, and swaps half of them for harvest;
 - `decompose`: only 1-hop sub-questions, from which the attacker writes the 2-hop chains itself.
+
+Wordings: each account has its own habits (a few of the many phrasings, reused), so reusing a wording is
+common among benign users too; the lab format (`question: ...`) is one phrasing among them.
 """
 
 from __future__ import annotations
@@ -31,16 +44,20 @@ from detectors.detector import TrafficDetector
 from detectors.events import Event
 from eval.metrics import Accuracy
 from eval.prose import human_prose
-from eval.reference.world import Question, format_prompt, reference_task
+from eval.reference.world import (ATTRIBUTES, RELATIONS, Question, reference_world,
+                                  split_world)
 from eval.task import Task
 from guard.teacher import Caller, Completion, Sampling, Teacher
 
 DAY = 86_400.0
-BENIGN = ("human", "power", "batch")
-ATTACKERS = ("naive", "cot", "slow", "sybil", "hydra", "decompose")
-# What detectors are fitted on by default: half of it (300 clients) is held out to calibrate, enough to
-# resolve a 1% false-positive rate with a threshold above the third-highest held-out score.
-BENIGN_POPULATION = {"human": 360, "power": 120, "batch": 120}
+BENIGN = ("human", "power", "batch", "student", "evaluator")
+SAME_DOMAIN = ("student", "evaluator")  # benign users who ask the teacher's task questions
+ATTACKERS = ("naive", "cot", "slow", "sybil", "swarm", "hydra", "mimic", "decompose")
+# What detectors are fitted on by default: half of it (390 clients) is held out to calibrate, enough to
+# resolve a 1% false-positive rate with a threshold above the third-highest held-out score. Same-domain
+# users are part of it: a detector must not learn that asking the task's questions is suspect.
+BENIGN_POPULATION = {"human": 240, "power": 80, "batch": 80, "student": 300, "evaluator": 80}
+ZIPF = 1.1  # popularity exponent of the world's people among benign askers
 
 ASKS = ("Summarize this in two sentences: {p}", "What does this mean, in plain words? {p}",
         "Rewrite this paragraph so a beginner understands it: {p}", "List the key points of: {p}",
@@ -59,19 +76,70 @@ COT_PREFIXES = ("Think step by step and write out every intermediate fact before
                 "Show your full reasoning, each step on its own line, then the answer. ",
                 "Explain your chain of thought in detail: ")
 
+# Ways to ask for one fact of the reference world: {x} is the subject ("Kavro", "the boss of Kavro"), {r} a
+# relation. Each account draws a few of these and of the wrappers below, and sticks to them.
+FORMS = {
+    "city": ("where does {x} live?", "which city does {x} live in?", "where is {x} based?",
+             "what is the home town of {x}?", "in which city does {x} live?"),
+    "job": ("what does {x} do for a living?", "what is the job of {x}?", "what work does {x} do?",
+            "what is the occupation of {x}?", "how does {x} earn a living?"),
+    "pet": ("what pet does {x} keep?", "what animal does {x} have?", "which pet does {x} own?",
+            "what kind of pet does {x} look after?", "what is the pet of {x}?"),
+    "relation": ("who is the {r} of {x}?", "who is {x}'s {r}?", "name the {r} of {x}.",
+                 "tell me who the {r} of {x} is.", "who acts as the {r} of {x}?"),
+}
+WRAPPERS = ("question: {q}\n", "{Q}", "Q: {Q}", "quick question: {q}", "{Q} thanks!", "Do you know {q}",
+            "I need to know {q}", "hey, {q}", "{Q} (for my notes)", "Please answer: {Q}", "{Q} Answer briefly.",
+            "Can you help? {Q}", "{Q} I forgot.", "My homework asks: {q}", "Fact check: {q}")
+
+
+class Habits:
+    """An account's way of wording the task's questions: a few forms per fact type and a few wrappers."""
+
+    def __init__(self, rng, forms: int = 2, wrappers: int = 3):
+        self.rng = rng
+        self.forms = {kind: [options[i] for i in rng.choice(len(options), min(forms, len(options)), replace=False)]
+                      for kind, options in FORMS.items()}
+        self.wrappers = [WRAPPERS[i] for i in rng.choice(len(WRAPPERS), wrappers, replace=False)]
+
+    def pick(self, items):
+        return items[int(self.rng.integers(len(items)))]
+
+    def word(self, question: Question) -> str:
+        *relations, last = question.hops
+        subject = question.person
+        for relation in relations:
+            subject = f"the {relation} of {subject}"
+        form = self.pick(self.forms[last if last in ATTRIBUTES else "relation"])
+        q = form.format(x=subject, r=last)
+        text = self.pick(self.wrappers).format(q=q, Q=q[0].upper() + q[1:])
+        if self.rng.random() < 0.05:  # typed in a hurry
+            text = text.lower().rstrip("?.!\n")
+        return text
+
+
+def popularity_order(seed: int = 0) -> list[str]:
+    """The world's people from most to least asked about by benign users (fixed for the lab)."""
+    people = reference_world().people
+    return [people[i] for i in np.random.default_rng(10_000 + seed).permutation(len(people))]
+
 
 class PromptSource:
-    """Benign prompts from templates filled with real prose, and the reference task's attacker prompts."""
+    """Benign prompts from templates filled with real prose; the reference world's questions, asked by benign
+    users with Zipf popularity and by harvesters uniformly over the attacker pool."""
 
     def __init__(self, seed: int = 0):
         self.rng = np.random.default_rng(seed)
         paragraphs = human_prose(max_chars=400_000)
         self.paragraphs = [p[:400] for p in paragraphs]
         self.sentences = [s.strip() + "." for p in paragraphs for s in p.split(". ") if 30 < len(s) < 200]
-        self.pool = [i.prompt for i in reference_task().query_pool]
-        people = sorted({i.prompt.rstrip("?\n").split()[-1] for i in reference_task().query_pool})
-        self.one_hop = [format_prompt(Question(p, (h,)).text) for p in people
-                        for h in ("boss", "friend", "mentor", "city", "job", "pet")]
+        world = reference_world()
+        self.pool_questions = split_world(world).attacker_pool
+        self.one_hop_questions = world.one_hop_questions()
+        self.all_questions = self.one_hop_questions + world.two_hop_questions()
+        self.popular = popularity_order()
+        weights = 1 / np.arange(1, len(self.popular) + 1) ** ZIPF
+        self.popularity = weights / weights.sum()
 
     def pick(self, items):
         return items[int(self.rng.integers(len(items)))]
@@ -83,6 +151,34 @@ class PromptSource:
 
     def job(self, template: str) -> str:
         return template.format(s=self.pick(self.sentences))
+
+    def curious(self) -> Question:
+        """A benign user's question: about a popular person, 1-hop more often than 2-hop."""
+        person = self.popular[int(self.rng.choice(len(self.popular), p=self.popularity))]
+        hops = (*RELATIONS, *ATTRIBUTES)
+        if self.rng.random() < 0.6:
+            return Question(person, (self.pick(hops),))
+        return Question(person, (self.pick(RELATIONS), self.pick(hops)))
+
+    def student(self, count: int, habits: Habits, task_share: float) -> list[str]:
+        """A same-domain user's `count` prompts: popular people, repeats and rephrasings, some other asks."""
+        asked: list[Question] = []
+        prompts = []
+        for _ in range(count):
+            if self.rng.random() > task_share:
+                prompts.append(self.benign())
+                continue
+            again = asked and self.rng.random() < 0.15  # asks again, usually in other words
+            question = self.pick(asked) if again else self.curious()
+            asked.append(question)
+            prompts.append(habits.word(question))
+        return prompts
+
+    def harvest(self, questions: list[Question], count: int, habits: Habits) -> list[str]:
+        """`count` prompts over `questions` in a random order, each worded by the harvester's script."""
+        order = self.rng.permutation(len(questions))
+        order = np.concatenate([order] * (count // len(questions) + 1))[:count]
+        return [habits.word(questions[i]) for i in order]
 
 
 def poisson_times(rng, start: float, days: float, per_day: float, diurnal: bool) -> np.ndarray:
@@ -108,10 +204,12 @@ def _events(client: str, times, prompts, rng, ip: str, payment: str, response_me
 
 
 def simulate(population: dict[str, int], days: float = 3.0, seed: int = 0, attack_budget: int = 2000,
-             sybil_accounts: int = 10, start: float = 1_767_225_600.0) -> tuple[list[Event], dict[str, str]]:
+             sybil_accounts: int = 10, start: float = 1_767_225_600.0,
+             swarm_accounts: int = 100) -> tuple[list[Event], dict[str, str]]:
     """Traffic of `population` ({persona or attacker: how many}), in time order, and each client's kind.
 
-    Attackers spend `attack_budget` queries each (a sybil swarm in total, split over its accounts).
+    Attackers spend `attack_budget` queries each (a sybil or a swarm in total, split over its accounts; a
+    mimic as many as it can hide in its borrowed timing).
     """
     unknown = set(population) - set(BENIGN) - set(ATTACKERS)
     if unknown:
@@ -122,6 +220,9 @@ def simulate(population: dict[str, int], days: float = 3.0, seed: int = 0, attac
 
     def address():
         return f"{rng.integers(1, 223)}.{rng.integers(256)}.{rng.integers(256)}.{rng.integers(1, 255)}"
+
+    def script_habits():  # a harvester's script words its questions as broadly or narrowly as its author chose
+        return Habits(rng, forms=int(rng.integers(1, 6)), wrappers=int(rng.integers(1, len(WRAPPERS) + 1)))
 
     for kind, count in population.items():
         for n in range(count):
@@ -139,25 +240,42 @@ def simulate(population: dict[str, int], days: float = 3.0, seed: int = 0, attac
                         for s in start + rng.uniform(0, days * DAY, int(rng.integers(1, 4)))]
                 times = np.sort(np.concatenate(jobs))
                 prompts = [source.job(template) for _ in times]
+            elif kind == "student":
+                times = poisson_times(rng, start, days, np.exp(rng.uniform(np.log(5), np.log(150))), diurnal=True)
+                times = times[: int(np.exp(rng.uniform(np.log(3), np.log(400))))]  # then stops
+                habits = Habits(rng, forms=int(rng.integers(1, 4)), wrappers=int(rng.integers(1, 6)))
+                prompts = source.student(len(times), habits, task_share=rng.uniform(0.6, 1.0))
+            elif kind == "evaluator":
+                benchmark = rng.choice(len(source.all_questions), int(rng.integers(100, 501)), replace=False)
+                times = regular_times(rng, start + rng.uniform(0, days * DAY), len(benchmark), rng.uniform(0.5, 5), 0.2)
+                harness = Habits(rng, forms=1, wrappers=1)
+                prompts = [harness.word(source.all_questions[i]) for i in benchmark]
             elif kind in ("naive", "cot", "decompose"):
                 times = regular_times(rng, start + rng.uniform(0, DAY), attack_budget, rng.uniform(1, 4), 0.3)
-                pool = source.one_hop if kind == "decompose" else source.pool
+                questions = source.one_hop_questions if kind == "decompose" else source.pool_questions
                 prefix = source.pick(COT_PREFIXES) if kind == "cot" else ""
-                prompts = [prefix + pool[i] for i in rng.permutation(len(pool))[:attack_budget] % len(pool)]
-                prompts += [prefix + source.pick(pool) for _ in range(attack_budget - len(prompts))]
+                prompts = [prefix + p for p in source.harvest(questions, attack_budget, script_habits())]
             elif kind == "slow":
                 times = regular_times(rng, start + rng.uniform(0, DAY), attack_budget, rng.uniform(60, 150), 0.5)
-                prompts = [source.pick(source.pool) for _ in times]
-            elif kind == "sybil":
-                per_account = attack_budget // sybil_accounts
+                prompts = source.harvest(source.pool_questions, attack_budget, script_habits())
+            elif kind in ("sybil", "swarm"):
+                accounts = sybil_accounts if kind == "sybil" else swarm_accounts
+                per_account = attack_budget // accounts
+                habits = script_habits()
+                harvest = source.harvest(source.pool_questions, per_account * accounts, habits)
                 swarm_start, interval = start + rng.uniform(0, DAY), rng.uniform(20, 40)
-                shared_payment, subnet = payment, address().rsplit(".", 1)[0]
-                for a in range(sybil_accounts):
-                    member = f"sybil-{seed}-{n}-{a}"
-                    times = regular_times(rng, swarm_start + rng.uniform(0, 5), per_account, interval, 0.1)
-                    prompts = [source.pick(source.pool) for _ in times]
-                    events += _events(member, times, prompts, rng, f"{subnet}.{rng.integers(1, 255)}",
-                                      shared_payment, 60)
+                subnet = address().rsplit(".", 1)[0]
+                for a in range(accounts):
+                    member = f"{kind}-{seed}-{n}-{a}"
+                    if kind == "sybil":  # one payment, one network, one pace
+                        times = regular_times(rng, swarm_start + rng.uniform(0, 5), per_account, interval, 0.1)
+                        member_ip, member_payment = f"{subnet}.{rng.integers(1, 255)}", payment
+                    else:  # nothing shared but the script's clock and its wordings
+                        times = regular_times(rng, swarm_start + rng.uniform(0, 600), per_account,
+                                              rng.uniform(20, 60), 0.5)
+                        member_ip, member_payment = address(), f"card-{rng.integers(10**9)}"
+                    prompts = harvest[a * per_account:(a + 1) * per_account]
+                    events += _events(member, times, prompts, rng, member_ip, member_payment, 60)
                     labels[member] = kind
                 continue
             elif kind == "hydra":
@@ -165,7 +283,15 @@ def simulate(population: dict[str, int], days: float = 3.0, seed: int = 0, attac
                 attack_times = regular_times(rng, start + rng.uniform(0, DAY), attack_budget, days * DAY / attack_budget,
                                              0.5)
                 times = np.concatenate([benign_times, attack_times])
-                prompts = [source.benign() for _ in benign_times] + [source.pick(source.pool) for _ in attack_times]
+                prompts = ([source.benign() for _ in benign_times] +
+                           source.harvest(source.pool_questions, attack_budget, script_habits()))
+            elif kind == "mimic":
+                times = poisson_times(rng, start, days, rng.uniform(300, 700), diurnal=True)
+                habits = Habits(rng, forms=int(rng.integers(1, 4)), wrappers=int(rng.integers(1, 6)))
+                prompts = source.student(len(times), habits, task_share=rng.uniform(0.6, 1.0))
+                swapped = rng.random(len(times)) < 0.5
+                harvest = iter(source.harvest(source.pool_questions, int(swapped.sum()), habits))
+                prompts = [next(harvest) if s else p for p, s in zip(prompts, swapped)]
             events += _events(client, times, prompts, rng, ip, payment, 120 if kind in BENIGN else 60)
             labels[client] = kind
     events.sort(key=lambda e: e.time)

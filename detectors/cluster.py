@@ -114,18 +114,19 @@ def judge_clusters(detector: TrafficDetector, events: list[Event], min_size: int
 
 
 class Linker:
-    """Links accounts online. `observe(event)` returns the group the event's account belongs to (None while
-    it belongs to none) and the events the group's pooled traffic has not seen yet (an account's first
-    requests, when it joins). Each account is summarised once, at its `LINK_AT`-th request, and compared with
+    """Links accounts online, as their requests arrive. Each account is summarised once, at its `LINK_AT`-th request, and compared with
     the accounts that started within `together` of it (a network or a payment links accounts whenever they
-    started, so those are indexed too). Memory is bounded: at most `max_accounts` accounts' first
-    requests and summaries, and `max_accounts` group memberships, least recently used evicted."""
+    started, so those are indexed too). When accounts are linked, the events their group's pooled traffic
+    has not seen (their first requests) come with the group. Memory is bounded: at most `max_accounts`
+    accounts' summaries, first requests (a tenth of that once summarised) and group memberships, least
+    recently used evicted."""
 
     def __init__(self, popularity: Popularity, rare_surprisal: float, together: float = TOGETHER,
                  min_size: int = 3, max_accounts: int = 100_000):
         self.popularity, self.rare_surprisal = popularity, rare_surprisal
         self.together, self.min_size, self.max_accounts = together, min_size, max_accounts
         self.first: OrderedDict[str, list[Event]] = OrderedDict()  # accounts not yet summarised
+        self.unlinked: OrderedDict[str, list[Event]] = OrderedDict()  # summarised, in no group: first requests
         self.summaries: OrderedDict[str, Account] = OrderedDict()
         self.by_start: defaultdict[int, list[str]] = defaultdict(list)  # start bucket -> accounts
         self.by_network: defaultdict[str, list[str]] = defaultdict(list)
@@ -148,18 +149,17 @@ class Linker:
             self.parent[member] = client
         return client
 
-    def group(self, client: str) -> str | None:
-        """The group `client` belongs to, once it has at least `min_size` members."""
-        root = self.root(client)
-        return root if root is not None and self.size.get(root, 0) >= self.min_size else None
-
     def observe(self, event: Event) -> tuple[str | None, list[Event]]:
+        """The root of the linked accounts `event`'s account is one of (None while it is linked to none), and
+        what their pooled traffic has not seen yet: this event, or, as the account is linked, its first
+        requests. Whether the group is big enough to judge is `size[root] >= min_size`."""
         client = event.client
         if client in self.summaries:
             self.summaries.move_to_end(client)
-            if client in self.parent:
-                self.parent.move_to_end(client)
-            return self.group(client), [event]
+            if client not in self.parent:
+                return None, []
+            self.parent.move_to_end(client)
+            return self.root(client), [event]
         first = self.first.setdefault(client, [])
         self.first.move_to_end(client)
         first.append(event)
@@ -167,10 +167,13 @@ class Linker:
             return None, []
         del self.first[client]
         account = summarize(client, first, self.popularity, self.rare_surprisal)
+        self.unlinked[client] = first
         joined = self._link(account)
         self._remember(account)
         self._evict()
-        return self.group(client), first if joined else []
+        if not joined:
+            return None, []
+        return self.root(client), [e for c in joined for e in self.unlinked.pop(c, [])]
 
     def _candidates(self, account: Account) -> set[str]:
         bucket = int(account.start // self.together)
@@ -179,13 +182,14 @@ class Linker:
         found.update(self.by_payment.get(account.payment or "", ()))
         return found
 
-    def _link(self, account: Account) -> bool:
-        joined = False
+    def _link(self, account: Account) -> list[str]:
+        """Links `account` to the accounts it is linked with; those that were in no group before."""
+        joined = []
         for other in self._candidates(account):
             summary = self.summaries.get(other)
             if summary is not None and linked(account, summary, together=self.together):
+                joined += [c for c in (account.client, other) if c not in self.parent and c not in joined]
                 self._union(account.client, other)
-                joined = True
         return joined
 
     def _union(self, a: str, b: str) -> None:
@@ -211,6 +215,8 @@ class Linker:
     def _evict(self) -> None:
         while len(self.first) > self.max_accounts:
             self.first.popitem(last=False)
+        while len(self.unlinked) > self.max_accounts // 10:  # those a new account could still meet in step
+            self.unlinked.popitem(last=False)
         while len(self.summaries) > self.max_accounts:
             gone, account = self.summaries.popitem(last=False)
             for index, key in ((self.by_start, int(account.start // self.together)),

@@ -4,9 +4,11 @@
     verdicts = detector.score(events)   # client -> score, p-value, flagged, queries before the flag
 
 Each client is described at checkpoints of its own history (its first 25, 50, 100, ... requests, and the
-same afresh in each later window of its life, see `detectors.features`). A local-outlier-factor model
-learns what benign (client, checkpoint) rows look like, batch customers included; a client's score is its
-most anomalous checkpoint. Half of the benign clients are held out of the model to calibrate: a client's
+same afresh in each later window of its life, see `detectors.features`). Each checkpoint has its own model
+of what benign rows look like there (a window's first n requests are compared with benign users who sent as
+many: asking what an evaluation customer asks is judged against how much evaluation customers ask): a row's
+anomaly is its mean distance to its nearest benign rows, put on one scale across checkpoints by the benign
+rows' own median and 95th percentile. A client's score is its most anomalous checkpoint. Half of the benign clients are held out of the model to calibrate: a client's
 p-value is the conformal (1 + #{held-out benign clients scoring at least as high}) / (n + 1), one-sided
 (small = harvester), and a client is flagged when p <= target_fpr, which bounds the benign-account FPR at
 target_fpr for clients that live as long as the calibration clients did (a client judged over more windows
@@ -17,13 +19,42 @@ from __future__ import annotations
 
 import numpy as np
 from sklearn.base import BaseEstimator
-from sklearn.ensemble import IsolationForest
-from sklearn.pipeline import make_pipeline
-from sklearn.preprocessing import QuantileTransformer
+from sklearn.neighbors import NearestNeighbors
 
 from detectors.events import Event
 from detectors.features import (CHECKPOINTS, EMBEDDING_CACHE, FEATURES, LINK_AT, NON_EMBEDDING, Embedder,
                                 Popularity, by_client, feature_rows, task_surprisal)
+
+
+MIN_ROWS = 20  # benign clients a checkpoint's model needs
+# Left out by default, as the ablation in the traffic study found them to cost more than they give: benign
+# scripts run at night too, and a student returning to one person looks like an enumeration.
+EXCLUDED = ("night_share", "key_runs", "key_ascending")
+
+
+class NeighbourDistance(BaseEstimator):
+    """Anomaly as the mean distance to the `k` nearest benign rows, on features standardised by the benign
+    rows' spread, floored at a twentieth of the feature's range so that one nearly all benign users share
+    (nobody's reasoning share, in a small window) cannot make a small difference look enormous."""
+
+    def __init__(self, k: int = 5):
+        self.k = k
+
+    def fit(self, rows: np.ndarray) -> NeighbourDistance:
+        self.mean_ = rows.mean(0)
+        self.scale_ = np.maximum(rows.std(0), 0.05 * (np.abs(rows).max(0) + 1e-3))
+        self.neighbours_ = NearestNeighbors(n_neighbors=self.k + 1).fit(self.standardise(rows))
+        distances, _ = self.neighbours_.kneighbors()  # each training row's k+1 nearest others
+        self.own_scores_ = distances[:, : self.k].mean(1)
+        return self
+
+    def standardise(self, rows: np.ndarray) -> np.ndarray:
+        return (rows - self.mean_) / self.scale_
+
+    def score(self, rows: np.ndarray) -> np.ndarray:
+        """Higher = more anomalous."""
+        distances, _ = self.neighbours_.kneighbors(self.standardise(rows), n_neighbors=self.k)
+        return distances.mean(1)
 
 
 def checkpoint_of(features: dict[str, float]) -> int:
@@ -32,9 +63,9 @@ def checkpoint_of(features: dict[str, float]) -> int:
 
 
 class TrafficDetector(BaseEstimator):
-    def __init__(self, target_fpr: float = 0.01, use_embeddings: bool = True, n_neighbors: int = 20,
+    def __init__(self, target_fpr: float = 0.01, use_embeddings: bool = True, n_neighbors: int = 5,
                  calibration_share: float = 0.5, reference_size: int = 256, embedding_cache: int = EMBEDDING_CACHE,
-                 random_state: int = 0, exclude: tuple[str, ...] = ()):
+                 random_state: int = 0, exclude: tuple[str, ...] = EXCLUDED):
         self.target_fpr = target_fpr
         self.use_embeddings = use_embeddings
         self.n_neighbors = n_neighbors
@@ -88,22 +119,18 @@ class TrafficDetector(BaseEstimator):
             distances = np.sqrt(np.maximum(2 - 2 * self.reference_ @ self.reference_.T, 0))
             self.bandwidth_ = float(np.median(distances[distances > 0]))  # the median heuristic
         _, _, checkpoints, matrix = self._rows(train, self.random_state)
-        # One model per checkpoint: a window's first n requests are compared with benign users who sent as
-        # many, so asking what an evaluation customer asks is judged against how much such customers ask.
-        # Each model's scores are put on one scale by its own benign rows' median and 95th percentile.
         self.models_ = {}
         for n in CHECKPOINTS:
             rows = matrix[checkpoints == n]
-            if len(rows) <= self.n_neighbors:
-                break  # fewer benign clients went this far than a neighbourhood holds: later ones use this model
-            model = make_pipeline(QuantileTransformer(n_quantiles=min(len(rows), 1000), output_distribution="normal"),
-                                  IsolationForest(n_estimators=200, random_state=self.random_state))
-            own = -model.fit(rows).score_samples(rows)
+            if len(rows) < max(MIN_ROWS, self.n_neighbors + 1):
+                break  # too few benign clients went this far to learn from: later checkpoints use this model
+            model = NeighbourDistance(self.n_neighbors).fit(rows)
+            own = model.own_scores_
             median = float(np.median(own))
             spread = float(np.quantile(own, 0.95) - median) or 1.0  # each model's benign tail maps to one scale
-            self.models_[n] = (model, median, spread, rows.mean(0), rows.std(0))
+            self.models_[n] = (model, median, spread)
         if not self.models_:
-            raise ValueError(f"no checkpoint has more than {self.n_neighbors} benign clients to learn from")
+            raise ValueError(f"no checkpoint has {MIN_ROWS} benign clients to learn from")
         calibration = self._client_scores([e for e in events if e.client in held_out], self.random_state + 1)
         self.calibration_scores_ = np.sort([s for s, _ in calibration.values()])
         return self
@@ -114,9 +141,9 @@ class TrafficDetector(BaseEstimator):
     def _row_scores(self, checkpoints: np.ndarray, matrix: np.ndarray) -> np.ndarray:
         scores = np.empty(len(matrix))
         for n in np.unique(checkpoints):
-            model, median, spread, _, _ = self._model(int(n))
+            model, median, spread = self._model(int(n))
             at = checkpoints == n
-            scores[at] = (-model.score_samples(matrix[at]) - median) / spread  # higher = more anomalous
+            scores[at] = (model.score(matrix[at]) - median) / spread
         return scores
 
     def _client_scores(self, events: list[Event], seed: int) -> dict[str, tuple[float, list[tuple[int, float]]]]:
@@ -139,8 +166,8 @@ class TrafficDetector(BaseEstimator):
     def unusual(self, features: dict[str, float], top: int = 2) -> list[str]:
         """The features furthest from benign users of the same volume, in their standard deviations: the
         reason given for a flag."""
-        _, _, _, mean, std = self._model(checkpoint_of(features))
-        z = (np.array([features[n] for n in self.feature_names_]) - mean) / np.maximum(std, 1e-3)
+        model, _, _ = self._model(checkpoint_of(features))
+        z = model.standardise(np.array([features[n] for n in self.feature_names_]))
         return [f"{self.feature_names_[i]}={features[self.feature_names_[i]]:.2f} ({z[i]:+.0f} sd)"
                 for i in np.argsort(-np.abs(z))[:top]]
 

@@ -34,6 +34,7 @@ from dataclasses import dataclass, replace
 from typing import Literal
 
 
+from detectors.cluster import Linker
 from detectors.detector import TrafficDetector
 from detectors.events import Event
 from detectors.features import ClientState, embedding_features, hash_seed
@@ -55,15 +56,19 @@ ALLOW = Action("allow")
 class Monitor:
     def __init__(self, detector: TrafficDetector, throttle_factor: float = 2.0, degrade_factor: float = 3.0,
                  throttle_per_hour: float = 60.0, max_clients: int = 100_000, seed: int = 0,
-                 max_flagged: int = 1_000_000):
+                 max_flagged: int = 1_000_000, link: bool = True, min_group: int = 3):
         self.detector, self.seed, self.max_clients, self.max_flagged = detector, seed, max_clients, max_flagged
-        self.settings = (throttle_factor, degrade_factor, throttle_per_hour, max_clients, seed, max_flagged)
+        self.settings = (throttle_factor, degrade_factor, throttle_per_hour, max_clients, seed, max_flagged, link,
+                         min_group)
         fpr = detector.target_fpr
         self.thresholds = (("block", fpr), ("throttle", fpr * throttle_factor), ("degrade", fpr * degrade_factor))
         self.throttle_gap = 3600.0 / throttle_per_hour
         self.states: OrderedDict[str, ClientState] = OrderedDict()
         self.actions: OrderedDict[str, Action] = OrderedDict()  # flagged clients only
         self.next_served: dict[str, float] = {}  # throttled clients in `actions`: when the next one is served
+        self.linker = (Linker(detector.popularity_, detector.rare_key_surprisal_, min_size=min_group,
+                              max_accounts=max_clients) if link else None)
+        self.pooled: OrderedDict[str, ClientState] = OrderedDict()  # linked groups' traffic, by group root
 
     def observe(self, event: Event) -> Action:
         client = event.client
@@ -79,16 +84,42 @@ class Monitor:
         if state.due:
             self._decide(client, state)
         action = self.actions.get(client, ALLOW)
+        if self.linker is not None:
+            group = self._observe_group(event)
+            if group is not None and LEVELS.index(group.kind) > LEVELS.index(action.kind):
+                action = group
         if action is ALLOW:
             return action
-        self.actions.move_to_end(client)
+        if client in self.actions:
+            self.actions.move_to_end(client)
         if action.kind == "throttle":
             if event.time < self.next_served.get(client, -float("inf")):
                 return replace(action, served=False)
             self.next_served[client] = event.time + self.throttle_gap
         return action
 
-    def _decide(self, client: str, state: ClientState) -> None:
+    def _observe_group(self, event: Event) -> Action | None:
+        """Feeds the pooled traffic of the linked group `event`'s account belongs to; the group's action."""
+        root, backlog = self.linker.observe(event)
+        if root is None:
+            return None
+        pooled = self.pooled.get(root)
+        if pooled is None:
+            pooled = self.pooled[root] = ClientState(seed=hash_seed(root, self.seed),
+                                                     popularity=self.detector.popularity_)
+            if len(self.pooled) > self.max_clients:
+                self.pooled.popitem(last=False)
+        else:
+            self.pooled.move_to_end(root)
+        key = ("group", root)
+        size = self.linker.size.get(root, 1)
+        for e in sorted(backlog, key=lambda e: e.time):
+            pooled.update(e)
+            if pooled.due and size >= self.linker.min_size:
+                self._decide(key, pooled, f" of a linked group of {size} accounts")
+        return self.actions.get(key)
+
+    def _decide(self, client, state: ClientState, who: str = "") -> None:
         d = self.detector
         features = state.features()
         if d.use_embeddings:
@@ -99,7 +130,7 @@ class Monitor:
             if p <= threshold:
                 if LEVELS.index(kind) > LEVELS.index(current.kind):
                     judged = f" (judged on its last {state.in_window})" if state.count > state.in_window else ""
-                    reason = f"p={p:.3g} after {state.count} requests{judged}: " + ", ".join(d.unusual(features))
+                    reason = f"p={p:.3g} after {state.count} requests{who}{judged}: " + ", ".join(d.unusual(features))
                     self._flag(client, Action(kind, reason, p, served=kind != "block"))
                 return
 

@@ -109,7 +109,8 @@ class TrafficDetector(BaseEstimator):
         # what "asks about what benign users rarely do" means when linking accounts (detectors.cluster)
         first = [task_surprisal([e.prompt for e in mine[:LINK_AT]], self.popularity_)
                  for mine in by_client(train).values() if len(mine) >= LINK_AT]
-        self.rare_key_surprisal_ = float(np.quantile([s for s in first if s is not None], 0.75))
+        asked = [s for s in first if s is not None]
+        self.rare_key_surprisal_ = float(np.quantile(asked, 0.75)) if asked else float("inf")
         self.embedder_, self.reference_, self.bandwidth_ = None, None, 1.0
         if self.use_embeddings:
             self.embedder_ = Embedder(cache_size=self.embedding_cache)

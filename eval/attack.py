@@ -199,7 +199,7 @@ def _write_json(path: Path, value) -> None:
 
 # Benign users whose traffic carries the held-out items through a defence that remembers callers: a seed the
 # lab's detector was not fitted on, one day, a sixth of the fitting population's size.
-BENIGN_REPLAY = {"human": 60, "power": 20, "batch": 20}
+BENIGN_REPLAY = {"human": 40, "power": 14, "batch": 14, "student": 50, "evaluator": 14}
 
 
 def lab_parts(defenses: list[str]) -> DefenseParts:

@@ -37,6 +37,7 @@ from __future__ import annotations
 import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 
@@ -319,18 +320,25 @@ class TrafficShape:
     """How a harvester's queries reach the served teacher: one every `pace` seconds of a simulated clock from
     `start`, round-robin over `accounts` accounts (ACCOUNT, or ACCOUNT-0 ... ACCOUNT-{n-1}: a sybil swarm),
     each attack request hidden among `cover` benign requests of the same account on average (a hydra: the
-    benign requests are served, and their answers go to their owner, not to the harvest)."""
+    benign requests are served, and their answers go to their owner, not to the harvest). The cover is
+    `general` traffic (code and prose) or `task` questions about popular people, as a student asks them; an
+    `irregular` clock spaces requests as a person's are (exponential gaps of mean `pace`), not a script's.
+    A mimic is `task` cover on an `irregular` clock."""
 
     account: str = "attacker"
     pace: float = 2.0
     accounts: int = 1
     cover: float = 0.0
     start: float = 1_767_225_600.0
+    cover_kind: Literal["general", "task"] = "general"
+    irregular: bool = False
 
     def __post_init__(self):
         if self.accounts < 1 or self.cover < 0 or self.pace <= 0:
             raise ValueError(f"a traffic shape needs accounts >= 1, cover >= 0 and pace > 0; got accounts="
                              f"{self.accounts}, cover={self.cover}, pace={self.pace}")
+        if self.cover_kind not in ("general", "task"):
+            raise ValueError(f"cover_kind must be 'general' or 'task', got {self.cover_kind!r}")
 
 
 class ShapedClient(Teacher):
@@ -344,7 +352,13 @@ class ShapedClient(Teacher):
         self.clock, self.sent = shape.start, 0
         self.rng = np.random.default_rng(seed)
         self.cover_prompts = PromptSource(seed=int(self.rng.integers(2**31))) if shape.cover else None
+        self.habits = Habits(self.rng) if shape.cover_kind == "task" else None  # how it words its own questions
         self.name = served.name
+
+    def _cover(self) -> str:
+        if self.shape.cover_kind == "task":
+            return self.habits.word(self.cover_prompts.curious())
+        return self.cover_prompts.benign()
 
     def _account(self) -> str:
         shape = self.shape
@@ -360,7 +374,7 @@ class ShapedClient(Teacher):
             cover = self.rng.poisson(self.shape.cover) if self.shape.cover else 0
             if cover:  # the account's own benign requests come first; what waits to be sent goes first
                 out += self._send(attack_prompts, attack_callers, sampling)
-                cover_prompts = [self.cover_prompts.benign() for _ in range(cover)]
+                cover_prompts = [self._cover() for _ in range(cover)]
                 cover_callers = []
                 for _ in range(cover):
                     self.clock += self.rng.exponential(self.shape.pace / (1 + self.shape.cover))
@@ -368,7 +382,7 @@ class ShapedClient(Teacher):
                 self.served.complete(cover_prompts, COVER, cover_callers)
             attack_prompts.append(prompt)
             attack_callers.append(Caller(account=account, time=self.clock))
-            self.clock += self.shape.pace
+            self.clock += self.rng.exponential(self.shape.pace) if self.shape.irregular else self.shape.pace
             self.sent += 1
         return out + self._send(attack_prompts, attack_callers, sampling)
 

@@ -1,19 +1,22 @@
-"""The rate-pattern detector's validation: per-account detection on fresh seeds, swarms, benign cost, and
-protection measured by real distillation through the monitor.
+"""The traffic detector's validation: online detection through the monitor (linking included) on fresh
+seeds, per attacker and per benign kind, same-domain users and evaluation customers among them; which
+features carry the signal (ablation); and protection measured by real distillation through the monitor.
 
     distill-guard study traffic --out runs/traffic [--seeds 3] [--budget 2000] [--attack-seeds 3]
         [--students 'eval/results/redaction-{strategy}/students']
 
 1. Fit `TrafficDetector` on simulated benign traffic (seed 0), with and without embedding features.
-2. Score fresh seeds (never used for fitting): per attacker kind the share of accounts flagged (TPR) and the
-   median number of its requests before the flag; per benign persona the share flagged (FPR); sybil
-   accounts flagged individually and through clustering.
-3. Benign cost: the share of benign requests the online monitor refuses (throttle or block) on fresh seeds.
+2. Replay fresh seeds (never used for fitting) through a fresh `Monitor` each, as the gateway would: per
+   attacker kind the share of accounts blocked (TPR), through a linked group or on their own, after how
+   many of their requests, and how many requests were served to them; per benign kind the share blocked
+   (FPR) and the share of its requests refused or served degraded.
+3. Ablation: the same replay with each feature group, and each extraction feature, left out (and the
+   features left out by default put back).
 4. Protection: `evaluate` with the `monitor` defence in front of teacher-a: the naive attacker's harvest
-   sent at the scripted pace (2 s), at the slow-rate pace (90 s), from a sybil swarm of 10 and of 100
-   accounts, and hidden in a legitimate account's traffic (hydra); and the decomposition attacker.
-   `--students` names the cache of trained students per attacker strategy: pointed at the redaction grid's,
-   the undefended students (and any harvest through the monitor that matches one) are not trained again.
+   sent at the scripted pace (2 s), at the slow-rate pace (90 s), from a sybil of 10 accounts and a swarm of
+   100 (no payment or network shared), hidden in a legitimate account's traffic (hydra) and among a
+   student's questions on a person's clock (mimic); and the decomposition attacker. `--students` names the
+   cache of trained students per attacker strategy.
 """
 
 from __future__ import annotations
@@ -26,8 +29,8 @@ from pathlib import Path
 import numpy as np
 from scipy.stats import binomtest
 
-from detectors.cluster import judge_clusters
-from detectors.detector import TrafficDetector
+from detectors.detector import EXCLUDED, TrafficDetector
+from detectors.features import CHECKPOINTS, EXTRACTION, TIMING, WORDING
 from detectors.monitor import Monitor
 from eval.attack import BENIGN_REPLAY, AttackConfig, evaluate, lab_parts
 from eval.reference import load_teacher
@@ -37,53 +40,78 @@ from eval.student import StudentConfig
 from eval.traffic import ATTACKERS, BENIGN, BENIGN_POPULATION, TrafficShape, simulate
 from guard.defenses import DefenseParts
 
-ATTACK_MIX = {**{kind: 10 for kind in ATTACKERS if kind != "sybil"}, "sybil": 2}  # per seed, beside the benign
+ATTACK_MIX = {**{kind: 10 for kind in ATTACKERS if kind not in ("sybil", "swarm")}, "sybil": 2, "swarm": 1}
 
 
-def detection(detector: TrafficDetector, seeds: list[int], test_mix: dict[str, int]) -> dict:
-    per_kind = defaultdict(lambda: {"accounts": 0, "flagged": 0, "queries_to_flag": [], "via_cluster": 0})
+def share(hits: int, total: int) -> dict:
+    low, high = binomtest(hits, total).proportion_ci() if total else (0.0, 1.0)
+    return {"count": hits, "of": total, "share": hits / total if total else None, "ci95": [low, high]}
+
+
+def replay(detector: TrafficDetector, seeds: list[int], mix: dict[str, int], link: bool = True) -> dict:
+    """Each seed's traffic through a fresh monitor; per kind: accounts blocked, judged, requests refused."""
+    per_kind = defaultdict(lambda: defaultdict(int, before_block=[]))
     for seed in seeds:
-        traffic, labels = simulate(test_mix, days=3, seed=seed)
-        verdicts = detector.score(traffic)
-        for group in judge_clusters(detector, traffic):
-            for member in group["members"]:
-                verdicts[member]["cluster_flagged"] = group["flagged"]
-        for client, v in verdicts.items():
-            k = per_kind[labels[client]]
-            k["accounts"] += 1
-            k["flagged"] += v["flagged"]
-            k["via_cluster"] += bool(v.get("cluster_flagged"))
-            if v["queries_to_flag"] is not None:
-                k["queries_to_flag"].append(v["queries_to_flag"])
-    benign = [per_kind[kind] for kind in BENIGN if kind in per_kind]
-    per_kind["all benign"] = {"accounts": sum(k["accounts"] for k in benign), "flagged": sum(k["flagged"] for k in benign),
-                              "via_cluster": sum(k["via_cluster"] for k in benign),
-                              "queries_to_flag": [q for k in benign for q in k["queries_to_flag"]]}
-    return {kind: {"accounts": k["accounts"], "flagged_share": k["flagged"] / k["accounts"],
-                   "flagged_ci95": list(binomtest(k["flagged"], k["accounts"]).proportion_ci()),
-                   "flagged_via_cluster_share": k["via_cluster"] / k["accounts"],
-                   "median_queries_to_flag": float(np.median(k["queries_to_flag"])) if k["queries_to_flag"] else None}
-            for kind, k in sorted(per_kind.items())}
-
-
-def benign_cost(detector: TrafficDetector, seeds: list[int], benign_mix: dict[str, int]) -> dict:
-    """The share of benign requests the online monitor refuses, and the share it serves without reasoning.
-    Each seed's traffic is replayed through a fresh monitor."""
-    refused = degraded = total = 0
-    for seed in seeds:
-        monitor = Monitor(detector)
-        traffic, _ = simulate(benign_mix, days=3, seed=seed)
+        traffic, labels = simulate(mix, days=3, seed=seed)
+        monitor = Monitor(detector, link=link)
+        requests, served, degraded, blocked_at, via_link = defaultdict(int), defaultdict(int), defaultdict(int), {}, set()
         for event in traffic:
+            client = event.client
             action = monitor.observe(event)
-            refused += not action.served
-            degraded += action.served and action.kind != "allow"
-            total += 1
-    return {"requests": total, "refused_share": refused / total, "degraded_share": degraded / total}
+            requests[client] += 1
+            served[client] += action.served
+            degraded[client] += action.served and action.kind != "allow"
+            if action.kind == "block" and client not in blocked_at:
+                blocked_at[client] = requests[client]
+                if "linked group" in action.reason:
+                    via_link.add(client)
+        for client, kind in labels.items():
+            k = per_kind[kind]
+            k["accounts"] += 1
+            k["judged"] += requests[client] >= CHECKPOINTS[0] or client in blocked_at
+            k["blocked"] += client in blocked_at
+            k["via_link"] += client in via_link
+            k["requests"] += requests[client]
+            k["refused"] += requests[client] - served[client]
+            k["degraded"] += degraded[client]
+            k["served"] += served[client]
+            if client in blocked_at:
+                k["before_block"].append(blocked_at[client])
+    out = {}
+    for kind, k in sorted(per_kind.items()):
+        out[kind] = {"accounts": k["accounts"], "blocked": share(k["blocked"], k["accounts"]),
+                     "blocked_of_judged": share(k["blocked"], k["judged"]),
+                     "via_link": k["via_link"] / k["accounts"],
+                     "median_requests_before_block": float(np.median(k["before_block"])) if k["before_block"] else None,
+                     "served_per_account": k["served"] / k["accounts"],
+                     "refused_share": k["refused"] / max(k["requests"], 1),
+                     "degraded_share": k["degraded"] / max(k["requests"], 1)}
+    return out
+
+
+def ablation(benign, seeds: list[int], mix: dict[str, int]) -> dict:
+    """Detection with each feature group, and each extraction feature, left out; and with the features left
+    out by default put back. Each row: the worst benign kind's blocked share, and each attacker's."""
+    settings = {"default": EXCLUDED}
+    for name, group in (("timing", TIMING[1:]), ("wording", WORDING), ("extraction", EXTRACTION)):
+        settings[f"without {name}"] = EXCLUDED + group
+    settings.update({f"without {f}": EXCLUDED + (f,) for f in EXTRACTION if f not in EXCLUDED})
+    settings.update({f"with {f}": tuple(e for e in EXCLUDED if e != f) for f in EXCLUDED})
+    rows = {}
+    for name, exclude in settings.items():
+        detector = TrafficDetector(use_embeddings=False, exclude=exclude).fit(benign)
+        found = replay(detector, seeds, mix)
+        rows[name] = {"exclude": list(exclude),
+                      "worst benign": max(found[k]["blocked"]["share"] for k in BENIGN if k in found),
+                      **{k: found[k]["blocked"]["share"] for k in (*ATTACKERS, *BENIGN) if k in found}}
+        print(name, json.dumps(rows[name]), flush=True)
+    return rows
 
 
 # The harvester's traffic shape through the monitor, per attacker kind of the simulator
 SHAPES = {"naive": TrafficShape(), "slow": TrafficShape(pace=90), "sybil of 10": TrafficShape(accounts=10),
-          "sybil of 100": TrafficShape(accounts=100), "hydra": TrafficShape(pace=60, cover=3)}
+          "swarm of 100": TrafficShape(accounts=100), "hydra": TrafficShape(pace=60, cover=3),
+          "mimic": TrafficShape(pace=60, cover=1, cover_kind="task", irregular=True)}
 
 
 def protection(out: Path, budget: int, seeds: int, progress: bool, steps: int | None = None,
@@ -114,23 +142,35 @@ def protection(out: Path, budget: int, seeds: int, progress: bool, steps: int | 
     return rows
 
 
+def percent(cell: dict) -> str:
+    low, high = cell["ci95"]
+    return f"{cell['share']:.1%} [{low:.1%}, {high:.1%}]" if cell["of"] else "—"
+
+
 def markdown(report: dict) -> str:
     variants = [v for v in VARIANTS if v in report]
-    lines = ["| traffic | accounts | " + " | ".join(f"flagged, {v} [95% CI]" for v in variants) +
-             " | via cluster | median requests before the flag |", "|---|---|" + "---|" * (len(variants) + 2)]
     first = report[variants[0]]["detection"]
-    for kind in [*ATTACKERS, *BENIGN, "all benign"]:
+    lines = ["| traffic | accounts | " + " | ".join(f"blocked, {v} [95% CI]" for v in variants) +
+             " | blocked of judged | via a linked group | median requests before the block | served per account |",
+             "|---|---|" + "---|" * (len(variants) + 4)]
+    for kind in [*ATTACKERS, *BENIGN]:
         if kind not in first:
             continue
-        cells = [f"{report[v]['detection'][kind]['flagged_share']:.1%} [{report[v]['detection'][kind]['flagged_ci95'][0]:.1%}, "
-                 f"{report[v]['detection'][kind]['flagged_ci95'][1]:.1%}]" for v in variants]
-        median = first[kind]["median_queries_to_flag"]
-        lines.append(f"| {kind} | {first[kind]['accounts']} | " + " | ".join(cells) +
-                     f" | {first[kind]['flagged_via_cluster_share']:.0%} | {'—' if median is None else f'{median:.0f}'} |")
-    lines += ["", "| benign cost | " + " | ".join(variants) + " |", "|---|" + "---|" * len(variants)]
-    for measure in ("refused_share", "degraded_share"):
-        lines.append(f"| {measure.replace('_', ' ')} of benign requests | " +
-                     " | ".join(f"{report[v]['benign_cost'][measure]:.2%}" for v in variants) + " |")
+        k = first[kind]
+        median = k["median_requests_before_block"]
+        lines.append(f"| {kind} | {k['accounts']} | " + " | ".join(percent(report[v]['detection'][kind]['blocked'])
+                                                                    for v in variants) +
+                     f" | {percent(k['blocked_of_judged'])} | {k['via_link']:.0%} | "
+                     f"{'—' if median is None else f'{median:.0f}'} | {k['served_per_account']:.0f} |")
+    lines += ["", "| benign kind | refused share of its requests | served degraded |", "|---|---|---|"]
+    for kind in BENIGN:
+        if kind in first:
+            lines.append(f"| {kind} | {first[kind]['refused_share']:.2%} | {first[kind]['degraded_share']:.2%} |")
+    if "ablation" in report:
+        kinds = [k for k in (*ATTACKERS, *BENIGN) if k in next(iter(report["ablation"].values()))]
+        lines += ["", "| features | worst benign | " + " | ".join(kinds) + " |", "|---|---|" + "---|" * len(kinds)]
+        for name, row in report["ablation"].items():
+            lines.append(f"| {name} | {row['worst benign']:.1%} | " + " | ".join(f"{row[k]:.0%}" for k in kinds) + " |")
     lines += ["", "| attacker | defence | queries | student after | transfer τ [95% CI] | protection [95% CI] |",
               "|---|---|---|---|---|---|"]
     for r in report.get("protection", []):
@@ -147,17 +187,20 @@ VARIANTS = {"timing+content": False, "with embeddings": True}
 
 def main(out: str, seeds: list[int], budget: int, attack_seeds: int, fit_mix: dict[str, int] = BENIGN_POPULATION,
          variants: tuple[str, ...] = tuple(VARIANTS), steps: int | None = None, eval_items: int | None = None,
-         progress: bool = True, replay_mix: dict[str, int] = BENIGN_REPLAY, students: str | None = None) -> dict:
+         progress: bool = True, replay_mix: dict[str, int] = BENIGN_REPLAY, students: str | None = None,
+         ablate: bool = True) -> dict:
     start, out_dir = time.perf_counter(), Path(out)
     benign, _ = simulate(fit_mix, days=3, seed=0)
     test_mix = {**fit_mix, **ATTACK_MIX}
-    report: dict = {"fit": fit_mix, "test": test_mix, "seeds": seeds, "benign_replay": replay_mix}
+    report: dict = {"fit": fit_mix, "test": test_mix, "seeds": seeds, "benign_replay": replay_mix,
+                    "target_fpr": 0.01}
     detectors = {}
     for name in variants:
         detector = detectors[name] = TrafficDetector(target_fpr=0.01, use_embeddings=VARIANTS[name]).fit(benign)
-        report[name] = {"detection": detection(detector, seeds, test_mix),
-                        "benign_cost": benign_cost(detector, seeds, fit_mix)}
+        report[name] = {"detection": replay(detector, seeds, test_mix)}
         print(name, json.dumps(report[name], indent=1), flush=True)
+    if ablate:
+        report["ablation"] = ablation(benign, seeds, test_mix)
     if attack_seeds:
         # the monitor defence runs the timing+content detector, fitted on the study's benign traffic
         monitor_detector = detectors.get("timing+content") or TrafficDetector(use_embeddings=False).fit(benign)

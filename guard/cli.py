@@ -571,7 +571,8 @@ def study_traffic(out: str = "runs/traffic",
                   students: Annotated[str | None, typer.Option(help="student cache shared with other studies, with "
                                                                    "{strategy} in the path, e.g. "
                                                                    "'eval/results/redaction-{strategy}/students'")] = None):
-    """The rate-pattern detector: detection on fresh seeds, swarms, benign cost, protection through the monitor."""
+    """The traffic detector: online detection (linking included) per attacker and benign kind on fresh seeds,
+    the feature ablation, benign cost, and protection through the monitor."""
     traffic_study.main(out, list(range(1, seeds + 1)), budget, attack_seeds,
                        variants=tuple(traffic_study.VARIANTS) if embeddings else ("timing+content",),
                        students=students)

@@ -24,8 +24,15 @@ def teacher_b() -> HFTeacher:
 
 
 # Benign traffic small enough for tests, large enough that its held-out half (clients with 25+ requests)
-# resolves a 1% false-positive rate.
-BENIGN_MIX = {"human": 150, "power": 50, "batch": 50}
+# resolves a 1% false-positive rate: half the lab's default population, every benign kind in it, the users
+# who ask the teacher's own task questions included.
+def _half_of_the_default_population():
+    from eval.traffic import BENIGN_POPULATION
+
+    return {kind: count // 2 for kind, count in BENIGN_POPULATION.items()}
+
+
+BENIGN_MIX = _half_of_the_default_population()
 
 
 @pytest.fixture(scope="session")

@@ -218,12 +218,13 @@ def test_traffic_study_smoke_at_toy_scale(tmp_path):
     from eval.traffic_study import SHAPES, main
 
     report = main(str(tmp_path), [1], budget=60, attack_seeds=1, fit_mix=BENIGN_MIX, variants=("timing+content",),
-                  steps=5, eval_items=40, progress=False, replay_mix={"human": 20, "power": 4, "batch": 2})
+                  steps=5, eval_items=40, progress=False, ablate=False,
+                  replay_mix={"human": 10, "power": 2, "batch": 2, "student": 10, "evaluator": 2})
     detection = report["timing+content"]["detection"]
-    assert detection["naive"]["flagged_share"] == 1.0 and detection["all benign"]["accounts"] >= 250
-    assert 0 <= report["timing+content"]["benign_cost"]["refused_share"] < 0.1
+    assert detection["naive"]["blocked"]["share"] == 1.0 and detection["student"]["accounts"] == BENIGN_MIX["student"]
+    assert 0 <= detection["student"]["refused_share"] < 0.1
     shapes = {(r["attack"], r["shape"]) for r in report["protection"]}
     assert shapes == {("naive/sft", k) for k in [*SHAPES, "undefended"]} | {("decompose/sft", "decompose"),
                                                                            ("decompose/sft", "undefended")}
     text = (tmp_path / "report.md").read_text()
-    assert "| naive | 10 | 100.0% [" in text and "| naive/sft (sybil of 100) | monitor | 60 |" in text
+    assert "| naive | 10 | 100.0% [" in text and "| naive/sft (swarm of 100) | monitor | 60 |" in text

@@ -15,7 +15,8 @@ from detectors.events import Event
 from detectors.features import CHECKPOINTS
 from detectors.monitor import Monitor
 from eval.reference.world import reference_task
-from eval.traffic import QUESTIONS, TOPICS, VERBS, ShapedClient, TrafficShape, simulate
+from conftest import BENIGN_MIX
+from eval.traffic import COT_PREFIXES, QUESTIONS, TOPICS, VERBS, ShapedClient, TrafficShape, simulate
 from guard.defenses import Monitored, parse_defense
 from guard.teacher import GREEDY, Caller
 
@@ -68,7 +69,7 @@ def test_memory_per_client_stays_flat_from_2k_to_100k_requests_with_embeddings_o
     rng = np.random.default_rng(0)
     start = 1_767_254_400.0
     benign = [Event(f"user-{c}", float(t), questions[int(rng.integers(len(questions)))])
-              for c in range(8) for t in start + np.cumsum(rng.exponential(120, 80))]
+              for c in range(40) for t in start + np.cumsum(rng.exponential(120, 80))]
     detector = TrafficDetector(target_fpr=0.25, n_neighbors=5, reference_size=32, embedding_cache=256).fit(benign)
     cache = detector.embedder_.cache
     assert len(cache) >= 256  # the fit alone embedded as many prompts as the cache keeps
@@ -115,7 +116,7 @@ def test_a_blocked_client_stays_blocked_after_its_state_is_evicted_until_its_fla
     prompts = [i.prompt for i in reference_task().query_pool]
     clock = iter(range(1_767_225_600, 1_767_225_600 + 10**6, 2))
 
-    def harvest(client: str, requests: int = 200):
+    def harvest(client: str, requests: int = 900):
         actions = [monitor.observe(Event(client, float(next(clock)), prompts[i])) for i in range(requests)]
         assert len(monitor.actions) <= 3
         return actions
@@ -147,9 +148,14 @@ def test_throttled_clients_next_allowed_times_are_kept_only_while_their_flags_ar
     assert len(flagged) > 5 and len(monitor.next_served) > 0
 
 
-def test_monitor_blocks_a_naive_harvester_within_200_queries_and_lets_people_through(benign_detector):
+def test_monitor_blocks_a_naive_harvester_once_it_asks_more_than_evaluation_customers_and_lets_people_through(
+        benign_detector):
+    """An evaluation customer asks what a harvester asks, as a harvester does, up to a few hundred questions:
+    a harvester is blocked at the first checkpoint past what such customers send (800), the people asking the
+    same questions (students, evaluation customers) are let through."""
     monitor = Monitor(benign_detector)
-    traffic, labels = simulate({"naive": 3, "human": 30, "power": 5}, days=2, seed=21)
+    traffic, labels = simulate({"naive": 3, "human": 30, "power": 5, "student": 30, "evaluator": 10}, days=2,
+                               seed=21)
     seen: dict[str, int] = {}
     blocked_at: dict[str, int] = {}
     for event in traffic:
@@ -159,16 +165,17 @@ def test_monitor_blocks_a_naive_harvester_within_200_queries_and_lets_people_thr
             blocked_at[event.client] = seen[event.client]
             assert action.reason.startswith("p=") and "sd)" in action.reason
     naive = [c for c, k in labels.items() if k == "naive"]
-    assert all(c in blocked_at and blocked_at[c] <= 200 for c in naive), blocked_at
+    assert all(c in blocked_at and blocked_at[c] <= 800 for c in naive), blocked_at
     benign_blocked = [c for c in blocked_at if labels[c] != "naive"]
-    assert len(benign_blocked) <= 2, benign_blocked  # 35 benign clients at a 1% target FPR
+    assert len(benign_blocked) <= 2, benign_blocked  # 75 benign clients at a 1% target FPR
 
 
 def test_monitored_teacher_refuses_a_flagged_account_and_serves_others(teacher_a, benign_detector):
     """The defence acts per account: a harvesting account is refused once flagged, while another account on
     the same deployment, asking at the same time, is still served."""
     monitored = Monitored(teacher_a, Monitor(benign_detector))
-    prompts = [i.prompt for i in reference_task().query_pool[:300]]
+    # a harvester asking for every intermediate step: nobody else does, so it is judged from its 25th request
+    prompts = [COT_PREFIXES[0] + i.prompt for i in reference_task().query_pool[:300]]
     start = 1_767_225_600.0
     callers = [Caller("scraper", start + n) for n in range(len(prompts))]
     served = monitored.complete(prompts, GREEDY, callers)
@@ -206,16 +213,29 @@ def test_a_throttled_client_is_served_at_the_throttle_rate_and_never_faster(beni
         assert not ((times >= a + 900) & (times < b)).any()  # and the first request after the gap goes through
 
 
-def test_a_swarm_below_the_first_checkpoint_goes_unjudged_online_while_a_small_one_is_blocked(teacher_a, benign_detector):
-    """The honest limit of per-account monitoring: an account is judged from its 25th request, so a swarm
-    whose accounts each send fewer is served in full; the same harvest from 3 accounts is cut to ~25 each."""
-    prompts = [i.prompt for i in reference_task().query_pool[:300]]
-    for accounts, most_served in ((20, 300), (3, 3 * 30)):
-        monitored = Monitored(teacher_a, Monitor(benign_detector))
-        client = ShapedClient(monitored, TrafficShape(pace=2.0, accounts=accounts))
-        served = sum(c.finish_reason != "refused" for c in client.complete(prompts, GREEDY))
-        assert len(monitored.monitor.states) == accounts
-        assert (served == 300) if accounts == 20 else (3 * 24 <= served <= most_served), (accounts, served)
+def test_a_swarm_of_100_accounts_with_their_own_payments_and_networks_is_linked_and_blocked_online(benign_detector):
+    """Each account sends 20 requests, fewer than the first checkpoint, and shares no payment fingerprint and
+    no network with the others: linked by their script's clock and their joint coverage, the group's pooled
+    traffic is judged as one client and most of the swarm is blocked before it has sent half its harvest.
+    Without linking, every request is served. The benign users around it stay in no judged group."""
+    traffic, labels = simulate({**{k: n // 4 for k, n in BENIGN_MIX.items()}, "swarm": 1}, days=2, seed=31)
+    swarm = {c for c, k in labels.items() if k == "swarm"}
+    assert len(swarm) == 100 and len({e.payment for e in traffic if e.client in swarm}) == 100
+    assert len({e.ip.rsplit(".", 1)[0] for e in traffic if e.client in swarm}) == 100
+    for link in (True, False):
+        monitor = Monitor(benign_detector, link=link)
+        served = {c: 0 for c in labels}
+        blocked = set()
+        for event in traffic:
+            action = monitor.observe(event)
+            served[event.client] += action.served
+            if action.kind == "block":
+                blocked.add(event.client)
+        if link:
+            assert len(blocked & swarm) >= 80 and sum(served[c] for c in swarm) < 1000, len(blocked & swarm)
+            assert len(blocked - swarm) <= 2
+        else:
+            assert not blocked & swarm and sum(served[c] for c in swarm) == 2000
 
 
 def test_hydra_cover_traffic_goes_through_the_defence_in_the_same_account(teacher_a, benign_detector):

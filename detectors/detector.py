@@ -78,7 +78,8 @@ class TrafficDetector(BaseEstimator):
     @property
     def feature_names_(self) -> tuple[str, ...]:
         names = FEATURES if self.use_embeddings else NON_EMBEDDING
-        return tuple(n for n in names if n not in self.exclude)
+        # each checkpoint has its own model, so the window's request count is where a row is judged, not a feature
+        return tuple(n for n in names if n not in self.exclude and n != "log_requests")
 
     def _rows(self, events: list[Event], seed: int) -> tuple[list[str], np.ndarray, np.ndarray, np.ndarray]:
         rows = feature_rows(events, self.embedder_, self.reference_, self.bandwidth_, CHECKPOINTS, seed,

@@ -42,7 +42,8 @@ from scipy.stats import shapiro
 
 from detectors.events import Event
 
-CHECKPOINTS = (25, 50, 100, 200, 400, 800, 1600)  # within each window; the last is the window's length
+CHECKPOINTS = (25, 50, 100, 200, 400, 800)  # within each window; the last is the window's length: the largest
+# volume the lab's benign population has enough users of to learn from (see `TrafficDetector`)
 EMBEDDING_CACHE = 16_384  # prompts whose embeddings are kept (least recently used evicted)
 SAMPLE = 64  # prompts per client kept (bottom-k sample) and embedded at each checkpoint
 TEMPLATE_WINDOW = 256  # a prompt is "templated" if it near-duplicates one of the last 256 in its window

@@ -37,11 +37,11 @@ BENIGN_MIX = _half_of_the_default_population()
 
 @pytest.fixture(scope="session")
 def benign_detector():
-    from detectors.detector import TrafficDetector
-    from eval.traffic import simulate
+    """The lab's detector, fitted on its whole default benign population: a model per checkpoint needs
+    enough benign users of each volume, and half the population has too few past 400 requests."""
+    from eval.traffic import lab_detector
 
-    benign, _ = simulate(BENIGN_MIX, days=3, seed=0)
-    return TrafficDetector(target_fpr=0.01, use_embeddings=False).fit(benign)
+    return lab_detector()
 
 
 @pytest.fixture(scope="session")

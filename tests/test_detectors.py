@@ -99,13 +99,19 @@ def test_the_embedding_cache_keeps_the_most_recently_used_prompts_up_to_its_size
     assert list(embed.cache) == [*prompts[4:], prompts[2], "How do I merge branches in git?"]
 
 
-def test_detector_flags_naive_cot_and_slow_harvesters_early(benign_detector):
-    traffic, labels = simulate({"naive": 5, "cot": 5, "slow": 5}, days=3, seed=1)
+def test_detector_flags_harvesters_a_reasoning_seeker_at_once_the_others_past_evaluation_customers_volume(
+        benign_detector):
+    """Nobody benign asks for every intermediate step, so `cot` is flagged at its first checkpoint. Evaluation
+    customers ask what the others ask, as they do, up to a few hundred questions: those are flagged once
+    they have asked more than that (by the 800 checkpoint)."""
+    traffic, labels = simulate({"naive": 5, "cot": 5, "slow": 5, "mimic": 5}, days=3, seed=1)
     verdicts = benign_detector.score(traffic)
-    for kind in ("naive", "cot", "slow"):
+    for kind in ("naive", "cot", "slow", "mimic"):
         mine = [v for c, v in verdicts.items() if labels[c] == kind]
         assert all(v["flagged"] and v["p_value"] <= 0.01 for v in mine), (kind, mine)
-    assert np.median([v["queries_to_flag"] for c, v in verdicts.items() if labels[c] == "naive"]) <= 200
+    def median_flag(kind):
+        return np.median([v["queries_to_flag"] for c, v in verdicts.items() if labels[c] == kind])
+    assert median_flag("cot") <= 50 and median_flag("naive") <= 800 and median_flag("mimic") <= 800
 
 
 def test_benign_false_positive_rate_holds_on_fresh_seeds(benign_detector):
@@ -197,7 +203,7 @@ def test_detect_and_simulate_commands(tmp_path):
     log, labels, report = tmp_path / "log.jsonl", tmp_path / "labels.json", tmp_path / "report.json"
     cli = [sys.executable, "-m", "guard.cli"]
     subprocess.run(cli + ["traffic", "simulate", "--out", str(log), "--labels", str(labels), "--population", "human=30",
-                          "--population", "naive=1", "--days", "1", "--attack-budget", "300"],
+                          "--population", "naive=1", "--days", "1", "--attack-budget", "900"],
                    check=True, capture_output=True, text=True, timeout=300)
     unfitted = subprocess.run(cli + ["detect", "--log", str(log)], capture_output=True, text=True, timeout=300)
     assert unfitted.returncode != 0 and "--benign" in unfitted.stderr  # never fitted on lab traffic unasked

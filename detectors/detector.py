@@ -34,15 +34,16 @@ EXCLUDED = ("night_share", "key_runs", "key_ascending")
 
 class NeighbourDistance(BaseEstimator):
     """Anomaly as the mean distance to the `k` nearest benign rows, on features standardised by the benign
-    rows' spread, floored at a twentieth of the feature's range so that one nearly all benign users share
-    (nobody's reasoning share, in a small window) cannot make a small difference look enormous."""
+    rows' spread, floored at a twentieth of the feature's magnitude (at least of 1, a share's range) so that
+    a feature nearly all benign users share (nobody's reasoning share, in a small window) cannot make one
+    odd request look enormous."""
 
     def __init__(self, k: int = 5):
         self.k = k
 
     def fit(self, rows: np.ndarray) -> NeighbourDistance:
         self.mean_ = rows.mean(0)
-        self.scale_ = np.maximum(rows.std(0), 0.05 * (np.abs(rows).max(0) + 1e-3))
+        self.scale_ = np.maximum(rows.std(0), 0.05 * np.maximum(np.abs(rows).max(0), 1.0))
         self.neighbours_ = NearestNeighbors(n_neighbors=self.k + 1).fit(self.standardise(rows))
         distances, _ = self.neighbours_.kneighbors()  # each training row's k+1 nearest others
         self.own_scores_ = distances[:, : self.k].mean(1)

@@ -54,9 +54,8 @@ GATEWAYS = {"none": (False, ("naive",)), "answer-only": (False, ("naive",)),
 # The lab's in-process evaluations of the same attacks: (directory, defence name there)
 LAB = {("none", "naive"): ("eval/results/redaction-naive", "none"),
        ("answer-only", "naive"): ("eval/results/redaction-naive", "answer-only"),
-       ("monitor", "naive"): ("eval/results/traffic/protection-naive", "monitor"),
-       ("monitor", "slow"): ("eval/results/traffic/protection-naive", "monitor:90"),
-       ("monitor", "hydra"): ("eval/results/traffic/protection-naive", "monitor:pace=60,cover=3")}
+       **{("monitor", shape): (f"eval/results/traffic/protection-naive/{shape}", "monitor")
+          for shape in ("naive", "slow", "hydra")}}
 
 
 class LabClient(OpenAITeacher):

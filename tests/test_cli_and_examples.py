@@ -69,12 +69,18 @@ def test_auditor_radioactivity_example_catches_the_student_and_not_the_control(t
 
 
 def test_provider_traffic_monitor_example():
-    out = run(sys.executable, "examples/provider_traffic_monitor.py", "--scale", "0.42")
-    for kind, accounts in (("naive", 1), ("cot", 1), ("sybil", 10)):
-        assert f"{kind}: {accounts} of {accounts} accounts flagged" in out, out
-    assert re.search(r"online: naive account \S+ -> block: p=", out), out
-    share = float(re.search(r"benign requests refused online: .* \(([\d.]+)%\)", out).group(1))
-    assert share < 5.0, out
+    """Online, as the gateway runs it: each single-account harvester is blocked with its reason, most of the
+    swarm through its linked group, and the benign kinds that ask the task's own questions get through."""
+    out = run(sys.executable, "examples/provider_traffic_monitor.py")
+    for kind in ("naive", "cot", "mimic"):
+        assert f"{kind}: 1 of 1 accounts blocked" in out, out
+        assert re.search(rf"why {kind}: \S+ -> block: p=\S+ after \d+ requests: ", out), out
+    swarm = re.search(r"swarm: (\d+) of 100 accounts blocked; ([\d,]+) of 2,000 requests served", out)
+    assert swarm and int(swarm.group(1)) >= 80 and int(swarm.group(2).replace(",", "")) < 1000, out
+    assert re.search(r"why swarm: .* of a linked group of \d+ accounts", out), out
+    for kind, accounts in (("student", 300), ("evaluator", 80)):
+        blocked = re.search(rf"{kind}: (\d+) of {accounts} accounts blocked; .* \(([\d.]+)% refused\)", out)
+        assert blocked and int(blocked.group(1)) <= accounts // 50 and float(blocked.group(2)) < 5.0, out
 
 
 def test_provider_gateway_example():

@@ -2,6 +2,7 @@
 
 import json
 from collections import Counter
+from dataclasses import replace
 from itertools import combinations
 
 import numpy as np
@@ -12,7 +13,7 @@ from scipy.stats import binom
 from detectors.detector import TrafficDetector
 from detectors.events import Event, EventFormatError, events_from_rows, read_events, write_events
 from detectors.features import ClientState, embedding_features
-from eval.traffic import simulate
+from eval.traffic import BENIGN_POPULATION, SAME_DOMAIN, simulate
 
 
 def test_a_bad_log_row_is_an_error_naming_file_and_row_or_is_skipped_and_counted(tmp_path):
@@ -126,6 +127,21 @@ def test_benign_false_positive_rate_holds_on_fresh_seeds(benign_detector):
     assert flagged <= binom.ppf(0.999, total, 0.01), (flagged, total)
 
 
+def test_the_default_benign_population_asks_the_teachers_own_questions_and_those_users_pass(benign_detector):
+    """Students and evaluation customers ask what a distiller asks. They are part of the population the lab's
+    detector is fitted and calibrated on (and every test's, which is half of it), so asking the task's
+    questions is not what gets a client flagged: on a seed the detector never saw, each kind is flagged no
+    more often than a 1% rate allows. Fitted without them, the detector flags students by the dozen."""
+    assert BENIGN_POPULATION["student"] >= 200 and BENIGN_POPULATION["evaluator"] >= 50
+    assert all(BENIGN_MIX[kind] == BENIGN_POPULATION[kind] // 2 for kind in SAME_DOMAIN)
+    traffic, labels = simulate({"student": 300, "evaluator": 80}, days=3, seed=13)
+    verdicts = benign_detector.score(traffic)
+    for kind in SAME_DOMAIN:
+        judged = [v for c, v in verdicts.items() if labels[c] == kind and v["judged"]]
+        assert len(judged) >= 60
+        assert sum(v["flagged"] for v in judged) <= binom.ppf(0.999, len(judged), 0.01), kind
+
+
 def test_a_log_too_young_to_judge_gives_unjudged_verdicts_not_an_error(benign_detector):
     """A new gateway's audit log: every client still below the first checkpoint."""
     young = [Event(client=c, time=1e9 + i, prompt=f"question {i}") for c in ("acme", "beta") for i in range(3)]
@@ -153,7 +169,22 @@ def test_clustering_finds_a_planted_swarm_and_flags_it_as_a_group(benign_detecto
 
 WORDS = ("apple", "river", "stone", "cloud", "paper", "glass", "music", "tiger", "bread", "light", "chair",
          "ocean", "piano", "garden", "silver", "winter", "market", "candle", "bridge", "forest", "engine", "pencil")
-SIGNALS = ("network", "timing", "templates")
+SIGNALS = ("network", "timing", "templates", "coverage")
+# What the benign population asks: common words, in three wordings, and each of 216 names once (rare).
+NAMES = [a + b + c for a in ("ka", "lo", "ri", "te", "mo", "su") for b in ("ra", "vi", "do", "ne", "pu", "xo")
+         for c in ("n", "k", "s", "th", "l", "m")]
+WORDINGS = ("Tell me about {n}.", "Who is {n} anyway?", "Describe {n} in a line.")
+
+
+def hand_built_popularity():
+    from detectors.features import Popularity
+
+    rng = np.random.default_rng(1)
+    prompts = [" ".join(rng.choice(WORDS, 6)) for _ in range(500)]
+    prompts += [w.format(n=word) for w in WORDINGS for word in WORDS] + [f"tell me about {n}" for n in NAMES]
+    popularity = Popularity(prompts)
+    once = popularity.key("tell me about " + NAMES[0])[1]
+    return popularity, once - 1e-6  # asking about names nobody asks twice is rare
 
 
 def hand_built_accounts(shared: set[str], t0: float, rng) -> list[Event]:
@@ -165,7 +196,10 @@ def hand_built_accounts(shared: set[str], t0: float, rng) -> list[Event]:
         # Out of step, pairs differ in start only (0, 1), in pace only (1, 2), or in both (0, 2).
         start, pace = (t0 + 10 * a, 30.0) if "timing" in shared else [(t0 - 3600, 30.0), (t0, 30.0), (t0 + 10, 90.0)][a]
         for k in range(20):
-            if "templates" in shared:  # one wording; only names and numbers change
+            if "coverage" in shared:  # rare names, none asked by two accounts; one wording, or one each
+                name = NAMES[20 * a + k].capitalize()
+                prompt = (WORDINGS[0] if "templates" in shared else WORDINGS[a]).format(n=name)
+            elif "templates" in shared:  # one wording; only names and numbers change
                 prompt = f"Summarise what {rng.choice(['Kalon', 'Ridan', 'Tilden'])} told Mara about {k} invoices."
             else:
                 prompt = " ".join(rng.choice(WORDS, 6))
@@ -180,20 +214,36 @@ def unrelated_accounts(count: int, t0: float, rng) -> list[Event]:
             for i in range(count) for k in range(20)]
 
 
-# Every subset of the three weak signals; by design two of them link accounts and one alone does not
-# (colleagues share an office network, two batch jobs may share a template).
-@pytest.mark.parametrize("shared", [set(c) for n in range(4) for c in combinations(SIGNALS, n)],
+# Every subset of the four weak signals; by design two of them link accounts and one alone does not
+# (colleagues share an office network, two batch jobs may share a template, two evaluation customers both
+# ask about everything).
+@pytest.mark.parametrize("shared", [set(c) for n in range(5) for c in combinations(SIGNALS, n)],
                          ids=lambda shared: "+".join(sorted(shared)) or "nothing")
 def test_accounts_with_distinct_payments_are_linked_by_any_two_weak_signals(shared):
     from detectors.cluster import clusters
 
     rng = np.random.default_rng(0)
     t0 = 1_700_000_000.0
+    popularity, rare = hand_built_popularity()
     group = hand_built_accounts(shared, t0, rng)
     control = unrelated_accounts(10, t0 + 20_000, rng)
     assert len({e.payment for e in group}) == 3
     expected = [["group-0", "group-1", "group-2"]] if len(shared) >= 2 else []
-    assert clusters(group + control, min_size=2) == expected
+    assert clusters(group + control, min_size=2, popularity=popularity, rare_surprisal=rare) == expected
+
+
+def test_accounts_asking_about_the_same_rare_things_are_not_joint_coverage():
+    """Joint coverage is a harvest split between accounts: rare things, none asked twice. Three accounts in
+    step asking about the same rare names share one signal (timing), not two."""
+    from detectors.cluster import clusters
+
+    popularity, rare = hand_built_popularity()
+    t0 = 1_700_000_000.0
+    split = hand_built_accounts({"timing", "coverage"}, t0, np.random.default_rng(0))
+    same = [replace(e, prompt=WORDINGS[int(e.client[-1])].format(n=NAMES[k % 20].capitalize()))
+            for k, e in enumerate(split)]
+    assert clusters(split, min_size=2, popularity=popularity, rare_surprisal=rare) == [["group-0", "group-1", "group-2"]]
+    assert clusters(same, min_size=2, popularity=popularity, rare_surprisal=rare) == []
 
 
 def test_detect_and_simulate_commands(tmp_path):

@@ -41,6 +41,10 @@ def test_monitor_memory_stays_bounded_over_100k_events(benign_detector):
     for event in events[30_000:]:
         monitor.observe(event)
     assert len(monitor.states) == 200
+    linker = monitor.linker
+    assert len(linker.summaries) <= 200 and len(linker.parent) <= 200 and len(linker.first) <= 200
+    assert len(linker.unlinked) <= 20 and len(monitor.pooled) <= 200
+    assert sum(map(len, linker.by_start.values())) == len(linker.summaries)
     for state in monitor.states.values():
         assert state.digests.shape == (256,) and len(state.bands) == 256 and len(state.heap) <= 64
 
@@ -259,4 +263,5 @@ def test_traffic_benchmark_smoke():
     from eval.benchmarks.traffic_speed import monitor_speed
 
     result = monitor_speed(2_000)
-    assert result["events"] == 2_000 and result["events_per_s"] > 0
+    assert result["events"] == 2_000
+    assert result["with_linking"]["events_per_s"] > 0 and result["without_linking"]["events_per_s"] > 0

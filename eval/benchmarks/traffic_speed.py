@@ -2,7 +2,8 @@
 
     OMP_NUM_THREADS=1 distill-guard bench traffic [--events 50000]
 
-- events/s of the online monitor (non-embedding features, scoring at checkpoints), on simulated traffic;
+- events/s of the online monitor (non-embedding features, scoring at checkpoints), on simulated traffic, with
+  cross-account linking on (the default) and off, side by side in one run;
 - sentence-embedding throughput (MiniLM prompts/s, batched), reported separately: the embedding features
   run only at checkpoints, on a bounded sample of each client's prompts;
 - memory of one client's state after 2,000 and after 100,000 requests (it should not grow: later windows of
@@ -19,7 +20,7 @@ import torch
 
 from detectors.detector import TrafficDetector
 from detectors.events import Event
-from detectors.features import ClientState, Embedder
+from detectors.features import ClientState, Embedder, Popularity
 from detectors.monitor import Monitor
 from eval.benchmarks import write_result
 from eval.traffic import BENIGN_POPULATION, simulate
@@ -28,15 +29,20 @@ from eval.traffic import BENIGN_POPULATION, simulate
 def monitor_speed(events: int) -> dict:
     benign, _ = simulate(BENIGN_POPULATION, days=3, seed=0)  # the monitor defence's own fit
     detector = TrafficDetector(use_embeddings=False).fit(benign)
-    traffic, _ = simulate({"human": 300, "power": 60, "batch": 40, "naive": 5, "slow": 5, "sybil": 1}, days=3, seed=1)
+    traffic, _ = simulate({**BENIGN_POPULATION, "naive": 5, "slow": 5, "mimic": 5, "sybil": 1, "swarm": 1}, days=3,
+                          seed=1)
     traffic = traffic[:events]
-    monitor = Monitor(detector)
-    start = time.perf_counter()
-    for event in traffic:
-        monitor.observe(event)
-    seconds = time.perf_counter() - start
-    return {"events": len(traffic), "clients": len(monitor.states), "seconds": seconds,
-            "events_per_s": len(traffic) / seconds}
+    out = {"events": len(traffic)}
+    for name, link in (("with_linking", True), ("without_linking", False)):
+        monitor = Monitor(detector, link=link)
+        start = time.perf_counter()
+        for event in traffic:
+            monitor.observe(event)
+        seconds = time.perf_counter() - start
+        out[name] = {"clients": len(monitor.states), "seconds": seconds, "events_per_s": len(traffic) / seconds}
+        if link:
+            out[name]["linked_accounts"] = len(monitor.linker.parent)
+    return out
 
 
 def embedding_speed(prompts: int = 2048) -> dict:
@@ -53,10 +59,11 @@ def embedding_speed(prompts: int = 2048) -> dict:
 
 def state_memory(marks: tuple[int, int] = (2_000, 100_000)) -> dict:
     traffic, _ = simulate({"naive": 1}, days=3, seed=3, attack_budget=marks[-1])
+    popularity = Popularity([e.prompt for e in simulate({"student": 100}, days=3, seed=4)[0]])
     sizes = {}
     tracemalloc.start()
     before = tracemalloc.get_traced_memory()[0]
-    state = ClientState()
+    state = ClientState(popularity=popularity)
     for i, event in enumerate(traffic, 1):
         state.update(Event(event.client, event.time, event.prompt))
         if i in marks:

@@ -231,7 +231,7 @@ def test_keys_cli_round_trip(tmp_path):
 
 
 def log_traffic(path: Path, population: dict, seed: int) -> dict[str, str]:
-    events, kinds = simulate(population, days=1, seed=seed, attack_budget=300)
+    events, kinds = simulate(population, days=1, seed=seed, attack_budget=900)
     with SQLiteStore(path) as store:
         store.log(*(AuditRecord(request_id=f"{seed}-{n}", account=e.client, time=e.time, prompt=e.prompt,
                                 prompt_tokens=e.prompt_tokens, completion_tokens=e.response_tokens,

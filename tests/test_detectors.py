@@ -10,9 +10,9 @@ import pytest
 from conftest import BENIGN_MIX
 from scipy.stats import binom
 
-from detectors.detector import TrafficDetector
+from detectors.detector import EXCLUDED, TrafficDetector
 from detectors.events import Event, EventFormatError, events_from_rows, read_events, write_events
-from detectors.features import ClientState, embedding_features
+from detectors.features import EXTRACTION, ClientState, embedding_features
 from eval.traffic import BENIGN_POPULATION, SAME_DOMAIN, simulate
 
 
@@ -140,6 +140,27 @@ def test_the_default_benign_population_asks_the_teachers_own_questions_and_those
         judged = [v for c, v in verdicts.items() if labels[c] == kind and v["judged"]]
         assert len(judged) >= 60
         assert sum(v["flagged"] for v in judged) <= binom.ppf(0.999, len(judged), 0.01), kind
+
+
+def test_leaving_out_the_extraction_features_flags_students_and_delays_the_reasoning_harvester(benign_detector):
+    """The ablation the traffic study reports, at one seed: the extraction features (how rare and how new
+    the asked-about things are, the share asking for reasoning) are what lets students who ask the task's
+    questions through; without them a dozen of 300 are flagged and a harvester asking for every
+    intermediate step waits until it has sent a few hundred requests."""
+    traffic, labels = simulate({"student": 300, "cot": 5}, days=3, seed=13)
+    benign, _ = simulate(BENIGN_POPULATION, days=3, seed=0)
+    ablated = TrafficDetector(use_embeddings=False, exclude=EXCLUDED + EXTRACTION).fit(benign)
+    assert not set(ablated.feature_names_) & set(EXTRACTION)
+
+    def outcome(detector):
+        verdicts = detector.score(traffic)
+        students = sum(v["flagged"] for c, v in verdicts.items() if labels[c] == "student")
+        cot = np.median([v["queries_to_flag"] or np.inf for c, v in verdicts.items() if labels[c] == "cot"])
+        return students, cot
+
+    (students, cot), (students_ablated, cot_ablated) = outcome(benign_detector), outcome(ablated)
+    assert students <= 3 and cot <= 50
+    assert students_ablated >= students + 5 and cot_ablated >= 4 * cot, (students_ablated, cot_ablated)
 
 
 def test_a_log_too_young_to_judge_gives_unjudged_verdicts_not_an_error(benign_detector):

@@ -26,7 +26,10 @@ wordings, as a competent distiller's would):
   asked twice, each with its own payment and network, run by one script from the same few minutes;
 - `hydra`: attack prompts mixed into a legitimate power user's account;
 - `mimic`: replays a heavy student's timing and its own questions, and swaps half of them for harvest;
-- `decompose`: only 1-hop sub-questions, from which the attacker writes the 2-hop chains itself.
+- `decompose`: only 1-hop sub-questions, from which the attacker writes the 2-hop chains itself;
+- `spread`: the attack this detector does not stop: the harvest split over `spread_accounts` accounts (5)
+  that each ask no more than an evaluation customer does, each with its own payment, network and wording,
+  started hours apart at their own scripted pace.
 
 Wordings: each account has its own habits (a few of the many phrasings, reused), so reusing a wording is
 common among benign users too; the lab format (`question: ...`) is one phrasing among them.
@@ -53,7 +56,7 @@ from guard.teacher import Caller, Completion, Sampling, Teacher
 DAY = 86_400.0
 BENIGN = ("human", "power", "batch", "student", "evaluator")
 SAME_DOMAIN = ("student", "evaluator")  # benign users who ask the teacher's task questions
-ATTACKERS = ("naive", "cot", "slow", "sybil", "swarm", "hydra", "mimic", "decompose")
+ATTACKERS = ("naive", "cot", "slow", "sybil", "swarm", "hydra", "mimic", "decompose", "spread")
 # What detectors are fitted on by default: half of it (390 clients) is held out to calibrate, enough to
 # resolve a 1% false-positive rate with a threshold above the third-highest held-out score. Same-domain
 # users are part of it: a detector must not learn that asking the task's questions is suspect.
@@ -206,7 +209,7 @@ def _events(client: str, times, prompts, rng, ip: str, payment: str, response_me
 
 def simulate(population: dict[str, int], days: float = 3.0, seed: int = 0, attack_budget: int = 2000,
              sybil_accounts: int = 10, start: float = 1_767_225_600.0,
-             swarm_accounts: int = 100) -> tuple[list[Event], dict[str, str]]:
+             swarm_accounts: int = 100, spread_accounts: int = 5) -> tuple[list[Event], dict[str, str]]:
     """Traffic of `population` ({persona or attacker: how many}), in time order, and each client's kind.
 
     Attackers spend `attack_budget` queries each (a sybil or a swarm in total, split over its accounts; a
@@ -259,11 +262,14 @@ def simulate(population: dict[str, int], days: float = 3.0, seed: int = 0, attac
             elif kind == "slow":
                 times = regular_times(rng, start + rng.uniform(0, DAY), attack_budget, rng.uniform(60, 150), 0.5)
                 prompts = source.harvest(source.pool_questions, attack_budget, script_habits())
-            elif kind in ("sybil", "swarm"):
-                accounts = sybil_accounts if kind == "sybil" else swarm_accounts
+            elif kind in ("sybil", "swarm", "spread"):
+                accounts = {"sybil": sybil_accounts, "swarm": swarm_accounts, "spread": spread_accounts}[kind]
                 per_account = attack_budget // accounts
                 habits = script_habits()
-                harvest = source.harvest(source.pool_questions, per_account * accounts, habits)
+                if kind == "spread":  # each account words its share of the pool its own way
+                    split = rng.permutation(len(source.pool_questions))
+                else:
+                    harvest = source.harvest(source.pool_questions, per_account * accounts, habits)
                 swarm_start, interval = start + rng.uniform(0, DAY), rng.uniform(20, 40)
                 subnet = address().rsplit(".", 1)[0]
                 for a in range(accounts):
@@ -271,11 +277,20 @@ def simulate(population: dict[str, int], days: float = 3.0, seed: int = 0, attac
                     if kind == "sybil":  # one payment, one network, one pace
                         times = regular_times(rng, swarm_start + rng.uniform(0, 5), per_account, interval, 0.1)
                         member_ip, member_payment = f"{subnet}.{rng.integers(1, 255)}", payment
+                    elif kind == "spread":  # nothing shared: its own start, pace, wording, card and network
+                        habits = script_habits()
+                        times = regular_times(rng, start + rng.uniform(0, days * DAY), per_account,
+                                              rng.uniform(1, 4), 0.3)
+                        member_ip, member_payment = address(), f"card-{rng.integers(10**9)}"
                     else:  # nothing shared but the script's clock and its wordings
                         times = regular_times(rng, swarm_start + rng.uniform(0, 600), per_account,
                                               rng.uniform(20, 60), 0.5)
                         member_ip, member_payment = address(), f"card-{rng.integers(10**9)}"
-                    prompts = harvest[a * per_account:(a + 1) * per_account]
+                    if kind == "spread":
+                        mine = split[np.arange(a * per_account, (a + 1) * per_account) % len(split)]
+                        prompts = [habits.word(source.pool_questions[i]) for i in mine]
+                    else:
+                        prompts = harvest[a * per_account:(a + 1) * per_account]
                     events += _events(member, times, prompts, rng, member_ip, member_payment, 60)
                     labels[member] = kind
                 continue

@@ -40,7 +40,8 @@ from eval.student import StudentConfig
 from eval.traffic import ATTACKERS, BENIGN, BENIGN_POPULATION, TrafficShape, simulate
 from guard.defenses import DefenseParts
 
-ATTACK_MIX = {**{kind: 10 for kind in ATTACKERS if kind not in ("sybil", "swarm")}, "sybil": 2, "swarm": 1}
+ATTACK_MIX = {**{kind: 10 for kind in ATTACKERS if kind not in ("sybil", "swarm", "spread")}, "sybil": 2, "swarm": 1,
+              "spread": 2}
 
 
 def share(hits: int, total: int) -> dict:

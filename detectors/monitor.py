@@ -18,6 +18,12 @@ alarm with probability at most m times that (a union bound); that is the price o
 whole life, which an account that turns to harvesting after a long benign life makes necessary.
 `Action.served` says whether this request goes through. Levels only go up.
 
+With `link` (the default), accounts are also linked online (`detectors.cluster.Linker`: a shared payment,
+or two of network, a script's clock, wording templates and joint coverage): a linked group of `min_group` or
+more accounts has its pooled traffic judged as one client, from its members' first requests on, and its
+level applies to each member (the stronger of the two when the member has its own). Groups that merge keep
+the larger one's pooled traffic.
+
 Memory is bounded in clients as well as in requests per client. At most `max_clients` states are kept
 (least recently seen evicted). Flagged clients' actions (and a throttled client's next allowed time) are
 kept apart from the states, for up to `max_flagged` clients (least recently seen evicted): an action is
@@ -72,14 +78,7 @@ class Monitor:
 
     def observe(self, event: Event) -> Action:
         client = event.client
-        state = self.states.get(client)
-        if state is None:
-            state = self.states[client] = ClientState(seed=hash_seed(client, self.seed),
-                                                      popularity=self.detector.popularity_)
-            if len(self.states) > self.max_clients:
-                self.states.popitem(last=False)
-        else:
-            self.states.move_to_end(client)
+        state = self._state(self.states, client)
         state.update(event)
         if state.due:
             self._decide(client, state)
@@ -98,19 +97,23 @@ class Monitor:
             self.next_served[client] = event.time + self.throttle_gap
         return action
 
+    def _state(self, states: OrderedDict[str, ClientState], name: str) -> ClientState:
+        """`name`'s state in `states` (a client's or a group's), made if new; the least recent evicted."""
+        state = states.get(name)
+        if state is None:
+            state = states[name] = ClientState(seed=hash_seed(name, self.seed), popularity=self.detector.popularity_)
+            if len(states) > self.max_clients:
+                states.popitem(last=False)
+        else:
+            states.move_to_end(name)
+        return state
+
     def _observe_group(self, event: Event) -> Action | None:
         """Feeds the pooled traffic of the linked group `event`'s account belongs to; the group's action."""
         root, backlog = self.linker.observe(event)
         if root is None:
             return None
-        pooled = self.pooled.get(root)
-        if pooled is None:
-            pooled = self.pooled[root] = ClientState(seed=hash_seed(root, self.seed),
-                                                     popularity=self.detector.popularity_)
-            if len(self.pooled) > self.max_clients:
-                self.pooled.popitem(last=False)
-        else:
-            self.pooled.move_to_end(root)
+        pooled = self._state(self.pooled, root)
         key = ("group", root)
         size = self.linker.size.get(root, 1)
         for e in sorted(backlog, key=lambda e: e.time):

@@ -92,7 +92,8 @@ def replay(detector: TrafficDetector, seeds: list[int], mix: dict[str, int], lin
 
 def ablation(benign, seeds: list[int], mix: dict[str, int]) -> dict:
     """Detection with each feature group, and each extraction feature, left out; and with the features left
-    out by default put back. Each row: the worst benign kind's blocked share, and each attacker's."""
+    out by default put back. Each row: the worst benign kind's blocked share; per attacker the share
+    blocked and the requests served per account before it was."""
     settings = {"default": EXCLUDED}
     for name, group in (("timing", TIMING[1:]), ("wording", WORDING), ("extraction", EXTRACTION)):
         settings[f"without {name}"] = EXCLUDED + group
@@ -102,9 +103,10 @@ def ablation(benign, seeds: list[int], mix: dict[str, int]) -> dict:
     for name, exclude in settings.items():
         detector = TrafficDetector(use_embeddings=False, exclude=exclude).fit(benign)
         found = replay(detector, seeds, mix)
-        rows[name] = {"exclude": list(exclude),
-                      "worst benign": max(found[k]["blocked"]["share"] for k in BENIGN if k in found),
-                      **{k: found[k]["blocked"]["share"] for k in (*ATTACKERS, *BENIGN) if k in found}}
+        worst = max((k for k in BENIGN if k in found), key=lambda k: found[k]["blocked"]["share"])
+        rows[name] = {"exclude": list(exclude), "worst benign": found[worst]["blocked"]["share"], "worst kind": worst,
+                      "blocked": {k: found[k]["blocked"]["share"] for k in (*ATTACKERS, *BENIGN) if k in found},
+                      "served_per_account": {k: found[k]["served_per_account"] for k in ATTACKERS if k in found}}
         print(name, json.dumps(rows[name]), flush=True)
     return rows
 
@@ -168,10 +170,13 @@ def markdown(report: dict) -> str:
         if kind in first:
             lines.append(f"| {kind} | {first[kind]['refused_share']:.2%} | {first[kind]['degraded_share']:.2%} |")
     if "ablation" in report:
-        kinds = [k for k in (*ATTACKERS, *BENIGN) if k in next(iter(report["ablation"].values()))]
-        lines += ["", "| features | worst benign | " + " | ".join(kinds) + " |", "|---|---|" + "---|" * len(kinds)]
+        kinds = [k for k in ATTACKERS if k in next(iter(report["ablation"].values()))["served_per_account"]]
+        lines += ["", "| features | worst benign kind, blocked | " +
+                  " | ".join(f"{k}: blocked, served per account" for k in kinds) + " |",
+                  "|---|---|" + "---|" * len(kinds)]
         for name, row in report["ablation"].items():
-            lines.append(f"| {name} | {row['worst benign']:.1%} | " + " | ".join(f"{row[k]:.0%}" for k in kinds) + " |")
+            lines.append(f"| {name} | {row['worst kind']} {row['worst benign']:.1%} | " +
+                         " | ".join(f"{row['blocked'][k]:.0%}, {row['served_per_account'][k]:.0f}" for k in kinds) + " |")
     lines += ["", "| attacker | defence | queries | student after | transfer τ [95% CI] | protection [95% CI] |",
               "|---|---|---|---|---|---|"]
     for r in report.get("protection", []):

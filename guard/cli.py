@@ -37,7 +37,7 @@ from eval.reference.world import reference_task
 from eval.report import markdown_table, merge_reports, write_report
 from eval.student import StudentConfig
 from eval.task import load_task
-from eval.traffic import BENIGN_POPULATION, TrafficShape, lab_detector, simulate
+from eval.traffic import ATTACKERS, BENIGN, BENIGN_POPULATION, TrafficShape, lab_detector, simulate
 from guard.admin import ADMIN_KEY_ENV, DAY
 from guard.defenses import DefenseParts, build_defense, parse_defense, split_outer_policy
 from guard.load import is_remote
@@ -443,9 +443,9 @@ def audit_radioactivity(suspect: Annotated[str, typer.Option(help="suspect model
 
 @traffic_app.command("simulate")
 def traffic_simulate(out: Annotated[str, typer.Option(help="JSONL log to write")],
-                     population: Annotated[list[str], typer.Option(help="KIND=COUNT (repeatable); kinds: human, "
-                                                                        "power, batch, naive, cot, slow, sybil, "
-                                                                        "hydra, decompose")] = ["human=100", "power=20", "batch=20", "naive=2", "sybil=1"],  # noqa: B006
+                     population: Annotated[list[str], typer.Option(help="KIND=COUNT (repeatable); benign kinds: "
+                                                                        + ", ".join(BENIGN) + "; attackers: " +
+                                                                        ", ".join(ATTACKERS))] = ["human=100", "power=20", "batch=20", "student=100", "evaluator=20", "naive=2", "swarm=1"],  # noqa: B006, E501
                      days: float = 3.0, seed: int = 0, attack_budget: int = 2000, sybil_accounts: int = 10,
                      labels: Annotated[str | None, typer.Option(help="also write client -> kind as JSON")] = None):
     """Write a seeded log of benign and attacker traffic."""

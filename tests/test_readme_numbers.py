@@ -230,36 +230,21 @@ def false_positives(table: Table, sources: list) -> list[list]:
     return expected
 
 
-TRAFFIC_KINDS = {"naive": ("naive", "naive"), "chain-of-thought": ("cot", None), "slow-rate": ("slow", "slow"),
-                 "sybil swarm of 10": ("sybil", "sybil of 10"), "sybil swarm of 100": (None, "sybil of 100"),
-                 "hydra": ("hydra", "hydra"), "decomposition": ("decompose", "decompose"),
-                 "benign humans": ("human", None), "benign power users": ("power", None),
-                 "benign batch customers": ("batch", None), "all benign accounts": ("all benign", None)}
+def traffic_study_table(table: Table, sources: list) -> list[str]:
+    """The traffic study's tables are README's as `eval.traffic_study.markdown` renders them, cell for cell."""
+    from eval.traffic_study import markdown
+
+    blocks = [[line for line in block.splitlines() if line.startswith("|")]
+              for block in markdown(sources[0]).split("\n\n")]
+    rendered = next(block for block in blocks if " ".join(block[0].split()) == table.header)
+    return [[c for c in cells(line)] for line in rendered[2:]]
 
 
-def traffic(table: Table, sources: list) -> list[list]:
-    report = sources[0]
-    expected = []
-    for cell in table.rows:
-        label = max((k for k in TRAFFIC_KINDS if cell[0].startswith(k)), key=len)
-        kind, shape = TRAFFIC_KINDS[label]
-        if kind is None:
-            row = [None, [], [], [], [], []]
-        else:
-            seen = {v: report[v]["detection"][kind] for v in ("timing+content", "with embeddings")}
-            first = seen["timing+content"]
-            median = first["median_queries_to_flag"]
-            row = [None, [first["accounts"]], *(pct(d["flagged_share"], *d["flagged_ci95"]) for d in seen.values()),
-                   pct(first["flagged_via_cluster_share"]), [] if median is None else [median]]
-        if shape is None:
-            row += [[], []]
-        else:
-            r = next(r for r in report["protection"] if r["shape"] == shape)
-            prot = r["protection"]
-            shown = NUMBER.findall(cell[-1])
-            row += [[r["student_after_acc"]], [prot["mean"]] if len(shown) == 1 else interval(prot)]
-        expected.append(row)
-    return expected
+def traffic_headers() -> list[str]:
+    from eval.traffic_study import markdown
+
+    report = load("eval/results/traffic/report.json")
+    return [" ".join(block.splitlines()[0].split()) for block in markdown(report).split("\n\n")]
 
 
 def performance(table: Table, sources: list) -> list[list]:
@@ -279,11 +264,13 @@ def performance(table: Table, sources: list) -> list[list]:
         elif cell[0].startswith("traffic monitor"):
             t = results["traffic_speed"]
             memory = t["client_state"]
-            expected.append([[t["monitor"]["clients"]],
-                             [t["monitor"]["events_per_s"], t["torch_threads"], t["monitor"]["events"],
-                              t["embedding"]["prompts_per_s"], t["torch_threads"],
-                              memory["bytes_after_2000"] / 1024, 2000, memory["bytes_after_100000"] / 1024, 100000],
-                             [1, t["monitor"]["events"]]])
+            monitor = t["monitor"]
+            expected.append([[monitor["with_linking"]["clients"]],
+                             [monitor["with_linking"]["events_per_s"], monitor["without_linking"]["events_per_s"],
+                              t["torch_threads"], monitor["events"], t["embedding"]["prompts_per_s"],
+                              t["torch_threads"], memory["bytes_after_2000"] / 1024, 2000,
+                              memory["bytes_after_100000"] / 1024, 100000],
+                             [1, monitor["events"]]])
         elif cell[0].startswith("built-in trainer"):
             t = results["trainer_speed"]
             expected.append([[t["batch_size"]],
@@ -386,8 +373,7 @@ CHECKERS = {
     "reading, fresh watermarked texts | sampling (2,400 prompts) | sampling, logged windows only |": watermark_audits,
     "| texts | tests | median tuples scored | FPR at 10⁻² | FPR at 10⁻³ | exact test's attainable size "
     "(10⁻² / 10⁻³) |": false_positives,
-    "| traffic | accounts | flagged, timing+content [95% CI] | flagged, with embeddings | via cluster | median "
-    "requests before the flag | student after, through the monitor | protection at 2,000 queries [95% CI] |": traffic,
+    **{header: traffic_study_table for header in traffic_headers()},
     "| measure | figure | command |": performance,
     "| defence | attacker | rows the attacker kept, per seed | transfer τ [95% CI] | protection through the gateway "
     "[95% CI] | protection in-process [95% CI] | harvests identical to in-process |": through_gateway,

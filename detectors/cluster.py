@@ -175,12 +175,12 @@ class Linker:
             return None, []
         return self.root(client), [e for c in joined for e in self.unlinked.pop(c, [])]
 
-    def _candidates(self, account: Account) -> set[str]:
+    def _candidates(self, account: Account) -> list[str]:
         bucket = int(account.start // self.together)
         found = {c for b in (bucket - 1, bucket, bucket + 1) for c in self.by_start.get(b, ())}
         found.update(self.by_network.get(account.network or "", ()))
         found.update(self.by_payment.get(account.payment or "", ()))
-        return found
+        return sorted(found)  # which group absorbs which must not depend on the process's string hashing
 
     def _link(self, account: Account) -> list[str]:
         """Links `account` to the accounts it is linked with; those that were in no group before."""

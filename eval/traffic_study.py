@@ -49,11 +49,14 @@ def share(hits: int, total: int) -> dict:
     return {"count": hits, "of": total, "share": hits / total if total else None, "ci95": [low, high]}
 
 
-def replay(detector: TrafficDetector, seeds: list[int], mix: dict[str, int], link: bool = True) -> dict:
+def simulated(seeds: list[int], mix: dict[str, int]) -> list[tuple[list, dict]]:
+    return [simulate(mix, days=3, seed=seed) for seed in seeds]
+
+
+def replay(detector: TrafficDetector, traffics: list[tuple[list, dict]], link: bool = True) -> dict:
     """Each seed's traffic through a fresh monitor; per kind: accounts blocked, judged, requests refused."""
     per_kind = defaultdict(lambda: defaultdict(int, before_block=[]))
-    for seed in seeds:
-        traffic, labels = simulate(mix, days=3, seed=seed)
+    for traffic, labels in traffics:
         monitor = Monitor(detector, link=link)
         requests, served, degraded, blocked_at, via_link = defaultdict(int), defaultdict(int), defaultdict(int), {}, set()
         for event in traffic:
@@ -90,7 +93,7 @@ def replay(detector: TrafficDetector, seeds: list[int], mix: dict[str, int], lin
     return out
 
 
-def ablation(benign, seeds: list[int], mix: dict[str, int]) -> dict:
+def ablation(benign, traffics: list[tuple[list, dict]]) -> dict:
     """Detection with each feature group, and each extraction feature, left out; and with the features left
     out by default put back. Each row: the worst benign kind's blocked share; per attacker the share
     blocked and the requests served per account before it was."""
@@ -102,7 +105,7 @@ def ablation(benign, seeds: list[int], mix: dict[str, int]) -> dict:
     rows = {}
     for name, exclude in settings.items():
         detector = TrafficDetector(use_embeddings=False, exclude=exclude).fit(benign)
-        found = replay(detector, seeds, mix)
+        found = replay(detector, traffics)
         worst = max((k for k in BENIGN if k in found), key=lambda k: found[k]["blocked"]["share"])
         rows[name] = {"exclude": list(exclude), "worst benign": found[worst]["blocked"]["share"], "worst kind": worst,
                       "blocked": {k: found[k]["blocked"]["share"] for k in (*ATTACKERS, *BENIGN) if k in found},
@@ -200,13 +203,13 @@ def main(out: str, seeds: list[int], budget: int, attack_seeds: int, fit_mix: di
     test_mix = {**fit_mix, **ATTACK_MIX}
     report: dict = {"fit": fit_mix, "test": test_mix, "seeds": seeds, "benign_replay": replay_mix,
                     "target_fpr": 0.01}
-    detectors = {}
+    detectors, traffics = {}, simulated(seeds, test_mix)
     for name in variants:
         detector = detectors[name] = TrafficDetector(target_fpr=0.01, use_embeddings=VARIANTS[name]).fit(benign)
-        report[name] = {"detection": replay(detector, seeds, test_mix)}
+        report[name] = {"detection": replay(detector, traffics)}
         print(name, json.dumps(report[name], indent=1), flush=True)
     if ablate:
-        report["ablation"] = ablation(benign, seeds, test_mix)
+        report["ablation"] = ablation(benign, traffics)
     if attack_seeds:
         # the monitor defence runs the timing+content detector, fitted on the study's benign traffic
         monitor_detector = detectors.get("timing+content") or TrafficDetector(use_embeddings=False).fit(benign)

@@ -337,8 +337,9 @@ class TrafficShape:
     each attack request hidden among `cover` benign requests of the same account on average (a hydra: the
     benign requests are served, and their answers go to their owner, not to the harvest). The cover is
     `general` traffic (code and prose) or `task` questions about popular people, as a student asks them; an
-    `irregular` clock spaces requests as a person's are (exponential gaps of mean `pace`), not a script's.
-    A mimic is `task` cover on an `irregular` clock."""
+    `irregular` clock spaces requests as a person's are (exponential gaps of mean `pace`); a script's clock
+    varies each gap by up to `jitter` of the pace (uniformly), as the simulator's scripted harvesters do: a
+    metronome is a tell no competent distiller leaves. A mimic is `task` cover on an `irregular` clock."""
 
     account: str = "attacker"
     pace: float = 2.0
@@ -347,11 +348,12 @@ class TrafficShape:
     start: float = 1_767_225_600.0
     cover_kind: Literal["general", "task"] = "general"
     irregular: bool = False
+    jitter: float = 0.3
 
     def __post_init__(self):
-        if self.accounts < 1 or self.cover < 0 or self.pace <= 0:
-            raise ValueError(f"a traffic shape needs accounts >= 1, cover >= 0 and pace > 0; got accounts="
-                             f"{self.accounts}, cover={self.cover}, pace={self.pace}")
+        if self.accounts < 1 or self.cover < 0 or self.pace <= 0 or not 0 <= self.jitter < 1:
+            raise ValueError(f"a traffic shape needs accounts >= 1, cover >= 0, pace > 0 and 0 <= jitter < 1; got "
+                             f"accounts={self.accounts}, cover={self.cover}, pace={self.pace}, jitter={self.jitter}")
         if self.cover_kind not in ("general", "task"):
             raise ValueError(f"cover_kind must be 'general' or 'task', got {self.cover_kind!r}")
 
@@ -397,7 +399,9 @@ class ShapedClient(Teacher):
                 self.served.complete(cover_prompts, COVER, cover_callers)
             attack_prompts.append(prompt)
             attack_callers.append(Caller(account=account, time=self.clock))
-            self.clock += self.rng.exponential(self.shape.pace) if self.shape.irregular else self.shape.pace
+            shape = self.shape
+            self.clock += (self.rng.exponential(shape.pace) if shape.irregular
+                           else shape.pace * (1 + shape.jitter * self.rng.uniform(-1, 1)))
             self.sent += 1
         return out + self._send(attack_prompts, attack_callers, sampling)
 

@@ -91,7 +91,8 @@ def test_decompose_asks_only_one_hop_questions_and_writes_chains(teacher_a, tmp_
 
 def test_decompose_builds_no_chain_on_a_refused_answer(teacher_a, benign_detector, tmp_path):
     """Behind the monitor most sub-questions are refused; a refusal is not a fact to build a chain on."""
-    monitored = ShapedClient(Monitored(teacher_a, Monitor(benign_detector)), TrafficShape(pace=2.0))
+    # a metronome clock (no jitter) is blocked at its 25th request, so most of the 200 sub-questions are refused
+    monitored = ShapedClient(Monitored(teacher_a, Monitor(benign_detector)), TrafficShape(pace=2.0, jitter=0.0))
     pairs, ds = harvest(monitored, tmp_path / "d", 200, strategy=decompose, chunk_size=32,
                         sampling=Sampling(temperature=0.0, max_new_tokens=48))
     served = [c for c in ds["finish_reason"] if c != "refused"]

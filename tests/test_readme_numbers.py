@@ -237,7 +237,7 @@ def traffic_study_table(table: Table, sources: list) -> list[str]:
     blocks = [[line for line in block.splitlines() if line.startswith("|")]
               for block in markdown(sources[0]).split("\n\n")]
     rendered = next(block for block in blocks if " ".join(block[0].split()) == table.header)
-    return [[c for c in cells(line)] for line in rendered[2:]]
+    return rendered_rows("\n".join(rendered))
 
 
 def traffic_headers() -> list[str]:

@@ -38,6 +38,7 @@ from eval.report import markdown_table, merge_reports, write_report
 from eval.student import StudentConfig
 from eval.task import load_task
 from eval.traffic import ATTACKERS, BENIGN, BENIGN_POPULATION, TrafficShape, lab_detector, simulate
+from guard import audit
 from guard.admin import ADMIN_KEY_ENV, DAY
 from guard.defenses import DefenseParts, build_defense, parse_defense, split_outer_policy
 from guard.load import is_remote
@@ -409,28 +410,8 @@ def audit_radioactivity(suspect: Annotated[str, typer.Option(help="suspect model
                         out: str | None = None):
     """Was the suspect trained on this provider's watermarked outputs, and from which client's account?"""
     keys, config = _watermark_setup(key, keys_file, master_key_file, lab_key, gamma, context_width)
-    lab_tokenizer = tokenizer.startswith("reference")
-    sampling = Sampling(temperature=1.0, seed=0, max_new_tokens=64)
     try:
-        if mode == "reading" and texts is None and not lab_tokenizer:
-            raise ValueError("reading mode with your own tokenizer needs --texts: teacher outputs to read")
-        if mode == "sampling" and prompts is None and not lab_tokenizer:
-            raise ValueError("sampling mode with your own tokenizer needs --prompts for the suspect to answer")
-        read, source = None, texts or "reference teacher, held-out prompts"
-        if mode == "reading":
-            if texts:
-                read = _texts(texts)
-            else:
-                asked = [i.prompt for i in reference_task().eval_items]
-                read = (asked, [c.text for c in load_teacher("reference").complete(asked, sampling)])
-        asked = None
-        if mode == "sampling":
-            asked = ([json.loads(line)["prompt"] for line in Path(prompts).read_text().splitlines() if line.strip()]
-                     if prompts else [i.prompt for i in reference_task().query_pool])
-        report = radioactivity(suspect, keys, _tokenizer(tokenizer), mode, texts=read, prompts=asked,
-                               logged=_texts(logged) if logged else None, config=config, alpha=alpha,
-                               sampling=sampling, api_key=api_key, model_name=model, texts_source=source,
-                               texts_watermarked=texts is not None)
+        report = _radioactivity(suspect, keys, config, mode, texts, prompts, logged, tokenizer, alpha, api_key, model)
     except (ValueError, ModelLoadError, OSError, KeyError, json.JSONDecodeError) as e:
         raise typer.BadParameter(str(e)) from None
     named = report["client"]
@@ -439,6 +420,131 @@ def audit_radioactivity(suspect: Annotated[str, typer.Option(help="suspect model
     console.print(f"verdict: {'RADIOACTIVE: trained on outputs watermarked for ' + named if named else 'no evidence'}"
                   f" | p = {best['p_value']:.3g} | green {best['green']}/{best['scored']} (γ = {config.gamma})")
     _write_json(out, report)
+
+
+ControlOpt = Annotated[list[str], typer.Option("--control", help="a control: a model of the same task family that "
+                                                                 "never learned from the teacher ('reference:teacher-b', "
+                                                                 "a model directory or a URL); repeatable, 3+ advised")]
+ProbesOpt = Annotated[str | None, typer.Option(help="JSONL of {prompt} rows to probe every model with; default with a "
+                                                    "reference teacher: the task's 600 held-out questions")]
+
+
+def _provenance(suspect: str, teacher: str, controls: list[str], probes: str | None, probe_count: int | None,
+                api_key: str | None, model: str | None) -> tuple[list[str], dict, audit.Evidence]:
+    if probes is None and not teacher.startswith("reference"):
+        raise ValueError("give --probes: prompts from the teacher's own task (the reference questions are the "
+                         "default only for a reference teacher)")
+    if len(set(controls)) != len(controls) or {suspect, teacher} & set(controls):
+        raise ValueError("each --control must be a distinct model, neither the suspect nor the teacher")
+    prompts = _prompts(probes) if probes else [i.prompt for i in reference_task().eval_items]
+    prompts = prompts[:probe_count] if probe_count else prompts
+    answers, evidence = audit.gather(load_teacher(suspect, api_key=api_key, model=model), load_teacher(teacher),
+                                     {c: load_teacher(c) for c in controls}, prompts, stage=console.status)
+    return prompts, answers, evidence
+
+
+def _write_audit(out: str, suspect: str, teacher: str, prompts, answers, evidence, alpha) -> dict:
+    result = audit.report(suspect, teacher, prompts, answers, evidence, alpha)
+    Path(out).mkdir(parents=True, exist_ok=True)
+    (Path(out) / "audit.json").write_text(json.dumps(result, indent=2) + "\n")
+    (Path(out) / "audit.md").write_text(audit.markdown(result))
+    table = Table("test", "p-value", "Holm-adjusted", "closest control")
+    v = result["verdict"]
+    for name, p in v["p_values"].items():
+        closest = result["tests"][name]["closest_control"] if name in result["tests"] else "—"
+        table.add_row(name, f"{p:.3g}", f"{v['holm'][name]:.3g}", closest)
+    console.print(table)
+    for warning in result["warnings"]:
+        console.print(f"[yellow]warning:[/yellow] {warning}")
+    console.print(f"verdict: {v['summary']}")
+    console.print(f"wrote {Path(out) / 'audit.json'} and audit.md")
+    return result
+
+
+@audit_app.command("provenance")
+def audit_provenance(suspect: Annotated[str, typer.Option(help="the suspect: a model directory (all three tests) or "
+                                                               "an OpenAI-compatible URL (agreement, idiosyncrasy)")],
+                     out: Annotated[str, typer.Option(help="directory for audit.json and audit.md")],
+                     teacher: TeacherOpt = "reference", control: ControlOpt = None, probes: ProbesOpt = None,
+                     probe_count: Annotated[int | None, typer.Option(help="use only the first N probes")] = None,
+                     alpha: float = 1e-3, api_key: str | None = None, model: str | None = None):
+    """Was the suspect distilled from the teacher? Black-box tests against control models; no watermark needed."""
+    try:
+        prompts, answers, evidence = _provenance(suspect, teacher, control or [], probes, probe_count, api_key, model)
+    except (ValueError, ModelLoadError, OSError) as e:
+        raise typer.BadParameter(str(e)) from None
+    _write_audit(out, suspect, teacher, prompts, answers, evidence, alpha)
+
+
+@audit_app.command("report")
+def audit_report(suspect: Annotated[str, typer.Option(help="the suspect: a model directory or an OpenAI-compatible URL")],
+                 out: Annotated[str, typer.Option(help="directory for audit.json and audit.md")],
+                 teacher: TeacherOpt = "reference", control: ControlOpt = None, probes: ProbesOpt = None,
+                 probe_count: Annotated[int | None, typer.Option(help="use only the first N probes")] = None,
+                 key: KeyOpt = None, keys_file: KeysFileOpt = None, master_key_file: MasterOpt = None,
+                 lab_key: LabKeyOpt = False,
+                 texts: Annotated[str | None, typer.Option(help="radioactivity, reading mode: teacher outputs to "
+                                                                "read (JSONL or harvest dir)")] = None,
+                 tokenizer: TokenizerOpt = "reference", gamma: float = 0.25, context_width: int = 1,
+                 traffic: Annotated[str | None, typer.Option(help="`distill-guard detect --out` report on the "
+                                                                  "provider's audit log")] = None,
+                 alpha: float = 1e-3, api_key: str | None = None, model: str | None = None):
+    """One verdict from every kind of evidence: the provenance tests, watermark radioactivity (when keys are
+    given: --key/--keys-file with a master secret, or --lab-key), and the accounts flagged in the traffic log."""
+    keyed = bool(key or keys_file or lab_key)
+    try:
+        prompts, answers, evidence = _provenance(suspect, teacher, control or [], probes, probe_count, api_key, model)
+        if keyed:
+            keys, config = _watermark_setup(key, keys_file, master_key_file, lab_key, gamma, context_width)
+            mode = "sampling" if is_remote(suspect) else "reading"
+            with console.status(f"watermark radioactivity ({mode} mode)"):
+                evidence.radioactivity = _radioactivity(suspect, keys, config, mode, texts, probes, None, tokenizer,
+                                                        alpha, api_key, model)
+        if traffic:
+            evidence.traffic = json.loads(Path(traffic).read_text())
+            if "clients" not in evidence.traffic:
+                raise ValueError(f"{traffic}: not a `distill-guard detect --out` report (no \"clients\")")
+    except (ValueError, ModelLoadError, OSError, KeyError, json.JSONDecodeError) as e:
+        raise typer.BadParameter(str(e)) from None
+    _write_audit(out, suspect, teacher, prompts, answers, evidence, alpha)
+
+
+def _radioactivity(suspect, keys, config, mode, texts, prompts, logged, tokenizer, alpha, api_key, model) -> dict:
+    """`radioactivity` with the lab's defaults filled in where the reference tokenizer is used."""
+    lab_tokenizer = tokenizer.startswith("reference")
+    sampling = Sampling(temperature=1.0, seed=0, max_new_tokens=64)
+    if mode == "reading" and texts is None and not lab_tokenizer:
+        raise ValueError("reading mode with your own tokenizer needs --texts: teacher outputs to read")
+    if mode == "sampling" and prompts is None and not lab_tokenizer:
+        raise ValueError("sampling mode with your own tokenizer needs --prompts for the suspect to answer")
+    read, source = None, texts or "reference teacher, held-out prompts"
+    if mode == "reading":
+        if texts:
+            read = _texts(texts)
+        else:
+            asked = [i.prompt for i in reference_task().eval_items]
+            read = (asked, [c.text for c in load_teacher("reference").complete(asked, sampling)])
+    asked = None
+    if mode == "sampling":
+        asked = _prompts(prompts) if prompts else [i.prompt for i in reference_task().query_pool]
+    return radioactivity(suspect, keys, _tokenizer(tokenizer), mode, texts=read, prompts=asked,
+                         logged=_texts(logged) if logged else None, config=config, alpha=alpha,
+                         sampling=sampling, api_key=api_key, model_name=model, texts_source=source,
+                         texts_watermarked=texts is not None)
+
+
+def _prompts(path: str) -> list[str]:
+    """The prompts of a JSONL file of {"prompt": ...} rows."""
+    prompts = []
+    for number, line in enumerate(Path(path).read_text().splitlines(), 1):
+        if line.strip():
+            try:
+                prompts.append(str(json.loads(line)["prompt"]))
+            except (json.JSONDecodeError, KeyError, TypeError):
+                raise ValueError(f"{path}:{number}: expected a JSON object with a \"prompt\" field") from None
+    if not prompts:
+        raise ValueError(f"{path}: no prompts")
+    return prompts
 
 
 @traffic_app.command("simulate")

@@ -6,11 +6,15 @@ watermark secret, its summariser, and (in `eval.traffic`) its benign traffic and
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
-from eval.reference.world import plan
+import numpy as np
+
+from eval.reference.world import Style, World, parse_question, plan, reference_world
 from guard.load import load_teacher as load_model
 from guard.redaction import outline
+from guard.teacher import Completion, Sampling, Teacher
 
 MODELS_DIR = Path(__file__).parent / "models"
 TEACHERS = ("teacher-a", "teacher-b")
@@ -41,3 +45,27 @@ def plan_or_outline(prompts: list[str], reasonings: list[str]) -> list[str]:
     plans = [plan(p) for p in prompts]
     fallback = outline(prompts, reasonings)
     return [p if p is not None else f for p, f in zip(plans, fallback)]
+
+
+class GroundTruth(Teacher):
+    """The world itself writing each answer, with no teacher: every fact in a phrasing drawn uniformly, each
+    prompt's phrasing seeded by the prompt. Students trained on it are the provenance study's controls that
+    never learned from a model. A prompt that is not a reference question gets an empty completion."""
+
+    name = "ground-truth"
+
+    def __init__(self, world: World | None = None, style_seed: int = 0):
+        self.world = world or reference_world()
+        self.style = Style(style_seed, sharpness=0.0)
+
+    def complete(self, prompts: list[str], sampling: Sampling = Sampling(), callers=None) -> list[Completion]:
+        out = []
+        for prompt in prompts:
+            question = parse_question(prompt)
+            if question is None:
+                out.append(Completion(text="", finish_reason="length"))
+                continue
+            digest = hashlib.sha256(f"{prompt}|{sampling.seed}".encode()).digest()
+            rng = np.random.default_rng(int.from_bytes(digest[:8], "little"))
+            out.append(Completion(text=self.world.render(question, self.style, rng)))
+        return out

@@ -25,7 +25,7 @@ from detectors.cluster import judge_clusters
 from detectors.detector import TrafficDetector
 from detectors.events import EventFormatError, read_events, write_events
 from detectors.features import CHECKPOINTS
-from eval import gateway_study, traffic_study, watermark_study
+from eval import gateway_study, provenance_study, traffic_study, watermark_study
 from eval.benchmarks import (gateway_batching, gateway_overhead, redaction_speed, traffic_speed, trainer_speed,
                              watermark_speed)
 from eval.attack import AttackConfig, evaluate
@@ -701,6 +701,14 @@ def study_watermark(out: str = "runs/watermark", budgets: str = "500,1000,2000",
     """The watermark: radioactivity of distilled students against controls, calibration, utility."""
     watermark_study.main(out, [int(b) for b in budgets.split(",")], seeds, control_seeds, steps, pool_prompts,
                          documents)
+
+
+@study_app.command("provenance")
+def study_provenance(out: str = "runs/provenance",
+                     workers: Annotated[int, typer.Option(help="training processes (one thread each)")] = 2,
+                     probes: Annotated[int, typer.Option(help="held-out questions each model answers")] = 600):
+    """The provenance audit: 20 students of teacher-a against 20 nulls, each test and the combined verdict."""
+    provenance_study.main(out, workers, probes)
 
 
 @bench_app.command("trainer")

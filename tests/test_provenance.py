@@ -218,3 +218,27 @@ def test_cli_errors_are_clear(tmp_path):
     done = run(str(CLI), "audit", "provenance", "--suspect", "reference:teacher-b", "--control", "reference",
                "--out", str(tmp_path / "z"))
     assert done.returncode != 0 and "neither the suspect nor the teacher" in message(done.stderr)
+
+
+def test_cli_audit_report_puts_every_kind_of_evidence_in_one_verdict(example_run, tmp_path):
+    """Provenance tests, watermark radioactivity (the lab's keys: these students never saw a watermark, so it
+    must not fire) and the accounts a `detect` report flagged, in one JSON and one Markdown report."""
+    _, out = example_run
+    detect_report = tmp_path / "detect.json"
+    detect_report.write_text(json.dumps({"log": "sqlite:///gateway.db", "target_fpr": 0.01, "clients": {
+        "acct-harvest": {"flagged": True, "p_value": 2e-4, "requests": 900},
+        "acct-benign": {"flagged": False, "p_value": 0.6, "requests": 40}}}))
+    done = run(str(CLI), "audit", "report", "--suspect", str(out / "student-a" / "student"), "--control",
+               "reference:teacher-b", "--control", str(out / "control" / "student"), "--probe-count", "120",
+               "--lab-key", "--key", "attacker", "--key", "client-01", "--traffic", str(detect_report),
+               "--out", str(tmp_path / "report"))
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads((tmp_path / "report" / "audit.json").read_text())
+    v = report["verdict"]
+    assert set(v["p_values"]) == {"agreement", "idiosyncrasy", "likelihood", "radioactivity"}
+    assert v["p_values"]["radioactivity"] > 1e-3  # no watermark in this harvest: the keys stay silent
+    assert v["distilled"] and v["holm"]["agreement"] < 1e-3
+    assert v["harvesting_accounts"] == {"acct-harvest": 2e-4}
+    markdown = (tmp_path / "report" / "audit.md").read_text()
+    assert "acct-harvest" in markdown and "radioactivity" in markdown
+    assert "distill-guard reference lab" not in done.stdout + markdown  # the secret never shows

@@ -230,21 +230,20 @@ def false_positives(table: Table, sources: list) -> list[list]:
     return expected
 
 
-def traffic_study_table(table: Table, sources: list) -> list[str]:
-    """The traffic study's tables are README's as `eval.traffic_study.markdown` renders them, cell for cell."""
-    from eval.traffic_study import markdown
+def study_tables(study: str, report: str) -> dict:
+    """Checkers for the tables a study renders itself (`eval.<study>.markdown`): README's must be the rendered
+    ones, cell for cell, read from the committed report."""
+    from importlib import import_module
 
-    blocks = [[line for line in block.splitlines() if line.startswith("|")]
-              for block in markdown(sources[0]).split("\n\n")]
-    rendered = next(block for block in blocks if " ".join(block[0].split()) == table.header)
-    return rendered_rows("\n".join(rendered))
+    markdown = import_module(f"eval.{study}").markdown
+    blocks = [[line for line in block.splitlines() if line.startswith("|")] for block in markdown(load(report)).split("\n\n")]
 
+    def checker(table: Table, sources: list) -> list[str]:
+        rendered = [[line for line in block.splitlines() if line.startswith("|")]
+                    for block in markdown(sources[0]).split("\n\n")]
+        return rendered_rows("\n".join(next(b for b in rendered if b and " ".join(b[0].split()) == table.header)))
 
-def traffic_headers() -> list[str]:
-    from eval.traffic_study import markdown
-
-    report = load("eval/results/traffic/report.json")
-    return [" ".join(block.splitlines()[0].split()) for block in markdown(report).split("\n\n")]
+    return {" ".join(block[0].split()): checker for block in blocks if block}
 
 
 def performance(table: Table, sources: list) -> list[list]:
@@ -373,7 +372,7 @@ CHECKERS = {
     "reading, fresh watermarked texts | sampling (2,400 prompts) | sampling, logged windows only |": watermark_audits,
     "| texts | tests | median tuples scored | FPR at 10⁻² | FPR at 10⁻³ | exact test's attainable size "
     "(10⁻² / 10⁻³) |": false_positives,
-    **{header: traffic_study_table for header in traffic_headers()},
+    **study_tables("traffic_study", "eval/results/traffic/report.json"),
     "| measure | figure | command |": performance,
     "| defence | attacker | rows the attacker kept, per seed | transfer τ [95% CI] | protection through the gateway "
     "[95% CI] | protection in-process [95% CI] | harvests identical to in-process |": through_gateway,

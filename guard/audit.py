@@ -179,6 +179,8 @@ def report(suspect: str, teacher: str, prompts: list[str], answers: dict[str, An
     if len(controls) < FEW_CONTROLS:
         warnings.append(f"only {len(controls)} control model(s): the verdict is only as good as its controls; use "
                         f"{FEW_CONTROLS} or more models of the same task family that never learned from the teacher")
+    if "idiosyncrasy" not in evidence.tests:
+        warnings.append("no idiosyncrasy test: its classifier needs 2 or more controls (each is held out in turn)")
     if "likelihood" not in evidence.tests:
         warnings.append("no likelihood test: it needs the weights of the suspect and of 2 or more controls (local "
                         "model directories)")

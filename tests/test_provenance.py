@@ -151,10 +151,10 @@ def test_the_verdict_keeps_traffic_evidence_beside_the_merged_p_value():
 @pytest.fixture(scope="module")
 def example_run(tmp_path_factory):
     """examples/auditor_provenance.py at a small budget: students of teacher-a and teacher-b, and a ground-truth
-    control student, audited on 120 held-out questions."""
+    control student, audited on 60 held-out questions."""
     out = tmp_path_factory.mktemp("provenance-example")
     done = run(sys.executable, "examples/auditor_provenance.py", "--budget", "200", "--steps", "100", "--probes",
-               "120", "--out", str(out))
+               "60", "--out", str(out))
     assert done.returncode == 0, done.stderr[-3000:]
     return done.stdout, out
 
@@ -166,22 +166,18 @@ def test_example_names_the_student_of_teacher_a_and_not_the_student_of_teacher_b
     assert "not named" in lines["student of teacher-b"], stdout
 
 
-def test_cli_audit_provenance_names_the_source_and_not_the_innocent(example_run, tmp_path):
+def test_cli_audit_provenance_names_the_student_of_teacher_a(example_run, tmp_path):
     _, out = example_run
-    verdicts = {}
-    for name in ("student-a", "student-b"):
-        done = run(str(CLI), "audit", "provenance", "--suspect", str(out / name / "student"), "--teacher", "reference",
-                   "--control", "reference:teacher-b", "--control", str(out / "control" / "student"),
-                   "--probe-count", "120", "--out", str(tmp_path / name))
-        assert done.returncode == 0, done.stderr[-3000:]
-        verdicts[name] = json.loads((tmp_path / name / "audit.json").read_text())
-    a, b = verdicts["student-a"], verdicts["student-b"]
-    assert a["verdict"]["distilled"] and a["verdict"]["bonferroni"] < 1e-3
-    assert set(a["tests"]) == {"agreement", "idiosyncrasy", "likelihood"}
-    assert not b["verdict"]["distilled"] and b["verdict"]["bonferroni"] > 0.01
-    assert any("only 2 control" in w for w in a["warnings"])  # fewer than 3 controls: said, not hidden
-    assert a["examples"] and a["cost"]["probes"] == 120 and a["cost"]["suspect_tokens"] > 0
-    markdown = (tmp_path / "student-a" / "audit.md").read_text()
+    done = run(str(CLI), "audit", "provenance", "--suspect", str(out / "student-a" / "student"), "--teacher", "reference",
+               "--control", "reference:teacher-b", "--control", str(out / "control" / "student"),
+               "--probe-count", "60", "--out", str(tmp_path))
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads((tmp_path / "audit.json").read_text())
+    assert report["verdict"]["distilled"] and report["verdict"]["bonferroni"] < 1e-3
+    assert set(report["tests"]) == {"agreement", "idiosyncrasy", "likelihood"}
+    assert any("only 2 control" in w for w in report["warnings"])  # fewer than 3 controls: said, not hidden
+    assert report["examples"] and report["cost"]["probes"] == 60 and report["cost"]["suspect_tokens"] > 0
+    markdown = (tmp_path / "audit.md").read_text()
     assert "DISTILLED" in markdown and "Where the suspect sides with the teacher" in markdown
 
 
@@ -192,14 +188,15 @@ def test_a_closed_suspect_is_audited_through_the_gateway(example_run):
     student = HFTeacher(out / "student-a" / "student")
     controls = {"teacher-b": HFTeacher(ROOT / "eval/reference/models/teacher-b"),
                 "ground-truth student": HFTeacher(out / "control" / "student")}
+    probes = PROBES[:60]
     with live_server(create_app(lambda: student, "suspect")) as url:
         closed = OpenAITeacher(f"{url}/v1", model="suspect", api_key="unused")
-        answers, evidence = audit.gather(closed, HFTeacher(ROOT / "eval/reference/models/teacher-a"), controls, PROBES)
+        answers, evidence = audit.gather(closed, HFTeacher(ROOT / "eval/reference/models/teacher-a"), controls, probes)
     assert set(evidence.tests) == {"agreement", "idiosyncrasy"}
     assert all(t.p_value < 1e-3 for t in evidence.tests.values()), {n: t.p_value for n, t in evidence.tests.items()}
-    local = [c.text for c in student.complete(PROBES, audit.PROBE_SAMPLING)]
+    local = [c.text for c in student.complete(probes, audit.PROBE_SAMPLING)]
     assert answers["suspect"].texts == local  # the endpoint answered what the model says
-    assert answers["suspect"].tokens == sum(c.completion_tokens for c in student.complete(PROBES, audit.PROBE_SAMPLING))
+    assert answers["suspect"].tokens == sum(c.completion_tokens for c in student.complete(probes, audit.PROBE_SAMPLING))
 
 
 def message(stderr: str) -> str:
@@ -221,24 +218,23 @@ def test_cli_errors_are_clear(tmp_path):
 
 
 def test_cli_audit_report_puts_every_kind_of_evidence_in_one_verdict(example_run, tmp_path):
-    """Provenance tests, watermark radioactivity (the lab's keys: these students never saw a watermark, so it
-    must not fire) and the accounts a `detect` report flagged, in one JSON and one Markdown report."""
+    """Provenance tests, watermark radioactivity (the lab's keys) and the accounts a `detect` report flagged, in
+    one JSON and one Markdown report, for the innocent suspect: a harvest in the log names no one's model."""
     _, out = example_run
     detect_report = tmp_path / "detect.json"
     detect_report.write_text(json.dumps({"log": "sqlite:///gateway.db", "target_fpr": 0.01, "clients": {
         "acct-harvest": {"flagged": True, "p_value": 2e-4, "requests": 900},
         "acct-benign": {"flagged": False, "p_value": 0.6, "requests": 40}}}))
-    done = run(str(CLI), "audit", "report", "--suspect", str(out / "student-a" / "student"), "--control",
-               "reference:teacher-b", "--control", str(out / "control" / "student"), "--probe-count", "120",
+    done = run(str(CLI), "audit", "report", "--suspect", str(out / "student-b" / "student"), "--control",
+               "reference:teacher-b", "--control", str(out / "control" / "student"), "--probe-count", "60",
                "--lab-key", "--key", "attacker", "--key", "client-01", "--traffic", str(detect_report),
                "--out", str(tmp_path / "report"))
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads((tmp_path / "report" / "audit.json").read_text())
     v = report["verdict"]
     assert set(v["p_values"]) == {"agreement", "idiosyncrasy", "likelihood", "radioactivity"}
-    assert v["p_values"]["radioactivity"] > 1e-3  # no watermark in this harvest: the keys stay silent
-    assert v["distilled"] and v["holm"]["agreement"] < 1e-3
+    assert not v["distilled"] and v["bonferroni"] > 0.01
     assert v["harvesting_accounts"] == {"acct-harvest": 2e-4}
     markdown = (tmp_path / "report" / "audit.md").read_text()
-    assert "acct-harvest" in markdown and "radioactivity" in markdown
+    assert "acct-harvest" in markdown and "radioactivity" in markdown and "not shown" in markdown
     assert "distill-guard reference lab" not in done.stdout + markdown  # the secret never shows

@@ -10,10 +10,12 @@ scores them), so a suspect drawn from the controls' own family leads on half the
 Probes are prompts the auditor chooses; they need not be the ones the attacker asked.
 
 - **agreement** (after Nikolic et al. 2025): how much of a model's output is T's words in T's order.
-- **idiosyncrasy** (after Sun et al. 2025): how T-like a classifier finds a model's output; the classifier
-  learns T against the *other* controls, on the other folds' probes, so the held-out control is as new to
-  it as the suspect is. (Scoring outputs it was trained on would favour the suspect; a regularised linear
-  model on these features barely memorises, but a stronger one would.)
+- **idiosyncrasy** (after Sun et al. 2025): how much of what marks T's writing a model's output contains. A
+  classifier learns T against the *other* controls, on the other folds' probes, so the held-out control is
+  as new to it as the suspect is; an output's score is the weight of the T-marking features it holds (the
+  positive part of the linear score). Not the classifier's probability: an output unlike anything it was
+  trained on (a bare answer line) sits near its prior and would "lead" a control it confidently calls
+  not-T, which accused every answer-only model in the validation study.
 - **likelihood** (open weights): how much more probable a model finds T's output than the other controls'
   outputs for the same probe (mean log-probability per token). Its controls need weights too.
 
@@ -97,8 +99,8 @@ def masked(prompt: str, text: str) -> str:
 def idiosyncrasy(prompts: list[str], suspect: list[str], teacher: list[str], controls: dict[str, list[str]],
                  folds: int = 5, seed: int = 0) -> ProvenanceTest:
     """Per held-out control: a classifier of T against the other controls, fitted on the other folds' probes,
-    scores the suspect's and the held-out control's outputs on each fold; the lead is the suspect's score minus
-    the control's."""
+    scores the suspect's and the held-out control's outputs on each fold by the T-marking features they hold;
+    the lead is the suspect's score minus the control's."""
     if len(controls) < 2:
         raise ValueError("the idiosyncrasy test needs at least 2 controls: each is held out in turn, and the "
                          "classifier learns T against the others")
@@ -117,8 +119,10 @@ def idiosyncrasy(prompts: list[str], suspect: list[str], teacher: list[str], con
             classifier = LogisticRegression(max_iter=1000, class_weight="balanced")
             classifier.fit(vectorizer.fit_transform(x), y)
 
+            evidence_of_teacher = np.maximum(classifier.coef_[0], 0.0)
+
             def score(name: str) -> np.ndarray:
-                return classifier.predict_proba(vectorizer.transform([docs[name][i] for i in test]))[:, 1]
+                return vectorizer.transform([docs[name][i] for i in test]) @ evidence_of_teacher
 
             lead[test] = score("__suspect__") - score(held_out)
         leads[held_out] = lead

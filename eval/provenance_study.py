@@ -185,7 +185,7 @@ def audit_cell(out: Path, suspect: Suspect, auditor: Audit) -> dict:
     answers, tests = auditor(student_dir(out, suspect) / "student")
     evidence = audit.Evidence(tests)
     cell = {"suspect": suspect.name, **asdict(suspect), "with_reasoning": suspect.with_reasoning,
-            "accuracy": trained["accuracy"], "training_rows": trained["training_rows"],
+            "accuracy": trained["accuracy"], "training_rows": trained["training_rows"], "train_seconds": trained["train_seconds"],
             "probes": len(auditor.prompts), "suspect_tokens": answers.tokens,
             "verdict": audit.verdict(evidence, ALPHA),
             "tests": {name: t.to_dict() for name, t in tests.items()},

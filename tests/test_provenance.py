@@ -238,3 +238,19 @@ def test_cli_audit_report_puts_every_kind_of_evidence_in_one_verdict(example_run
     markdown = (tmp_path / "report" / "audit.md").read_text()
     assert "acct-harvest" in markdown and "radioactivity" in markdown and "not shown" in markdown
     assert "distill-guard reference lab" not in done.stdout + markdown  # the secret never shows
+
+
+def test_the_committed_study_rederives_from_its_cells_and_its_nulls_are_calibrated():
+    """eval/results/provenance: every cell committed, the summary recomputed from them, and the nulls' p-values
+    no smaller than uniform ones (one-sided KS), for each test and the combined verdict."""
+    from eval.provenance_study import summarize
+
+    study = ROOT / "eval" / "results" / "provenance"
+    report = json.loads((study / "report.json").read_text())
+    cells = {p.stem: json.loads(p.read_text()) for p in (study / "cells").glob("*.json")}
+    assert {c["suspect"]: c for c in report["cells"]} == cells
+    assert json.loads(json.dumps(summarize([cells[c["suspect"]] for c in report["cells"]]))) == report["summary"]
+    roles = [c["role"] for c in cells.values()]
+    assert roles.count("positive") >= 20 and roles.count("null") >= 20
+    for test, summary in report["summary"]["tests"].items():
+        assert summary["nulls_ks_uniform"]["p_value"] > 0.01, test

@@ -39,7 +39,7 @@ from eval.reference import GroundTruth, load_teacher
 from eval.reference.world import reference_task
 from eval.report import write_study
 from eval.student import StudentConfig
-from guard import audit
+import guard.audit as audit
 from guard.teacher import HFTeacher, Teacher
 
 

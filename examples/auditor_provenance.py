@@ -16,7 +16,7 @@ from eval.attack import AttackConfig, run_attack
 from eval.reference import GroundTruth, load_teacher
 from eval.reference.world import reference_task
 from eval.student import StudentConfig
-from guard import audit
+import guard.audit as audit
 
 
 def distil(source, budget: int, steps: int | None, seed: int, out: Path) -> str:

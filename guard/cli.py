@@ -38,7 +38,7 @@ from eval.report import markdown_table, merge_reports, write_report
 from eval.student import StudentConfig
 from eval.task import load_task
 from eval.traffic import ATTACKERS, BENIGN, BENIGN_POPULATION, TrafficShape, lab_detector, simulate
-from guard import audit
+import guard.audit as audit
 from guard.admin import ADMIN_KEY_ENV, DAY
 from guard.defenses import DefenseParts, build_defense, parse_defense, split_outer_policy
 from guard.load import is_remote

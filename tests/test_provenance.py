@@ -17,7 +17,7 @@ from scipy.stats import kstest
 from conftest import live_server
 from detectors.provenance import agreement, idiosyncrasy, likelihood, sign_test, word_agreement
 from eval.reference.world import reference_task
-from guard import audit
+import guard.audit as audit
 from guard.openai_teacher import OpenAITeacher
 from guard.server import create_app
 from guard.teacher import HFTeacher, Sampling

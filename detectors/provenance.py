@@ -43,7 +43,7 @@ class ProvenanceTest:
     """One test's outcome: the suspect's per-probe lead over each control, and the p-values it gives."""
 
     test: str
-    p_value: float  # the largest per-control p: "closer to T than to every control"
+    p_value: float  # the largest per-control p: "closer to T than every control is"
     closest_control: str  # the control behind that p-value
     per_control: dict[str, dict]  # control -> {"p_value", "closer_to_teacher", "closer_to_control", "ties", "mean_lead"}
     lead: dict[str, list[float]] = field(repr=False, default_factory=dict)  # control -> per-probe lead (> 0: closer to T)

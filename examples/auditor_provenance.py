@@ -2,7 +2,7 @@
 
 Plays both sides on the reference lab. Two attackers distil students with the built-in trainer, one from
 teacher-a, one from teacher-b (which never saw teacher-a). The auditor then asks of each suspect whether it
-is closer to teacher-a than to every control model, with three black-box tests, probing only questions the
+is closer to teacher-a than every control model is, with three black-box tests, probing only questions the
 attackers never asked. Controls: teacher-b, and a student of the world's own ground truth, which learned
 from no teacher at all. The teacher-b suspect plays the innocent model: it must not be named.
 

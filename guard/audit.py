@@ -3,7 +3,7 @@
     probes -> suspect, teacher, controls answer -> provenance tests (+ radioactivity, + traffic) -> verdict
 
 The black-box tests (`detectors.provenance`) need no watermark: they ask whether the suspect is closer to the
-teacher than to every control, models of the same task family that never learned from it. A watermark
+teacher than every control is (models of the same task family that never learned from it). A watermark
 audit (when the provider holds keys) and the traffic log (accounts flagged for harvesting) are added where
 given. The verdict's p-value merges the suspect's tests with a rule valid under any dependence between them.
 """
@@ -148,8 +148,8 @@ def verdict(evidence: Evidence, alpha: float = 1e-3) -> dict:
     merged = merge(p_values)
     distilled = merged["bonferroni"] < alpha
     out = {"alpha": alpha, "p_values": p_values, **merged, "distilled": distilled,
-           "summary": ("DISTILLED: closer to the teacher than to every control" if distilled else
-                       "not shown: no test puts the suspect closer to the teacher than to every control") +
+           "summary": ("DISTILLED: closer to the teacher than every control is" if distilled else
+                       "not shown: no test puts the suspect closer to the teacher than every control is") +
                       f" (Bonferroni over {len(p_values)} tests, p = {merged['bonferroni']:.3g}, α = {alpha:g})"}
     if evidence.traffic is not None:
         flagged = {c: v["p_value"] for c, v in evidence.traffic.get("clients", {}).items() if v.get("flagged")}

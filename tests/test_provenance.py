@@ -13,11 +13,13 @@ import numpy as np
 import pytest
 import torch
 from scipy.stats import kstest
+from typer.testing import CliRunner
 
 from conftest import live_server
 from detectors.provenance import agreement, idiosyncrasy, likelihood, sign_test, word_agreement
 from eval.reference.world import reference_task
 import guard.audit as audit
+from guard import cli
 from guard.openai_teacher import OpenAITeacher
 from guard.server import create_app
 from guard.teacher import HFTeacher, Sampling
@@ -199,22 +201,25 @@ def test_a_closed_suspect_is_audited_through_the_gateway(example_run):
     assert answers["suspect"].tokens == sum(c.completion_tokens for c in student.complete(probes, audit.PROBE_SAMPLING))
 
 
-def message(stderr: str) -> str:
+def message(output: str) -> str:
     """A CLI error as one line, without the box it is drawn in."""
-    return " ".join(stderr.translate({ord(c): " " for c in "│╭╮╰╯─"}).split())
+    return " ".join(output.translate({ord(c): " " for c in "│╭╮╰╯─"}).split())
 
 
 def test_cli_errors_are_clear(tmp_path):
-    done = run(str(CLI), "audit", "provenance", "--suspect", "reference:teacher-b", "--out", str(tmp_path / "x"))
-    assert done.returncode != 0 and "at least one control" in message(done.stderr) and "Traceback" not in done.stderr
+    """In process (typer's runner: the real command, without a fresh interpreter's start-up each time)."""
+    def audit_provenance(*args: str):
+        return CliRunner().invoke(cli.app, ["audit", "provenance", "--suspect", "reference:teacher-b",
+                                            "--out", str(tmp_path), *args])
+
+    done = audit_provenance()
+    assert done.exit_code == 2 and "at least one control" in message(done.output) and "Traceback" not in done.output
     bad = tmp_path / "probes.jsonl"
     bad.write_text('{"question": "no prompt field"}\n')
-    done = run(str(CLI), "audit", "provenance", "--suspect", "reference:teacher-b", "--control",
-               "eval/reference/models/teacher-b", "--probes", str(bad), "--out", str(tmp_path / "y"))
-    assert done.returncode != 0 and '"prompt" field' in message(done.stderr) and "Traceback" not in done.stderr
-    done = run(str(CLI), "audit", "provenance", "--suspect", "reference:teacher-b", "--control", "reference",
-               "--out", str(tmp_path / "z"))
-    assert done.returncode != 0 and "neither the suspect nor the teacher" in message(done.stderr)
+    done = audit_provenance("--control", "eval/reference/models/teacher-b", "--probes", str(bad))
+    assert done.exit_code == 2 and '"prompt" field' in message(done.output)
+    done = audit_provenance("--control", "reference")
+    assert done.exit_code == 2 and "neither the suspect nor the teacher" in message(done.output)
 
 
 def test_cli_audit_report_puts_every_kind_of_evidence_in_one_verdict(example_run, tmp_path):

@@ -99,6 +99,11 @@ def student_dir(out: Path, suspect: Suspect) -> Path:
     return out / "students" / suspect.name
 
 
+def base_dir(out: Path, suspect: Suspect) -> Path | None:
+    """Where the zoo student a LoRA suspect starts from is trained; None for a suspect trained from scratch."""
+    return suspect.lora_on and student_dir(out, next(s for s in ZOO if s.name == suspect.lora_on))
+
+
 def train(suspect: Suspect, out: Path, progress: bool = False) -> Path:
     """The suspect's checkpoint, trained once (a finished one is kept; a killed one starts over)."""
     where = student_dir(out, suspect)
@@ -106,7 +111,7 @@ def train(suspect: Suspect, out: Path, progress: bool = False) -> Path:
         return where / "student"
     config = StudentConfig(mode=suspect.mode)
     if suspect.lora_on:
-        base = student_dir(out, next(s for s in ZOO if s.name == suspect.lora_on)) / "student"
+        base = base_dir(out, suspect) / "student"
         if not (base / "model.safetensors").exists():
             raise FileNotFoundError(f"{suspect.name} starts from {suspect.lora_on}, not trained yet")
         config = replace(config, init=str(base), lora=True)
@@ -132,7 +137,7 @@ def train_zoo(out: Path, worker: int = 0, workers: int = 1) -> None:
         except FileExistsError:
             if workers > 1:
                 continue  # another worker has it (a claim left by a killed run: remove students/*/.claimed)
-        base = suspect.lora_on and student_dir(out, next(s for s in ZOO if s.name == suspect.lora_on))
+        base = base_dir(out, suspect)
         while base and not (base / "trained.json").exists():
             time.sleep(30)  # the other worker is still training the base
         started = time.perf_counter()
@@ -233,7 +238,10 @@ def summarize(cells: list[dict]) -> dict:
               "nulls: teacher-a answers only": [c for c in nulls if c["source"] == "teacher-a"], "all nulls": nulls}
     tests = {}
     for test in [*audit.TESTS, "combined"]:
-        scored = [c for c in cells if c["role"] != "control" and (test == "combined" or test in c["verdict"]["p_values"])]
+        def ran(c: dict) -> bool:
+            return test == "combined" or test in c["verdict"]["p_values"]
+
+        scored = [c for c in cells if c["role"] != "control" and ran(c)]
         labels = [c["role"] == "positive" for c in scored]
         scores = [-np.log10(max(p_of(c, test), 1e-300)) for c in scored]
         fpr, tpr, _ = roc_curve(labels, scores) if len(set(labels)) == 2 else ([], [], [])
@@ -242,18 +250,18 @@ def summarize(cells: list[dict]) -> dict:
                   if all(p_of(c, test) < ALPHA for c in naive if c["budget"] == b)]
         needed = [next((n for n in PROBE_COUNTS if n <= c["probes"] and p_of(c, test, n) < ALPHA), None)
                   for c in groups["target (teacher-a, with reasoning, >= 1,000 queries)"]]
-        null_p = [p_of(c, test) for c in nulls if test == "combined" or test in c["verdict"]["p_values"]]
+        null_p = [p_of(c, test) for c in nulls if ran(c)]
+        ks = kstest(null_p, "uniform", alternative="greater") if null_p else None
         tests[test] = {
-            "named_at_alpha": {g: rate([p_of(c, test) < ALPHA for c in members if test == "combined" or
-                                        test in c["verdict"]["p_values"]]) for g, members in groups.items()},
+            "named_at_alpha": {g: rate([p_of(c, test) < ALPHA for c in members if ran(c)])
+                               for g, members in groups.items()},
             "auc": float(auc(fpr, tpr)) if len(fpr) else None, "roc": {"fpr": list(map(float, fpr)), "tpr": list(map(float, tpr))},
             "smallest_budget_caught": caught[0] if caught else None,
             "probes_needed_median": float(np.median([n for n in needed if n])) if any(needed) else None,
             "probes_needed_max": max((n for n in needed if n), default=None),
             "target_not_caught_by_600_probes": sum(n is None for n in needed),
-            "nulls_ks_uniform": {"p_value": float(kstest(null_p, "uniform", alternative="greater").pvalue),
-                                 "statistic": float(kstest(null_p, "uniform", alternative="greater").statistic),
-                                 "nulls": len(null_p)} if null_p else None}
+            "nulls_ks_uniform": {"p_value": float(ks.pvalue), "statistic": float(ks.statistic),
+                                 "nulls": len(null_p)} if ks else None}
     return {"alpha": ALPHA, "controls": list(CONTROLS), "tests": tests,
             "groups": {g: [c["suspect"] for c in members] for g, members in groups.items()}}
 

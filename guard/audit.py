@@ -42,7 +42,7 @@ def answer(model: Teacher, prompts: list[str], sampling: Sampling = PROBE_SAMPLI
     for i in range(0, len(prompts), batch_size):
         for completion in model.complete(prompts[i:i + batch_size], sampling):
             texts.append(completion.text)
-            tokens += completion.completion_tokens or len(completion.text.split())
+            tokens += completion.completion_tokens
     return Answers(texts, tokens, time.perf_counter() - start)
 
 

@@ -37,6 +37,8 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import KFold
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from guard.prompts import pair_ids
+
 
 @dataclass
 class ProvenanceTest:
@@ -141,11 +143,12 @@ def mean_logprobs(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, pr
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     for start in range(0, len(prompts), batch_size):
         rows = []
-        for prompt, text in zip(prompts[start:start + batch_size], texts[start:start + batch_size]):
-            p = tokenizer(prompt, add_special_tokens=False)["input_ids"] or [tokenizer.eos_token_id]
-            t = tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-            ids = (p + t)[:limit] if limit else p + t
-            rows.append((ids, len(p)))
+        sequences, prompt_lengths = pair_ids(tokenizer, prompts[start:start + batch_size], texts[start:start + batch_size],
+                                             end=True)
+        for seq, n in zip(sequences, prompt_lengths):
+            if n == 0:  # an empty raw prompt: the text's first token needs something to be predicted from
+                seq, n = [tokenizer.eos_token_id, *seq], 1
+            rows.append((seq[:limit] if limit else seq, n))
         width = max(len(ids) for ids, _ in rows)
         ids = torch.full((len(rows), width), pad, dtype=torch.long)
         mask = torch.zeros_like(ids)

@@ -28,6 +28,7 @@ from eval.student import StudentConfig, init_student, train_student
 from eval.task import Task
 from eval.traffic import ShapedClient, TrafficShape, lab_detector, served_to_benign_users, simulate
 from guard.defenses import DefenseParts, build_defense, parse_defense
+from guard.prompts import prompt_format
 from guard.teacher import HFTeacher, Sampling, Teacher
 
 
@@ -59,7 +60,8 @@ def harvest(teacher: Teacher, task: Task, config: AttackConfig, seed: int, out_d
         raise ValueError(f"unknown attacker strategy {config.strategy!r}; choose one of {sorted(STRATEGIES)}")
     sampling = harvest_sampling(config, seed)
     harvester = Harvester(teacher, out_dir / "harvest", Budget(config.budget), sampling,
-                          manifest={"teacher": teacher.name, "defense": defense, "task": task.name,
+                          manifest={"teacher": teacher.name, "prompt_format": prompt_format(teacher.tokenizer),
+                                    "defense": defense, "task": task.name,
                                     "strategy": config.strategy, "seed": seed, "traffic": asdict(config.traffic)},
                           progress=progress)
     pairs = STRATEGIES[config.strategy](task, seed)(harvester)
@@ -287,7 +289,7 @@ def evaluate(teacher: Teacher, task: Task, defenses: list[str], attack: AttackCo
                 "train_seconds": float(np.mean([c["train_seconds"] for c in cells])),
                 "student_tokens_per_s": float(np.mean([c["tokens_per_s"] for c in cells])),
             })
-    meta = {"teacher": teacher.name, "task": task.name, "eval_items": len(task.eval_items),
+    meta = {"teacher": teacher.name, "prompt_format": prompt_format(teacher.tokenizer), "task": task.name, "eval_items": len(task.eval_items),
             # the sampling the harvests used, not the config's unresolved default
             "attack": {**asdict(attack), "sampling": asdict(harvest_sampling(attack, seed=None))},
             "budgets": budgets, "seeds": seeds,

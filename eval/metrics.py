@@ -9,6 +9,7 @@ import torch
 from scipy.stats import beta
 
 from eval.task import Item, Task
+from guard.prompts import prompt_ids
 from guard.teacher import Completion, HFTeacher, Sampling, Teacher
 
 
@@ -56,8 +57,8 @@ def response_entropy_bits(teacher: HFTeacher, prompts: list[str], seed: int = 0,
     totals = []
     for start in range(0, len(prompts), teacher.batch_size):
         torch.manual_seed(seed + start)
-        batch = tok(prompts[start:start + teacher.batch_size], return_tensors="pt", padding=True,
-                    padding_side="left", add_special_tokens=False).to(teacher.device)
+        batch = tok.pad({"input_ids": prompt_ids(tok, prompts[start:start + teacher.batch_size])}, return_tensors="pt",
+                        padding_side="left").to(teacher.device)
         out = model.generate(**batch, do_sample=True, temperature=temperature, top_k=0, top_p=1.0,
                              max_new_tokens=max_new_tokens, pad_token_id=tok.pad_token_id,
                              eos_token_id=tok.eos_token_id, return_dict_in_generate=True, output_logits=True)

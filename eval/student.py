@@ -19,6 +19,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTra
 
 from eval.reference import MODELS_DIR
 from eval.trainer import IGNORE, TrainConfig, TrainResult, tokenize_pairs, train
+from guard.prompts import prompt_ids, text_ids
 from guard.reasoning import split_reasoning, strip_reasoning
 from guard.teacher import load_causal_lm
 
@@ -104,18 +105,17 @@ def kd_set(rows: list[dict], tokenizer: PreTrainedTokenizerBase, max_length: int
         raise ValueError("kd mode needs top-k logprobs, and this harvest has none: harvest with --logprobs K "
                          "from a teacher that exposes them")
     out = {"input_ids": [], "labels": [], "kd_ids": [], "kd_logprobs": []}
-    for r in rows:
-        prompt_ids = tokenizer(r["prompt"], add_special_tokens=False)["input_ids"]
-        completion_ids = list(r["token_ids"]) or tokenizer(r["text"], add_special_tokens=False)["input_ids"]
+    for r, prompt in zip(rows, prompt_ids(tokenizer, [r["prompt"] for r in rows])):
+        completion_ids = list(r["token_ids"]) or text_ids(tokenizer, [r["text"]])[0]
         top_ids = [list(step) for step in r.get("top_ids") or []]
         top_logprobs = [list(step) for step in r.get("top_logprobs") or []]
         if top_ids and min(min(step) for step in top_ids) < 0:  # an HTTP teacher sent token strings
             top_ids, top_logprobs = _ids_from_strings(tokenizer, r["top_tokens"], top_logprobs)
         if len(top_ids) != len(completion_ids):  # not aligned with our tokens: plain cross-entropy for this row
             top_ids, top_logprobs = [], []
-        ids = (prompt_ids + completion_ids + [tokenizer.eos_token_id])[:max_length]
+        ids = (prompt + completion_ids + [tokenizer.eos_token_id])[:max_length]
         out["input_ids"].append(ids)
-        out["labels"].append(([IGNORE] * len(prompt_ids) + completion_ids + [tokenizer.eos_token_id])[:max_length])
+        out["labels"].append(([IGNORE] * len(prompt) + completion_ids + [tokenizer.eos_token_id])[:max_length])
         out["kd_ids"].append(top_ids)
         out["kd_logprobs"].append(top_logprobs)
     return datasets.Dataset.from_dict(out)

@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, Trainer, TrainerCallback, TrainingArguments
 
+from guard.prompts import pair_ids
+
 IGNORE = -100
 
 
@@ -37,14 +39,13 @@ class TrainConfig:
 
 def tokenize_pairs(tokenizer: PreTrainedTokenizerBase, prompts: list[str], completions: list[str],
                    max_length: int = 128) -> datasets.Dataset:
-    """Token ids of prompt + completion + EOS, with labels masked on the prompt."""
-    prompt_ids = tokenizer(prompts, add_special_tokens=False)["input_ids"]
-    completion_ids = tokenizer(completions, add_special_tokens=False)["input_ids"]
+    """Token ids of prompt + completion + EOS (the prompt formatted as `guard.prompts` formats it for the model),
+    with labels masked on the prompt."""
+    sequences, prompt_lengths = pair_ids(tokenizer, prompts, completions, end=True)
     rows = {"input_ids": [], "labels": []}
-    for p, c in zip(prompt_ids, completion_ids):
-        ids = (p + c + [tokenizer.eos_token_id])[:max_length]
-        rows["input_ids"].append(ids)
-        rows["labels"].append(([IGNORE] * len(p) + c + [tokenizer.eos_token_id])[:max_length])
+    for ids, n in zip(sequences, prompt_lengths):
+        rows["input_ids"].append(ids[:max_length])
+        rows["labels"].append(([IGNORE] * n + ids[n:])[:max_length])
     return datasets.Dataset.from_dict(rows)
 
 

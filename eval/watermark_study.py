@@ -35,6 +35,7 @@ from eval.reference import LAB_MASTER, load_teacher
 from eval.report import write_study
 from eval.student import StudentConfig
 from eval.task import Task
+from guard.prompts import pair_ids, prompt_ids
 from guard.teacher import GREEDY, HFTeacher, Sampling, load_causal_lm
 from watermark.detect import WatermarkDetector
 from watermark.kgw import GreenList, WatermarkConfig, WatermarkKey
@@ -73,12 +74,6 @@ def train_students(task: Task, out: Path, budgets: list[int], seeds: int, contro
     return students
 
 
-def texts_to_ids(tokenizer, prompts: list[str], texts: list[str]) -> tuple[list[list[int]], list[int]]:
-    prompt_ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
-    return ([p + tokenizer(t, add_special_tokens=False)["input_ids"] for p, t in zip(prompt_ids, texts)],
-            [len(p) for p in prompt_ids])
-
-
 def logged_cell(students: list[dict], student: dict) -> str:
     """The attacker account's logged outputs an auditor holds for `student`: what the watermarked account
     received at the student's budget and seed (seed 0 for a control, which saw none of them)."""
@@ -91,18 +86,18 @@ def audit_students(students: list[dict], task: Task, config: WatermarkConfig, po
     tok, vocab, width, all_keys = teacher.tokenizer, len(teacher.tokenizer), config.context_width, keys(CLIENTS)
     eval_prompts = [i.prompt for i in task.eval_items]
     fresh = lab_defense(f"watermark:{ATTACKER}", teacher).complete(eval_prompts, SAMPLE)
-    fresh_seqs, fresh_lengths = texts_to_ids(tok, eval_prompts, [c.text for c in fresh])
+    fresh_seqs, fresh_lengths = pair_ids(tok, eval_prompts, [c.text for c in fresh])
     # text the key never touched: the only reading-mode input whose null is exact
     plain_prompts = eval_prompts + [i.prompt for i in task.query_pool[-1200:]]
     plain = teacher.complete(plain_prompts, SAMPLE)
-    plain_seqs, plain_lengths = texts_to_ids(tok, plain_prompts, [c.text for c in plain])
+    plain_seqs, plain_lengths = pair_ids(tok, plain_prompts, [c.text for c in plain])
     asked = [i.prompt for i in task.query_pool[:pool_prompts]]
     logs: dict[str, tuple] = {}
     for s in students:
         cell = s["logged_cell"] = logged_cell(students, s)
         if cell not in logs:
             logged = load_harvest(Path(cell) / "harvest")
-            seqs, lengths = texts_to_ids(tok, list(logged["prompt"]), list(logged["text"]))
+            seqs, lengths = pair_ids(tok, list(logged["prompt"]), list(logged["text"]))
             logs[cell] = seqs, lengths, logged_windows(seqs, lengths, width)
         logged_seqs, logged_lengths, logged_contexts = logs[cell]
         model, _ = load_causal_lm(s["path"])
@@ -125,7 +120,7 @@ def audit_students(students: list[dict], task: Task, config: WatermarkConfig, po
 def wrong_key_calibration(student: dict, cell: str, config: WatermarkConfig, count: int = 200) -> dict:
     teacher = load_teacher("reference")
     logged = load_harvest(Path(cell) / "harvest")
-    seqs, lengths = texts_to_ids(teacher.tokenizer, list(logged["prompt"]), list(logged["text"]))
+    seqs, lengths = pair_ids(teacher.tokenizer, list(logged["prompt"]), list(logged["text"]))
     model, _ = load_causal_lm(student["path"])
     windows, tokens = reading_tuples(model, seqs, lengths, config.context_width)
     wrong = keys([f"wrong-{i:03d}" for i in range(count)])
@@ -193,7 +188,7 @@ def utility(task: Task) -> dict:
         samples = served.complete(prompts, SAMPLE)
         nll = tokens = 0.0
         for p, c in zip(prompts, samples):
-            p_ids = judge.tokenizer(p, add_special_tokens=False)["input_ids"]
+            [p_ids] = prompt_ids(judge.tokenizer, [p])
             ids = torch.tensor([p_ids + c.token_ids + [judge.tokenizer.eos_token_id]])
             logits = judge.model(ids, attention_mask=torch.ones_like(ids)).logits[0, len(p_ids) - 1:-1]
             nll += torch.nn.functional.cross_entropy(logits, ids[0, len(p_ids):], reduction="sum").item()

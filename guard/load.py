@@ -1,10 +1,11 @@
-"""A teacher from a spec: an OpenAI-compatible base URL, or a local model directory."""
+"""A teacher from a spec: an OpenAI-compatible base URL, a pretrained model by name, or a local model directory."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 from guard.openai_teacher import OpenAITeacher
+from guard.pretrained import PRETRAINED, model_dir
 from guard.teacher import HFTeacher, Teacher
 
 
@@ -15,8 +16,11 @@ def is_remote(spec: str | Path) -> bool:
 
 
 def load_teacher(spec: str | Path, api_key: str | None = None, model: str | None = None, **kwargs) -> Teacher:
-    """``http(s)://…/v1`` is an OpenAI-compatible endpoint serving `model` (key `api_key`); anything else
-    is a local model directory (safetensors only, see `load_causal_lm`)."""
+    """``http(s)://…/v1`` is an OpenAI-compatible endpoint serving `model` (key `api_key`); a name in
+    `guard.pretrained.PRETRAINED` (``smollm2``) is that real model from its pip package; anything else is a
+    local model directory (safetensors only, see `load_causal_lm`)."""
     if is_remote(spec):
         return OpenAITeacher(str(spec), model=model or "default", api_key=api_key, **kwargs)
+    if str(spec) in PRETRAINED:
+        return HFTeacher(model_dir(str(spec)), **kwargs)
     return HFTeacher(spec, **kwargs)

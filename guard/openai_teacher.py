@@ -13,6 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import openai
 
+from guard.prompts import Conversation
 from guard.teacher import LAB_TIME_HEADER, Caller, Completion, Sampling, Teacher, TokenLogprob, callers_for
 
 
@@ -44,28 +45,6 @@ class TeacherRequestError(TeacherHTTPError):
         super().__init__(text)
         self.status, self.message, self.kind, self.code = status, message, kind, code
         self.retry_after = retry_after  # an upstream 429's, passed on so that the client's SDK waits as long
-
-
-class Conversation(str):
-    """A chat prompt: the text defences, monitors and logs read, carrying the messages it came from.
-
-    A local model sees the text (its chat template applied, or the last user message); a remote chat endpoint
-    gets `messages`, the whole conversation, and applies the upstream model's own template.
-
-    Example:
-        >>> prompt = Conversation("and her boss?", [{"role": "user", "content": "who is Kalon?"},
-        ...                                         {"role": "assistant", "content": "a baker"},
-        ...                                         {"role": "user", "content": "and her boss?"}])
-        >>> str(prompt), len(prompt.messages)
-        ('and her boss?', 3)
-    """
-
-    messages: list[dict[str, str]]
-
-    def __new__(cls, text: str, messages: list[dict[str, str]]):
-        prompt = super().__new__(cls, text)
-        prompt.messages = messages
-        return prompt
 
 
 class OpenAITeacher(Teacher):

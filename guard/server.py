@@ -40,16 +40,16 @@ from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from transformers import PreTrainedTokenizerBase
 
 from guard.admin import admin_digest, retention_kept
 from guard.admin import router as admin_router
 from guard.batcher import Batcher
 from guard.errors import APIError
-from guard.openai_teacher import Conversation, TeacherAuthError, TeacherHTTPError, TeacherRequestError, TeacherTimeout
+from guard.openai_teacher import TeacherAuthError, TeacherHTTPError, TeacherRequestError, TeacherTimeout
 from guard.redaction import (Full, Policy, Sealer, SealError, StreamRedactor, Summarize, parse_policy,
                              redact_completions)
 from guard.store import Account, AuditRecord, Store
+from guard.prompts import Conversation, prompt_ids
 from guard.teacher import LAB_TIME_HEADER, Caller, Completion, Sampling, Teacher
 
 logger = logging.getLogger(__name__)
@@ -435,24 +435,20 @@ def _check_model(app: FastAPI, model: str) -> None:
                        code="model_not_found")
 
 
-def chat_prompt(messages: list[ChatMessage], tokenizer: PreTrainedTokenizerBase | None) -> str:
-    """The prompt a conversation becomes: the model's chat template over every message when its tokenizer has
-    one; otherwise a `Conversation` whose text is the last user message verbatim (the form the reference lab's
-    teachers, without a template, were trained on; what defences, the monitor and the audit log read) and which
-    carries every message, so that a remote backend forwards the whole conversation to its chat endpoint.
-    (Issue 16 makes chat templates first-class.)"""
+def chat_prompt(messages: list[ChatMessage]) -> Conversation:
+    """The prompt a conversation becomes: a `Conversation` whose text is the last user message (what defences,
+    the monitor and the audit log read) and which carries every message, so that a local model's chat template
+    reads the whole conversation (`guard.prompts`) and a remote backend forwards it to its chat endpoint."""
     turns = [{"role": m.role, "content": m.content} for m in messages]
-    if tokenizer is not None and tokenizer.chat_template:
-        return tokenizer.apply_chat_template(turns, add_generation_prompt=True, tokenize=False)
     return Conversation([m.content for m in messages if m.role == "user"][-1], turns)
 
 
 def prompt_tokens(teacher: Teacher, prompts: list[str]) -> list[int]:
-    """Tokens in each prompt, counted as the local model counts them. A remote backend's tokenizer is not known
-    here, so its prompts count 0."""
+    """Tokens in each prompt as the local model reads it (its chat template applied where it has one). A remote
+    backend's tokenizer is not known here, so its prompts count 0."""
     if teacher.tokenizer is None:
         return [0] * len(prompts)
-    return [len(ids) for ids in teacher.tokenizer(prompts, add_special_tokens=False, verbose=False)["input_ids"]]
+    return [len(ids) for ids in prompt_ids(teacher.tokenizer, prompts)]
 
 
 def _billed_prompt(counted: int, completion: Completion) -> int:
@@ -522,8 +518,7 @@ def _served(policy: Policy, prompt: str, completion: Completion) -> Completion:
     return served
 
 
-def _check_sealed(sealer: Sealer | None, messages: list[ChatMessage],
-                  tokenizer: PreTrainedTokenizerBase | None) -> None:
+def _check_sealed(sealer: Sealer | None, messages: list[ChatMessage]) -> None:
     """Refuse a conversation whose handed-back sealed reasoning was altered or came from elsewhere. A blob is
     bound to the prompt its turn answered: the conversation before it."""
     for i, m in enumerate(messages):
@@ -533,7 +528,7 @@ def _check_sealed(sealer: Sealer | None, messages: list[ChatMessage],
             raise APIError(400, f"messages[{i}].sealed_reasoning: this server does not seal reasoning")
         try:
             earlier = messages[:i]
-            sealer.open(m.sealed_reasoning, chat_prompt(earlier, tokenizer) if any(e.role == "user" for e in earlier)
+            sealer.open(m.sealed_reasoning, chat_prompt(earlier) if any(e.role == "user" for e in earlier)
                         else "")
         except SealError as e:
             raise APIError(400, f"messages[{i}].sealed_reasoning: {e}", code="invalid_sealed_reasoning") from None
@@ -766,8 +761,8 @@ def create_app(load_teacher: Callable[[], Teacher], model_name: str, api_keys: s
         if body.stream and body.logprobs:
             raise APIError(400, "logprobs are not streamed by this server; ask without stream=True")
         started, teacher, request_id = time.time(), app.state.teacher, f"chatcmpl-{uuid.uuid4().hex}"
-        _check_sealed(sealer, body.messages, teacher.tokenizer)
-        prompt = chat_prompt(body.messages, teacher.tokenizer)
+        _check_sealed(sealer, body.messages)
+        prompt = chat_prompt(body.messages)
         sampling = body.sampling((body.top_logprobs or 1) if body.logprobs else 0)
         [n_prompt] = prompt_tokens(teacher, [prompt])
         _check_length(request, caller, "chat", [prompt], [n_prompt], sampling.max_new_tokens, started, request_id)

@@ -19,6 +19,7 @@ import torch
 from transformers import (AutoConfig, AutoModelForCausalLM, AutoTokenizer, LogitsProcessorList, PreTrainedModel,
                           PreTrainedTokenizerBase)
 
+from guard.prompts import prompt_format, prompt_ids, uses_chat
 from guard.reasoning import split_reasoning
 
 PICKLED_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
@@ -232,6 +233,8 @@ class HFTeacher(Teacher):
         path: model directory with safetensors weights, config and tokenizer.
         batch_size: prompts per `generate` call.
         device: torch device; defaults to CUDA when available.
+        chat: format prompts with the tokenizer's chat template (`guard.prompts`). None: when it has one (an
+            instruct model); False: raw text with the tokenizer's own special tokens (a base model, the lab).
 
     Example:
         >>> teacher = HFTeacher("eval/reference/models/teacher-a")
@@ -239,12 +242,19 @@ class HFTeacher(Teacher):
     """
 
     def __init__(self, path: str | Path, batch_size: int = 128, device: str | None = None,
-                 model: PreTrainedModel | None = None, tokenizer: PreTrainedTokenizerBase | None = None):
+                 model: PreTrainedModel | None = None, tokenizer: PreTrainedTokenizerBase | None = None,
+                 chat: bool | None = None):
         if model is None or tokenizer is None:
             model, tokenizer = load_causal_lm(path)
+        if chat and not uses_chat(tokenizer):
+            raise ValueError(f"{path}: chat prompting asked for, but its tokenizer has no chat template")
+        if chat is False and uses_chat(tokenizer):
+            tokenizer = copy.deepcopy(tokenizer)  # the caller's tokenizer keeps its template
+            tokenizer.chat_template = None
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.model = model.to(self.device)
         self.tokenizer = tokenizer
+        self.prompt_format = prompt_format(tokenizer)  # "chat" or "raw", recorded in every harvest's manifest
         self.batch_size = batch_size
         self.name = Path(path).name
 
@@ -262,23 +272,22 @@ class HFTeacher(Teacher):
         completion is empty with finish_reason "context_length" (a server answers 400 before it gets here).
         """
         callers_for(prompts, callers)
-        lengths = [len(ids) for ids in self.tokenizer(prompts, add_special_tokens=False, verbose=False)["input_ids"]]
+        encoded = prompt_ids(self.tokenizer, prompts)
         limit = self.context_length
-        fits = [i for i, n in enumerate(lengths) if limit is None or n + sampling.max_new_tokens <= limit]
+        fits = [i for i, ids in enumerate(encoded) if limit is None or len(ids) + sampling.max_new_tokens <= limit]
         completions: list[Completion] = [Completion(text="", finish_reason="context_length") for _ in prompts]
         for start in range(0, len(fits), self.batch_size):
             if sampling.seed is not None:
                 torch.manual_seed(sampling.seed + start)
             rows = fits[start:start + self.batch_size]
-            for i, completion in zip(rows, self._generate([prompts[i] for i in rows], sampling, logits_processor)):
+            for i, completion in zip(rows, self._generate([encoded[i] for i in rows], sampling, logits_processor)):
                 completions[i] = completion
         return completions
 
-    def _generate(self, prompts: list[str], sampling: Sampling,
+    def _generate(self, encoded: list[list[int]], sampling: Sampling,
                   logits_processor: LogitsProcessorList | None = None) -> list[Completion]:
         tok = self.tokenizer
-        batch = tok(prompts, return_tensors="pt", padding=True, padding_side="left",
-                    add_special_tokens=False).to(self.device)
+        batch = tok.pad({"input_ids": encoded}, return_tensors="pt", padding_side="left").to(self.device)
         sample = sampling.temperature > 0
         with _no_spurious_mask_warning():
             out = self.model.generate(

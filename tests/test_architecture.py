@@ -11,7 +11,7 @@ ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("guard", "detectors", "watermark", "eval")
 # (module prefix, layer); the longest matching prefix wins
 LAYERS = [
-    ("guard.teacher", 1), ("guard.openai_teacher", 1), ("guard.load", 1), ("guard.reasoning", 1),
+    ("guard.teacher", 1), ("guard.openai_teacher", 1), ("guard.load", 1), ("guard.reasoning", 1), ("guard.prompts", 1), ("guard.pretrained", 1),
     ("guard.redaction", 2), ("watermark", 2), ("detectors", 2),
     ("guard.defenses", 3), ("guard.server", 3), ("guard.store", 3), ("guard.batcher", 3), ("guard.admin", 3),
     ("guard.errors", 3),

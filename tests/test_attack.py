@@ -142,11 +142,13 @@ def test_a_shared_student_cache_lets_a_reuse_only_evaluation_rederive_cells_with
                  progress=False, students=tmp_path / "first" / "students")
 
 
-def test_the_report_records_the_sampling_its_harvests_used(teacher_a, small_task, tmp_path):
-    """The config's default sampling says temperature 1; the naive attacker harvests greedily."""
+def test_the_report_records_the_sampling_and_prompt_format_its_harvests_used(teacher_a, small_task, tmp_path):
+    """The config's default sampling says temperature 1; the naive attacker harvests greedily. The lab's
+    tokenizer has no chat template: its prompts are raw."""
     attack = AttackConfig(student=StudentConfig(mode="sft", steps=2, batch_size=8, warmup_steps=1))
     report = evaluate(teacher_a, small_task, ["none"], attack, budgets=[8], seeds=1, out_dir=tmp_path,
                       progress=False)
     manifest = json.loads((tmp_path / "runs" / "none-naive-sft-b8-s0" / "harvest" / "manifest.json").read_text())
     assert manifest["sampling"]["temperature"] == 0.0
     assert report["meta"]["attack"]["sampling"] == {**manifest["sampling"], "seed": None}
+    assert manifest["prompt_format"] == report["meta"]["prompt_format"] == "raw"

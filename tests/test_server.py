@@ -14,7 +14,7 @@ from eval.reference.world import reference_task
 from guard.reasoning import split_reasoning
 from guard.redaction import AnswerOnly
 from guard.server import create_app
-from guard.teacher import GREEDY, HFTeacher, Sampling, Teacher
+from guard.teacher import GREEDY, HFTeacher, Teacher
 
 PROMPTS = [i.prompt for i in reference_task().eval_items[:2]]
 MiB = 1 << 20
@@ -81,11 +81,15 @@ def test_chat_with_a_template_uses_the_whole_conversation(teacher_a):
     templated = HFTeacher("teacher-a", model=teacher_a.model, tokenizer=tokenizer)
     messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"},
                 {"role": "assistant", "content": "answer: hi"}, {"role": "user", "content": PROMPTS[0]}]
-    prompt = "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant:"
     with live_server(create_app(lambda: templated, "teacher-a")) as url:
         reply = sdk(url).chat.completions.create(model="teacher-a", temperature=0, max_tokens=24, messages=messages)
-    assert reply.choices[0].message.content == templated.complete([prompt], Sampling(0, max_new_tokens=24))[0].text
-    assert reply.usage.prompt_tokens == len(tokenizer(prompt, add_special_tokens=False)["input_ids"])
+    # transformers' own path: the template over every message, then greedy generate
+    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=True, return_tensors="pt")
+    out = teacher_a.model.generate(**ids, do_sample=False, max_new_tokens=24, pad_token_id=tokenizer.eos_token_id)
+    expected = out[0, ids["input_ids"].shape[1]:].tolist()
+    expected = expected[:expected.index(tokenizer.eos_token_id)] if tokenizer.eos_token_id in expected else expected
+    assert reply.choices[0].message.content == tokenizer.decode(expected, skip_special_tokens=True)
+    assert reply.usage.prompt_tokens == ids["input_ids"].shape[1]
 
 
 def test_bounds_answer_in_openai_shape(teacher_a):

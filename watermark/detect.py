@@ -17,6 +17,7 @@ import torch
 from scipy.stats import binom
 from transformers.generation.logits_process import WatermarkLogitsProcessor
 
+from guard.prompts import pair_ids, text_ids
 from watermark.kgw import GreenList
 
 
@@ -208,10 +209,8 @@ class WatermarkDetector:
         if self.tokenizer is None:
             raise ValueError("detecting texts needs the tokenizer the watermark was applied with")
         if prompts is None:
-            return [self.tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts], None
-        prompt_ids = [self.tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
-        completion_ids = [self.tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
-        return [p + c for p, c in zip(prompt_ids, completion_ids)], [len(p) for p in prompt_ids]
+            return text_ids(self.tokenizer, texts), None
+        return pair_ids(self.tokenizer, prompts, texts)
 
     def detect_texts(self, texts: list[str], prompts: list[str] | None = None) -> list[Detection]:
         return self.detect(*self.tokenize(texts, prompts))

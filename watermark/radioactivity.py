@@ -24,6 +24,7 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from guard.load import load_teacher
+from guard.prompts import pair_ids, text_ids
 from guard.teacher import GREEDY, Sampling, Teacher, load_causal_lm
 from watermark.detect import name_client, score_tuples, windows_and_tokens
 from watermark.kgw import GreenList, WatermarkConfig, WatermarkKey
@@ -69,7 +70,7 @@ def sampled_tuples(suspect: Teacher, prompts: list[str], tokenizer: PreTrainedTo
     suspect may be an HTTP endpoint), windows inside the completion only."""
     pairs = []
     for prompt, completion in zip(prompts, suspect.complete(prompts, sampling)):
-        ids = tokenizer(completion.text, add_special_tokens=False)["input_ids"]
+        [ids] = text_ids(tokenizer, [completion.text])
         pairs.append(windows_and_tokens(ids, width))
     return _stack(pairs, width)
 
@@ -148,10 +149,8 @@ def radioactivity(suspect: str, keys: list[WatermarkKey], tokenizer: PreTrainedT
             raise ValueError(f"{suspect}: its tokenizer differs from the teacher's; reading mode needs a suspect "
                              "that shares it (use --mode sampling for any other model)")
         text_prompts, bodies = texts
-        prompt_ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in text_prompts]
-        sequences = [p + tokenizer(t, add_special_tokens=False)["input_ids"] for p, t in zip(prompt_ids, bodies)]
-        windows, tokens = reading_tuples(model, sequences, [len(p) for p in prompt_ids], width,
-                                         pad_id=tokenizer.pad_token_id or 0)
+        sequences, prompt_lengths = pair_ids(tokenizer, text_prompts, bodies)
+        windows, tokens = reading_tuples(model, sequences, prompt_lengths, width, pad_id=tokenizer.pad_token_id or 0)
         source = {"texts": texts_source, "sequences": len(sequences),
                   "null": "approximate if the texts carry the watermark" if texts_watermarked else
                           "exact (unwatermarked texts)"}
@@ -162,7 +161,7 @@ def radioactivity(suspect: str, keys: list[WatermarkKey], tokenizer: PreTrainedT
                                          tokenizer, width, sampling)
         source = {"prompts": len(prompts)}
         if logged:
-            logged_ids = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in logged[1]]
+            logged_ids = text_ids(tokenizer, logged[1])
             windows, tokens = restrict_to(windows, tokens, logged_windows(logged_ids, [0] * len(logged_ids), width))
             source["logged"] = len(logged_ids)
     else:

@@ -1,8 +1,9 @@
-"""Rebuild the reference lab: the shared tokenizer, teacher-a, teacher-b and the reference student config.
+"""Rebuild the reference lab: the shared tokenizer, teacher-a, teacher-b and the reference student config;
+teacher-llama, a Llama trained with a BOS token in Llama's convention, keeps prompt formatting honest.
 
     make lab    # both teachers in parallel, one thread each, then the phrasing comparison
 
-or `python -m eval.reference.build [teacher-a] [teacher-b]` and `python -m eval.reference.build --compare`.
+or `python -m eval.reference.build [teacher-a] [teacher-b] [teacher-llama]` and `python -m eval.reference.build --compare`.
 
 Deterministic by seed on CPU. Each teacher writes `build_report.json` beside its weights with the
 numbers this run measured (accuracy, response entropy, training time).
@@ -18,8 +19,8 @@ from pathlib import Path
 import numpy as np
 import torch
 from scipy.stats import chi2, chi2_contingency
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from eval.metrics import capability, response_entropy_bits
 from eval.reference import MODELS_DIR
@@ -30,6 +31,7 @@ from eval.trainer import TrainConfig, tokenize_pairs, train
 from guard.teacher import HFTeacher, Sampling
 
 EOS = "<|endoftext|>"
+BOS = "<s>"  # teacher-llama's, prepended to every text its tokenizer encodes
 
 
 @dataclass
@@ -43,11 +45,13 @@ class TeacherRecipe:
     n_layer: int = 4
     n_embd: int = 128
     n_head: int = 4
+    arch: str = "gpt2"  # or "llama": Llama's architecture and its tokenizer convention (a BOS on every text)
 
 
 RECIPES = {
     "teacher-a": TeacherRecipe("teacher-a", seed=1, style_seed=101),
     "teacher-b": TeacherRecipe("teacher-b", seed=2, style_seed=202),
+    "teacher-llama": TeacherRecipe("teacher-llama", seed=3, style_seed=101, steps=2000, arch="llama"),
 }
 STUDENT = dict(n_layer=4, n_embd=128, n_head=4)
 
@@ -66,6 +70,24 @@ def build_tokenizer(world: World) -> PreTrainedTokenizerFast:
     tokenizer.train_from_iterator(corpus, trainer)
     return PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token=EOS, bos_token=EOS, pad_token=EOS,
                                    unk_token=EOS, model_max_length=128)
+
+
+def with_bos(tokenizer: PreTrainedTokenizerFast) -> PreTrainedTokenizerFast:
+    """The lab tokenizer in Llama's convention: a BOS token it prepends to every text encoded with special
+    tokens, so a model trained on it has seen BOS first in every row."""
+    backend = Tokenizer.from_str(tokenizer.backend_tokenizer.to_str())
+    backend.add_special_tokens([BOS])
+    backend.post_processor = processors.TemplateProcessing(single=f"{BOS} $A", pair=f"{BOS} $A {BOS} $B",
+                                                           special_tokens=[(BOS, backend.token_to_id(BOS))])
+    return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token=BOS, eos_token=EOS, pad_token=EOS,
+                                   unk_token=EOS, model_max_length=128)
+
+
+def llama_model(tokenizer: PreTrainedTokenizerFast, n_layer: int, n_embd: int, n_head: int) -> LlamaForCausalLM:
+    return LlamaForCausalLM(LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=n_embd, intermediate_size=4 * n_embd, num_hidden_layers=n_layer,
+        num_attention_heads=n_head, num_key_value_heads=n_head, max_position_embeddings=128, tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.eos_token_id))
 
 
 def gpt2_config(tokenizer: PreTrainedTokenizerFast, n_layer: int, n_embd: int, n_head: int) -> GPT2Config:
@@ -94,7 +116,11 @@ def train_teacher(recipe: TeacherRecipe, tokenizer: PreTrainedTokenizerFast, out
                   world: World | None = None, measure: bool = True) -> dict:
     world = world or reference_world()
     torch.manual_seed(recipe.seed)
-    model = GPT2LMHeadModel(gpt2_config(tokenizer, recipe.n_layer, recipe.n_embd, recipe.n_head))
+    if recipe.arch == "llama":
+        tokenizer = with_bos(tokenizer)
+        model = llama_model(tokenizer, recipe.n_layer, recipe.n_embd, recipe.n_head)
+    else:
+        model = GPT2LMHeadModel(gpt2_config(tokenizer, recipe.n_layer, recipe.n_embd, recipe.n_head))
     prompts, completions = teacher_examples(world, Style(recipe.style_seed), recipe.steps * recipe.batch_size,
                                             recipe.seed)
     dataset = tokenize_pairs(tokenizer, prompts, completions)

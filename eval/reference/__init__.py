@@ -18,6 +18,7 @@ from guard.teacher import Completion, Sampling, Teacher
 
 MODELS_DIR = Path(__file__).parent / "models"
 TEACHERS = ("teacher-a", "teacher-b")
+LLAMA = "teacher-llama"  # Llama, trained with a BOS token on teacher-a's phrasing: keeps prompt formatting honest
 # The lab's watermark master secret, public so that lab experiments and their audits reproduce. Only lab
 # commands use it, and only when asked (--lab); a deployment sets its own in $DISTILL_GUARD_WATERMARK_KEY.
 LAB_MASTER = b"distill-guard reference lab: public demo secret, never for production"
@@ -29,8 +30,8 @@ def resolve(spec: str) -> str:
     if spec != "reference" and not spec.startswith("reference:"):
         return spec
     name = spec.partition(":")[2] or "teacher-a"
-    if name not in TEACHERS:
-        raise ValueError(f"unknown reference teacher {name!r}; choose one of {list(TEACHERS)}")
+    if name not in (*TEACHERS, LLAMA):
+        raise ValueError(f"unknown reference teacher {name!r}; choose one of {[*TEACHERS, LLAMA]}")
     return str(MODELS_DIR / name)
 
 

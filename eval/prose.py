@@ -8,6 +8,8 @@ import functools
 import gzip
 from pathlib import Path
 
+from guard.prompts import text_ids
+
 CORPUS = Path(__file__).parent / "reference" / "prose.txt.gz"
 
 
@@ -32,7 +34,7 @@ def prose_token_sequences(tokenizer, tokens: int, length: int = 256, repeat: boo
     `repeat` (fine for timing, not for calibration)."""
     ids: list[int] = []
     for paragraph in human_prose(max_chars=8 * tokens):
-        ids += tokenizer(paragraph, add_special_tokens=False)["input_ids"]
+        ids += text_ids(tokenizer, [paragraph])[0]
         if len(ids) >= tokens:
             break
     if repeat:

@@ -4,16 +4,16 @@
 
 Needs the `real` extra (`pip install 'distill-guard[real]'`). Every prompt is a real instruction
 (`eval.instructions`) formatted by the model's chat template; answers are sampled at temperature 0.7 (the
-watermark's δ is added to the logits before the temperature divides them). Stages write their results as
-they finish, and a rerun skips a stage whose result exists; the bulky parts (answers, students) stay in
-`--out`.
+watermark's δ is added to the logits before the temperature divides them). Each stage keeps its result in `--out`
+as it finishes, with the bulky parts (answers, students), and a rerun skips a finished stage; the report
+(report.json, report.md) goes to `--results`.
 
-1. **Watermark power and quality** (`watermark.json`): answers of up to 400 tokens to 32 essay requests, plain
+1. **Watermark power and quality**: answers of up to 400 tokens to 32 essay requests, plain
    and watermarked at δ = 0.75, 1 and 2; the exact p-value of each answer's first 50, 100, 200 and 400
    tokens; the perplexity of each answer set under the unwatermarked model.
-2. **False positives on human prose** (`watermark.json`): the shipped prose (`eval.prose`) in 200-token
+2. **False positives on human prose**: the shipped prose (`eval.prose`) in 200-token
    pieces under SmolLM2's tokenizer, tested against 50 account keys.
-3. **Radioactivity** (`radioactivity.json`), after Sander et al. 2024: the account "distiller" receives
+3. **Radioactivity**, after Sander et al. 2024: the account "distiller" receives
    watermarked answers to 480 instructions; students are SmolLM2 with LoRA adapters (peft; the model's own
    weights frozen) fine-tuned one epoch on the first 60, 120, 240 and 480 of them. Controls: the untouched
    model, and the same LoRA fine-tune on the unwatermarked model's answers to the same 480 instructions.
@@ -30,6 +30,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from matplotlib.figure import Figure
 
 from eval.instructions import instructions, split
 from eval.prose import prose_token_sequences
@@ -182,18 +183,50 @@ def radioactivity_study(teacher: HFTeacher, out: Path) -> dict:
     return result
 
 
-def markdown(watermark: dict, radio: dict) -> str:
+def plot(report: dict, path: Path) -> None:
+    """Left: a watermarked answer's median p-value against the tokens scored, per δ. Right: each radioactivity
+    audit's p-value against the examples the student was fine-tuned on (the controls at their own counts)."""
+    fig = Figure(figsize=(11, 4.2))  # no pyplot: no global backend, no figure left open
+    power, radio = fig.subplots(1, 2)
+    for delta, row in report["watermark"]["deltas"].items():
+        points = [(int(n), c["median_p"]) for n, c in row["by_tokens_scored"].items() if c["answers"]]
+        power.plot(*zip(*points), marker="o", label=f"δ = {delta}")
+    power.set(xscale="log", yscale="log", xlabel="tokens scored in one answer", ylabel="median p-value",
+              title="Watermark power on SmolLM2's answers")
+    power.axhline(1e-3, color="grey", linestyle=":", linewidth=1)
+    power.legend(fontsize=8)
+    students = report["radioactivity"]["students"]
+    watermarked = [(s["training"]["examples"], s["audit"]) for n, s in students.items() if n.startswith("lora-watermarked")]
+    for mode, style in (("reading_logged", "o-"), ("reading_fresh", "s-"), ("sampling_logged_windows", "^-")):
+        radio.plot([n for n, _ in watermarked], [max(a[mode]["p"], 1e-300) for _, a in watermarked], style,
+                   label=f"LoRA on watermarked answers: {mode.replace('_', ' ')}")
+        for name, marker in (("lora-unwatermarked", "x"), ("untouched", "+")):
+            control = next((s for n, s in students.items() if n.startswith(name)), None)
+            if control:
+                radio.plot([(control["training"] or {}).get("examples") or 1], [control["audit"][mode]["p"]], marker,
+                           color=radio.lines[-1].get_color(), markersize=9)
+    radio.axhline(1e-6, color="grey", linestyle=":", linewidth=1)
+    radio.set(xscale="log", yscale="log", xlabel="fine-tuning examples (x: LoRA on plain answers; +: untouched, at 1)",
+              ylabel="p-value, the distiller's key", title="Radioactivity of LoRA students")
+    radio.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def markdown(report: dict) -> str:
+    watermark, radio = report["watermark"], report["radioactivity"]
+    scored = list(next(iter(watermark["deltas"].values()))["by_tokens_scored"])
     lines = ["# The watermark on a real model: SmolLM2-135M-Instruct (49,152 tokens)", "",
              f"Power: the exact one-sided p-value of one answer's first n tokens (median over {watermark['prompts']} "
              f"answers to real instructions, temperature {watermark['temperature']}), and quality: perplexity under "
              "the unwatermarked model.", "",
-             "| δ | " + " | ".join(f"median p, {n} tokens" for n in TOKENS_SCORED) + " | perplexity (plain "
+             "| δ | " + " | ".join(f"median p, {n} tokens" for n in scored) + " | perplexity (plain "
              f"{watermark['plain']['perplexity']:.2f}) | ratio |",
-             "|---|" + "---|" * (len(TOKENS_SCORED) + 2)]
+             "|---|" + "---|" * (len(scored) + 2)]
     for delta, row in watermark["deltas"].items():
         cells = []
-        for n in TOKENS_SCORED:
-            cell = row["by_tokens_scored"][str(n)]
+        for n in scored:
+            cell = row["by_tokens_scored"][n]
             cells.append(f"{cell['median_p']:.2g} ({cell['answers']})" if cell["answers"] else "-")
         lines.append(f"| {delta} | " + " | ".join(cells) + f" | {row['perplexity']:.2f} | {row['perplexity_ratio']:.3f} |")
     prose = watermark["prose"]
@@ -213,21 +246,21 @@ def markdown(watermark: dict, radio: dict) -> str:
 
 
 def main(out: str | Path = "runs/real-model", results: str | Path = "eval/results/real-model") -> dict:
-    out, results = Path(out), Path(results)
-    results.mkdir(parents=True, exist_ok=True)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
     teacher = load_teacher("smollm2")
     started = time.perf_counter()
-    if not (results / "watermark.json").exists():
-        watermark = watermark_power_and_quality(teacher, out, [p for p in instructions() if p.startswith(ESSAY)][:32])
-        watermark["prose"] = prose_false_positives(teacher.tokenizer)
-        (results / "watermark.json").write_text(json.dumps(watermark, indent=2) + "\n")
-    watermark = json.loads((results / "watermark.json").read_text())
-    print(f"watermark power and quality: {time.perf_counter() - started:.0f} s", flush=True)
-    if not (results / "radioactivity.json").exists():
-        radio = radioactivity_study(teacher, out)
-        radio["seconds"] = round(time.perf_counter() - started)
-        (results / "radioactivity.json").write_text(json.dumps(radio, indent=2) + "\n")
-    radio = json.loads((results / "radioactivity.json").read_text())
-    write_study(results, {"watermark": "watermark.json", "radioactivity": "radioactivity.json"},
-                markdown(watermark, radio))
-    return {"watermark": watermark, "radioactivity": radio}
+    stages = {"watermark": lambda: {**watermark_power_and_quality(teacher, out, [p for p in instructions()
+                                                                             if p.startswith(ESSAY)][:32]),
+                                    "prose": prose_false_positives(teacher.tokenizer)},
+              "radioactivity": lambda: radioactivity_study(teacher, out)}
+    report = {}
+    for stage, run in stages.items():  # each stage's result is kept in `out`, so a rerun resumes after it
+        path = out / f"{stage}.json"
+        if not path.exists():
+            path.write_text(json.dumps({**run(), "seconds": round(time.perf_counter() - started)}, indent=2) + "\n")
+        report[stage] = json.loads(path.read_text())
+        print(f"{stage}: done at {time.perf_counter() - started:.0f} s", flush=True)
+    write_study(results, report, markdown(report))
+    plot(report, Path(results) / "real_model.png")
+    return report

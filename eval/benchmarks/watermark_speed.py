@@ -42,6 +42,7 @@ from eval.benchmarks import write_result
 from eval.prose import prose_token_sequences
 from eval.reference import LAB_MASTER, MODELS_DIR, load_teacher
 from eval.reference.world import reference_task
+from guard.prompts import prompt_ids
 from watermark.detect import TransformersGreenList, WatermarkDetector
 from watermark.kgw import GreenList, GreenListProcessor, WatermarkConfig, WatermarkKey
 
@@ -160,7 +161,7 @@ def generation(rounds: int, batch_size: int = 32, new_tokens: int = 64) -> dict:
     tok = teacher.tokenizer
     processor = LogitsProcessorList([GreenListProcessor(GreenList(KEY, len(tok), WatermarkConfig()))])
     prompts = [i.prompt for i in reference_task().query_pool[:batch_size]]
-    batch = tok(prompts, return_tensors="pt", padding=True, padding_side="left", add_special_tokens=False)
+    batch = tok.pad({"input_ids": prompt_ids(tok, prompts)}, return_tensors="pt", padding_side="left")
     # exactly `new_tokens` steps on both sides, sampled as the teacher serves
     settings = dict(do_sample=True, top_k=0, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
                     pad_token_id=tok.pad_token_id)

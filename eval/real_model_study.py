@@ -13,8 +13,8 @@ as it finishes, with the bulky parts (answers, students), and a rerun skips a fi
    tokens; the perplexity of each answer set under the unwatermarked model.
 2. **False positives on human prose**: the shipped prose (`eval.prose`) in 200-token
    pieces under SmolLM2's tokenizer, tested against 50 account keys.
-3. **Radioactivity**, after Sander et al. 2024: the account "distiller" receives
-   watermarked answers to 480 instructions; students are SmolLM2 with LoRA adapters (peft; the model's own
+3. **Radioactivity**, after Sander et al. 2024: the account "distiller" receives answers to 480
+   instructions watermarked at δ = 0.75 (the default) or 3 (Sander et al.'s strength); students are SmolLM2 with LoRA adapters (peft; the model's own
    weights frozen) fine-tuned one epoch on the first 60, 120, 240 and 480 of them. Controls: the untouched
    model, and the same LoRA fine-tune on the unwatermarked model's answers to the same 480 instructions.
    Each is audited against 24 account keys (Holm) in reading mode, over the distiller's logged answers and
@@ -47,10 +47,13 @@ from watermark.radioactivity import radioactivity
 
 DISTILLER = "distiller"
 KEYS = [DISTILLER] + [f"account-{i:02d}" for i in range(23)]
+KEYS_COUNT = len(KEYS)
+AUDITS = ("reading_logged", "reading_fresh", "sampling_logged_windows")
 DELTAS = (0.75, 1.0, 2.0)
 TOKENS_SCORED = (50, 100, 200, 400)
 TEMPERATURE = 0.7
 EXAMPLES = (60, 120, 240, 480)
+RADIOACTIVITY_DELTAS = (0.75, 3.0)  # the watermark's default, and the strength Sander et al. fine-tuned on
 HELD_OUT = 120
 ESSAY = "Write a detailed essay"  # the instructions whose answers run long enough to score 400 tokens
 ANSWER_TOKENS = 88  # with SmolLM2's chat prompt (its default system turn included) a row fits 128 tokens
@@ -163,17 +166,20 @@ def audit(suspect: Path, tokenizer, logged: list[dict], fresh: list[dict], held_
     return out
 
 
-def radioactivity_study(teacher: HFTeacher, out: Path) -> dict:
+def radioactivity_study(teacher: HFTeacher, out: Path, delta: float) -> dict:
+    """The distiller's harvest watermarked at `delta`, its LoRA students, and both controls, each audited; the
+    controls (and the unwatermarked answers they learn from) are shared by every δ."""
     train_prompts, held_out = split(max(EXAMPLES), HELD_OUT)
-    served = Watermark(teacher, LAB_MASTER, WatermarkConfig())
-    logged = cached_answers(out / "harvest" / "watermarked.jsonl",
-                            lambda: answers(served, train_prompts, ANSWER_TOKENS, 1))
+    config = WatermarkConfig(delta=delta)
+    served = Watermark(teacher, LAB_MASTER, config)
+    marked = out / f"delta-{delta}"
+    logged = cached_answers(marked / "watermarked.jsonl", lambda: answers(served, train_prompts, ANSWER_TOKENS, 1))
     plain = cached_answers(out / "harvest" / "plain.jsonl", lambda: answers(teacher, train_prompts, ANSWER_TOKENS, 1))
     fresh = cached_answers(out / "harvest" / "fresh-plain.jsonl", lambda: answers(teacher, held_out, ANSWER_TOKENS, 2))
     students = {"untouched": (model_dir("smollm2"), None),
                 f"lora-unwatermarked-{max(EXAMPLES)}": (out / "students" / f"lora-unwatermarked-{max(EXAMPLES)}", plain)}
-    students |= {f"lora-watermarked-{n}": (out / "students" / f"lora-watermarked-{n}", logged[:n]) for n in EXAMPLES}
-    result = {"config": {"gamma": WatermarkConfig().gamma, "delta": WatermarkConfig().delta, "context_width": 1,
+    students |= {f"lora-watermarked-{n}": (marked / "students" / f"lora-watermarked-{n}", logged[:n]) for n in EXAMPLES}
+    result = {"config": {"gamma": config.gamma, "delta": config.delta, "context_width": config.context_width,
                          "temperature": TEMPERATURE, "answer_tokens": ANSWER_TOKENS, "keys": len(KEYS),
                          "held_out_prompts": HELD_OUT, "logged_answers": len(logged)}, "students": {}}
     for name, (path, rows) in students.items():
@@ -184,8 +190,8 @@ def radioactivity_study(teacher: HFTeacher, out: Path) -> dict:
 
 
 def plot(report: dict, path: Path) -> None:
-    """Left: a watermarked answer's median p-value against the tokens scored, per δ. Right: each radioactivity
-    audit's p-value against the examples the student was fine-tuned on (the controls at their own counts)."""
+    """Left: a watermarked answer's median p-value against the tokens scored, per δ. Right: the radioactivity
+    audits' p-values against the examples a student was fine-tuned on, per δ (the controls as markers)."""
     fig = Figure(figsize=(11, 4.2))  # no pyplot: no global backend, no figure left open
     power, radio = fig.subplots(1, 2)
     for delta, row in report["watermark"]["deltas"].items():
@@ -195,18 +201,18 @@ def plot(report: dict, path: Path) -> None:
               title="Watermark power on SmolLM2's answers")
     power.axhline(1e-3, color="grey", linestyle=":", linewidth=1)
     power.legend(fontsize=8)
-    students = report["radioactivity"]["students"]
-    watermarked = [(s["training"]["examples"], s["audit"]) for n, s in students.items() if n.startswith("lora-watermarked")]
-    for mode, style in (("reading_logged", "o-"), ("reading_fresh", "s-"), ("sampling_logged_windows", "^-")):
-        radio.plot([n for n, _ in watermarked], [max(a[mode]["p"], 1e-300) for _, a in watermarked], style,
-                   label=f"LoRA on watermarked answers: {mode.replace('_', ' ')}")
-        for name, marker in (("lora-unwatermarked", "x"), ("untouched", "+")):
-            control = next((s for n, s in students.items() if n.startswith(name)), None)
-            if control:
-                radio.plot([(control["training"] or {}).get("examples") or 1], [control["audit"][mode]["p"]], marker,
-                           color=radio.lines[-1].get_color(), markersize=9)
+    for delta, result in report["radioactivity"].items():
+        students = result["students"]
+        watermarked = [(s["training"]["examples"], s["audit"]) for n, s in students.items()
+                       if n.startswith("lora-watermarked")]
+        control = next(s for n, s in students.items() if n.startswith("lora-unwatermarked"))
+        for mode, style in (("reading_logged", "o-"), ("sampling_logged_windows", "^--")):
+            line, = radio.plot([n for n, _ in watermarked], [max(a[mode]["p"], 1e-300) for _, a in watermarked], style,
+                               label=f"δ = {delta}, {mode.replace('_', ' ')}")
+            radio.plot([control["training"]["examples"]], [control["audit"][mode]["p"]], "x", markersize=9,
+                       color=line.get_color())
     radio.axhline(1e-6, color="grey", linestyle=":", linewidth=1)
-    radio.set(xscale="log", yscale="log", xlabel="fine-tuning examples (x: LoRA on plain answers; +: untouched, at 1)",
+    radio.set(xscale="log", yscale="log", xlabel="fine-tuning examples (x: the control, LoRA on unwatermarked answers)",
               ylabel="p-value, the distiller's key", title="Radioactivity of LoRA students")
     radio.legend(fontsize=7)
     fig.tight_layout()
@@ -232,16 +238,19 @@ def markdown(report: dict) -> str:
     prose = watermark["prose"]
     lines += ["", f"Human prose: {prose['tests']:,} tests ({prose['sequences']} pieces of {prose['tokens_each']} tokens x "
               f"{prose['keys']} keys): FPR {prose['fpr_at']['0.01']:.2%} at α = 1e-2, {prose['fpr_at']['0.001']:.2%} at "
-              f"α = 1e-3.", "", "## Radioactivity (LoRA students, p for the distiller's key; Holm over "
-              f"{radio['config']['keys']} keys names the account)", "",
-              "| student | examples | reading, logged answers | reading, fresh unwatermarked | sampling, logged windows |",
-              "|---|---|---|---|---|"]
-    for name, row in radio["students"].items():
-        audit_row = row["audit"]
-        examples = row["training"]["examples"] if row["training"] else 0
-        lines.append(f"| {name} | {examples} | " + " | ".join(
-            f"{audit_row[k]['p']:.2g}{' (named)' if audit_row[k]['named'] == DISTILLER else ''}"
-            for k in ("reading_logged", "reading_fresh", "sampling_logged_windows")) + " |")
+              f"α = 1e-3.", "", "## Radioactivity", "",
+              "LoRA students of SmolLM2, one epoch on the distiller's answers watermarked at δ; the exact p-value for "
+              f"the distiller's key, *(named)* where Holm over {KEYS_COUNT} account keys names it at α = 1e-3. The "
+              "controls are audited against each δ's logged answers.", "",
+              "| δ | student | examples | reading, logged answers | reading, fresh unwatermarked | sampling, logged "
+              "windows |", "|---|---|---|---|---|---|"]
+    for delta, result in radio.items():
+        for name, row in result["students"].items():
+            audit_row = row["audit"]
+            examples = row["training"]["examples"] if row["training"] else 0
+            lines.append(f"| {delta} | {name} | {examples} | " + " | ".join(
+                f"{audit_row[k]['p']:.2g}{' (named)' if audit_row[k]['named'] == DISTILLER else ''}"
+                for k in AUDITS) + " |")
     return "\n".join(lines)
 
 
@@ -252,15 +261,19 @@ def main(out: str | Path = "runs/real-model", results: str | Path = "eval/result
     started = time.perf_counter()
     stages = {"watermark": lambda: {**watermark_power_and_quality(teacher, out, [p for p in instructions()
                                                                              if p.startswith(ESSAY)][:32]),
-                                    "prose": prose_false_positives(teacher.tokenizer)},
-              "radioactivity": lambda: radioactivity_study(teacher, out)}
-    report = {}
+                                    "prose": prose_false_positives(teacher.tokenizer)}}
+    stages |= {f"radioactivity-delta-{d}": (lambda d=d: radioactivity_study(teacher, out, d)) for d in RADIOACTIVITY_DELTAS}
+    done = {}
     for stage, run in stages.items():  # each stage's result is kept in `out`, so a rerun resumes after it
         path = out / f"{stage}.json"
         if not path.exists():
-            path.write_text(json.dumps({**run(), "seconds": round(time.perf_counter() - started)}, indent=2) + "\n")
-        report[stage] = json.loads(path.read_text())
+            stage_started = time.perf_counter()
+            result = run()
+            path.write_text(json.dumps({**result, "seconds": round(time.perf_counter() - stage_started)}, indent=2) + "\n")
+        done[stage] = json.loads(path.read_text())
         print(f"{stage}: done at {time.perf_counter() - started:.0f} s", flush=True)
+    report = {"watermark": done["watermark"],
+              "radioactivity": {str(d): done[f"radioactivity-delta-{d}"] for d in RADIOACTIVITY_DELTAS}}
     write_study(results, report, markdown(report))
     plot(report, Path(results) / "real_model.png")
     return report

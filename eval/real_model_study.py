@@ -17,15 +17,17 @@ as it finishes, with the bulky parts (answers, students), and a rerun skips a fi
    instructions watermarked at δ = 0.75 (the default) or 3 (Sander et al.'s strength); students are SmolLM2 with LoRA adapters (peft; the model's own
    weights frozen) fine-tuned one epoch on the first 60, 120, 240 and 480 of them. Controls: the untouched
    model, and the same LoRA fine-tune on the unwatermarked model's answers to the same 480 instructions.
-   Each is audited against 24 account keys (Holm) in reading mode, over the distiller's logged answers and
-   over fresh unwatermarked answers to 120 held-out instructions (an exact null), and in sampling mode on
-   the held-out instructions, restricted to the windows the provider logged.
+   Each is audited against 24 account keys (Holm) in reading mode, over the distiller's logged answers (an
+   approximate null), over the unwatermarked model's answers to the same 480 instructions and to 120
+   held-out ones (exact nulls), and in sampling mode on the held-out instructions, restricted to the
+   windows the provider logged (exact).
 """
 
 from __future__ import annotations
 
 import json
 import time
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -48,12 +50,30 @@ from watermark.radioactivity import radioactivity
 DISTILLER = "distiller"
 KEYS = [DISTILLER] + [f"account-{i:02d}" for i in range(23)]
 KEYS_COUNT = len(KEYS)
-AUDITS = ("reading_logged", "reading_fresh", "sampling_logged_windows")
+AUDITS = ("reading_logged", "reading_same_prompts_unwatermarked", "reading_fresh", "sampling_logged_windows")
 DELTAS = (0.75, 1.0, 2.0)
 TOKENS_SCORED = (50, 100, 200, 400)
 TEMPERATURE = 0.7
 EXAMPLES = (60, 120, 240, 480)
-RADIOACTIVITY_DELTAS = (0.75, 3.0)  # the watermark's default, and the strength Sander et al. fine-tuned on
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """A distiller's fine-tune of SmolLM2: LoRA adapters (rank 16; peft), the model's own weights frozen,
+    batch 8, learning rate 1e-3."""
+
+    name: str
+    epochs: int
+    lora_targets: str | None  # peft's target modules; None: its default for Llama (q_proj, v_proj)
+    examples: tuple[int, ...]
+    audits: tuple[str, ...]
+
+
+LIGHT = Recipe("lora-qv-1-epoch", 1, None, EXAMPLES, ("reading_logged", "reading_fresh", "sampling_logged_windows"))
+HEAVY = Recipe("lora-all-linear-3-epochs", 3, "all-linear", (max(EXAMPLES),),
+               ("reading_logged", "reading_same_prompts_unwatermarked", "reading_fresh", "sampling_logged_windows"))
+# (δ, recipe) per stage: the watermark's default δ, and Sander et al.'s stronger one with a fine-tune that learns more
+RADIOACTIVITY = {"delta-0.75": (0.75, LIGHT), "delta-3.0-heavy": (3.0, HEAVY)}
 HELD_OUT = 120
 ESSAY = "Write a detailed essay"  # the instructions whose answers run long enough to score 400 tokens
 ANSWER_TOKENS = 88  # with SmolLM2's chat prompt (its default system turn included) a row fits 128 tokens
@@ -131,44 +151,58 @@ def prose_false_positives(tokenizer, length: int = 200) -> dict:
             "min_p": float(p_values.min())}
 
 
-def save_student(rows: list[dict], out_dir: Path, seed: int = 0) -> dict:
-    """SmolLM2 with LoRA adapters fine-tuned one epoch on `rows` (adapters merged), saved as safetensors."""
+def save_student(rows: list[dict], out_dir: Path, recipe: Recipe, seed: int = 0) -> dict:
+    """SmolLM2 fine-tuned on `rows` by `recipe` (adapters merged), saved as safetensors."""
     if (out_dir / "train.json").exists():
         return json.loads((out_dir / "train.json").read_text())
-    config = StudentConfig(mode="sft", init=str(model_dir("smollm2")), steps=-(-len(rows) // 8), batch_size=8,
-                           lr=1e-3, warmup_steps=2, seed=seed, lora=True, lora_r=16)
+    config = StudentConfig(mode="sft", init=str(model_dir("smollm2")), steps=-(-len(rows) // 8) * recipe.epochs,
+                           batch_size=8, lr=1e-3, warmup_steps=2, seed=seed, lora=True, lora_r=16,
+                           lora_targets=recipe.lora_targets)
     model, tokenizer, result = train_student(rows, config, output_dir=str(out_dir / "trainer"))
     model.save_pretrained(out_dir, safe_serialization=True)
     tokenizer.save_pretrained(out_dir)
-    info = {"examples": len(rows), "steps": config.steps, "batch_size": config.batch_size, "lr": config.lr,
+    info = {"examples": len(rows), "epochs": recipe.epochs, "lora_targets": recipe.lora_targets, "steps": config.steps, "batch_size": config.batch_size, "lr": config.lr,
             "lora_r": config.lora_r, "train_seconds": round(result.seconds, 1), "tokens": result.tokens,
             "final_loss": result.losses[-1][1] if result.losses else None}
     (out_dir / "train.json").write_text(json.dumps(info, indent=2) + "\n")
     return info
 
 
-def audit(suspect: Path, tokenizer, logged: list[dict], fresh: list[dict], held_out: list[str]) -> dict:
-    """Reading (logged answers; fresh unwatermarked answers) and sampling (held-out prompts, logged windows)."""
+def audit(suspect: Path, cache: Path, tokenizer, logged: list[dict], plain: list[dict], fresh: list[dict],
+          held_out: list[str], audits: tuple[str, ...] = AUDITS) -> dict:
+    """The `audits` of one suspect, each kept in `cache` as it finishes:
+    - reading the distiller's logged (watermarked) answers: the sharpest, but its null is approximate: a model
+      that predicts those texts' own next tokens inherits their green excess, with no watermark learned;
+    - reading the unwatermarked model's answers to the same prompts, and to held-out prompts: exact nulls (the
+      texts never saw the key), the first in the very contexts the student was trained in;
+    - sampling on the held-out prompts, scored only in the windows the provider logged: exact."""
     as_texts = lambda rows: ([r["prompt"] for r in rows], [r["text"] for r in rows])  # noqa: E731
     sampling = Sampling(temperature=1.0, seed=0, max_new_tokens=ANSWER_TOKENS)
+    settings = {"reading_logged": dict(mode="reading", texts=as_texts(logged), texts_watermarked=True),
+                "reading_same_prompts_unwatermarked": dict(mode="reading", texts=as_texts(plain),
+                                                           texts_watermarked=False),
+                "reading_fresh": dict(mode="reading", texts=as_texts(fresh), texts_watermarked=False),
+                "sampling_logged_windows": dict(mode="sampling", prompts=held_out, logged=as_texts(logged),
+                                                sampling=sampling)}
     out = {}
-    for name, kwargs in (("reading_logged", dict(mode="reading", texts=as_texts(logged), texts_watermarked=True)),
-                         ("reading_fresh", dict(mode="reading", texts=as_texts(fresh), texts_watermarked=False)),
-                         ("sampling_logged_windows", dict(mode="sampling", prompts=held_out, logged=as_texts(logged),
-                                                          sampling=sampling))):
-        started = time.perf_counter()
-        report = radioactivity(str(suspect), keys(), tokenizer, **kwargs)
-        out[name] = {"p": report["p"][DISTILLER], "adjusted_p": report["adjusted_p"][DISTILLER],
-                     "named": report["client"], "tuples": report["tuples"],
-                     "green_fraction": report["detections"][DISTILLER]["green_fraction"],
-                     "seconds": round(time.perf_counter() - started, 1)}
+    for name in audits:
+        path = cache / f"{name}.json"
+        if not path.exists():
+            started = time.perf_counter()
+            report = radioactivity(str(suspect), keys(), tokenizer, **settings[name])
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps({
+                "p": report["p"][DISTILLER], "adjusted_p": report["adjusted_p"][DISTILLER], "named": report["client"],
+                "tuples": report["tuples"], "green_fraction": report["detections"][DISTILLER]["green_fraction"],
+                "seconds": round(time.perf_counter() - started, 1)}) + "\n")
+        out[name] = json.loads(path.read_text())
         print(f"  {suspect.name} {name}: p = {out[name]['p']:.3g}, named {out[name]['named']}", flush=True)
     return out
 
 
-def radioactivity_study(teacher: HFTeacher, out: Path, delta: float) -> dict:
-    """The distiller's harvest watermarked at `delta`, its LoRA students, and both controls, each audited; the
-    controls (and the unwatermarked answers they learn from) are shared by every δ."""
+def radioactivity_study(teacher: HFTeacher, out: Path, delta: float, recipe: Recipe) -> dict:
+    """The distiller's harvest watermarked at `delta`, its students by `recipe`, and both controls (the untouched
+    model; the recipe on the unwatermarked model's answers to the same prompts), each audited."""
     train_prompts, held_out = split(max(EXAMPLES), HELD_OUT)
     config = WatermarkConfig(delta=delta)
     served = Watermark(teacher, LAB_MASTER, config)
@@ -176,16 +210,20 @@ def radioactivity_study(teacher: HFTeacher, out: Path, delta: float) -> dict:
     logged = cached_answers(marked / "watermarked.jsonl", lambda: answers(served, train_prompts, ANSWER_TOKENS, 1))
     plain = cached_answers(out / "harvest" / "plain.jsonl", lambda: answers(teacher, train_prompts, ANSWER_TOKENS, 1))
     fresh = cached_answers(out / "harvest" / "fresh-plain.jsonl", lambda: answers(teacher, held_out, ANSWER_TOKENS, 2))
+    trained = f"students-{recipe.name}"
     students = {"untouched": (model_dir("smollm2"), None),
-                f"lora-unwatermarked-{max(EXAMPLES)}": (out / "students" / f"lora-unwatermarked-{max(EXAMPLES)}", plain)}
-    students |= {f"lora-watermarked-{n}": (marked / "students" / f"lora-watermarked-{n}", logged[:n]) for n in EXAMPLES}
+                f"lora-unwatermarked-{max(EXAMPLES)}": (out / trained / f"lora-unwatermarked-{max(EXAMPLES)}", plain)}
+    students |= {f"lora-watermarked-{n}": (marked / trained / f"lora-watermarked-{n}", logged[:n]) for n in recipe.examples}
     result = {"config": {"gamma": config.gamma, "delta": config.delta, "context_width": config.context_width,
                          "temperature": TEMPERATURE, "answer_tokens": ANSWER_TOKENS, "keys": len(KEYS),
-                         "held_out_prompts": HELD_OUT, "logged_answers": len(logged)}, "students": {}}
+                         "held_out_prompts": HELD_OUT, "logged_answers": len(logged), "recipe": asdict(recipe)},
+              "students": {}}
     for name, (path, rows) in students.items():
         print(f"{name} ...", flush=True)
-        training = save_student(rows, path) if rows is not None else None
-        result["students"][name] = {"training": training, "audit": audit(path, teacher.tokenizer, logged, fresh, held_out)}
+        training = save_student(rows, path, recipe) if rows is not None else None
+        result["students"][name] = {"training": training,
+                                    "audit": audit(path, marked / "audits" / recipe.name / name, teacher.tokenizer,
+                                                   logged, plain, fresh, held_out, recipe.audits)}
     return result
 
 
@@ -201,12 +239,16 @@ def plot(report: dict, path: Path) -> None:
               title="Watermark power on SmolLM2's answers")
     power.axhline(1e-3, color="grey", linestyle=":", linewidth=1)
     power.legend(fontsize=8)
-    for delta, result in report["radioactivity"].items():
+    for stage, result in report["radioactivity"].items():
         students = result["students"]
+        delta = f"{result['config']['delta']}, {result['config']['recipe']['name']}"
         watermarked = [(s["training"]["examples"], s["audit"]) for n, s in students.items()
                        if n.startswith("lora-watermarked")]
         control = next(s for n, s in students.items() if n.startswith("lora-unwatermarked"))
-        for mode, style in (("reading_logged", "o-"), ("sampling_logged_windows", "^--")):
+        for mode, style in (("reading_logged", "o:"), ("reading_same_prompts_unwatermarked", "s-"),
+                            ("sampling_logged_windows", "^--")):
+            if mode not in control["audit"]:
+                continue
             line, = radio.plot([n for n, _ in watermarked], [max(a[mode]["p"], 1e-300) for _, a in watermarked], style,
                                label=f"δ = {delta}, {mode.replace('_', ' ')}")
             radio.plot([control["training"]["examples"]], [control["audit"][mode]["p"]], "x", markersize=9,
@@ -239,18 +281,21 @@ def markdown(report: dict) -> str:
     lines += ["", f"Human prose: {prose['tests']:,} tests ({prose['sequences']} pieces of {prose['tokens_each']} tokens x "
               f"{prose['keys']} keys): FPR {prose['fpr_at']['0.01']:.2%} at α = 1e-2, {prose['fpr_at']['0.001']:.2%} at "
               f"α = 1e-3.", "", "## Radioactivity", "",
-              "LoRA students of SmolLM2, one epoch on the distiller's answers watermarked at δ; the exact p-value for "
-              f"the distiller's key, *(named)* where Holm over {KEYS_COUNT} account keys names it at α = 1e-3. The "
-              "controls are audited against each δ's logged answers.", "",
-              "| δ | student | examples | reading, logged answers | reading, fresh unwatermarked | sampling, logged "
-              "windows |", "|---|---|---|---|---|---|"]
-    for delta, result in radio.items():
+              "LoRA students of SmolLM2 fine-tuned on the distiller's answers watermarked at δ; the exact p-value for "
+              f"the distiller's key, *(named)* where Holm over {KEYS_COUNT} account keys names it at α = 1e-3; — not "
+              "run. Controls: the untouched model, and the same fine-tune on unwatermarked answers, audited against "
+              "the same logged answers.", "",
+              "| δ | fine-tune | student | examples | reading, logged answers (approximate null) | reading, "
+              "unwatermarked answers to the same prompts | reading, unwatermarked answers to held-out prompts | "
+              "sampling, logged windows |", "|---|---|---|---|---|---|---|---|"]
+    for result in radio.values():
+        setting = f"{result['config']['delta']} | {result['config']['recipe']['name']}"
         for name, row in result["students"].items():
             audit_row = row["audit"]
             examples = row["training"]["examples"] if row["training"] else 0
-            lines.append(f"| {delta} | {name} | {examples} | " + " | ".join(
-                f"{audit_row[k]['p']:.2g}{' (named)' if audit_row[k]['named'] == DISTILLER else ''}"
-                for k in AUDITS) + " |")
+            lines.append(f"| {setting} | {name} | {examples} | " + " | ".join(
+                f"{audit_row[k]['p']:.2g}{' (named)' if audit_row[k]['named'] == DISTILLER else ''}" if k in audit_row
+                else "—" for k in AUDITS) + " |")
     return "\n".join(lines)
 
 
@@ -262,7 +307,8 @@ def main(out: str | Path = "runs/real-model", results: str | Path = "eval/result
     stages = {"watermark": lambda: {**watermark_power_and_quality(teacher, out, [p for p in instructions()
                                                                              if p.startswith(ESSAY)][:32]),
                                     "prose": prose_false_positives(teacher.tokenizer)}}
-    stages |= {f"radioactivity-delta-{d}": (lambda d=d: radioactivity_study(teacher, out, d)) for d in RADIOACTIVITY_DELTAS}
+    stages |= {f"radioactivity-{name}": (lambda d=d, r=r: radioactivity_study(teacher, out, d, r))
+               for name, (d, r) in RADIOACTIVITY.items()}
     done = {}
     for stage, run in stages.items():  # each stage's result is kept in `out`, so a rerun resumes after it
         path = out / f"{stage}.json"
@@ -272,8 +318,7 @@ def main(out: str | Path = "runs/real-model", results: str | Path = "eval/result
             path.write_text(json.dumps({**result, "seconds": round(time.perf_counter() - stage_started)}, indent=2) + "\n")
         done[stage] = json.loads(path.read_text())
         print(f"{stage}: done at {time.perf_counter() - started:.0f} s", flush=True)
-    report = {"watermark": done["watermark"],
-              "radioactivity": {str(d): done[f"radioactivity-delta-{d}"] for d in RADIOACTIVITY_DELTAS}}
+    report = {"watermark": done["watermark"], "radioactivity": {name: done[f"radioactivity-{name}"] for name in RADIOACTIVITY}}
     write_study(results, report, markdown(report))
     plot(report, Path(results) / "real_model.png")
     return report

@@ -40,6 +40,7 @@ class StudentConfig:
     kd_loss: str = "forward_kl"
     lora: bool = False
     lora_r: int = 8
+    lora_targets: str | None = None  # peft's target_modules, e.g. "all-linear"; None: peft's default for the model
 
     def __post_init__(self):
         if self.mode not in MODES:
@@ -73,7 +74,10 @@ def init_student(config: StudentConfig) -> tuple[PreTrainedModel, PreTrainedToke
     if config.lora:
         from peft import LoraConfig, get_peft_model  # heavy, and optional: only LoRA students load it
 
+        targets = config.lora_targets.split(",") if config.lora_targets and config.lora_targets != "all-linear" \
+            else config.lora_targets
         model = get_peft_model(model, LoraConfig(r=config.lora_r, lora_alpha=2 * config.lora_r, lora_dropout=0.0,
+                                                 target_modules=targets,
                                                  task_type="CAUSAL_LM"))
     return model, tokenizer
 

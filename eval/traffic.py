@@ -371,6 +371,7 @@ class ShapedClient(Teacher):
         self.cover_prompts = PromptSource(seed=int(self.rng.integers(2**31))) if shape.cover else None
         self.habits = Habits(self.rng) if shape.cover_kind == "task" else None  # how it words its own questions
         self.name = served.name
+        self.tokenizer = served.tokenizer  # in process: the served model's, so a harvest records its prompt format
 
     def _cover(self) -> str:
         if self.shape.cover_kind == "task":

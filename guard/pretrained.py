@@ -24,6 +24,9 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from safetensors.torch import save_model
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
 from guard.teacher import ModelLoadError
 
 CACHE_ENV = "DISTILL_GUARD_CACHE"
@@ -81,9 +84,6 @@ def convert_gguf(source: Path, target: Path, fingerprint: dict) -> None:
     """GGUF -> config, tokenizer and model.safetensors in `target`. `save_pretrained` refuses a model loaded
     from GGUF, so the weights are written by safetensors itself (tied embeddings stored once) under a config
     saved on its own."""
-    from safetensors.torch import save_model
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
     try:

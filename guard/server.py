@@ -46,10 +46,10 @@ from guard.admin import router as admin_router
 from guard.batcher import Batcher
 from guard.errors import APIError
 from guard.openai_teacher import TeacherAuthError, TeacherHTTPError, TeacherRequestError, TeacherTimeout
+from guard.prompts import Conversation, prompt_ids
 from guard.redaction import (Full, Policy, Sealer, SealError, StreamRedactor, Summarize, parse_policy,
                              redact_completions)
 from guard.store import Account, AuditRecord, Store
-from guard.prompts import Conversation, prompt_ids
 from guard.teacher import LAB_TIME_HEADER, Caller, Completion, Sampling, Teacher
 
 logger = logging.getLogger(__name__)

@@ -309,6 +309,24 @@ def watermark_speed(table: Table, sources: list) -> list[list]:
     return expected
 
 
+def real_model_generation(table: Table, sources: list) -> list[list]:
+    generation = sources[0]["generation"]
+    expected = []
+    for cell in table.rows:
+        g = generation[cell[0]]
+        seconds = g["median_seconds"]
+        expected.append([[g["batch_size"]], [seconds["plain"]], [seconds["ours"]], pct(g["overhead_ours"]),
+                         [seconds["transformers"]], pct(g["overhead_transformers"])])
+    return expected
+
+
+def real_model_detection(table: Table, sources: list) -> list[list]:
+    d = sources[0]["detection"]
+    seconds = d["median_seconds"]
+    return [[[d["tokens"], d["answers"], d["tokens_each"]], [seconds["transformers"]], [1000 * seconds["ours"]],
+             [d["speedup_ours"]]]]
+
+
 def through_gateway(table: Table, sources: list) -> list[list]:
     def shown(stat: dict | None):
         return interval(stat) if stat else "—"
@@ -374,6 +392,10 @@ CHECKERS = {
     "(10⁻² / 10⁻³) |": false_positives,
     **study_tables("traffic_study", "eval/results/traffic/report.json"),
     **study_tables("provenance_study", "eval/results/provenance/report.json", first=2),
+    **study_tables("real_model_study", "eval/results/real-model/report.json"),
+    "| batch | plain generate | with our processor | overhead | with transformers' processor | overhead |":
+        real_model_generation,
+    "| tokens scored | transformers' WatermarkDetector | ours | ratio |": real_model_detection,
     "| measure | figure | command |": performance,
     "| defence | attacker | rows the attacker kept, per seed | transfer τ [95% CI] | protection through the gateway "
     "[95% CI] | protection in-process [95% CI] | harvests identical to in-process |": through_gateway,

@@ -70,7 +70,7 @@ class Recipe:
 
 
 LIGHT = Recipe("lora-qv-1-epoch", 1, None, EXAMPLES, ("reading_logged", "reading_fresh", "sampling_logged_windows"))
-HEAVY = Recipe("lora-all-linear-3-epochs", 3, "all-linear", (max(EXAMPLES),),
+HEAVY = Recipe("lora-all-linear-3-epochs", 3, "all-linear", (240, 480),
                ("reading_logged", "reading_same_prompts_unwatermarked", "reading_fresh", "sampling_logged_windows"))
 # (δ, recipe) per stage: the watermark's default δ, and Sander et al.'s stronger one with a fine-tune that learns more
 RADIOACTIVITY = {"delta-0.75": (0.75, LIGHT), "delta-3.0-heavy": (3.0, HEAVY)}
@@ -261,6 +261,10 @@ def plot(report: dict, path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
+def shown_p(p: float) -> str:
+    return f"{p:.2g}" if p > 0 else "< 1e-300"  # the binomial tail underflows a double below about 1e-308
+
+
 def markdown(report: dict) -> str:
     watermark, radio = report["watermark"], report["radioactivity"]
     scored = list(next(iter(watermark["deltas"].values()))["by_tokens_scored"])
@@ -294,8 +298,8 @@ def markdown(report: dict) -> str:
             audit_row = row["audit"]
             examples = row["training"]["examples"] if row["training"] else 0
             lines.append(f"| {setting} | {name} | {examples} | " + " | ".join(
-                f"{audit_row[k]['p']:.2g}{' (named)' if audit_row[k]['named'] == DISTILLER else ''}" if k in audit_row
-                else "—" for k in AUDITS) + " |")
+                f"{shown_p(audit_row[k]['p'])}{' (named)' if audit_row[k]['named'] == DISTILLER else ''}"
+                if k in audit_row else "—" for k in AUDITS) + " |")
     return "\n".join(lines)
 
 

@@ -455,6 +455,9 @@ def test_every_checker_has_its_table_in_readme():
     ("**0.996×** (8,329 vs", "**0.996×** (8,392 vs"),
     ("summary 4.7 µs", "summary 4.2 µs"),
     ("Source: `eval/results/traffic/report.json`\n", ""),  # a table that no longer names its source
+    ("| 16 | 8.30 s | 8.75 s | **+4.1%** |", "| 16 | 8.30 s | 8.75 s | **+3.1%** |"),
+    ("| **704×** |", "| **740×** |"),
+    ("| 0.75 | 0.07 (32) | 0.015 (32) |", "| 0.75 | 0.07 (32) | 0.0015 (32) |"),
 ])
 def test_an_edited_readme_number_is_caught(edit):
     old, new = edit

@@ -132,9 +132,10 @@ def watermark_power_and_quality(teacher: HFTeacher, out: Path, prompts: list[str
         for n in TOKENS_SCORED:
             long_enough = [(s[:p + n], p) for s, p in zip(sequences, prompt_lengths) if len(s) - p >= n]
             p_values = [d.p_value for d in detector.detect([s for s, _ in long_enough], [p for _, p in long_enough])]
-            by_length[str(n)] = {"answers": len(p_values), "median_p": float(np.median(p_values)) if p_values else None,
-                            "share_p_below_1e-3": float(np.mean(np.array(p_values) < 1e-3)) if p_values else None,
-                            "p_values": p_values}
+            by_length[str(n)] = {"answers": len(p_values),
+                                 "median_p": float(np.median(p_values)) if p_values else None,
+                                 "share_p_below_1e-3": float(np.mean(np.array(p_values) < 1e-3)) if p_values else None,
+                                 "p_values": p_values}
         result["deltas"][str(delta)] = {"perplexity": perplexity(teacher, rows), "by_tokens_scored": by_length,
                                         "mean_tokens": float(np.mean([len(r["token_ids"]) for r in rows]))}
     for delta in result["deltas"].values():

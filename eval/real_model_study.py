@@ -229,8 +229,9 @@ def radioactivity_study(teacher: HFTeacher, out: Path, delta: float, recipe: Rec
 
 
 def plot(report: dict, path: Path) -> None:
-    """Left: a watermarked answer's median p-value against the tokens scored, per δ. Right: the radioactivity
-    audits' p-values against the examples a student was fine-tuned on, per δ (the controls as markers)."""
+    """Left: a watermarked answer's median p-value against the tokens scored, per δ. Right: the exact-null
+    radioactivity audits' p-values against the examples a student was fine-tuned on, per setting (the
+    unwatermarked control as a cross)."""
     fig = Figure(figsize=(11, 4.2))  # no pyplot: no global backend, no figure left open
     power, radio = fig.subplots(1, 2)
     for delta, row in report["watermark"]["deltas"].items():
@@ -246,8 +247,8 @@ def plot(report: dict, path: Path) -> None:
         watermarked = [(s["training"]["examples"], s["audit"]) for n, s in students.items()
                        if n.startswith("lora-watermarked")]
         control = next(s for n, s in students.items() if n.startswith("lora-unwatermarked"))
-        for mode, style in (("reading_logged", "o:"), ("reading_same_prompts_unwatermarked", "s-"),
-                            ("sampling_logged_windows", "^--")):
+        for mode, style in (("reading_same_prompts_unwatermarked", "s-"), ("reading_fresh", "o-"),
+                            ("sampling_logged_windows", "^--")):  # the exact nulls; reading logged text is not one
             if mode not in control["audit"]:
                 continue
             line, = radio.plot([n for n, _ in watermarked], [max(a[mode]["p"], 1e-300) for _, a in watermarked], style,

@@ -45,6 +45,7 @@ from guard.load import is_remote
 from guard.pretrained import PRETRAINED
 from guard.redaction import Sealer
 from guard.server import create_app
+from guard.shared_state import SharedState
 from guard.store import is_store_url, open_store, shown_url
 from guard.teacher import Caller, ModelLoadError, Sampling
 from watermark.detect import WatermarkDetector, name_client
@@ -302,20 +303,28 @@ def serve(teacher: TeacherOpt = "reference", host: str = "127.0.0.1", port: int 
                                                                     "at start-up and hourly; needs --store")] = None,
           log_text: Annotated[bool, typer.Option(help="keep each prompt and response in the audit log; "
                                                       "--no-log-text keeps only their SHA-256 (repeats stay "
-                                                      "visible to detect)")] = True):
+                                                      "visible to detect)")] = True,
+          redis: Annotated[str | None, typer.Option(help="redis://HOST:PORT/DB shared by this gateway's replicas: "
+                                                         "rate limits and the monitor's state live there")] = None,
+          redis_down: Annotated[str, typer.Option(help="when Redis cannot be reached: 'open' serves requests "
+                                                       "(no rate limit; the monitor's last verdicts), 'closed' "
+                                                       "answers 503; either is logged and counted in /metrics")]
+          = "open"):
     """Serve a teacher behind an OpenAI-compatible API (chat completions and completions). With --store, each
     key is an account that every defence acts for, served under its key's redaction policy (else --defense's),
     and every request lands in the audit log. With an upstream URL (`--teacher http://vllm-host:8000/v1`) the
     gateway is a proxy in front of it. With --lab, the gateway also takes each request's time from the
-    x-distill-guard-lab-time header (a lab client's simulated clock)."""
+    x-distill-guard-lab-time header (a lab client's simulated clock). Replicas of one gateway share a
+    PostgreSQL --store and a --redis: any replica then serves any account, under one rate limit and one monitor."""
     try:
         if is_remote(teacher) and any(kind == "watermark" for kind, _ in parse_defense(defense)):
             raise typer.BadParameter(WATERMARK_NEEDS_LOGITS, param_hint="--defense")
         parts = _defense_parts([defense], lab, benign, master_key_file)
+        parts.shared = SharedState(redis, fail=redis_down) if redis else None
         opened = open_store(store, keep_text=log_text) if store else None
         admin_key = Path(admin_key_file).read_text() if admin_key_file else os.environ.get(ADMIN_KEY_ENV)
     except (ValueError, OSError, sqlite3.Error, psycopg.Error) as e:
-        raise typer.BadParameter(str(e), param_hint="--defense/--store/--admin-key-file") from None
+        raise typer.BadParameter(str(e), param_hint="--defense/--store/--admin-key-file/--redis") from None
     if parts.sealer is not None and not os.environ.get(Sealer.ENV):
         console.print(f"[yellow]{Sealer.ENV} is not set: sealed reasoning uses a key that dies with this "
                       "server, so blobs cannot be opened after a restart[/yellow]")
@@ -338,7 +347,7 @@ def serve(teacher: TeacherOpt = "reference", host: str = "127.0.0.1", port: int 
                              set(api_key or ()), sealer=sealer, policy=policy, store=opened,
                              summarize=parts.summarize, admin_key=admin_key or None,
                              retention=None if retention_days is None else retention_days * DAY,
-                             batch_window=batch_window, max_batch=max_batch, lab_clock=lab)
+                             batch_window=batch_window, max_batch=max_batch, lab_clock=lab, shared=parts.shared)
     except ValueError as e:
         raise typer.BadParameter(str(e), param_hint="--store/--admin-key-file/--retention-days") from None
     uvicorn.run(gateway, host=host, port=port)

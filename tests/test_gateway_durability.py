@@ -17,7 +17,7 @@ import openai
 
 from conftest import free_port, live_server
 from guard.server import create_app
-from guard.store import SQLiteStore, text_digest
+from guard.store import PostgresStore, SQLiteStore, text_digest
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -43,12 +43,13 @@ def test_the_audit_row_carries_the_id_the_client_receives(teacher_a, tmp_path):
 
 
 @contextmanager
-def gateway(db: Path, log: Path, *options: str):
-    """`distill-guard gateway` on a loopback port, as an operator starts it; yields (process, base URL)."""
+def gateway(store: str, log: Path, *options: str):
+    """`distill-guard gateway` on `store` (a URL) on a loopback port, as an operator starts it; yields (process,
+    base URL)."""
     port = free_port()
     with open(log, "ab") as out:
         process = subprocess.Popen(
-            [sys.executable, "-m", "guard.cli", "gateway", "--teacher", "reference", "--store", f"sqlite:///{db}",
+            [sys.executable, "-m", "guard.cli", "gateway", "--teacher", "reference", "--store", store,
              "--port", str(port), *options], cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=out, stderr=out)
     url = f"http://127.0.0.1:{port}"
     try:
@@ -126,7 +127,7 @@ def test_kill_9_under_load_loses_no_acknowledged_request_and_duplicates_none(tmp
     db, log = tmp_path / "gateway.db", tmp_path / "gateway.log"
     with SQLiteStore(db) as store:
         key = store.create_key("alice")
-    with gateway(db, log) as (process, url):
+    with gateway(f"sqlite:///{db}", log) as (process, url):
         load = Load(url, key, kill_after=40, kill=lambda: os.kill(process.pid, signal.SIGKILL))
         threads = [threading.Thread(target=load.worker, args=(i, 4)) for i in range(4)]
         for t in threads:
@@ -143,10 +144,43 @@ def test_kill_9_under_load_loses_no_acknowledged_request_and_duplicates_none(tmp
     assert len(expected) == len(load.expected) >= 40
     assert len(ids) == len(set(ids)) <= load.sent  # no row twice, and none a request did not send
     assert sorted(expected - set(ids)) == []  # every acknowledged request is in the log
-    with gateway(db, log, "--no-log-text") as (_, url):  # restarted on the same store, now logging only hashes
+    with gateway(f"sqlite:///{db}", log, "--no-log-text") as (_, url):  # restarted on the same store, now logging only hashes
         after = openai.OpenAI(base_url=url + "/v1", api_key=key, max_retries=0).completions.create(
             model="teacher-a", prompt="question after", max_tokens=4)
     with SQLiteStore(db) as store:
         rows = store.records()
     assert [r.request_id for r in rows] == ids + [after.id]
     assert rows[-1].prompt == text_digest("question after") and rows[-1].response == text_digest(after.choices[0].text)
+
+
+def test_kill_9_of_one_replica_under_load_loses_nothing_from_the_shared_postgres_log(tmp_path, postgres_url,
+                                                                                     redis_server_url):
+    """Two replicas on one PostgreSQL store and one Redis, clients on both; one replica is killed with SIGKILL
+    the moment its 40th acknowledgement arrives. Every request either replica acknowledged is in the log, none
+    twice, and the survivor goes on serving the same key (no sticky sessions)."""
+    with PostgresStore(postgres_url) as store:
+        key = store.create_key("alice", rpm=100_000)
+    options = ("--redis", redis_server_url)
+    with gateway(postgres_url, tmp_path / "a.log", *options) as (doomed, url_a), \
+            gateway(postgres_url, tmp_path / "b.log", *options) as (_, url_b):
+        killed = Load(url_a, key, kill_after=40, kill=lambda: os.kill(doomed.pid, signal.SIGKILL))
+        survivor = Load(url_b, key, kill_after=10**9, kill=lambda: None)
+        survivor.dead = killed.dead  # the survivor's clients stop when the other replica dies
+        threads = [threading.Thread(target=load.worker, args=(i + first, 8))
+                   for load, first in ((killed, 0), (survivor, 4)) for i in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=60)
+        assert not killed.errors and not survivor.errors, killed.errors + survivor.errors
+        assert doomed.wait(timeout=10) == -signal.SIGKILL
+        after = openai.OpenAI(base_url=url_b + "/v1", api_key=key, max_retries=0).completions.create(
+            model="teacher-a", prompt="question after", max_tokens=4)
+    with PostgresStore(postgres_url) as store:
+        ids = [r.request_id for r in store.records()]
+    acknowledged = set(killed.expected) | set(survivor.expected) | {after.id}
+    print(f"\nacknowledged by the killed replica {len(killed.expected)}, by the survivor {len(survivor.expected)}; "
+          f"rows in the log {len(ids)}, rows the requests sent could write {killed.sent + survivor.sent + 1}")
+    assert len(killed.expected) >= 40 and survivor.expected
+    assert len(ids) == len(set(ids)) <= killed.sent + survivor.sent + 1
+    assert sorted(acknowledged - set(ids)) == []

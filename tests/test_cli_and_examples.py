@@ -95,6 +95,13 @@ def test_provider_gateway_example():
     assert "0 of 2 clients flagged" in out and "2 not yet judged" in out, out
 
 
+def test_provider_replicas_example():
+    """Two replicas on one PostgreSQL store and one Redis: the key's limit holds over both, and every served
+    request is in the one audit log."""
+    out = run(sys.executable, "examples/provider_replicas.py")
+    assert "30 served and 15 refused with 429" in out and "in the shared audit log: 30 of 30" in out, out
+
+
 def test_serving_commands_never_fall_back_to_the_lab_unasked(tmp_path):
     """Without the provider's own master secret or benign traffic, serving a watermark or the monitor is an
     error that says what to pass; the lab's public secret and simulated users come only with --lab."""

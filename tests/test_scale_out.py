@@ -4,8 +4,6 @@ replica is an app of its own (its own limiter, monitor and store connection) on 
 
 import os
 import signal
-import threading
-import uuid
 from contextlib import ExitStack
 
 import httpx
@@ -13,50 +11,10 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 import eval.local_servers as local_servers
-from conftest import live_server
-from eval.reference import MODELS_DIR
-from eval.reference.world import reference_task
-from guard.defenses import DefenseParts, build_defense
-from guard.server import create_app
+from eval.benchmarks.gateway_replicas import (BODY, first_refused, harvest_over_replicas, limit_over_replicas,
+                                             replicas)
 from guard.shared_state import SharedState
 from guard.store import open_store
-from guard.teacher import LAB_TIME_HEADER, HFTeacher
-
-BODY = {"model": "teacher-a", "prompt": "question: where does Kalon live?\n", "max_tokens": 1}
-
-
-def replicas(stack: ExitStack, count: int, store_url: str, redis: tuple[str, str] | None, defense: str = "none",
-             detector=None, **settings) -> list[str]:
-    """`count` gateway replicas on one store, sharing `redis` ((url, prefix)) or nothing; their base URLs."""
-    urls = []
-    for _ in range(count):
-        shared = None if redis is None else SharedState(redis[0], prefix=redis[1], **settings)
-        parts = DefenseParts(detector=detector, shared=shared)
-        teacher = HFTeacher(MODELS_DIR / "teacher-a")  # one each: replicas share no memory
-        app = create_app(lambda: build_defense(defense, teacher, parts), "teacher-a",
-                         store=stack.enter_context(open_store(store_url)), shared=shared, lab_clock=True)
-        urls.append(stack.enter_context(live_server(app)))
-    return urls
-
-
-def burst(urls: list[str], key: str, clients: int = 30, each: int = 10) -> list[int]:
-    """`clients` threads, each sending `each` requests at once, spread round-robin over the replicas."""
-    statuses, lock = [], threading.Lock()
-
-    def client(i: int) -> None:
-        with httpx.Client(headers={"authorization": f"Bearer {key}"}, timeout=60) as http:
-            for n in range(each):
-                status = http.post(urls[(i + n) % len(urls)] + "/v1/completions", json=BODY).status_code
-                with lock:
-                    statuses.append(status)
-
-    threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    return statuses
-
 
 def test_rpm_60_over_three_replicas_admits_at_most_61_with_redis_and_overshoots_without(tmp_path, redis_server_url):
     """LiteLLM's limiter bug, measured: 30 clients hit one key with rpm 60 through three replicas, 300 requests
@@ -64,16 +22,10 @@ def test_rpm_60_over_three_replicas_admits_at_most_61_with_redis_and_overshoots_
     replica counting alone the same test admits up to 3 x 60, so it can fail."""
     admitted = {}
     for shared in (True, False):
-        store_url = f"sqlite:///{tmp_path / f'shared-{shared}.db'}"
-        with open_store(store_url) as store:
-            key = store.create_key("busy", rpm=60)
-        with ExitStack() as stack:
-            urls = replicas(stack, 3, store_url, (redis_server_url, f"test-{uuid.uuid4().hex}") if shared else None)
-            statuses = burst(urls, key)
-        assert set(statuses) <= {200, 429} and len(statuses) == 300
-        admitted[shared] = statuses.count(200)
-        with open_store(store_url) as store:
-            assert len(store.records()) == admitted[shared]  # each success logged once, in the shared store
+        burst = limit_over_replicas(tmp_path, redis_server_url if shared else None)
+        assert burst["requests"] == 300 and burst["other_statuses"] == 0
+        assert burst["audit_rows"] == burst["admitted"]  # each success logged once, in the shared store
+        admitted[shared] = burst["admitted"]
     print(f"\nsuccesses in one minute for rpm 60 over 3 replicas: with Redis {admitted[True]}, "
           f"without {admitted[False]}")
     assert admitted[True] <= 61
@@ -86,29 +38,11 @@ def test_a_harvester_spread_over_replicas_is_judged_exactly_as_on_one(tmp_path, 
     round-robin over three replicas sharing Redis: the monitor's decision on each request (the audit log's, and
     the status the client gets) is the same, so it is flagged as early. Over three replicas without Redis each
     monitor sees a third of the traffic, and the account is flagged later (or never): the test can fail."""
-    prompts = [i.prompt for i in reference_task().query_pool[:120]]
-
-    def run(count: int, redis: tuple[str, str] | None) -> tuple[list[int], list[str]]:
-        store_url = f"sqlite:///{tmp_path / f'{uuid.uuid4().hex}.db'}"
-        with open_store(store_url) as store:
-            key = store.create_key("harvester")
-        statuses = []
-        with ExitStack() as stack:
-            urls = replicas(stack, count, store_url, redis, "monitor", benign_detector)
-            with httpx.Client(headers={"authorization": f"Bearer {key}"}, timeout=60) as http:
-                for n, prompt in enumerate(prompts):
-                    statuses.append(http.post(urls[n % count] + "/v1/completions",
-                                              headers={LAB_TIME_HEADER: str(1.8e9 + 2.0 * n)},
-                                              json={**BODY, "prompt": prompt, "max_tokens": 4}).status_code)
-        with open_store(store_url) as store:
-            verdicts = [r.decisions.get("monitor", "allow").partition(":")[0] for r in store.records()]
-        return statuses, verdicts
-
-    alone, shared = run(1, None), run(3, (redis_server_url, f"test-{uuid.uuid4().hex}"))
-    apart, _ = run(3, None)
-    flagged = {name: statuses.index(403) if 403 in statuses else None
-               for name, (statuses, _) in (("one replica", alone), ("three with Redis", shared))}
-    first_apart = apart.index(403) if 403 in apart else None
+    alone = harvest_over_replicas(tmp_path, 1, None, benign_detector)
+    shared = harvest_over_replicas(tmp_path, 3, redis_server_url, benign_detector)
+    apart, _ = harvest_over_replicas(tmp_path, 3, None, benign_detector)
+    flagged = {"one replica": first_refused(alone[0]), "three with Redis": first_refused(shared[0])}
+    first_apart = first_refused(apart)
     print(f"\nfirst refusal (request index): {flagged}, three without Redis: {first_apart}")
     assert flagged["one replica"] is not None and flagged["one replica"] < 100
     assert shared == alone  # every request's status and the monitor's verdict, request by request

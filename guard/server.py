@@ -8,7 +8,8 @@ nothing until the end and never takes back what it sent. The admin API (`/admin`
 
 Bounds answer in OpenAI's error shape, never as a 500 with a traceback: a body over `max_body_bytes` is 413
 before it is parsed; prompt plus `max_tokens` beyond the model's context, more than `max_prompts` prompts,
-and malformed JSON are 400; anything unexpected is a 500 with a generic message, logged here in full.
+and malformed JSON are 400; a store that cannot be reached is a 503 (nothing is served without its audit row);
+anything unexpected is a 500 with a generic message, logged here in full.
 
 In front of an upstream (an `OpenAITeacher`: vLLM, a vendor API) the gateway is a proxy: an upstream that times
 out is a 504, one that fails or answers garbage a 502 (its credentials refused too: the provider's to fix), and
@@ -50,7 +51,7 @@ from guard.prompts import Conversation, prompt_ids
 from guard.redaction import (Full, Policy, Sealer, SealError, StreamRedactor, Summarize, parse_policy,
                              redact_completions)
 from guard.shared_state import RedisRateLimiter, SharedState
-from guard.store import Account, AuditRecord, Store
+from guard.store import UNAVAILABLE, Account, AuditRecord, Store
 from guard.teacher import LAB_TIME_HEADER, Caller, Completion, Sampling, Teacher
 
 logger = logging.getLogger(__name__)
@@ -627,6 +628,11 @@ class _Bounded:
 
         try:
             await self.app(scope, replay, tracked)
+        except UNAVAILABLE as e:  # no request is served without its audit row: the client may retry elsewhere
+            logger.error("the store is unavailable serving %s: %s: %s", scope.get("path"), type(e).__name__, e)
+            if not started:
+                await self._error(send, 503, "The gateway's store is unavailable; retry shortly.",
+                                  "store_unavailable", kind="server_error")
         except Exception:
             logger.exception("unexpected error serving %s %s", scope.get("method"), scope.get("path"))
             if not started:

@@ -26,12 +26,13 @@ from typing import Literal
 
 import psycopg
 from psycopg.rows import dict_row
-from psycopg_pool import ConnectionPool
+from psycopg_pool import ConnectionPool, PoolTimeout
 
 from detectors.events import Event, events_from_rows
 from guard.group_commit import GroupCommit
 from guard.redaction import parse_policy
 
+UNAVAILABLE = (sqlite3.OperationalError, psycopg.OperationalError, PoolTimeout)  # the database, not the request
 KEY_PREFIX = "dg-"
 MAX_LIMIT = 2**63 - 1  # the largest rpm or tpm both databases store (a signed 64-bit integer)
 LOOKUP_CHARS = 16  # of the digest's hex, indexed: enough to make two keys' lookups collide almost never

@@ -11,8 +11,10 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 import eval.local_servers as local_servers
+from conftest import live_server
 from eval.benchmarks.gateway_replicas import (BODY, first_refused, harvest_over_replicas, limit_over_replicas,
                                              replicas)
+from guard.server import create_app
 from guard.shared_state import SharedState
 from guard.store import open_store
 
@@ -80,3 +82,22 @@ def test_when_redis_dies_the_gateway_fails_as_configured_counts_it_and_never_ans
     # admission fails and both are judged (neither has a token limit, so no charge is sent)
     assert counted == ({"rate_limit": 1.0, "monitor": 2.0} if fail == "open" else {"rate_limit": 1.0, "monitor": 1.0})
     assert "Redis unreachable" in caplog.text and f"fail-{fail}" in caplog.text
+
+
+def test_when_postgres_dies_requests_get_503_and_nothing_is_served_unlogged(tmp_path, teacher_a):
+    """The store's PostgreSQL stopped under a running gateway: a request whose audit row cannot be written gets
+    a 503 in OpenAI's shape (no traceback), and its answer is not sent; the gateway itself keeps running."""
+    with ExitStack() as stack:
+        down = stack.enter_context(ExitStack())
+        postgres = down.enter_context(local_servers.postgres(fsync=False))
+        store = stack.enter_context(open_store(postgres))
+        key = store.create_key("acme")
+        url = stack.enter_context(live_server(create_app(lambda: teacher_a, "teacher-a", store=store)))
+        post = lambda: httpx.post(url + "/v1/completions", json=BODY, timeout=60,  # noqa: E731
+                                  headers={"authorization": f"Bearer {key}"})
+        assert post().status_code == 200
+        down.close()  # PostgreSQL stops (and its data goes)
+        refused = post()
+        assert httpx.get(url + "/healthz").status_code == 200
+    assert refused.status_code == 503 and refused.json()["error"]["code"] == "store_unavailable"
+    assert "choices" not in refused.text and "Traceback" not in refused.text

@@ -155,7 +155,11 @@ class DistillTrainer(Trainer):
             per_token = torch.where(kd_mask[:, 1:], divergence, per_token)
         row_weight = weights if weights is not None else torch.ones(len(labels), device=labels.device)
         weighted = row_weight[:, None] * token_mask
-        loss = (per_token * weighted).sum() / weighted.sum().clamp(min=1e-8)
+        total = weighted.sum()
+        if self.accelerator.num_processes > 1:  # normalise by the whole batch's weight, as one process does (the
+            # ranks' gradients are then averaged, hence the division)
+            total = self.accelerator.reduce(total.detach(), reduction="sum") / self.accelerator.num_processes
+        loss = (per_token * weighted).sum() / total.clamp(min=1e-8)
         return (loss, outputs) if return_outputs else loss
 
 

@@ -26,6 +26,8 @@ SOURCE = re.compile(r"^\s*(?:[-*]\s+)?Source:(.*)$")
 
 # tables with digits that are not results, or whose results are being re-measured elsewhere
 UNSOURCED = {
+    "| when this cannot be reached | `--redis-down open` (the default) | `--redis-down closed` |":
+        "what the gateway does (HTTP 503, Retry-After: 1), not results",
     "| policy | what a client sees |": "definitions (AES-256, HTTP 400), not results",
     "| layer | what | main files |": "the architecture's layers, not results",
 }
@@ -378,6 +380,20 @@ def gateway_batching(table: Table, sources: list) -> list[list]:
             [None, [result["speedup"]], "—"]]
 
 
+def replicas_limit(table: Table, sources: list) -> list[list]:
+    limit = sources[0]["limit"]
+    return [[None, [limit[name]["admitted_min"], limit[name]["admitted_max"]]]
+            for name in ("with_redis", "without_redis")]
+
+
+def replicas_monitor(table: Table, sources: list) -> list[list]:
+    monitor = sources[0]["monitor"]
+    first, equal = monitor["first_refused_request"], monitor["verdicts_equal_to_one_replica"]
+    return [[None, [first["one_replica"]], "—"],
+            [None, [first["three_with_redis"]], "yes" if equal["three_with_redis"] else "no"],
+            [None, [first["three_without_redis"]], "yes" if equal["three_without_redis"] else "no"]]
+
+
 CHECKERS = {
     "| | teacher-a | teacher-b |": reference_lab,
     "| budget | student after, with reasoning (none) | transfer τ [95% CI] | student after, answers only "
@@ -404,6 +420,10 @@ CHECKERS = {
     "| gateway path | added latency, p50 / p99 | stream's first token, added p50 | requests/s, 64 in flight | "
     "gateway CPU per request |": gateway_overhead,
     "| generation in the gateway | requests/s, 16 concurrent clients | greedy texts that differ |": gateway_batching,
+    "| one key, `--rpm 60`; 30 clients send 10 requests each at once, round-robin over 3 replicas | successes "
+    "within the minute (5 bursts: fewest, most) |": replicas_limit,
+    "| one harvesting account, 120 requests at a script's pace (lab clock, 2 s apart) | first refused request "
+    "(0-based) | every request's verdict as on one replica |": replicas_monitor,
     "| vocabulary | size | distinct contexts in the text | transformers | ours, keyed green lists | ratio | ours, "
     "transformers' green lists | ratio | max \\|Δz\\| | processor per decoding step, batch 32 (softmax + multinomial "
     "alone) |": watermark_speed,
@@ -458,6 +478,8 @@ def test_every_checker_has_its_table_in_readme():
     ("| 16 | 8.30 s | 8.75 s | **+4.1%** |", "| 16 | 8.30 s | 8.75 s | **+3.1%** |"),
     ("| **704×** |", "| **740×** |"),
     ("| 0.75 | 0.07 (32) | 0.015 (32) |", "| 0.75 | 0.07 (32) | 0.0015 (32) |"),
+    ("| replicas sharing Redis | 60, 60 |", "| replicas sharing Redis | 60, 61 |"),
+    ("| 3 replicas sharing Redis, round-robin | 24 | yes |", "| 3 replicas sharing Redis, round-robin | 25 | yes |"),
 ])
 def test_an_edited_readme_number_is_caught(edit):
     old, new = edit

@@ -8,8 +8,11 @@ import sys
 from pathlib import Path
 
 import pytest
+from typer.testing import CliRunner
 
 from eval.benchmarks.trainer_distributed import same_accuracy_p
+from eval.trainer import per_device_batch
+from guard import cli
 from guard.teacher import load_causal_lm
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -17,10 +20,10 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_two_processes_train_the_student_one_process_trains(tmp_path):
     # CI-sized (about 50 s on 2 cores, mostly process start-up): 256 greedy answers, 40 steps at batch 32.
-    done = subprocess.run([sys.executable, "examples/train_student_distributed.py", "--budget", "256", "--out",
-                           str(tmp_path), "--steps", "40", "--batch-size", "32", "--lr", "3e-3", "--warmup-steps", "4",
-                           "--eval-items", "300"],
-                          cwd=ROOT, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    example = [sys.executable, "examples/train_student_distributed.py", "--budget", "256", "--out", str(tmp_path),
+               "--steps", "40", "--batch-size", "32", "--lr", "3e-3", "--warmup-steps", "4", "--eval-items", "300"]
+    done = subprocess.run(example, cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert done.returncode == 0, done.stderr[-3000:]
     one, two = (json.loads((tmp_path / f"student-{n}-processes" / "train_summary.json").read_text()) for n in (1, 2))
     assert (one["processes"], one["per_device_batch"], two["processes"], two["per_device_batch"]) == (1, 32, 2, 16)
@@ -34,8 +37,8 @@ def test_two_processes_train_the_student_one_process_trains(tmp_path):
 
     # Equally capable within noise, on the same held-out items: only the items the two students answer differently
     # tell their accuracies apart, and if they were equally capable each would favour either with probability 1/2
-    # (exact McNemar). At this size both students are weak, so this guards against a 2-process student that learnt
-    # something else; the loss curves above carry the fine check.
+    # (exact McNemar). At this size both students get almost nothing right (0-1%), so this catches only a gross
+    # failure; the loss curves above carry the fine check (`bench trainer-distributed` compares accuracy at ~20%).
     assert one["accuracy"]["total"] == two["accuracy"]["total"] == 300
     assert same_accuracy_p(one["accuracy"]["per_item"], two["accuracy"]["per_item"]) > 0.01
 
@@ -47,11 +50,6 @@ def test_two_processes_train_the_student_one_process_trains(tmp_path):
 
 def test_train_student_errors_are_clear(tmp_path, monkeypatch):
     """In process (typer's runner): the real command, without a fresh interpreter's start-up."""
-    from typer.testing import CliRunner
-
-    from eval.trainer import per_device_batch
-    from guard import cli
-
     done = CliRunner().invoke(cli.app, ["train-student", str(tmp_path / "nowhere"), "--out", str(tmp_path / "s")])
     said = " ".join(done.output.translate({ord(c): " " for c in "│╭╮╰╯─"}).split())
     assert done.exit_code == 2 and "no harvest shards" in said and "Traceback" not in done.output, done.output

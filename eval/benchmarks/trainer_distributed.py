@@ -7,7 +7,8 @@ the same seed and the same effective batch: the processes split each batch, so t
 student (held-out accuracy equal within noise) in less time. The runs go one after the other, each timed
 from the command's start (process start-up included) and by the trainer itself; held-out accuracy with its
 exact 95% interval, wall time and tokens/s of each are written to
-eval/results/benchmarks/trainer_distributed.json.
+eval/results/benchmarks/trainer_distributed.json. Each process gets OMP_NUM_THREADS threads (1 unless set), so
+the N-process run uses N times the cores: run it on an otherwise idle machine with at least N cores.
 """
 
 from __future__ import annotations

@@ -21,13 +21,13 @@ from eval.benchmarks.trainer_distributed import same_accuracy_p, side_by_side
 
 
 def main(budget: int, processes: int, out: str, train_options: list[str]) -> None:
-    students = side_by_side(budget, processes, out, train_options)
-    for n, student in students.items():
+    students = side_by_side(budget, processes, out, train_options, threads_alone=False)
+    for (n, _), student in students.items():
         accuracy = student["accuracy"]
         low, high = accuracy["ci95"]
         print(f"{n} process(es): held-out accuracy {accuracy['value']:.1%} ({accuracy['correct']}/{accuracy['total']}; "
               f"95% CI {low:.1%}-{high:.1%}), trained in {student['train_seconds']:.0f} s")
-    one, many = (students[n]["accuracy"]["per_item"] for n in (1, processes))
+    one, many = (students[n, 1]["accuracy"]["per_item"] for n in (1, processes))
     print(f"same accuracy? exact McNemar p = {same_accuracy_p(one, many):.3g} "
           f"({sum(a != b for a, b in zip(one, many))} of {len(one)} items answered differently)")
 

@@ -25,7 +25,7 @@ def test_two_processes_train_the_student_one_process_trains(tmp_path):
     done = subprocess.run(example, cwd=ROOT, capture_output=True, text=True, timeout=300,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert done.returncode == 0, done.stderr[-3000:]
-    one, two = (json.loads((tmp_path / f"student-{n}-processes" / "train_summary.json").read_text()) for n in (1, 2))
+    one, two = (json.loads((tmp_path / f"student-{n}-processes-1-threads" / "train_summary.json").read_text()) for n in (1, 2))
     assert (one["processes"], one["per_device_batch"], two["processes"], two["per_device_batch"]) == (1, 32, 2, 16)
 
     # Same start, same seeded order, same rows in each step (each rank takes half): the loss curves agree to float
@@ -44,8 +44,9 @@ def test_two_processes_train_the_student_one_process_trains(tmp_path):
 
     # Rank 0 alone writes and reports: one summary per run, and nothing but the harvest and the two students.
     assert done.stdout.count("trained on 256 rows") == 2, done.stdout
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["harvest", "student-1-processes", "student-2-processes"]
-    load_causal_lm(tmp_path / "student-2-processes")  # a student the project's loaders read
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["harvest", "student-1-processes-1-threads",
+                                                       "student-2-processes-1-threads"]
+    load_causal_lm(tmp_path / "student-2-processes-1-threads")  # a student the project's loaders read
 
 
 def test_train_student_errors_are_clear(tmp_path, monkeypatch):

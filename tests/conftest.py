@@ -1,5 +1,8 @@
 import os
+import subprocess
+import sys
 import uuid
+from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -11,6 +14,8 @@ import eval.local_servers as local_servers
 from eval.reference import MODELS_DIR
 from guard.server import free_port, serve_in_thread  # noqa: F401 (free_port: for the tests)
 from guard.teacher import HFTeacher
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="session")
@@ -42,6 +47,21 @@ def benign_detector():
     from eval.traffic import lab_detector
 
     return lab_detector()
+
+
+@pytest.fixture(scope="session")
+def radioactivity_example(tmp_path_factory) -> tuple[str, Path]:
+    """examples/auditor_radioactivity.py run once (its stdout, its output folder): a real harvest of 500 queries
+    from teacher-a watermarked for the account "attacker", and a student distilled from it. The example's test
+    reads what it prints; the end-to-end watermark test audits the same student through the CLI. 200 steps, not
+    the 300 `auto_steps` gives 500 rows: the student carries the watermark as clearly (z = 7.1 and 5.8 for the
+    attacker's key at seeds 0 and 1, against 7.4 and 6.1 at 300 steps; p < 1e-4 needs z > 3.7), while 100
+    steps leave no trace to find (z = 1.8)."""
+    out = tmp_path_factory.mktemp("radioactivity-example")
+    done = subprocess.run([sys.executable, "examples/auditor_radioactivity.py", "--budget", "500", "--steps", "200",
+                           "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout, out
 
 
 @pytest.fixture(scope="session")

@@ -58,15 +58,15 @@ def test_provider_redaction_example(tmp_path):
     assert (tmp_path / "report.json").exists()
 
 
-def test_auditor_radioactivity_example_catches_the_student_and_not_the_control(tmp_path):
-    # Large enough that the student carries the watermark clearly; a much smaller attack leaves no trace to find.
-    out = run(sys.executable, "examples/auditor_radioactivity.py", "--budget", "300", "--steps", "120",
-              "--out", str(tmp_path))
+def test_auditor_radioactivity_example_catches_the_student_and_not_the_control(radioactivity_example):
+    # The example run once for the session (conftest), at 500 queries and 200 steps: large enough that the student
+    # carries the watermark clearly; a much smaller attack leaves no trace to find.
+    out, out_dir = radioactivity_example
     student, control = [line for line in out.splitlines() if "smallest p =" in line]
     caught = re.search(r"trained on outputs of account 'attacker'; smallest p = (\S+) \(attacker,", student)
     assert caught and float(caught.group(1)) < 1e-4, out
     assert "teacher-b: no evidence" in control, out  # the control is never accused
-    assert (tmp_path / "runs" / "watermark-naive-sft-b300-s0" / "student" / "model.safetensors").exists()
+    assert (out_dir / "runs" / "watermark-naive-sft-b500-s0" / "student" / "model.safetensors").exists()
 
 
 def test_provider_traffic_monitor_example():

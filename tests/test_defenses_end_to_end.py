@@ -10,6 +10,10 @@ from eval.traffic import simulate
 def test_answer_only_and_the_monitor_both_cut_real_transfer(teacher_a, tmp_path):
     # the monitor's cost to benign users: a day of a small benign population carries the 600 held-out items
     benign, _ = simulate({"human": 30, "power": 8, "batch": 4}, days=1, seed=101)
+    # The default student, not a cheaper one (tried, one thread): at 300 steps each the undefended transfer's CI
+    # starts at 0.046 and the monitor's protection is negative; at batch 32 (half the work per step) the monitor's
+    # protection CI starts at 0.0. At the default (500 steps; the monitor's 832 served rows train 416) it is
+    # 0.25 [0.11, 0.38], undefended transfer 0.22 [0.19, 0.26].
     report = evaluate(teacher_a, reference_task(), ["none", "answer-only", "monitor"], AttackConfig(), budgets=[1000],
                       seeds=1, out_dir=tmp_path, progress=False, benign=benign)
     rows = {r["defense"]: r for r in report["rows"]}

@@ -153,10 +153,12 @@ def test_the_verdict_keeps_traffic_evidence_beside_the_merged_p_value():
 @pytest.fixture(scope="module")
 def example_run(tmp_path_factory):
     """examples/auditor_provenance.py at a small budget: students of teacher-a and teacher-b, and a ground-truth
-    control student, audited on 60 held-out questions."""
+    control student, audited on 60 held-out questions. Each attack grades its student on 40 held-out questions,
+    not 600: the example reports no grades, and grading three students before and after on 600 took 13 of its
+    89 s. 100 steps, not fewer: at 50 the students write nothing but their teacher's openers and closers."""
     out = tmp_path_factory.mktemp("provenance-example")
     done = run(sys.executable, "examples/auditor_provenance.py", "--budget", "200", "--steps", "100", "--probes",
-               "60", "--out", str(out))
+               "60", "--eval-items", "40", "--out", str(out))
     assert done.returncode == 0, done.stderr[-3000:]
     return done.stdout, out
 

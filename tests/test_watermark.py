@@ -321,18 +321,15 @@ def test_z_scores_agree_with_transformers_watermark_detector():
         assert [d.scored for d in ours] == theirs.num_tokens_scored.tolist()
 
 
-def test_end_to_end_a_student_distilled_from_the_watermarked_teacher_is_caught(teacher_a, tmp_path):
-    """A real harvest from watermarked teacher-a (500 greedy queries), a real student, then the audit CLI
+def test_end_to_end_a_student_distilled_from_the_watermarked_teacher_is_caught(radioactivity_example, tmp_path):
+    """A real harvest from watermarked teacher-a (500 greedy queries), a real student (both made once for the
+    session by examples/auditor_radioactivity.py, whose test checks the example's own audit of them), then the audit CLI
     in reading mode over the account's logged outputs: the attacker's account is named among 12, and
     teacher-b (never trained on these outputs) is not accused."""
     import subprocess
     import sys
 
-    from eval.attack import AttackConfig, evaluate
-
-    evaluate(teacher_a, reference_task(), ["watermark"], AttackConfig(), budgets=[500], seeds=1, out_dir=tmp_path,
-             progress=False, save_students=True)
-    cell = tmp_path / "runs" / "watermark-naive-sft-b500-s0"
+    cell = radioactivity_example[1] / "runs" / "watermark-naive-sft-b500-s0"
     keys_file = tmp_path / "clients.txt"
     keys_file.write_text("\n".join(["attacker"] + [f"client-{i:02d}" for i in range(1, 12)]) + "\n")
 
@@ -373,11 +370,20 @@ def test_per_text_dedup_counts_match_a_plain_python_count(vocab, width):
         assert (got.scored, got.green) == (len(tuples), green)
 
 
-def test_watermark_study_smoke_at_toy_scale(tmp_path):
+def test_watermark_study_smoke_at_toy_scale(tmp_path, monkeypatch):
     """Smoke test of the validation study's whole pipeline (students, four audits each, wrong keys, FPR,
     utility) on toy budgets; its numbers come from `distill-guard study watermark` at full scale."""
+    import eval.watermark_study as study
     from eval.watermark_study import GROUPS, main
 
+    def small_task():
+        """The plumbing, not the numbers: 40 held-out items (not 600) and 400 pool questions (not 4,200), so that
+        five students' grading, the reading audits of unwatermarked text and utility take seconds, not a minute."""
+        task = reference_task()
+        task.eval_items, task.query_pool = task.eval_items[:40], task.query_pool[:400]
+        return task
+
+    monkeypatch.setattr(study, "reference_task", small_task)
     report = main(str(tmp_path), [48], 1, 1, steps=5, pool_prompts=32, documents=5, progress=False)
     assert [s["group"] for s in report["students"]] == [g[0] for g in GROUPS]
     for student in report["students"]:

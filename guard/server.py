@@ -28,7 +28,6 @@ import socket
 import threading
 import time
 import uuid
-from collections import defaultdict, deque
 from collections.abc import Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from typing import Literal
@@ -47,10 +46,11 @@ from guard.admin import router as admin_router
 from guard.batcher import Batcher
 from guard.errors import APIError
 from guard.openai_teacher import TeacherAuthError, TeacherHTTPError, TeacherRequestError, TeacherTimeout
+from guard.limits import RateLimiter, RedisRateLimiter
 from guard.prompts import Conversation, prompt_ids
 from guard.redaction import (Full, Policy, Sealer, SealError, StreamRedactor, Summarize, parse_policy,
                              redact_completions)
-from guard.shared_state import RedisRateLimiter, SharedState
+from guard.shared_state import SharedState
 from guard.store import UNAVAILABLE, Account, AuditRecord, Store
 from guard.teacher import LAB_TIME_HEADER, Caller, Completion, Sampling, Teacher
 
@@ -201,63 +201,6 @@ class CompletionChunk(BaseModel):
     model: str
     choices: list[CompletionChunkChoice]
     usage: Usage | None = None
-
-
-class RateLimiter:
-    """Requests and tokens per account over a sliding window (a minute by default), in this process's memory.
-
-    A request is admitted while its account sent fewer than `rpm` requests and used fewer than `tpm` tokens in
-    the window; tokens are charged when a completion is done (a stream's too). Memory per account is bounded
-    by its requests in one window, and each request costs O(1). Replicas share their counters through Redis
-    instead (`guard.shared_state.RedisRateLimiter`).
-    """
-
-    def __init__(self, window: float = 60.0):
-        self.window = window
-        self.requests: dict[str, deque[float]] = defaultdict(deque)
-        self.tokens: dict[str, deque[tuple[float, int]]] = defaultdict(deque)
-        self.used: dict[str, int] = defaultdict(int)  # the sum of `tokens`, kept so a request costs O(1)
-        self.lock = threading.Lock()
-
-    def _trim(self, account: str, now: float) -> None:
-        requests, tokens = self.requests[account], self.tokens[account]
-        while requests and requests[0] <= now - self.window:
-            requests.popleft()
-        while tokens and tokens[0][0] <= now - self.window:
-            self.used[account] -= tokens.popleft()[1]
-
-    def admit(self, account: Account, now: float) -> dict[str, str]:
-        """The rate-limit headers for this request; raises a 429 with Retry-After when a limit is reached."""
-        with self.lock:
-            self._trim(account.name, now)
-            requests, tokens = self.requests[account.name], self.tokens[account.name]
-            used = self.used[account.name]
-            headers, waits = {}, []
-            if account.rpm is not None:
-                headers |= {"x-ratelimit-limit-requests": str(account.rpm),
-                            "x-ratelimit-remaining-requests": str(max(0, account.rpm - len(requests) - 1))}
-                if len(requests) >= account.rpm:
-                    waits.append(requests[0] + self.window - now)
-                headers["x-ratelimit-reset-requests"] = f"{(requests[0] + self.window - now) if requests else 0:.3f}s"
-            if account.tpm is not None:
-                headers |= {"x-ratelimit-limit-tokens": str(account.tpm),
-                            "x-ratelimit-remaining-tokens": str(max(0, account.tpm - used)),
-                            "x-ratelimit-reset-tokens": f"{(tokens[0][0] + self.window - now) if tokens else 0:.3f}s"}
-                if used >= account.tpm:
-                    waits.append(tokens[0][0] + self.window - now)
-            if waits:
-                retry = max(1, math.ceil(max(waits)))
-                raise APIError(429, f"Rate limit reached for account {account.name!r}; retry in {retry} s.",
-                               "rate_limit_error", "rate_limit_exceeded",
-                               headers={**headers, "retry-after": str(retry)})
-            if account.rpm is not None:
-                requests.append(now)
-            return headers
-
-    def charge(self, account: str, tokens: int, now: float) -> None:
-        with self.lock:
-            self.tokens[account].append((now, tokens))
-            self.used[account] += tokens
 
 
 class KeyCache:

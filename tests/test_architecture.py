@@ -15,7 +15,7 @@ LAYERS = [
     ("guard.redaction", 2), ("watermark", 2), ("detectors", 2),
     ("guard.defenses", 3), ("guard.server", 3), ("guard.store", 3), ("guard.batcher", 3), ("guard.admin", 3),
     ("guard.errors", 3),
-    ("guard.group_commit", 3), ("guard.audit", 3), ("guard.shared_state", 3),
+    ("guard.group_commit", 3), ("guard.audit", 3), ("guard.shared_state", 3), ("guard.limits", 3),
     ("eval", 4), ("eval.gateway_study", 4),
     ("guard.cli", 5),
 ]

@@ -122,7 +122,7 @@ def test_a_key_with_a_token_limit_is_refused_once_its_tokens_are_spent(teacher_a
 
 def test_spent_tokens_leave_the_window_and_free_the_account_again():
     from guard.errors import APIError
-    from guard.server import RateLimiter
+    from guard.limits import RateLimiter
     from guard.store import Account
 
     limiter, account = RateLimiter(window=60.0), Account("tokens", key_id="k", tpm=100)

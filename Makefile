@@ -22,8 +22,10 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(BIN)/distill-guard demo
 
+# One xdist worker per core, handed one test at a time (the slow ones first: see tests/conftest.py), each worker's
+# torch on one thread.
 test: $(STAMP)
-	$(BIN)/pytest -q --durations=15
+	$(BIN)/pytest -q -n logical --maxschedchunk 1 --durations=15
 
 # The real-model tests (tests/test_real_model.py; skipped by `make test` until the extra is installed) and the
 # prompt-formatting tests they build on.

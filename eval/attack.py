@@ -192,9 +192,10 @@ def _digest(value) -> str:
 
 
 def _write_json(path: Path, value) -> None:
-    """Atomically, so a killed run never leaves a half-written result behind."""
+    """Atomically, so a killed run never leaves a half-written result behind (and two processes writing the
+    same cached student each write a file of their own, then replace)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     tmp.write_text(json.dumps(value) + "\n")
     tmp.replace(path)
 

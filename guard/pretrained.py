@@ -24,6 +24,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from filelock import FileLock
 from safetensors.torch import save_model
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -74,9 +75,10 @@ def model_dir(name: str) -> Path:
     target = cache_dir() / "models" / name
     fingerprint = _fingerprint(source)
     stamp = target / "source.json"
-    if stamp.exists() and json.loads(stamp.read_text()) == fingerprint:
-        return target
-    convert_gguf(source, target, fingerprint)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(target.parent / f".{name}.lock")):  # replicas or test workers starting at once convert once
+        if not (stamp.exists() and json.loads(stamp.read_text()) == fingerprint):
+            convert_gguf(source, target, fingerprint)
     return target
 
 

@@ -841,9 +841,14 @@ def serve_in_thread(app: FastAPI, port: int | None = None, start_timeout: float 
     """Serve `app` with uvicorn on loopback (`port`, or a free one) in a thread of this process for the
     duration of the block, which gets the base URL: for tests, experiments and notebooks. A deployment runs
     `distill-guard gateway` instead."""
-    port = free_port() if port is None else port
+    # Bound here and handed to uvicorn: a port merely found free could be taken by another process (another
+    # test worker) before uvicorn bound it.
+    listener = socket.socket()
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn's own bind does
+    listener.bind(("127.0.0.1", 0 if port is None else port))
+    port = listener.getsockname()[1]
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [listener]}, daemon=True)
     thread.start()
     deadline = time.monotonic() + start_timeout
     while not server.started:
@@ -855,3 +860,4 @@ def serve_in_thread(app: FastAPI, port: int | None = None, start_timeout: float 
     finally:
         server.should_exit = True
         thread.join(timeout=30)
+        listener.close()

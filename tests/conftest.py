@@ -1,14 +1,23 @@
+import hashlib
+import json
 import os
+import shutil
 import subprocess
 import sys
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # `make test` runs one pytest-xdist worker per core: each worker's torch (and every process a test starts)
+    # gets one thread, since two workers at two threads each would oversubscribe the cores many times over.
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import psycopg
 import pytest
+from filelock import FileLock
 
 import eval.local_servers as local_servers
 from eval.reference import MODELS_DIR
@@ -16,6 +25,13 @@ from guard.server import free_port, serve_in_thread  # noqa: F401 (free_port: fo
 from guard.teacher import HFTeacher
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def pytest_collection_modifyitems(items):
+    """The tests marked slow first, each group in its collected order. `make test` hands each xdist worker one
+    test at a time, so the long tests start side by side at once and the short ones fill in around them,
+    instead of a long one starting last while the other worker idles."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
 
 
 @pytest.fixture(scope="session")
@@ -50,18 +66,50 @@ def benign_detector():
 
 
 @pytest.fixture(scope="session")
-def radioactivity_example(tmp_path_factory) -> tuple[str, Path]:
+def run_folder(tmp_path_factory) -> Path:
+    """A folder that every xdist worker of this test run shares (each worker's base temp lies inside the
+    run's), and that a serial run has to itself."""
+    base = tmp_path_factory.getbasetemp()
+    return base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+
+
+def made_once(run_folder: Path, what: str, settings: list, make: Callable[[Path], None]) -> Path:
+    """A folder built by `make(folder)` once per test run, whichever worker asks first, keyed by what it is and
+    everything that decides its content (`settings`). A worker that asks while another builds it waits on the
+    lock and reuses it; a build that fails leaves no mark, so the next to ask builds it again (and fails too)."""
+    key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+    folder, done = run_folder / f"{what}-{key}", run_folder / f"{what}-{key}.done"
+    with FileLock(str(run_folder / f"{what}-{key}.lock")):
+        if not done.exists():
+            shutil.rmtree(folder, ignore_errors=True)
+            folder.mkdir(parents=True)
+            make(folder)
+            done.touch()
+    return folder
+
+
+def example_once(run_folder: Path, script: str, options: list[str]) -> tuple[str, Path]:
+    """An example script run once per test run with `options` and its own `--out` folder: what it printed, and
+    that folder (the students it trained among what it wrote)."""
+    def make(folder: Path) -> None:
+        done = subprocess.run([sys.executable, script, *options, "--out", str(folder / "out")], cwd=ROOT,
+                              capture_output=True, text=True, timeout=900)
+        assert done.returncode == 0, done.stderr[-3000:]
+        (folder / "stdout.txt").write_text(done.stdout)
+
+    folder = made_once(run_folder, Path(script).stem, [script, *options], make)
+    return (folder / "stdout.txt").read_text(), folder / "out"
+
+
+@pytest.fixture(scope="session")
+def radioactivity_example(run_folder) -> tuple[str, Path]:
     """examples/auditor_radioactivity.py run once (its stdout, its output folder): a real harvest of 500 queries
     from teacher-a watermarked for the account "attacker", and a student distilled from it. The example's test
     reads what it prints; the end-to-end watermark test audits the same student through the CLI. 200 steps, not
     the 300 `auto_steps` gives 500 rows: the student carries the watermark as clearly (z = 7.1 and 5.8 for the
     attacker's key at seeds 0 and 1, against 7.4 and 6.1 at 300 steps; p < 1e-4 needs z > 3.7), while 100
     steps leave no trace to find (z = 1.8)."""
-    out = tmp_path_factory.mktemp("radioactivity-example")
-    done = subprocess.run([sys.executable, "examples/auditor_radioactivity.py", "--budget", "500", "--steps", "200",
-                           "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=900)
-    assert done.returncode == 0, done.stderr[-3000:]
-    return done.stdout, out
+    return example_once(run_folder, "examples/auditor_radioactivity.py", ["--budget", "500", "--steps", "200"])
 
 
 @pytest.fixture(scope="session")

@@ -18,6 +18,7 @@ def small_task():
     return Task("reference", task.eval_items[:60], task.query_pool, grader="exact")
 
 
+@pytest.mark.slow
 def test_tiny_end_to_end_evaluation_trains_real_students(teacher_a, small_task, tmp_path):
     attack = AttackConfig(strategy="naive", sampling=Sampling(temperature=1.0, max_new_tokens=48),
                           student=StudentConfig(mode="sft", steps=40, batch_size=32, lr=3e-3, warmup_steps=5))

@@ -5,6 +5,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from conftest import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -17,6 +19,7 @@ def run(*args, timeout=300):
     return done.stdout
 
 
+@pytest.mark.slow
 def test_demo_prints_reasoning_accuracy_and_the_attack_table(tmp_path):
     # The README's demo with a small attack, so that it fits in the test suite's time.
     out = run(str(CLI), "demo", "--show", "3", "--budget", "64", "--steps", "20", "--eval-items", "40",
@@ -42,6 +45,7 @@ def test_bring_your_own_example():
     assert over_http == in_process >= 0.8
 
 
+@pytest.mark.slow
 def test_leakage_curve_example(tmp_path):
     out = run(sys.executable, "examples/leakage_curve.py", "--budgets", "32,64", "--seeds", "1", "--steps", "10",
               "--eval-items", "20", "--out", str(tmp_path))
@@ -49,6 +53,7 @@ def test_leakage_curve_example(tmp_path):
     assert (tmp_path / "leakage.png").read_bytes()[:4] == b"\x89PNG"
 
 
+@pytest.mark.slow
 def test_provider_redaction_example(tmp_path):
     out = run(sys.executable, "examples/provider_redaction.py", "--budget", "48", "--steps", "10",
               "--eval-items", "20", "--out", str(tmp_path))
@@ -58,6 +63,7 @@ def test_provider_redaction_example(tmp_path):
     assert (tmp_path / "report.json").exists()
 
 
+@pytest.mark.slow
 def test_auditor_radioactivity_example_catches_the_student_and_not_the_control(radioactivity_example):
     # The example run once for the session (conftest), at 500 queries and 200 steps: large enough that the student
     # carries the watermark clearly; a much smaller attack leaves no trace to find.
@@ -69,6 +75,7 @@ def test_auditor_radioactivity_example_catches_the_student_and_not_the_control(r
     assert (out_dir / "runs" / "watermark-naive-sft-b500-s0" / "student" / "model.safetensors").exists()
 
 
+@pytest.mark.slow
 def test_provider_traffic_monitor_example():
     """Online, as the gateway runs it: each single-account harvester is blocked with its reason, most of the
     swarm through its linked group, and the benign kinds that ask the task's own questions get through."""
@@ -84,6 +91,7 @@ def test_provider_traffic_monitor_example():
         assert blocked and int(blocked.group(1)) <= accounts // 50 and float(blocked.group(2)) < 5.0, out
 
 
+@pytest.mark.slow
 def test_provider_gateway_example():
     out = run(sys.executable, "examples/provider_gateway.py", "--port", str(free_port()))
     acme = re.search(r"acme sees:  '(.*)' \((\d+) tokens billed\)", out)
@@ -95,6 +103,7 @@ def test_provider_gateway_example():
     assert "0 of 2 clients flagged" in out and "2 not yet judged" in out, out
 
 
+@pytest.mark.slow
 def test_provider_replicas_example():
     """Two replicas on one PostgreSQL store and one Redis: the key's limit holds over both, and every served
     request is in the one audit log."""
@@ -102,6 +111,7 @@ def test_provider_replicas_example():
     assert "30 served and 15 refused with 429" in out and "in the shared audit log: 30 of 30" in out, out
 
 
+@pytest.mark.slow
 def test_serving_commands_never_fall_back_to_the_lab_unasked(tmp_path):
     """Without the provider's own master secret or benign traffic, serving a watermark or the monitor is an
     error that says what to pass; the lab's public secret and simulated users come only with --lab."""

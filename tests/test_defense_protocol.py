@@ -26,6 +26,7 @@ def test_one_caller_per_prompt_or_a_clear_error(teacher_a):
         Redact(teacher_a, AnswerOnly()).complete(["a", "b"], GREEDY, [Caller("x")])
 
 
+@pytest.mark.slow
 def test_fresh_rebuilds_every_layer_and_shares_no_memory(teacher_a, benign_detector):
     served = build_defense("watermark+monitor+answer-only", teacher_a,
                            DefenseParts(watermark_master=MASTER, detector=benign_detector))
@@ -49,6 +50,7 @@ def test_a_prompt_longer_than_the_context_is_not_generated(teacher_a):
     assert out[1].text == teacher_a.complete([short], Sampling(temperature=0.0, max_new_tokens=16))[0].text
 
 
+@pytest.mark.slow
 def test_benign_cost_of_the_monitor_comes_from_replaying_benign_traffic(teacher_a, benign_detector):
     """A monitor tuned to flag a third of benign accounts costs benign users accuracy, and the replay sees it;
     a capability check that bypassed the monitor (as `benign_view` once did) would report no cost at all."""

@@ -2,11 +2,14 @@
 
 One undefended attack (1,000 queries, 500 training steps) is the reference for two defences at once."""
 
+import pytest
+
 from eval.attack import AttackConfig, evaluate
 from eval.reference.world import reference_task
 from eval.traffic import simulate
 
 
+@pytest.mark.slow
 def test_answer_only_and_the_monitor_both_cut_real_transfer(teacher_a, tmp_path):
     # the monitor's cost to benign users: a day of a small benign population carries the 600 held-out items
     benign, _ = simulate({"human": 30, "power": 8, "batch": 4}, days=1, seed=101)

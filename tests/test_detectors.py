@@ -115,6 +115,7 @@ def test_detector_flags_harvesters_a_reasoning_seeker_at_once_the_others_past_ev
     assert median_flag("cot") <= 50 and median_flag("naive") <= 800 and median_flag("mimic") <= 800
 
 
+@pytest.mark.slow
 def test_benign_false_positive_rate_holds_on_fresh_seeds(benign_detector):
     """Calibrated at 1% on held-out benign clients of seed 0; on benign traffic from seeds it never saw,
     the number flagged must be consistent with Binomial(n, 0.01): above the 99.9% quantile fails."""
@@ -142,6 +143,7 @@ def test_the_default_benign_population_asks_the_teachers_own_questions_and_those
         assert sum(v["flagged"] for v in judged) <= binom.ppf(0.999, len(judged), 0.01), kind
 
 
+@pytest.mark.slow
 def test_leaving_out_the_extraction_features_flags_students_and_delays_the_reasoning_harvester(benign_detector):
     """The ablation the traffic study reports, at one seed: the extraction features (how rare and how new
     the asked-about things are, the share asking for reasoning) are what lets students who ask the task's
@@ -267,6 +269,7 @@ def test_accounts_asking_about_the_same_rare_things_are_not_joint_coverage():
     assert clusters(same, min_size=2, popularity=popularity, rare_surprisal=rare) == []
 
 
+@pytest.mark.slow
 def test_detect_and_simulate_commands(tmp_path):
     import subprocess
     import sys
@@ -289,6 +292,7 @@ def test_detect_and_simulate_commands(tmp_path):
     assert bad.returncode != 0 and "missing required field 'time'" in bad.stderr
 
 
+@pytest.mark.slow
 def test_traffic_study_smoke_at_toy_scale(tmp_path):
     """Smoke test of the study's plumbing, on the test population, one seed, a tiny attack; its numbers
     come from `distill-guard study traffic` at full scale."""

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import httpx
 import openai
+import pytest
 
 from conftest import free_port, live_server
 from guard.server import create_app
@@ -123,6 +124,7 @@ class Load:
             n += step
 
 
+@pytest.mark.slow
 def test_kill_9_under_load_loses_no_acknowledged_request_and_duplicates_none(tmp_path):
     db, log = tmp_path / "gateway.db", tmp_path / "gateway.log"
     with SQLiteStore(db) as store:
@@ -153,6 +155,7 @@ def test_kill_9_under_load_loses_no_acknowledged_request_and_duplicates_none(tmp
     assert rows[-1].prompt == text_digest("question after") and rows[-1].response == text_digest(after.choices[0].text)
 
 
+@pytest.mark.slow
 def test_kill_9_of_one_replica_under_load_loses_nothing_from_the_shared_postgres_log(tmp_path, postgres_url,
                                                                                      redis_server_url):
     """Two replicas on one PostgreSQL store and one Redis, clients on both; one replica is killed with SIGKILL

@@ -28,6 +28,7 @@ def gateway(teacher_a, tmp_path_factory):
           f"{sorted({status: sent.count(status) for status in sent}.items())} (status, count)")
 
 
+@pytest.mark.slow
 def test_no_request_the_schema_allows_or_not_gets_a_500(gateway):
     url, key = gateway
     schema = schemathesis.openapi.from_url(url + "/openapi.json")

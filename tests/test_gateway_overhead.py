@@ -3,11 +3,13 @@ with the fields the README quotes (no timing is asserted: numbers from a test ma
 
 import json
 
+import pytest
 from typer.testing import CliRunner
 
 from guard.cli import app
 
 
+@pytest.mark.slow
 def test_bench_gateway_runs_and_writes_its_result(tmp_path):
     run = CliRunner().invoke(app, ["bench", "gateway", "--samples", "20", "--seconds", "0.3", "--concurrency", "4",
                                    "--rounds", "1", "--stream-samples", "5", "--out", str(tmp_path)])

@@ -69,6 +69,7 @@ def test_a_lab_gateway_takes_the_callers_time_from_the_header_and_any_other_igno
     store.close()
 
 
+@pytest.mark.slow
 def test_gateway_study_runs_at_toy_scale(tmp_path, benign_detector):
     from eval import gateway_study
 

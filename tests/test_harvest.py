@@ -41,6 +41,7 @@ def harvest(teacher, out, budget, strategy=naive, chunk_size=8, sampling=SAMPLIN
     return pairs, h.close()
 
 
+@pytest.mark.slow
 def test_killed_harvest_resumes_without_loss_or_duplicates(teacher_a, tmp_path):
     budget = 400
     proc = subprocess.Popen([sys.executable, "-c", HARVEST_SCRIPT, str(tmp_path / "killed"), str(budget)], cwd=ROOT)

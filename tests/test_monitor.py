@@ -21,6 +21,7 @@ from guard.defenses import Monitored, parse_defense
 from guard.teacher import GREEDY, Caller
 
 
+@pytest.mark.slow
 def test_monitor_memory_stays_bounded_over_100k_events(benign_detector):
     """300 clients, room for 200: every structure stays at its cap over 100k requests, and the traced heap
     stops growing once the caps are reached."""
@@ -65,6 +66,7 @@ def deep_size(root) -> int:
     return total
 
 
+@pytest.mark.slow
 def test_memory_per_client_stays_flat_from_2k_to_100k_requests_with_embeddings_on():
     """One client, 100,000 requests, judged with embeddings at every checkpoint of every window. Most of its
     prompts repeat (so the test embeds few), but a steady share are new, and they reach the judged samples:
@@ -258,6 +260,7 @@ def test_traffic_shapes_belong_to_the_attack_and_bad_ones_fail_early():
         parse_defense("monitor:pace=5,accounts=100")
 
 
+@pytest.mark.slow
 def test_traffic_benchmark_smoke():
     """Smoke test: the monitor benchmark still runs as the detector's requirements change. Not timed here."""
     from eval.benchmarks.traffic_speed import monitor_speed

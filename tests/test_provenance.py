@@ -15,7 +15,7 @@ import torch
 from scipy.stats import kstest
 from typer.testing import CliRunner
 
-from conftest import live_server
+from conftest import example_once, live_server
 from detectors.provenance import agreement, idiosyncrasy, likelihood, sign_test, word_agreement
 from eval.reference.world import reference_task
 import guard.audit as audit
@@ -151,18 +151,16 @@ def test_the_verdict_keeps_traffic_evidence_beside_the_merged_p_value():
 
 
 @pytest.fixture(scope="module")
-def example_run(tmp_path_factory):
+def example_run(run_folder):
     """examples/auditor_provenance.py at a small budget: students of teacher-a and teacher-b, and a ground-truth
     control student, audited on 60 held-out questions. Each attack grades its student on 40 held-out questions,
     not 600: the example reports no grades, and grading three students before and after on 600 took 13 of its
     89 s. 100 steps, not fewer: at 50 the students write nothing but their teacher's openers and closers."""
-    out = tmp_path_factory.mktemp("provenance-example")
-    done = run(sys.executable, "examples/auditor_provenance.py", "--budget", "200", "--steps", "100", "--probes",
-               "60", "--eval-items", "40", "--out", str(out))
-    assert done.returncode == 0, done.stderr[-3000:]
-    return done.stdout, out
+    return example_once(run_folder, "examples/auditor_provenance.py",
+                        ["--budget", "200", "--steps", "100", "--probes", "60", "--eval-items", "40"])
 
 
+@pytest.mark.slow
 def test_example_names_the_student_of_teacher_a_and_not_the_student_of_teacher_b(example_run):
     stdout, _ = example_run
     lines = {line.split(":")[0]: line for line in stdout.splitlines() if line.startswith("student of")}
@@ -170,6 +168,7 @@ def test_example_names_the_student_of_teacher_a_and_not_the_student_of_teacher_b
     assert "not named" in lines["student of teacher-b"], stdout
 
 
+@pytest.mark.slow
 def test_cli_audit_provenance_names_the_student_of_teacher_a(example_run, tmp_path):
     _, out = example_run
     done = run(str(CLI), "audit", "provenance", "--suspect", str(out / "student-a" / "student"), "--teacher", "reference",
@@ -224,6 +223,7 @@ def test_cli_errors_are_clear(tmp_path):
     assert done.exit_code == 2 and "neither the suspect nor the teacher" in message(done.output)
 
 
+@pytest.mark.slow
 def test_cli_audit_report_puts_every_kind_of_evidence_in_one_verdict(example_run, tmp_path):
     """Provenance tests, watermark radioactivity (the lab's keys) and the accounts a `detect` report flagged, in
     one JSON and one Markdown report, for the innocent suspect: a harvest in the log names no one's model."""

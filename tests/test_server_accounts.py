@@ -22,6 +22,7 @@ MASTER = b"test-master-secret-0123456789abcdef"
 CONFIG = WatermarkConfig(delta=4.0)
 
 
+@pytest.mark.slow
 def test_each_key_is_served_under_its_own_accounts_watermark_and_logged(teacher_a, tmp_path):
     store = open_store(f"sqlite:///{tmp_path / 'gateway.db'}")
     keys = {account: store.create_key(account) for account in ("alice", "bob", "carol")}

@@ -207,6 +207,7 @@ def test_records_come_in_time_order_from_since_and_up_to_limit(store_url):
         assert [r.request_id for r in store.records(since=2.0, limit=2)] == ["req-2", "req-3"]
 
 
+@pytest.mark.slow
 def test_keys_cli_round_trip(tmp_path):
     url = f"sqlite:///{tmp_path}/store.db"
     created = subprocess.run(CLI + ["keys", "create", "--store", url, "--account", "alice", "--rpm", "5",
@@ -239,6 +240,7 @@ def log_traffic(path: Path, population: dict, seed: int) -> dict[str, str]:
     return kinds
 
 
+@pytest.mark.slow
 def test_detect_reads_the_audit_log(tmp_path):
     kinds = log_traffic(tmp_path / "audit.db", {"human": 30, "naive": 1}, seed=0)
     report = tmp_path / "report.json"

@@ -18,6 +18,7 @@ from guard.teacher import load_causal_lm
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow
 def test_two_processes_train_the_student_one_process_trains(tmp_path):
     # CI-sized (about 50 s on 2 cores, mostly process start-up): 256 greedy answers, 40 steps at batch 32.
     example = [sys.executable, "examples/train_student_distributed.py", "--budget", "256", "--out", str(tmp_path),

@@ -321,6 +321,7 @@ def test_z_scores_agree_with_transformers_watermark_detector():
         assert [d.scored for d in ours] == theirs.num_tokens_scored.tolist()
 
 
+@pytest.mark.slow
 def test_end_to_end_a_student_distilled_from_the_watermarked_teacher_is_caught(radioactivity_example, tmp_path):
     """A real harvest from watermarked teacher-a (500 greedy queries), a real student (both made once for the
     session by examples/auditor_radioactivity.py, whose test checks the example's own audit of them), then the audit CLI
@@ -370,6 +371,7 @@ def test_per_text_dedup_counts_match_a_plain_python_count(vocab, width):
         assert (got.scored, got.green) == (len(tuples), green)
 
 
+@pytest.mark.slow
 def test_watermark_study_smoke_at_toy_scale(tmp_path, monkeypatch):
     """Smoke test of the validation study's whole pipeline (students, four audits each, wrong keys, FPR,
     utility) on toy budgets; its numbers come from `distill-guard study watermark` at full scale."""

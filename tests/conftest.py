@@ -1,6 +1,7 @@
 import hashlib
 import json
 import os
+import pickle
 import shutil
 import subprocess
 import sys
@@ -57,12 +58,16 @@ BENIGN_MIX = _half_of_the_default_population()
 
 
 @pytest.fixture(scope="session")
-def benign_detector():
+def benign_detector(run_folder):
     """The lab's detector, fitted on its whole default benign population: a model per checkpoint needs
-    enough benign users of each volume, and half the population has too few past 400 requests."""
+    enough benign users of each volume, and half the population has too few past 400 requests. Fitted once
+    per test run and handed to the other workers as a pickle this run wrote itself."""
     from eval.traffic import lab_detector
 
-    return lab_detector()
+    def fit(folder: Path) -> None:
+        (folder / "detector.pickle").write_bytes(pickle.dumps(lab_detector()))
+
+    return pickle.loads((made_once(run_folder, "lab-detector", [], fit) / "detector.pickle").read_bytes())
 
 
 @pytest.fixture(scope="session")

@@ -47,7 +47,7 @@ from guard.admin import ADMIN_KEY_ENV, DAY
 from guard.defenses import DefenseParts, build_defense, parse_defense, split_outer_policy
 from guard.load import is_remote
 from guard.pretrained import PRETRAINED
-from guard.redaction import Sealer
+from guard.redaction import Sealer, parse_policy
 from guard.server import create_app
 from guard.shared_state import SharedState
 from guard.store import is_store_url, open_store, shown_url
@@ -135,7 +135,8 @@ def demo_defenses(teacher, account: str = "demo-user") -> None:
     """Each request answered under each defence for one account, with what the defence did: the watermark's
     p-value under the account's key (the lab's public secret: a demo, never a deployment) and the monitor's
     verdict."""
-    parts = lab_parts(list(DEMO_DEFENSES))
+    # a pretrained chat model marks no reasoning: its finished text is answer (a cut one is still withheld)
+    parts = replace(lab_parts(list(DEMO_DEFENSES)), marked_reasoning=False)
     key = WatermarkKey.for_client(LAB_MASTER, account)
     detector = WatermarkDetector(GreenList(key, len(teacher.tokenizer)), tokenizer=teacher.tokenizer)
     sampling = Sampling(temperature=0.7, seed=0, max_new_tokens=96)
@@ -377,6 +378,13 @@ def serve(teacher: TeacherOpt = "reference", host: str = "127.0.0.1", port: int 
           retention_days: Annotated[float | None, typer.Option(min=0.001,
                                                                help="purge audit rows older than this many days, "
                                                                     "at start-up and hourly; needs --store")] = None,
+          marks_reasoning: Annotated[bool, typer.Option(help="the model marks where its reasoning ends (an "
+                                                             "'answer:' line, '####', '</think>'), so a withholding "
+                                                             "policy serves a completion without a marker as all "
+                                                             "reasoning; --no-marks-reasoning for a plain chat "
+                                                             "model that marks none (its finished, unmarked text is "
+                                                             "answer). A completion cut by max_tokens before its "
+                                                             "marker is reasoning either way")] = True,
           log_text: Annotated[bool, typer.Option(help="keep each prompt and response in the audit log; "
                                                       "--no-log-text keeps only their SHA-256 (repeats stay "
                                                       "visible to detect)")] = True,
@@ -397,6 +405,7 @@ def serve(teacher: TeacherOpt = "reference", host: str = "127.0.0.1", port: int 
             raise typer.BadParameter(WATERMARK_NEEDS_LOGITS, param_hint="--defense")
         parts = _defense_parts([defense], lab, benign, master_key_file)
         parts.shared = SharedState(redis, fail=redis_down) if redis else None
+        parts.marked_reasoning = marks_reasoning
         opened = open_store(store, keep_text=log_text) if store else None
         admin_key = Path(admin_key_file).read_text() if admin_key_file else os.environ.get(ADMIN_KEY_ENV)
     except (ValueError, OSError, sqlite3.Error, psycopg.Error) as e:
@@ -420,7 +429,8 @@ def serve(teacher: TeacherOpt = "reference", host: str = "127.0.0.1", port: int 
         # with a seal key set, accounts may have the sealed policy whatever the gateway's own is
         sealer = parts.sealer or (Sealer.from_env() if os.environ.get(Sealer.ENV) else None)
         gateway = create_app(lambda: build_defense(inner, load_teacher(teacher, **upstream), parts), served,
-                             set(api_key or ()), sealer=sealer, policy=policy, store=opened,
+                             set(api_key or ()), sealer=sealer,
+                             policy=policy or parse_policy("full", marked=marks_reasoning), store=opened,
                              summarize=parts.summarize, admin_key=admin_key or None,
                              retention=None if retention_days is None else retention_days * DAY,
                              batch_window=batch_window, max_batch=max_batch, lab_clock=lab, shared=parts.shared)

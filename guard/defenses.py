@@ -37,6 +37,7 @@ class DefenseParts:
     summarize: Summarize | None = None
     sealer: Sealer | None = None
     shared: SharedState | None = None  # gateway replicas' Redis: the monitor judges all replicas' traffic as one
+    marked_reasoning: bool = True  # the model marks where its reasoning ends; see `Policy.marked`
 
 
 def parse_defense(spec: str) -> list[tuple[str, str]]:
@@ -75,7 +76,7 @@ def build_defense(spec: str, teacher: Teacher, parts: DefenseParts = DefensePart
             monitor = Monitor(parts.detector)
             teacher = Monitored(teacher, monitor if parts.shared is None else SharedMonitor(monitor, parts.shared))
         else:
-            teacher = Redact(teacher, parse_policy(argument, parts.summarize, parts.sealer))
+            teacher = Redact(teacher, parse_policy(argument, parts.summarize, parts.sealer, parts.marked_reasoning))
     return teacher
 
 
@@ -86,7 +87,7 @@ def split_outer_policy(spec: str, parts: DefenseParts = DefenseParts()) -> tuple
     if not layers or layers[-1][0] != "redact":
         return spec, None
     inner, _, outer = spec.rpartition("+")
-    return inner or "none", parse_policy(outer, parts.summarize, parts.sealer)
+    return inner or "none", parse_policy(outer, parts.summarize, parts.sealer, parts.marked_reasoning)
 
 
 class Monitored(Defense):

@@ -35,10 +35,32 @@ def split_reasoning(text: str) -> tuple[str | None, str]:
     return None, text.strip()
 
 
+def has_marker(text: str) -> bool:
+    """Whether `text` says where its reasoning ends (or begins): ``<think>``/``</think>``, ``####`` or an
+    ``answer:`` line."""
+    return THINK_OPEN in text or THINK_CLOSE in text or "####" in text or ANSWER_LINE.search(text) is not None
+
+
+def delimit(text: str, cut: bool = False, marked: bool = True) -> tuple[str | None, str]:
+    """(reasoning, answer) as a policy that withholds reasoning must read them: failing closed. A completion
+    without a marker is all reasoning when it was cut short (`finish_reason` "length": the marker may be what was
+    cut, and a harvester sets `max_tokens` to cut it) or when the served model always marks its reasoning
+    (`marked`: unmarked text from it cannot be told apart from reasoning). Only a finished completion of a model
+    that marks nothing (`marked=False`) is all answer."""
+    if has_marker(text):
+        return split_reasoning(text)
+    if cut or marked:
+        return text.strip() or None, ""
+    return None, text.strip()
+
+
 def join_reasoning(text: str, reasoning: str | None, answer: str) -> str:
-    """`answer` with `reasoning` (None or empty: none) in the format `text` used."""
+    """`answer` with `reasoning` (None or empty: none) in the format `text` used. With no answer (none was
+    generated) there is no answer marker either."""
     if THINK_OPEN in text or THINK_CLOSE in text:
         return f"{THINK_OPEN}{reasoning}{THINK_CLOSE}\n{answer}" if reasoning else answer
+    if not answer:
+        return reasoning or ""
     marker = "#### " if "####" in text else "answer: "
     return f"{reasoning}\n{marker}{answer}" if reasoning else f"{marker}{answer}"
 

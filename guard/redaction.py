@@ -5,9 +5,12 @@
     Redact(teacher, Truncate(8))           # the first 8 words of reasoning
     Redact(teacher, Sealed(Sealer.from_env()))  # the answer, plus the reasoning as an encrypted blob
 
-Reasoning is found by `split_reasoning` (``<think>``, ``####`` or an ``answer:`` line), so text with no
-reasoning passes through unchanged and an unclosed ``<think>`` hides everything after it. A rewritten
-completion carries no token ids or logprobs: those would spell out what was withheld.
+Reasoning is found by `delimit` (``<think>``, ``####`` or an ``answer:`` line), and every policy but `Full`
+fails closed: a completion whose reasoning cannot be delimited is all reasoning. That is one cut short by
+`max_tokens` before its marker (a harvester's way to read the reasoning under any policy), and, when the served
+model marks its reasoning (`marked`, the default), one with no marker at all; an unclosed ``<think>`` hides
+everything after it. A rewritten completion carries no token ids or logprobs: those would spell out what was
+withheld.
 
 Truncation counts words (whitespace-separated tokens), not a tokenizer's pieces, so one policy means
 the same thing on every backend, HTTP ones included.
@@ -25,7 +28,7 @@ from dataclasses import dataclass
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from guard.reasoning import join_reasoning, split_reasoning
+from guard.reasoning import delimit, join_reasoning
 from guard.teacher import GREEDY, Caller, Completion, Defense, Sampling, Teacher
 
 WORD = re.compile(r"\S+")
@@ -40,16 +43,23 @@ class Redacted:
 
 
 class Policy:
-    """What a client sees of each completion. `streams` says whether text may go out as it is generated."""
+    """What a client sees of each completion. `streams` says whether text may go out as it is generated;
+    `marked` whether the served model always marks where its reasoning ends, so that its unmarked text is
+    reasoning (a plain chat model that marks nothing is served with `marked = False`: its finished, unmarked
+    text is answer). `cut` says, per completion, whether it was cut short by `max_tokens`."""
 
     name = "policy"
     streams = False
+    marked = True
 
-    def redact(self, prompts: list[str], texts: list[str]) -> list[Redacted]:
-        return [self.redact_one(p, t) for p, t in zip(prompts, texts)]
+    def redact(self, prompts: list[str], texts: list[str], cut: Sequence[bool] | None = None) -> list[Redacted]:
+        return [self.redact_one(p, t, c) for p, t, c in zip(prompts, texts, cut or [False] * len(texts))]
 
-    def redact_one(self, prompt: str, text: str) -> Redacted:
+    def redact_one(self, prompt: str, text: str, cut: bool = False) -> Redacted:
         raise NotImplementedError
+
+    def split(self, text: str, cut: bool) -> tuple[str | None, str]:
+        return delimit(text, cut, self.marked)
 
 
 class Full(Policy):
@@ -57,15 +67,15 @@ class Full(Policy):
 
     name, streams = "full", True
 
-    def redact_one(self, prompt: str, text: str) -> Redacted:
+    def redact_one(self, prompt: str, text: str, cut: bool = False) -> Redacted:
         return Redacted(text)
 
 
 class AnswerOnly(Policy):
     name = "answer-only"
 
-    def redact_one(self, prompt: str, text: str) -> Redacted:
-        reasoning, answer = split_reasoning(text)
+    def redact_one(self, prompt: str, text: str, cut: bool = False) -> Redacted:
+        reasoning, answer = self.split(text, cut)
         return Redacted(text if reasoning is None else join_reasoning(text, None, answer))
 
 
@@ -77,8 +87,8 @@ class Truncate(Policy):
             raise ValueError(f"truncate needs a positive word count, got {words}")
         self.words, self.name = words, f"truncate:{words}"
 
-    def redact_one(self, prompt: str, text: str) -> Redacted:
-        reasoning, answer = split_reasoning(text)
+    def redact_one(self, prompt: str, text: str, cut: bool = False) -> Redacted:
+        reasoning, answer = self.split(text, cut)
         if reasoning is None:
             return Redacted(text)
         words = list(WORD.finditer(reasoning))
@@ -114,15 +124,15 @@ class Summary(Policy):
     def __init__(self, summarize: Summarize = outline):
         self.summarize = summarize
 
-    def redact(self, prompts: list[str], texts: list[str]) -> list[Redacted]:
-        splits = [split_reasoning(t) for t in texts]
+    def redact(self, prompts: list[str], texts: list[str], cut: Sequence[bool] | None = None) -> list[Redacted]:
+        splits = [self.split(t, c) for t, c in zip(texts, cut or [False] * len(texts))]
         todo = [i for i, (reasoning, _) in enumerate(splits) if reasoning]
         summaries = dict(zip(todo, self.summarize([prompts[i] for i in todo], [splits[i][0] for i in todo])))
         return [Redacted(t if reasoning is None else join_reasoning(t, summaries.get(i), answer))
                 for i, (t, (reasoning, answer)) in enumerate(zip(texts, splits))]
 
-    def redact_one(self, prompt: str, text: str) -> Redacted:
-        return self.redact([prompt], [text])[0]
+    def redact_one(self, prompt: str, text: str, cut: bool = False) -> Redacted:
+        return self.redact([prompt], [text], [cut])[0]
 
 
 class SealError(ValueError):
@@ -198,8 +208,8 @@ class Sealed(Policy):
     def __init__(self, sealer: Sealer | None = None):
         self.sealer = sealer or Sealer.from_env()
 
-    def redact_one(self, prompt: str, text: str) -> Redacted:
-        reasoning, answer = split_reasoning(text)
+    def redact_one(self, prompt: str, text: str, cut: bool = False) -> Redacted:
+        reasoning, answer = self.split(text, cut)
         if reasoning is None:
             return Redacted(text)
         return Redacted(join_reasoning(text, None, answer), sealed=self.sealer.seal(reasoning, prompt))
@@ -209,9 +219,17 @@ NOT_ANSWERED = ("refused", "context_length")  # nothing was generated, so there 
 POLICIES = ("full", "answer-only", "summary", "truncate:K", "sealed")
 
 
-def parse_policy(spec: str, summarize: Summarize | None = None, sealer: Sealer | None = None) -> Policy:
+def parse_policy(spec: str, summarize: Summarize | None = None, sealer: Sealer | None = None,
+                 marked: bool = True) -> Policy:
     """A policy from its command-line name: full, answer-only, summary, truncate:K, sealed. `summarize`
-    writes summaries (default `outline`); `sealer` holds the sealing key (default $DISTILL_GUARD_SEAL_KEY)."""
+    writes summaries (default `outline`); `sealer` holds the sealing key (default $DISTILL_GUARD_SEAL_KEY);
+    `marked`: whether the served model marks its reasoning (see `Policy`)."""
+    policy = _parse_policy(spec, summarize, sealer)
+    policy.marked = marked
+    return policy
+
+
+def _parse_policy(spec: str, summarize: Summarize | None, sealer: Sealer | None) -> Policy:
     if spec.startswith("truncate:"):
         words = spec.removeprefix("truncate:")
         if not words.isdigit() or int(words) < 1:
@@ -231,7 +249,8 @@ def redact_completions(policy: Policy, prompts: list[str], completions: list[Com
     """`completions` as `policy` serves them: a rewritten one keeps its finish reason and token count (hidden
     tokens are still billed) and names the policy in its decisions."""
     out = []
-    for c, r in zip(completions, policy.redact(prompts, [c.text for c in completions])):
+    cut = [c.finish_reason == "length" for c in completions]
+    for c, r in zip(completions, policy.redact(prompts, [c.text for c in completions], cut)):
         if (r.text == c.text and r.sealed is None) or c.finish_reason in NOT_ANSWERED:
             out.append(c)
         else:
@@ -273,8 +292,9 @@ class StreamRedactor:
         self.text += chunk
         return self._emit(self.text) if self.policy.streams else ""
 
-    def finish(self) -> str:
-        final = self.policy.redact([self.prompt], [self.text])[0]
+    def finish(self, cut: bool = False) -> str:
+        """The rest of the text, once the completion has ended; `cut`: it ended at `max_tokens`."""
+        final = self.policy.redact([self.prompt], [self.text], [cut])[0]
         if not final.text.startswith(self.emitted):
             raise RuntimeError(f"policy {self.policy.name} took back streamed text")  # a bug in the policy
         self.sealed = final.sealed

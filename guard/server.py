@@ -299,7 +299,7 @@ class Policies:
                 if spec == "sealed" and self.sealer is None:
                     raise ValueError("the sealed policy needs the gateway's sealing key ($DISTILL_GUARD_SEAL_KEY), "
                                      "and this gateway has none")
-                self.built[spec] = parse_policy(spec, self.summarize, self.sealer)
+                self.built[spec] = parse_policy(spec, self.summarize, self.sealer, self.default.marked)
             return self.built[spec]
 
 
@@ -493,7 +493,7 @@ def _streamed(completion: Completion, prompt: str, policy: Policy) -> Iterator[t
     for piece in PIECE.findall(completion.text):
         if delta := redactor.feed(piece):
             yield delta, None
-    last = redactor.finish()
+    last = redactor.finish(cut=completion.finish_reason == "length")
     if last or redactor.sealed:
         yield last, redactor.sealed
 
@@ -664,7 +664,7 @@ def create_app(load_teacher: Callable[[], Teacher], model_name: str, api_keys: s
     def _sent(completion: Completion, prompt: str, policy: Policy) -> str:
         """The text a stream of `completion` sends under `policy` (which the audit row names)."""
         completion.decisions["redaction"] = policy.name
-        return policy.redact([prompt], [completion.text])[0].text
+        return policy.redact([prompt], [completion.text], [completion.finish_reason == "length"])[0].text
 
     @app.exception_handler(APIError)
     async def api_error(request: Request, exc: APIError):

@@ -1,6 +1,7 @@
 """Redaction policies on crafted completions, sealed reasoning, streaming, and the defended teacher served."""
 
 import base64
+import copy
 import random
 
 import openai
@@ -10,7 +11,7 @@ from eval.reference import plan_or_outline
 from eval.reference.world import reference_task
 from guard.defenses import DefenseParts, build_defense
 from guard.reasoning import split_reasoning
-from guard.redaction import (AnswerOnly, Full, Redact, Sealed, SealError, Sealer, StreamRedactor, Summary,
+from guard.redaction import (AnswerOnly, Full, Policy, Redact, Sealed, SealError, Sealer, StreamRedactor, Summary,
                              TeacherSummarizer, Truncate, outline, parse_policy)
 from guard.server import create_app
 from guard.teacher import GREEDY
@@ -44,11 +45,44 @@ def test_withholding_policies_keep_the_answer_and_never_show_hidden_reasoning(po
         assert secret not in shown, f"{policy.name} leaked {secret!r} from {name}: {shown!r}"
 
 
+def unmarked(policy: Policy) -> Policy:
+    """`policy` for a model that marks no reasoning (a plain chat model), as `parse_policy(..., marked=False)`."""
+    policy = copy.copy(policy)
+    policy.marked = False
+    return policy
+
+
 @pytest.mark.parametrize("policy", [Full(), *WITHHOLDING], ids=lambda p: p.name)
 @pytest.mark.parametrize("text", ["just an answer, no reasoning", "42", "", "answer is plumber"])
-def test_text_without_reasoning_passes_through_unchanged(policy, text):
-    redacted = policy.redact([PROMPT], [text])[0]
+def test_finished_unmarked_text_of_a_model_that_marks_nothing_passes_through_unchanged(policy, text):
+    redacted = unmarked(policy).redact([PROMPT], [text])[0]
     assert redacted.text == text and redacted.sealed is None
+
+
+@pytest.mark.parametrize("policy", WITHHOLDING, ids=lambda p: p.name)
+def test_unmarked_text_of_a_model_that_marks_its_reasoning_is_all_reasoning(policy):
+    """Fails open if a withholding policy serves a marker-less completion whole: a harvester that makes the
+    model drop its marker (or a model that forgot it) would read the reasoning."""
+    text = "thinking it through. Bobuk calls Peors a friend. and Peors is a plumber. that settles it."
+    assert policy.marked and parse_policy("answer-only").marked  # the default fails closed
+    shown = policy.redact([PROMPT], [text])[0].text
+    assert "Peors a friend" not in shown and "Peors is a plumber" not in shown, shown
+
+
+@pytest.mark.parametrize("policy", WITHHOLDING, ids=lambda p: p.name)
+@pytest.mark.parametrize("marked", [True, False])
+def test_a_completion_cut_before_its_marker_is_all_reasoning_at_every_length(policy, marked):
+    """Every prefix of a completion, as `max_tokens` would cut it, shows no more of the reasoning than the
+    whole completion does under the same policy, and no answer it has not finished."""
+    policy = policy if marked else unmarked(policy)
+    shown_whole = policy.redact_one(PROMPT, REFERENCE).text
+    for end in range(1, len(REFERENCE)):
+        cut = REFERENCE[:end]
+        shown = policy.redact([PROMPT], [cut], [True])[0].text
+        for fact in ("Peors a friend", "Peors is a plumber", "settles"):
+            assert fact not in shown, (policy.name, cut, shown)
+        assert len(shown.split()) <= len(shown_whole.split()), (policy.name, cut, shown)
+        assert ("answer:" in shown) <= ("\nanswer:" in cut), (policy.name, cut, shown)
 
 
 def test_empty_think_block_leaves_just_the_answer():
@@ -102,7 +136,7 @@ def test_summary_falls_back_to_an_outline_and_takes_any_summariser():
         seen.append((prompts, reasonings))
         return [f"{len(r)} chars" for r in reasonings]
 
-    out = Summary(summarise).redact(["p1", "p2", "p3"], [text, "no reasoning here", REFERENCE])
+    out = unmarked(Summary(summarise)).redact(["p1", "p2", "p3"], [text, "no reasoning here", REFERENCE])
     assert seen == [(["p1", "p3"], ["First A. Then B. Finally C.", REFERENCE.split("\n")[0]])]  # one batched call
     assert [o.text for o in out] == ["<think>27 chars</think>\n42", "no reasoning here", "89 chars\nanswer: plumber"]
 

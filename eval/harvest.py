@@ -75,7 +75,7 @@ def _completion(row: dict) -> Completion:
     top = [[TokenLogprob(t, lp, i if i >= 0 else None) for t, lp, i in zip(ts, lps, ids)]
            for ts, lps, ids in zip(row["top_tokens"], row["top_logprobs"], row["top_ids"])]
     return Completion(text=row["text"], token_ids=list(row["token_ids"]), logprobs=top or None,
-                      finish_reason=row["finish_reason"])
+                      finish_reason=row["finish_reason"], completion_tokens=row["completion_tokens"])
 
 
 class Harvester:
@@ -124,17 +124,18 @@ class Harvester:
     def queries_left(self) -> int:
         return self.budget.queries - len(self.rows)
 
-    def ask(self, prompts: list[str]) -> list[Completion]:
-        """Completions for as many of `prompts` as the budget allows (maybe fewer than asked)."""
+    def ask(self, prompts: list[str], max_new_tokens: int | None = None) -> list[Completion]:
+        """Completions for as many of `prompts` as the budget allows (maybe fewer than asked); `max_new_tokens`:
+        a request's own `max_tokens` in place of the harvest's."""
         answers = []
         for start in range(0, len(prompts), self.chunk_size):
             if self.queries_left <= 0 or (self.budget.tokens is not None and self.tokens >= self.budget.tokens):
                 break
             chunk = prompts[start:start + min(self.chunk_size, self.queries_left)]
-            answers += self._answer_chunk(chunk)
+            answers += self._answer_chunk(chunk, max_new_tokens)
         return answers
 
-    def _answer_chunk(self, chunk: list[str]) -> list[Completion]:
+    def _answer_chunk(self, chunk: list[str], max_new_tokens: int | None = None) -> list[Completion]:
         first = len(self.rows)
         replay = self.stored[first:first + len(chunk)]
         if replay:
@@ -145,7 +146,8 @@ class Harvester:
                 raise HarvestMismatch(f"{self.out_dir}: a stored shard ends inside a chunk; delete the last shard")
             rows = replay
         else:
-            sampling = Sampling(**{**asdict(self.sampling), "seed": (self.sampling.seed or 0) + first})
+            sampling = Sampling(**{**asdict(self.sampling), "seed": (self.sampling.seed or 0) + first,
+                                   "max_new_tokens": max_new_tokens or self.sampling.max_new_tokens})
             completions = self.teacher.complete(chunk, sampling)
             rows = [completion_row(first + i, p, c) for i, (p, c) in enumerate(zip(chunk, completions))]
             self._flush(first, rows)

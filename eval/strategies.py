@@ -13,6 +13,7 @@ import numpy as np
 from eval.harvest import Harvester, Strategy
 from eval.reference.world import Question, Style, format_prompt, parse_facts, parse_question, write_chain
 from eval.task import Task
+from guard.reasoning import has_marker
 from guard.teacher import Completion
 
 
@@ -91,7 +92,40 @@ def paraphrase(task: Task, seed: int) -> Strategy:
     return run
 
 
-STRATEGIES = {"naive": naive, "decompose": decompose, "paraphrase": paraphrase}
+def truncating(task: Task, seed: int, drop: int = 8) -> Strategy:
+    """Read the reasoning through a short `max_tokens`: each question is asked whole (for its answer, and for
+    the tokens its completion is billed, hidden ones included), then again with `max_tokens` `drop` tokens short
+    of that, which cuts the completion before its answer marker. A policy that serves an unmarked completion
+    whole shows the reasoning in the cut one; the training row is then that reasoning and the whole answer,
+    else the whole completion as served. Two queries a question, in the naive order."""
+
+    def run(harvester: Harvester) -> list[tuple[str, Completion]]:
+        rng = np.random.default_rng(seed)
+        pool = [item.prompt for item in task.query_pool]
+        order = []
+        while len(order) < harvester.budget.queries // 2:
+            order += [pool[i] for i in rng.permutation(len(pool))]
+        order, rows = order[: harvester.budget.queries // 2], []
+        for start in range(0, len(order), harvester.chunk_size):
+            chunk = order[start:start + harvester.chunk_size]
+            whole = harvester.ask(chunk)
+            lengths = [max(1, (c.completion_tokens or 1) - drop) for c in whole]
+            cut: dict[int, Completion] = {}
+            for length in sorted(set(lengths)):  # one request per length, shortest first: deterministic
+                asked = [i for i, n in enumerate(lengths) if n == length and whole[i].finish_reason != "refused"]
+                cut.update(zip(asked, harvester.ask([chunk[i] for i in asked], max_new_tokens=length)))
+            for i, c in enumerate(whole):
+                read = cut.get(i)
+                leaked = read is not None and read.text.strip() and not has_marker(read.text)
+                rows.append((chunk[i], Completion(text=f"{read.text.strip()}\nanswer: {c.answer}") if leaked else c))
+            if harvester.queries_left <= 0:
+                break
+        return rows
+
+    return run
+
+
+STRATEGIES = {"naive": naive, "decompose": decompose, "paraphrase": paraphrase, "truncating": truncating}
 # What each attacker asks for when not told: the single most likely answer. Sampled answers carry the
 # teacher's slips, which the student learns too, so a strong attacker asks greedily.
-DEFAULT_TEMPERATURE = {"naive": 0.0, "decompose": 0.0, "paraphrase": 0.0}
+DEFAULT_TEMPERATURE = {"naive": 0.0, "decompose": 0.0, "paraphrase": 0.0, "truncating": 0.0}

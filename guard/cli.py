@@ -160,8 +160,10 @@ def demo_defenses(teacher, account: str = "demo-user") -> None:
 
 BudgetsOpt = Annotated[str, typer.Option("--budgets", "--budget", help="attacker query budget(s), comma-separated")]
 DefenseOpt = Annotated[list[str], typer.Option(help="defence to measure (repeatable); 'none' is always included")]
-StrategyOpt = Annotated[str, typer.Option(help="attacker strategy: naive, decompose (asks sub-questions), or "
-                                             "paraphrase (rewrites the harvest's phrasing)")]
+StrategyOpt = Annotated[str, typer.Option(help="attacker strategy: naive, decompose (asks sub-questions), "
+                                             "paraphrase (rewrites the harvest's phrasing), or truncating (asks "
+                                             "each question again with max_tokens cut short of its answer, to "
+                                             "read the reasoning)")]
 ModeOpt = Annotated[str, typer.Option(help="student mode: sft, answer, rationale or kd")]
 TemperatureOpt = Annotated[float | None, typer.Option(help="harvest sampling temperature; default: the "
                                                              "strategy's own (0: greedy)")]

@@ -11,10 +11,12 @@ import openai
 import pytest
 
 from conftest import live_server
+from eval.attack import AttackConfig, harvest
 from eval.reference import plan_or_outline
-from eval.reference.world import reference_task
+from eval.reference.world import parse_facts, reference_task
 from guard.defenses import DefenseParts, build_defense
-from guard.redaction import Sealer, parse_policy
+from guard.reasoning import split_reasoning
+from guard.redaction import AnswerOnly, Redact, Sealer, parse_policy
 from guard.server import create_app
 from guard.teacher import GREEDY, HFTeacher, Sampling
 
@@ -57,6 +59,7 @@ def test_no_length_of_max_tokens_leaks_a_fact_in_process(teacher_a, questions, s
     for length in LENGTHS:
         completions = served.complete(prompts, Sampling(temperature=0.0, max_new_tokens=length))
         assert not leaks([c.text for c in completions], secrets), (spec, length, completions)
+        assert all(c.completion_tokens == length for c in completions if c.finish_reason == "length")  # billed
         cut_before_the_answer += sum("answer:" not in c.text and c.finish_reason == "length" for c in completions)
     assert cut_before_the_answer > 0  # the sweep did cut completions before their marker
 
@@ -124,3 +127,27 @@ def test_a_template_that_opens_think_in_the_prompt_leaks_no_fact_at_any_length(t
             chat = client.chat.completions.create(model="teacher-a", temperature=0, max_tokens=length, messages=[
                 {"role": "user", "content": prompts[0]}]).choices[0].message.content or ""
             assert not leaks([chat], secrets[:1]), (spec, length, chat)
+
+
+class FailsOpen(AnswerOnly):
+    """answer-only as it read completions before it failed closed: a completion without a marker was served
+    whole, whatever cut it."""
+
+    def split(self, text: str, cut: bool):
+        return split_reasoning(text)
+
+
+def test_the_truncating_harvester_reads_the_reasoning_where_a_policy_fails_open_and_nothing_where_it_fails_closed(
+        teacher_a, tmp_path):
+    task = reference_task()
+    rows = {}
+    for name, policy in (("fails-open", FailsOpen()), ("answer-only", AnswerOnly())):
+        rows[name], queries = harvest(Redact(teacher_a, policy), task, AttackConfig(strategy="truncating", budget=40),
+                                      0, tmp_path / name, name, progress=False)
+        assert queries == 40 and len(rows[name]) == 20  # two queries a question: whole, then cut short
+    open_texts, closed_texts = ([r["text"] for r in rows[n]] for n in ("fails-open", "answer-only"))
+    # where the policy failed open, the rows are the teacher's reasoning (facts of the world, parsed) with the
+    # answer asked for separately; where it fails closed, answers alone
+    assert sum(bool(parse_facts(split_reasoning(r)[0] or "")) for r in open_texts) >= 18, open_texts[:3]
+    assert all(r.startswith("answer: ") and ". " not in r for r in closed_texts), closed_texts[:3]
+    assert [r.split("answer: ")[-1] for r in open_texts] == [r.split("answer: ")[-1] for r in closed_texts]

@@ -83,7 +83,7 @@ def harvest_sampling(config: AttackConfig, seed: int | None) -> Sampling:
 def student_before(config: StudentConfig, task: Task, cache_dir: Path | None = None) -> np.ndarray:
     """Per-item correctness of the untrained student, shared by every cell with the same start."""
     key = _digest({"init": config.init, "seed": config.seed, "lora": config.lora, "lora_r": config.lora_r,
-                   "eval": [i.prompt for i in task.eval_items]})
+                   **graded_on(task)})
     saved = cache_dir / f"before-{key}.json" if cache_dir else None
     if saved is not None and saved.exists():
         return np.array(json.loads(saved.read_text()), dtype=bool)
@@ -118,8 +118,14 @@ def train_and_score(rows: list[dict], task: Task, config: StudentConfig, out_dir
 def training_key(rows: list[dict], config: StudentConfig, task: Task) -> str:
     """Identifies a student by everything its training and grading see: identical keys, identical students."""
     fields = ("prompt", "text", "token_ids", "top_ids", "top_logprobs") if config.mode == "kd" else ("prompt", "text")
-    return _digest({"rows": [[r[f] for f in fields] for r in rows], "student": asdict(config),
-                    "eval": [i.prompt for i in task.eval_items]})
+    return _digest({"rows": [[r[f] for f in fields] for r in rows], "student": asdict(config), **graded_on(task)})
+
+
+def graded_on(task: Task) -> dict:
+    """What a student's grades depend on besides the student: the held-out prompts, and the answer length when
+    it is not the default (so that keys from before it could be set still name the same students)."""
+    return {"eval": [i.prompt for i in task.eval_items],
+            **({"max_new_tokens": task.max_new_tokens} if task.max_new_tokens != 64 else {})}
 
 
 def run_attack(teacher: Teacher, task: Task, config: AttackConfig, seed: int, out_dir: Path,
@@ -156,7 +162,7 @@ def run_cell(teacher: Teacher, task: Task, config: AttackConfig, seed: int, cell
              progress: bool, cache_dir: Path | None = None, save_student: bool = False) -> dict:
     """One finished attack, from cell.json when an earlier (perhaps killed) evaluation already ran it."""
     settings = {"config": asdict(config), "seed": seed, "defense": defense, "teacher": teacher.name,
-                "eval_prompts": [i.prompt for i in task.eval_items]}
+                **{("eval_prompts" if k == "eval" else k): v for k, v in graded_on(task).items()}}
     saved = cell_dir / "cell.json"
     if saved.exists():
         cell = json.loads(saved.read_text())
@@ -280,6 +286,7 @@ def evaluate(teacher: Teacher, task: Task, defenses: list[str], attack: AttackCo
                 "defense": defense, "attack": f"{attack.strategy}/{attack.student.mode}", "budget": budget,
                 "seeds": seeds, "teacher_acc": served_accuracy[defense].value,
                 "teacher_acc_ci95": list(served_accuracy[defense].clopper_pearson()),
+                "teacher_refused": served_accuracy[defense].refused,  # items never answered (context length)
                 "student_before_acc": float(outcome.before.mean()),
                 "student_after_acc": float(outcome.after.mean()), "transfer": stats["transfer"],
                 "protection": stats.get("protection"),

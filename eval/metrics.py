@@ -13,9 +13,15 @@ from guard.prompts import prompt_ids
 from guard.teacher import Completion, HFTeacher, Sampling, Teacher
 
 
+class MostlyRefused(ValueError):
+    """Most evaluation items were never answered: their prompt and the answer's length exceed the model's
+    context. An accuracy of them would be a silent zero."""
+
+
 @dataclass
 class Accuracy:
     per_item: np.ndarray  # bool, one flag per graded item
+    refused: int = 0  # items the model never answered (prompt plus max_new_tokens past its context): graded wrong
 
     @property
     def correct(self) -> int:
@@ -37,13 +43,21 @@ class Accuracy:
         return float(low), float(high)
 
 
-def capability(teacher: Teacher, task: Task, items: list[Item] | None = None,
-               max_new_tokens: int = 64) -> tuple[Accuracy, list[Completion]]:
-    """The task's grader over `items` (default: the held-out evaluation items), greedy decoding."""
+def capability(teacher: Teacher, task: Task, items: list[Item] | None = None) -> tuple[Accuracy, list[Completion]]:
+    """The task's grader over `items` (default: the held-out evaluation items), greedy decoding of up to
+    `task.max_new_tokens`. An item refused for its length is graded wrong and counted (`Accuracy.refused`); when
+    most are, `MostlyRefused` says so rather than return a silent zero."""
     items = task.eval_items if items is None else items
-    completions = teacher.complete([i.prompt for i in items], Sampling(temperature=0.0, max_new_tokens=max_new_tokens))
+    completions = teacher.complete([i.prompt for i in items],
+                                   Sampling(temperature=0.0, max_new_tokens=task.max_new_tokens))
     per_item = np.array([task.is_correct(c.text, i.answer) for c, i in zip(completions, items)], dtype=bool)
-    return Accuracy(per_item), completions
+    refused = sum(c.finish_reason == "context_length" for c in completions)
+    if items and refused > len(items) / 2:
+        context = getattr(teacher, "context_length", None)
+        raise MostlyRefused(f"{teacher.name}: {refused} of {len(items)} evaluation items were refused: each prompt "
+                            f"plus max_new_tokens={task.max_new_tokens} exceeds the model's context"
+                            f"{f' of {context} positions' if context else ''}; lower --max-new-tokens")
+    return Accuracy(per_item, refused), completions
 
 
 @torch.no_grad()

@@ -72,8 +72,11 @@ class Task:
     query_pool: list[Item]
     grader: str = "exact"
     meta: dict = field(default_factory=dict)
+    max_new_tokens: int = 64  # how long an answer to an evaluation item may be (greedy grading)
 
     def __post_init__(self):
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
         if self.grader not in GRADERS:
             raise ValueError(f"unknown grader {self.grader!r}; choose one of {sorted(GRADERS)}")
         overlap = {i.prompt for i in self.eval_items} & {i.prompt for i in self.query_pool}

@@ -33,7 +33,7 @@ from eval.benchmarks import (gateway_batching, gateway_overhead, gateway_replica
                              trainer_distributed, trainer_speed, watermark_real, watermark_speed)
 from eval.attack import AttackConfig, evaluate, lab_parts
 from eval.harvest import load_harvest
-from eval.metrics import capability
+from eval.metrics import MostlyRefused, capability
 from eval.reference import LAB_MASTER, load_teacher, plan_or_outline, resolve
 from eval.reference.build import build, compare_phrasing
 from eval.reference.world import reference_task
@@ -83,7 +83,8 @@ TeacherOpt = Annotated[str, typer.Option(help="'reference', 'reference:teacher-b
 @app.command()
 def demo(teacher: TeacherOpt = "reference", show: int = 4, budget: int = 1000, seeds: int = 1,
          steps: Annotated[int | None, typer.Option(help="student steps; default: scale with the budget")] = None,
-         eval_items: int = 600, out: str = "runs/demo", api_key: str | None = None, model: str | None = None):
+         eval_items: int = 600, out: str = "runs/demo", api_key: str | None = None, model: str | None = None,
+         max_new_tokens: MaxNewTokensOpt = 64):
     """The reference lab in a few minutes: the teacher reasoning through held-out questions, then a real
     distillation attack (full reasoning vs answers only) and the capability that transfers. With a real
     pretrained model (`--teacher smollm2`): its answers to real requests with and without each defence."""
@@ -94,10 +95,13 @@ def demo(teacher: TeacherOpt = "reference", show: int = 4, budget: int = 1000, s
         raise typer.BadParameter(str(e), param_hint="--teacher") from None
     if teacher in PRETRAINED:
         return demo_defenses(chosen)
-    task = reference_task()
+    task = replace(reference_task(), max_new_tokens=max_new_tokens)
     console.print(f"[bold]reference task[/]: {len(task.eval_items)} held-out 2-hop questions, "
                   f"{len(task.query_pool)} prompts in the attacker's pool; teacher: {chosen.name}")
-    accuracy, completions = capability(chosen, task)
+    try:
+        accuracy, completions = capability(chosen, task)
+    except MostlyRefused as e:
+        raise typer.BadParameter(str(e), param_hint="--max-new-tokens") from None
     table = Table("question", "reasoning (as served)", "answer", "gold", "ok", show_lines=True)
     for item, completion in list(zip(task.eval_items, completions))[:show]:
         ok = task.is_correct(completion.text, item.answer)
@@ -170,6 +174,10 @@ TemperatureOpt = Annotated[float | None, typer.Option(help="harvest sampling tem
 StepsOpt = Annotated[int | None, typer.Option(help="student training steps; default: about 32 passes over "
                                                     "the harvest, 300 to 2,000")]
 TaskOpt = Annotated[str | None, typer.Option(help="custom task file (JSONL/Arrow); default: the reference task")]
+MaxNewTokensOpt = Annotated[int, typer.Option(min=1, help="tokens an answer to a held-out item may take when the "
+                                                          "teacher and the students are graded; a prompt plus this "
+                                                          "past the model's context is refused, and most items "
+                                                          "refused is an error")]
 SaveOpt = Annotated[bool, typer.Option(help="keep each student (safetensors) in its cell's student/ for audits")]
 PaceOpt = Annotated[float, typer.Option(help="seconds between the harvester's requests (simulated clock)")]
 AccountsOpt = Annotated[int, typer.Option(help="accounts the harvest is spread over, round-robin (a sybil swarm)")]
@@ -197,16 +205,12 @@ def run_attacks(teacher: TeacherOpt = "reference",
                 pace: PaceOpt = 2.0, accounts: AccountsOpt = 1, cover: CoverOpt = 0.0,
                 api_key: str | None = None, model: str | None = None, out: str = "runs/evaluate",
                 task: TaskOpt = None, grader: str = "exact", temperature: TemperatureOpt = None,
-                save_students: SaveOpt = False):
+                save_students: SaveOpt = False, max_new_tokens: MaxNewTokensOpt = 64):
     """Run a real distillation attack with each defence on and off; report transfer and protection (with
     several budgets, the leakage curve: transfer against budget, one line per defence). Under
     `torchrun --standalone --nproc_per_node N -m guard.cli evaluate ...`, rank 0 does everything but training,
     and all N processes train each student together."""
-    if task:
-        chosen_task = load_task(task, grader=grader)
-    else:
-
-        chosen_task = reference_task()
+    chosen_task = replace(load_task(task, grader=grader) if task else reference_task(), max_new_tokens=max_new_tokens)
     defenses = ["none"] + [d for d in defense if d != "none"]  # protection is measured against "none"
     try:
         for d in defenses:  # a misspelt defence fails here, not after an hour of training
@@ -220,8 +224,11 @@ def run_attacks(teacher: TeacherOpt = "reference",
                           student=StudentConfig(mode=attack, init=student, steps=steps, batch_size=batch_size, lr=lr,
                                                 lora=lora, alpha=alpha))
     start = time.perf_counter()
-    report = evaluate(load_teacher(teacher, api_key=api_key, model=model), chosen_task, defenses, config,
-                      budget_list, seeds, out, save_students=save_students)
+    try:
+        report = evaluate(load_teacher(teacher, api_key=api_key, model=model), chosen_task, defenses, config,
+                          budget_list, seeds, out, save_students=save_students)
+    except MostlyRefused as e:
+        raise typer.BadParameter(str(e), param_hint="--max-new-tokens") from None
     print(markdown_table(report["rows"]))
     console.print(f"wrote {out}/report.json, report.md, leakage.png, protection_vs_cost.png "
                   f"in {time.perf_counter() - start:.0f} s")

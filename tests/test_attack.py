@@ -1,15 +1,21 @@
 """A tiny real evaluation: harvest from teacher-a, train real students for a few steps, report."""
 
 import json
+import shutil
+from dataclasses import replace
 
 import numpy as np
 import pytest
+from typer.testing import CliRunner
 
 from eval.attack import AttackConfig, evaluate
+from eval.metrics import MostlyRefused, capability
+from eval.reference import MODELS_DIR
 from eval.reference.world import reference_task
 from eval.student import StudentConfig, training_set
 from eval.task import Task
-from guard.teacher import Sampling
+from guard.cli import app
+from guard.teacher import HFTeacher, Sampling
 
 
 @pytest.fixture(scope="module")
@@ -153,3 +159,23 @@ def test_the_report_records_the_sampling_and_prompt_format_its_harvests_used(tea
     assert manifest["sampling"]["temperature"] == 0.0
     assert report["meta"]["attack"]["sampling"] == {**manifest["sampling"], "seed": None}
     assert manifest["prompt_format"] == report["meta"]["prompt_format"] == "raw"
+
+
+def test_an_evaluation_whose_items_are_mostly_refused_for_context_is_an_error_not_a_zero(tmp_path):
+    """A teacher with a 64-position context cannot answer any held-out item in 64 new tokens: every item is
+    refused before generation. That is an error naming the context and the length, not an accuracy of 0; with
+    40 new tokens the same teacher answers."""
+    short = tmp_path / "teacher-llama-64"
+    shutil.copytree(MODELS_DIR / "teacher-llama", short)
+    config = json.loads((short / "config.json").read_text())
+    (short / "config.json").write_text(json.dumps({**config, "max_position_embeddings": 64}))
+    teacher, task = HFTeacher(short), reference_task()
+    task = replace(task, eval_items=task.eval_items[:100])
+    with pytest.raises(MostlyRefused, match=r"100 of 100 .* max_new_tokens=64 .* 64 positions"):
+        capability(teacher, task)
+    accuracy, _ = capability(teacher, replace(task, max_new_tokens=40))
+    assert accuracy.refused == 0 and accuracy.value > 0.8
+    done = CliRunner().invoke(app, ["evaluate", "--teacher", str(short), "--budgets", "8", "--seeds", "1",
+                                    "--out", str(tmp_path / "run")])
+    said = " ".join(done.output.translate({ord(c): " " for c in "│╭╮╰╯─"}).split())
+    assert done.exit_code == 2 and "--max-new-tokens" in said and "were refused" in said, done.output

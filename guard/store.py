@@ -29,10 +29,14 @@ from psycopg.rows import dict_row
 from psycopg_pool import ConnectionPool, PoolTimeout
 
 from detectors.events import Event, events_from_rows
-from guard.group_commit import GroupCommit
+from guard.group_commit import CommitTimeout, GroupCommit
 from guard.redaction import parse_policy
 
-UNAVAILABLE = (sqlite3.OperationalError, psycopg.OperationalError, PoolTimeout)  # the database, not the request
+# The database failed, not the request (the gateway answers 503); a row's own fault (a repeated id):
+UNAVAILABLE = (sqlite3.OperationalError, psycopg.OperationalError, PoolTimeout, CommitTimeout)
+INTEGRITY = (sqlite3.IntegrityError, psycopg.IntegrityError)
+COMMIT_DEADLINE = 5.0  # seconds a request waits for its audit row before it is answered 503
+POOL_TIMEOUT = 1.0  # seconds PostgreSQL's pool waits for a connection: a down server fails fast, not in 30 s
 KEY_PREFIX = "dg-"
 MAX_LIMIT = 2**63 - 1  # the largest rpm or tpm both databases store (a signed 64-bit integer)
 LOOKUP_CHARS = 16  # of the digest's hex, indexed: enough to make two keys' lookups collide almost never
@@ -113,9 +117,11 @@ class Store:
         """Rows that can be indexed by column name."""
         raise NotImplementedError
 
-    def _start_audit_writer(self) -> None:
-        """Audit rows go through one writer thread that commits every row waiting in one transaction."""
-        self._audit = GroupCommit(lambda rows: self._write(INSERT_AUDIT, rows), name=f"audit-log {self.name}")
+    def _start_audit_writer(self, deadline: float) -> None:
+        """Audit rows go through one writer thread that commits every row waiting in one transaction; a `log`
+        call waits at most `deadline` seconds for its rows (then `CommitTimeout`: the gateway answers 503)."""
+        self._audit = GroupCommit(lambda rows: self._write(INSERT_AUDIT, rows), name=f"audit-log {self.name}",
+                                  retry_alone=INTEGRITY, deadline=deadline)
 
     def close(self) -> None:
         raise NotImplementedError
@@ -206,7 +212,7 @@ class SQLiteStore(Store):
     """One connection behind a lock writes; another reads, so that a key's lookup never waits for a commit's
     fsync (WAL lets readers run beside the writer)."""
 
-    def __init__(self, path: str | Path, keep_text: bool = True):
+    def __init__(self, path: str | Path, keep_text: bool = True, commit_deadline: float = COMMIT_DEADLINE):
         self.path, self.keep_text = Path(path), keep_text
         self.name = str(self.path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -216,7 +222,7 @@ class SQLiteStore(Store):
         with self._lock:
             self._db.executescript(SCHEMA.format(seq="seq INTEGER PRIMARY KEY"))  # SQLite's rowid, named
         self._reader = self._connect()
-        self._start_audit_writer()
+        self._start_audit_writer(commit_deadline)
 
     def _connect(self) -> sqlite3.Connection:
         db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
@@ -248,7 +254,12 @@ class SQLiteStore(Store):
 
 
 class PostgresStore(Store):
-    def __init__(self, url: str, keep_text: bool = True, max_connections: int = 8):
+    """A pool of connections, each thread taking one at a time. `pool_timeout`: the most seconds a write or read
+    waits for a connection, so that with the server down a request fails in that time (503), not in psycopg's
+    default 30 s."""
+
+    def __init__(self, url: str, keep_text: bool = True, max_connections: int = 8, pool_timeout: float = POOL_TIMEOUT,
+                 commit_deadline: float = COMMIT_DEADLINE):
         self.keep_text = keep_text
         settings = {"autocommit": True, "row_factory": dict_row}  # transactions are opened where they are meant
         with psycopg.connect(url, **settings) as db:  # connection errors surface here, at once and clearly
@@ -257,9 +268,10 @@ class PostgresStore(Store):
                 # Replicas starting together would race on CREATE TABLE IF NOT EXISTS; one at a time.
                 db.execute("SELECT pg_advisory_xact_lock(hashtext('distill-guard schema'))")
                 db.execute(SCHEMA.format(seq="seq BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY"))
-        self._pool = ConnectionPool(url, kwargs=settings, configure=_commit_synchronously, min_size=1,
-                                    max_size=max_connections, open=True)
-        self._start_audit_writer()
+        # connect_timeout: the pool's reconnection attempts to an unreachable host give up, and retry, in seconds
+        self._pool = ConnectionPool(url, kwargs={**settings, "connect_timeout": 5}, configure=_commit_synchronously,
+                                    min_size=1, max_size=max_connections, timeout=pool_timeout, open=True)
+        self._start_audit_writer(commit_deadline)
 
     def _write(self, sql: str, rows: list[tuple]) -> int:
         with self._pool.connection() as db, db.transaction():  # COMMIT when the block ends, ROLLBACK on error

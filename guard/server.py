@@ -33,6 +33,8 @@ from contextlib import asynccontextmanager, contextmanager
 from typing import Literal
 
 import uvicorn
+from cachetools import TTLCache
+from jinja2 import TemplateError
 from fastapi import Depends, FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.concurrency import run_in_threadpool
@@ -48,6 +50,7 @@ from guard.errors import APIError
 from guard.openai_teacher import TeacherAuthError, TeacherHTTPError, TeacherRequestError, TeacherTimeout
 from guard.limits import RateLimiter, RedisRateLimiter
 from guard.prompts import Conversation, prompt_ids
+from guard.reasoning import restore_reasoning
 from guard.redaction import (Full, Policy, Sealer, SealError, StreamRedactor, Summarize, parse_policy,
                              redact_completions)
 from guard.shared_state import SharedState
@@ -206,26 +209,38 @@ class CompletionChunk(BaseModel):
 class KeyCache:
     """The accounts of keys the store resolved in the last `ttl` seconds, by the key's SHA-256 (no key is kept),
     so that most requests skip the store's lookup. So a key revoked in the store (`distill-guard keys revoke`,
-    from any process) is refused within `ttl` seconds, and a changed limit or policy applies within `ttl` too.
-    Unknown keys are never cached: a new key works at once, and random keys cannot fill the cache. At most
-    `size` keys are held; when full, it starts over."""
+    from any process) is refused within `ttl` seconds, and a changed limit or policy applies within `ttl` too;
+    one revoked through this gateway's admin API is forgotten at once (`forget`). Unknown keys are never cached:
+    a new key works at once, and random keys cannot fill the cache. At most `size` keys are held, the least
+    recently used dropped first. Request threads and the admin API share it, hence the lock."""
 
     def __init__(self, ttl: float, size: int = 10_000):
-        self.ttl, self.size = ttl, size
-        self.accounts: dict[bytes, tuple[float, Account]] = {}
+        self.ttl = ttl
+        self.accounts: TTLCache[bytes, Account] = TTLCache(size, max(ttl, 1e-9))
+        self.forgotten: TTLCache[str, float] = TTLCache(size, max(ttl, 1e-9))  # key id -> when it was revoked
+        self.lock = threading.Lock()
 
-    def get(self, key: str, now: float) -> Account | None:
-        expires, account = self.accounts.get(hashlib.sha256(key.encode()).digest(), (0.0, None))
-        return account if now < expires else None
+    def get(self, key: str) -> Account | None:
+        with self.lock:
+            return self.accounts.get(_digest(key))
 
-    def put(self, key: str, account: Account, now: float) -> None:
-        if len(self.accounts) >= self.size:
-            self.accounts.clear()
-        self.accounts[hashlib.sha256(key.encode()).digest()] = (now + self.ttl, account)
+    def put(self, key: str, account: Account, asked: float) -> None:
+        """Cache the store's answer to a lookup made at `asked` (monotonic time), unless the key was revoked here
+        since: the answer is older than the revocation."""
+        with self.lock:
+            if self.ttl > 0 and self.forgotten.get(account.key_id, -math.inf) < asked:
+                self.accounts[_digest(key)] = account
 
     def forget(self, key_id: str) -> None:
-        """Drop the key with this id (revoked here, through the admin API)."""
-        self.accounts = {digest: held for digest, held in self.accounts.items() if held[1].key_id != key_id}
+        """Drop the key with this id (revoked here, through the admin API), and any lookup of it in flight."""
+        with self.lock:
+            self.forgotten[key_id] = time.monotonic()
+            for digest in [digest for digest, account in self.accounts.items() if account.key_id == key_id]:
+                del self.accounts[digest]
+
+
+def _digest(key: str) -> bytes:
+    return hashlib.sha256(key.encode()).digest()
 
 
 async def resolve_account(request: Request) -> Account | None:
@@ -239,11 +254,12 @@ async def resolve_account(request: Request) -> Account | None:
     account = None
     if scheme.lower() == "bearer" and token:
         if state.store is not None:
-            account = state.keys.get(token, time.monotonic())
+            account = state.keys.get(token)
             if account is None:
+                asked = time.monotonic()
                 account = await run_in_threadpool(state.store.resolve, token)  # a database read may wait on disk
                 if account is not None:
-                    state.keys.put(token, account, time.monotonic())
+                    state.keys.put(token, account, asked)
         else:
             names = [f"key-{i}" for i, key in enumerate(state.api_keys)
                      if hmac.compare_digest(key.encode(), token.encode())]
@@ -380,12 +396,36 @@ def _check_model(app: FastAPI, model: str) -> None:
                        code="model_not_found")
 
 
-def chat_prompt(messages: list[ChatMessage]) -> Conversation:
-    """The prompt a conversation becomes: a `Conversation` whose text is the last user message (what defences,
-    the monitor and the audit log read) and which carries every message, so that a local model's chat template
-    reads the whole conversation (`guard.prompts`) and a remote backend forwards it to its chat endpoint."""
-    turns = [{"role": m.role, "content": m.content} for m in messages]
-    return Conversation([m.content for m in messages if m.role == "user"][-1], turns)
+def chat_prompt(messages: list[ChatMessage], sealer: Sealer | None = None) -> Conversation:
+    """The prompt a conversation becomes: a `Conversation` carrying every message, which a local model's chat
+    template reads whole (`guard.prompts`) and a remote backend forwards to its chat endpoint. Its text (what
+    the monitor, the audit log and `detect` read) is every turn the client wrote, not only the last: a question
+    put in a system turn, or an earlier one, behind an innocuous last message is read where it was asked.
+
+    Sealed reasoning handed back in an assistant turn is opened (bound to the conversation before it: refused if
+    altered, from another key, or moved to another conversation) and put back into its turn, so that the model
+    reads the reasoning it wrote."""
+    turns: list[dict[str, str]] = []
+    for i, m in enumerate(messages):
+        content = m.content
+        if m.sealed_reasoning is not None:
+            if sealer is None:
+                raise APIError(400, f"messages[{i}].sealed_reasoning: this server does not seal reasoning")
+            if m.role != "assistant":
+                raise APIError(400, f"messages[{i}].sealed_reasoning: only an assistant turn carries sealed reasoning")
+            try:
+                content = restore_reasoning(m.content, sealer.open(m.sealed_reasoning, asked(turns)))
+            except SealError as e:
+                raise APIError(400, f"messages[{i}].sealed_reasoning: {e}", code="invalid_sealed_reasoning") from None
+        turns.append({"role": m.role, "content": content})
+    return asked(turns)
+
+
+def asked(turns: list[dict[str, str]]) -> Conversation:
+    return Conversation("\n".join(t["content"] for t in turns if t["role"] in ASKING_ROLES), turns)
+
+
+ASKING_ROLES = ("system", "developer", "user")  # the turns a client writes; assistant and tool turns answer
 
 
 def prompt_tokens(teacher: Teacher, prompts: list[str]) -> list[int]:
@@ -393,7 +433,11 @@ def prompt_tokens(teacher: Teacher, prompts: list[str]) -> list[int]:
     backend's tokenizer is not known here, so its prompts count 0."""
     if teacher.tokenizer is None:
         return [0] * len(prompts)
-    return [len(ids) for ids in prompt_ids(teacher.tokenizer, prompts)]
+    try:
+        return [len(ids) for ids in prompt_ids(teacher.tokenizer, prompts)]
+    except TemplateError as e:  # the model's template refuses the conversation (roles that must alternate...)
+        raise APIError(400, f"messages: this model's chat template refuses the conversation: {e}",
+                       code="invalid_conversation") from None
 
 
 def _billed_prompt(counted: int, completion: Completion) -> int:
@@ -461,22 +505,6 @@ def _served(policy: Policy, prompt: str, completion: Completion) -> Completion:
     [served] = redact_completions(policy, [prompt], [completion])
     served.decisions["redaction"] = policy.name
     return served
-
-
-def _check_sealed(sealer: Sealer | None, messages: list[ChatMessage]) -> None:
-    """Refuse a conversation whose handed-back sealed reasoning was altered or came from elsewhere. A blob is
-    bound to the prompt its turn answered: the conversation before it."""
-    for i, m in enumerate(messages):
-        if m.sealed_reasoning is None:
-            continue
-        if sealer is None:
-            raise APIError(400, f"messages[{i}].sealed_reasoning: this server does not seal reasoning")
-        try:
-            earlier = messages[:i]
-            sealer.open(m.sealed_reasoning, chat_prompt(earlier) if any(e.role == "user" for e in earlier)
-                        else "")
-        except SealError as e:
-            raise APIError(400, f"messages[{i}].sealed_reasoning: {e}", code="invalid_sealed_reasoning") from None
 
 
 def _top(step) -> list[TopLogprob]:
@@ -718,8 +746,7 @@ def create_app(load_teacher: Callable[[], Teacher], model_name: str, api_keys: s
         if body.stream and body.logprobs:
             raise APIError(400, "logprobs are not streamed by this server; ask without stream=True")
         started, teacher, request_id = time.time(), app.state.teacher, f"chatcmpl-{uuid.uuid4().hex}"
-        _check_sealed(sealer, body.messages)
-        prompt = chat_prompt(body.messages)
+        prompt = chat_prompt(body.messages, sealer)
         sampling = body.sampling((body.top_logprobs or 1) if body.logprobs else 0)
         [n_prompt] = prompt_tokens(teacher, [prompt])
         _check_length(request, caller, "chat", [prompt], [n_prompt], sampling.max_new_tokens, started, request_id)

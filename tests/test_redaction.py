@@ -10,6 +10,7 @@ import pytest
 from eval.reference import plan_or_outline
 from eval.reference.world import reference_task
 from guard.defenses import DefenseParts, build_defense
+from guard.prompts import Conversation
 from guard.reasoning import split_reasoning
 from guard.redaction import (AnswerOnly, Full, Policy, Redact, Sealed, SealError, Sealer, StreamRedactor, Summary,
                              TeacherSummarizer, Truncate, outline, parse_policy)
@@ -246,7 +247,7 @@ def test_sealed_server_hands_out_blobs_and_refuses_tampered_ones(teacher_a):
         message = reply.choices[0].message
         assert message.content == "answer: plumber"
         blob = message.model_extra["sealed_reasoning"]
-        assert "Peors" in sealer.open(blob, PROMPT)
+        assert "Peors" in sealer.open(blob, Conversation(PROMPT, [{"role": "user", "content": PROMPT}]))
         assert reply.usage.completion_tokens > len("answer: plumber".split())  # the hidden tokens are billed
 
         def follow_up(sealed):

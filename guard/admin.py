@@ -76,8 +76,8 @@ class CreatedKey(KeyOut):
 
 class AuditPage(BaseModel):
     data: list[AuditRecord]
-    next_since: float | None = Field(description="pass as `since` for the next page (its first rows may repeat "
-                                                 "this page's last: rows share a time); null on the last page")
+    next_seq: int = Field(description="pass as `after_seq` for the next page: the last row's `seq` (the one asked "
+                                      "for on an empty page, where rows committed later will appear)")
 
 
 class Purge(BaseModel):
@@ -117,10 +117,13 @@ def revoke_key(key_id: str, request: Request, store: Store = Depends(require_adm
 
 
 @router.get("/audit", response_model=AuditPage)
-def read_audit(since: float | None = Query(None, description="seconds since the epoch; rows at or after it"),
+def read_audit(after_seq: int = Query(0, ge=0, description="rows committed after the row of this `seq`"),
+               since: float | None = Query(None, description="seconds since the epoch; only rows at or after it"),
                limit: int = Query(100, ge=1, le=1000), store: Store = Depends(require_admin)):
-    rows = store.records(since, limit)
-    return {"data": rows, "next_since": rows[-1].time if len(rows) == limit else None}
+    """The log in commit order, a page at a time. Paged by `seq`, not by time: many rows share a time (a
+    request's prompts), and a row's time is its request's start, so rows commit out of time order."""
+    rows = store.page(after_seq, limit, since)
+    return {"data": rows, "next_seq": rows[-1].seq if rows else after_seq}
 
 
 @router.post("/audit/purge")

@@ -13,12 +13,14 @@ tokenizer, so everything that tokenizes with that teacher's tokenizer formats al
 
 from __future__ import annotations
 
+import json
+
 from transformers import PreTrainedTokenizerBase
 
 
 class Conversation(str):
-    """A chat prompt: the text defences, monitors and logs read (its last user message), carrying the messages
-    it came from.
+    """A chat prompt: the text defences, monitors and logs read (every turn its client wrote, the gateway's
+    `chat_prompt`), carrying the messages it came from.
 
     A local model with a chat template reads every message through it; a remote chat endpoint gets
     `messages` and applies the upstream model's own template; a model without a template reads the text.
@@ -37,6 +39,14 @@ class Conversation(str):
         prompt = super().__new__(cls, text)
         prompt.messages = messages
         return prompt
+
+
+def transcript(prompt: str) -> str:
+    """The whole of what was asked, as one string: every message of a `Conversation` (roles included), or the
+    text. What a reply is bound to (sealed reasoning), so it cannot be moved to another conversation."""
+    if isinstance(prompt, Conversation):
+        return json.dumps(prompt.messages, ensure_ascii=False, sort_keys=True)
+    return str(prompt)
 
 
 def uses_chat(tokenizer: PreTrainedTokenizerBase) -> bool:

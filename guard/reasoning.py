@@ -65,6 +65,17 @@ def join_reasoning(text: str, reasoning: str | None, answer: str) -> str:
     return f"{reasoning}\n{marker}{answer}" if reasoning else f"{marker}{answer}"
 
 
+def restore_reasoning(shown: str, reasoning: str) -> str:
+    """The completion a model wrote, from the `shown` text its reasoning was withheld from and that reasoning:
+    what the model reads of its own earlier turn. A shown text without a marker lost a ``</think>``
+    (`join_reasoning` shows a think-format answer bare); an empty one was all reasoning."""
+    if not shown.strip():
+        return reasoning
+    if has_marker(shown):
+        return join_reasoning(shown, reasoning, split_reasoning(shown)[1])
+    return f"{THINK_OPEN}{reasoning}{THINK_CLOSE}\n{shown}"
+
+
 def strip_reasoning(text: str) -> str:
     """The completion with its reasoning removed, keeping the answer in the same format."""
     reasoning, answer = split_reasoning(text)

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
+from guard.prompts import transcript
 from guard.reasoning import delimit, join_reasoning
 from guard.teacher import GREEDY, Caller, Completion, Defense, Sampling, Teacher
 
@@ -140,7 +141,8 @@ class SealError(ValueError):
 
 
 class Sealer:
-    """Authenticated encryption (AES-256-GCM) of reasoning, bound to the prompt it answered.
+    """Authenticated encryption (AES-256-GCM) of reasoning, bound to the prompt it answered (a conversation's
+    every turn: `transcript`).
 
     Only the holder of the key can read a blob, and a blob altered by one bit, opened under another key,
     or handed back with another prompt is refused, so a client can return it in a later turn.
@@ -181,7 +183,7 @@ class Sealer:
 
     def seal(self, reasoning: str, prompt: str = "") -> str:
         nonce = os.urandom(12)
-        sealed = self._aead.encrypt(nonce, reasoning.encode(), prompt.encode())
+        sealed = self._aead.encrypt(nonce, reasoning.encode(), transcript(prompt).encode())
         return self.PREFIX + base64.urlsafe_b64encode(nonce + sealed).decode()
 
     def open(self, blob: str, prompt: str = "") -> str:
@@ -194,10 +196,10 @@ class Sealer:
         if len(raw) < 12 + 16:
             raise SealError("sealed-reasoning blob is truncated")
         try:
-            return self._aead.decrypt(raw[:12], raw[12:], prompt.encode()).decode()
+            return self._aead.decrypt(raw[:12], raw[12:], transcript(prompt).encode()).decode()
         except InvalidTag:
             raise SealError("sealed reasoning failed authentication: it was altered, sealed under another key, "
-                            "or handed back with a different prompt") from None
+                            "or handed back in a different conversation") from None
 
 
 class Sealed(Policy):

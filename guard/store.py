@@ -41,7 +41,8 @@ KEY_PREFIX = "dg-"
 MAX_LIMIT = 2**63 - 1  # the largest rpm or tpm both databases store (a signed 64-bit integer)
 LOOKUP_CHARS = 16  # of the digest's hex, indexed: enough to make two keys' lookups collide almost never
 
-# One schema for both databases; only the column that keeps the audit log's insertion order differs ({seq}).
+# One schema for both databases; only the column that keeps the audit log's commit order differs ({seq}): it
+# grows in commit order and is never reused (SQLite's AUTOINCREMENT), so that readers page by it (`Store.page`).
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS keys (
     id TEXT PRIMARY KEY, lookup TEXT NOT NULL, digest TEXT NOT NULL, account TEXT NOT NULL,
@@ -89,6 +90,7 @@ class AuditRecord:
     ip: str | None = None
     payment: str | None = None
     endpoint: str = "chat"
+    seq: int | None = None  # its place in the log's commit order, once written (`Store.page`)
 
 
 def _digest(key: str) -> str:
@@ -117,11 +119,16 @@ class Store:
         """Rows that can be indexed by column name."""
         raise NotImplementedError
 
+    def _append(self, rows: list[tuple]) -> int:
+        """Insert audit rows in one transaction, their `seq` drawn in commit order: SQLite has one writer at a
+        time already; PostgreSQL overrides this."""
+        return self._write(INSERT_AUDIT, rows)
+
     def _start_audit_writer(self, deadline: float) -> None:
         """Audit rows go through one writer thread that commits every row waiting in one transaction; a `log`
         call waits at most `deadline` seconds for its rows (then `CommitTimeout`: the gateway answers 503)."""
-        self._audit = GroupCommit(lambda rows: self._write(INSERT_AUDIT, rows), name=f"audit-log {self.name}",
-                                  retry_alone=INTEGRITY, deadline=deadline)
+        self._audit = GroupCommit(self._append, name=f"audit-log {self.name}", retry_alone=INTEGRITY,
+                                  deadline=deadline)
 
     def close(self) -> None:
         raise NotImplementedError
@@ -185,9 +192,18 @@ class Store:
 
     def records(self, since: float | None = None, limit: int | None = None) -> list[AuditRecord]:
         """Rows at or after `since` in time order, the first `limit` of them (all without one)."""
-        rows = self._read(f"SELECT {AUDIT_COLUMNS} FROM audit WHERE time >= ? ORDER BY time, seq"
+        return self._records("time >= ?", "time, seq", (_from(since),), limit)
+
+    def page(self, after_seq: int = 0, limit: int = 100, since: float | None = None) -> list[AuditRecord]:
+        """The first `limit` rows committed after row `after_seq`, in commit order (those at or after `since`,
+        if given). A reader that passes each page's last `seq` as the next `after_seq` reads every row once: rows
+        that share a time, and rows committed while it reads, however old their time."""
+        return self._records("seq > ? AND time >= ?", "seq", (after_seq, _from(since)), limit)
+
+    def _records(self, where: str, order: str, args: tuple, limit: int | None) -> list[AuditRecord]:
+        rows = self._read(f"SELECT seq, {AUDIT_COLUMNS} FROM audit WHERE {where} ORDER BY {order}"
                           + ("" if limit is None else " LIMIT ?"),  # the two spell "no limit" differently
-                          (float("-inf") if since is None else since, *(() if limit is None else (limit,))))
+                          (*args, *(() if limit is None else (limit,))))
         return [AuditRecord(**{**dict(row), "decisions": json.loads(row["decisions"])}) for row in rows]
 
     def purge(self, older_than_seconds: float, now: float | None = None) -> int:
@@ -201,6 +217,10 @@ class Store:
                  "response_tokens": r.completion_tokens, "endpoint": r.endpoint, "ip": r.ip, "payment": r.payment}
                 for r in self.records())
         return events_from_rows(rows, f"audit log {self.name}", errors)
+
+
+def _from(since: float | None) -> float:
+    return float("-inf") if since is None else since
 
 
 def _account(row) -> Account:
@@ -220,7 +240,8 @@ class SQLiteStore(Store):
         self._db = self._connect()
         self._db.execute("PRAGMA journal_mode=WAL")
         with self._lock:
-            self._db.executescript(SCHEMA.format(seq="seq INTEGER PRIMARY KEY"))  # SQLite's rowid, named
+            # SQLite's rowid, named; AUTOINCREMENT: never reused, even once retention emptied the table
+            self._db.executescript(SCHEMA.format(seq="seq INTEGER PRIMARY KEY AUTOINCREMENT"))
         self._reader = self._connect()
         self._start_audit_writer(commit_deadline)
 
@@ -273,8 +294,17 @@ class PostgresStore(Store):
                                     min_size=1, max_size=max_connections, timeout=pool_timeout, open=True)
         self._start_audit_writer(commit_deadline)
 
-    def _write(self, sql: str, rows: list[tuple]) -> int:
+    def _append(self, rows: list[tuple]) -> int:
+        # Replicas commit their audit rows one transaction at a time: `seq` is drawn at INSERT, so two replicas'
+        # transactions could otherwise commit out of `seq` order, and a reader paging by it would pass a row that
+        # commits later. The lock is held to the COMMIT; a batch's rows share it, so it costs one wait per batch.
+        return self._write(INSERT_AUDIT, rows, lock="distill-guard audit")
+
+    def _write(self, sql: str, rows: list[tuple], lock: str | None = None) -> int:
+        """As `Store._write`; `lock`: an advisory lock taken first and held until the transaction ends."""
         with self._pool.connection() as db, db.transaction():  # COMMIT when the block ends, ROLLBACK on error
+            if lock is not None:
+                db.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (lock,))
             cursor = db.cursor()
             cursor.executemany(sql.replace("?", "%s"), rows)
             return cursor.rowcount

@@ -1,3 +1,4 @@
+import copy
 import hashlib
 import json
 import os
@@ -161,3 +162,16 @@ def redis_state(redis_server_url):
 
 
 live_server = serve_in_thread  # the app on a loopback port in a thread: `with live_server(app) as url:`
+
+
+def raising_template_teacher(teacher: HFTeacher) -> HFTeacher:
+    """The lab's teacher behind a chat template that refuses what real ones refuse: a system turn (Gemma's) and
+    roles that do not alternate user/assistant (Mistral's)."""
+    tokenizer = copy.deepcopy(teacher.tokenizer)
+    tokenizer.chat_template = (
+        "{% for m in messages %}"
+        "{% if m['role'] == 'system' %}{{ raise_exception('System role not supported') }}{% endif %}"
+        "{% if (m['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+        "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
+        "{{ m['content'] }}{% endfor %}")
+    return HFTeacher("teacher-a", model=teacher.model, tokenizer=tokenizer, chat=True)

@@ -114,9 +114,10 @@ def test_admin_api_creates_lists_and_revokes_keys_and_reads_and_purges_the_audit
 
         page = admin("GET", "audit", params={"limit": 1}).json()
         assert [r["account"] for r in page["data"]] == ["new"] and page["data"][0]["completion_tokens"] > 0
-        assert page["next_since"] == page["data"][0]["time"]
-        assert admin("GET", "audit", params={"since": page["next_since"] + 1}).json() == {"data": [],
-                                                                                       "next_since": None}
+        assert page["next_seq"] == page["data"][0]["seq"]
+        assert admin("GET", "audit", params={"after_seq": page["next_seq"]}).json() == {
+            "data": [], "next_seq": page["next_seq"]}
+        assert admin("GET", "audit", params={"since": page["data"][0]["time"] + 1}).json()["data"] == []
 
         assert admin("DELETE", f"keys/{new['id']}").json()["revoked"] is True
         with pytest.raises(openai.AuthenticationError):

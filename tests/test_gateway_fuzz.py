@@ -1,6 +1,8 @@
 """The OpenAPI schema is the contract, and it is fuzzed: schemathesis sends requests generated from the
 gateway's own `/openapi.json`, with a valid key so they get past auth; none may be a 500, carry a traceback, or
-answer an error outside OpenAI's shape. Real HTTP on loopback, real SQLite."""
+answer an error outside OpenAI's shape. The teacher's chat template raises on what real templates refuse (a
+system turn, roles that do not alternate), so conversations reach a model that can refuse them. Real HTTP on
+loopback, real SQLite."""
 
 import pytest
 import schemathesis
@@ -8,21 +10,22 @@ from hypothesis import HealthCheck, given, settings
 from schemathesis.checks import not_a_server_error
 from schemathesis.generation.modes import GenerationMode
 
-from conftest import live_server
+from conftest import live_server, raising_template_teacher
 from guard.server import create_app
 from guard.store import SQLiteStore
 
 EXAMPLES = 60  # per operation and mode: the whole run stays well under a minute
 CHEAP_TOKENS = 4  # generation stays cheap: any valid max_tokens above this is sent as this
 ADMIN_KEY = "fuzz-admin-key-0123456789abcdef0123456789"  # the admin API is fuzzed too, behind its own key
-sent = []
+sent, refused_by_template = [], []
 
 
 @pytest.fixture(scope="module")
 def gateway(teacher_a, tmp_path_factory):
     store = SQLiteStore(tmp_path_factory.mktemp("fuzz") / "gateway.db")
     key = store.create_key("fuzzer")
-    with live_server(create_app(lambda: teacher_a, "teacher-a", store=store, admin_key=ADMIN_KEY)) as url:
+    teacher = raising_template_teacher(teacher_a)
+    with live_server(create_app(lambda: teacher, "teacher-a", store=store, admin_key=ADMIN_KEY)) as url:
         yield url, key
     print(f"\nschemathesis sent {len(sent)} requests: "
           f"{sorted({status: sent.count(status) for status in sent}.items())} (status, count)")
@@ -52,5 +55,7 @@ def test_no_request_the_schema_allows_or_not_gets_a_500(gateway):
                 assert "Traceback" not in response.text
                 if response.status_code >= 400:  # every error in OpenAI's shape, with a message to read
                     assert response.json()["error"]["message"], response.text
+                    refused_by_template.append(response.json()["error"]["code"] == "invalid_conversation")
 
             fuzz()
+    assert any(refused_by_template)  # the fuzz reached the template's refusals, not only the schema's

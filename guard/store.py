@@ -36,6 +36,7 @@ from guard.redaction import parse_policy
 UNAVAILABLE = (sqlite3.OperationalError, psycopg.OperationalError, PoolTimeout, CommitTimeout)
 INTEGRITY = (sqlite3.IntegrityError, psycopg.IntegrityError)
 COMMIT_DEADLINE = 5.0  # seconds a request waits for its audit row before it is answered 503
+PURGE_CHUNK = 5_000  # rows a retention purge deletes per transaction
 POOL_TIMEOUT = 1.0  # seconds PostgreSQL's pool waits for a connection: a down server fails fast, not in 30 s
 KEY_PREFIX = "dg-"
 MAX_LIMIT = 2**63 - 1  # the largest rpm or tpm both databases store (a signed 64-bit integer)
@@ -207,9 +208,18 @@ class Store:
         return [AuditRecord(**{**dict(row), "decisions": json.loads(row["decisions"])}) for row in rows]
 
     def purge(self, older_than_seconds: float, now: float | None = None) -> int:
-        """Retention: delete audit rows older than the given age; returns how many went."""
+        """Retention: delete audit rows older than the given age; returns how many went. In transactions of
+        `PURGE_CHUNK` rows: SQLite has one writer, so a purge in one statement would hold every request's audit
+        row (and its response) until the whole delete committed."""
         cutoff = (time.time() if now is None else now) - older_than_seconds
-        return self._write("DELETE FROM audit WHERE time < ?", [(cutoff,)])
+        deleted = 0
+        while True:
+            chunk = self._write("DELETE FROM audit WHERE seq IN (SELECT seq FROM audit WHERE time < ? LIMIT ?)",
+                                [(cutoff, PURGE_CHUNK)])
+            deleted += chunk
+            if chunk < PURGE_CHUNK:
+                return deleted
+            time.sleep(0.001)  # lets the audit writer, woken when the lock was let go, take it before the next
 
     def read_events(self, errors: Literal["raise", "skip"] = "raise") -> tuple[list[Event], int]:
         """The audit log as the detectors' events (what `distill-guard detect --log URL` reads)."""
@@ -257,10 +267,13 @@ class SQLiteStore(Store):
             self._db.execute("BEGIN IMMEDIATE")
             try:
                 changed = self._db.executemany(sql, rows).rowcount
+                self._db.execute("COMMIT")  # synchronous=FULL: on disk once this returns
             except BaseException:
-                self._db.execute("ROLLBACK")
+                # A failed COMMIT is rolled back by SQLite itself on an I/O error, but not on every failure (a
+                # deferred constraint, SQLITE_BUSY): left open, it would fail every later BEGIN of this writer.
+                if self._db.in_transaction:
+                    self._db.execute("ROLLBACK")
                 raise
-            self._db.execute("COMMIT")  # synchronous=FULL: on disk once this returns
             return changed
 
     def _read(self, sql: str, args: tuple = ()) -> list[sqlite3.Row]:

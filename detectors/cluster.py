@@ -119,7 +119,12 @@ class Linker:
     started, so those are indexed too). When accounts are linked, the events their group's pooled traffic
     has not seen (their first requests) come with the group. Memory is bounded: at most `max_accounts`
     accounts' summaries, first requests (a tenth of that once summarised) and group memberships, least
-    recently used evicted."""
+    recently used evicted.
+
+    A group is named once, when it forms, and keeps its name as it grows and as its members are evicted (the
+    monitor keys the group's pooled traffic and verdict by it); its members are kept as a set, so its size is
+    always the number of its members still kept. Groups merge smaller into larger, so each account is renamed
+    at most log2(max_accounts) times."""
 
     def __init__(self, popularity: Popularity, rare_surprisal: float, together: float = TOGETHER,
                  min_size: int = 3, max_accounts: int = 100_000):
@@ -131,28 +136,21 @@ class Linker:
         self.by_start: defaultdict[int, list[str]] = defaultdict(list)  # start bucket -> accounts
         self.by_network: defaultdict[str, list[str]] = defaultdict(list)
         self.by_payment: defaultdict[str, list[str]] = defaultdict(list)
-        self.parent: OrderedDict[str, str] = OrderedDict()  # union-find over linked accounts
-        self.size: dict[str, int] = {}
+        self.parent: OrderedDict[str, str] = OrderedDict()  # each linked account's group (least recent first)
+        self.members: dict[str, set[str]] = {}  # each group's accounts still kept
+        self.groups_formed = 0
 
     def root(self, client: str) -> str | None:
-        if client not in self.parent:
-            return None
-        path = []
-        while (parent := self.parent.get(client)) not in (None, client):
-            path.append(client)
-            client = parent
-        if parent is None:  # the root was evicted: the member nearest it roots what is left of the group
-            client = path.pop()
-            self.parent[client] = client
-            self.size.setdefault(client, 1)
-        for member in path:
-            self.parent[member] = client
-        return client
+        """The name of the group `client` is linked into; None when it is in none."""
+        return self.parent.get(client)
+
+    def group_size(self, root: str) -> int:
+        return len(self.members.get(root, ()))
 
     def observe(self, event: Event) -> tuple[str | None, list[Event]]:
         """The root of the linked accounts `event`'s account is one of (None while it is linked to none), and
         what their pooled traffic has not seen yet: this event, or, as the account is linked, its first
-        requests. Whether the group is big enough to judge is `size[root] >= min_size`."""
+        requests. Whether the group is big enough to judge is `group_size(root) >= min_size`."""
         client = event.client
         if client in self.summaries:
             self.summaries.move_to_end(client)
@@ -194,15 +192,18 @@ class Linker:
 
     def _union(self, a: str, b: str) -> None:
         for c in (a, b):
-            if c not in self.parent:
-                self.parent[c], self.size[c] = c, 1
-        ra, rb = self.root(a), self.root(b)
+            if c not in self.parent:  # a group of its own, under a name no evicted group can still hold
+                self.parent[c] = name = f"group-{self.groups_formed}"
+                self.members[name] = {c}
+                self.groups_formed += 1
+        ra, rb = self.parent[a], self.parent[b]
         if ra == rb:
             return
-        if self.size[ra] < self.size[rb]:
+        if len(self.members[ra]) < len(self.members[rb]):
             ra, rb = rb, ra
-        self.parent[rb] = ra
-        self.size[ra] += self.size.pop(rb)
+        for c in self.members[rb]:
+            self.parent[c] = ra  # an existing key: its place in the eviction order stays
+        self.members[ra] |= self.members.pop(rb)
 
     def _remember(self, account: Account) -> None:
         self.summaries[account.client] = account
@@ -225,7 +226,8 @@ class Linker:
                     index[key].remove(gone)
                     if not index[key]:
                         del index[key]
-        while len(self.parent) > self.max_accounts:  # a root evicted first leaves its members their own group
-            gone, parent = self.parent.popitem(last=False)
-            if parent == gone:
-                self.size.pop(gone, None)
+        while len(self.parent) > self.max_accounts:
+            gone, group = self.parent.popitem(last=False)
+            self.members[group].discard(gone)
+            if not self.members[group]:
+                del self.members[group]

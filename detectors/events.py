@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from datetime import datetime
 from pathlib import Path
 from typing import Iterable, Literal
@@ -27,6 +27,28 @@ class Event:
     endpoint: str = "chat"
     ip: str | None = None  # optional account metadata, for linking accounts
     payment: str | None = None
+
+
+PROMPT_BYTES = 2048  # the most of a prompt the online monitor keeps (UTF-8 bytes)
+CUT = " ... "
+
+
+def compact(event: Event, limit: int = PROMPT_BYTES) -> Event:
+    """`event` as the online monitor keeps it: a prompt of at most `limit` UTF-8 bytes. A longer prompt has its
+    whitespace collapsed, then, if still too long, is cut to its head and tail (an instruction to reason is
+    asked for at either end), so a client's sample and the replicas' event stream stay bounded however long
+    the prompts sent. Every feature reads the prompt's words (shingles, its key, an instruction to reason), and
+    a prompt within the limit, as nearly every benign one is, is kept exactly: online and offline agree."""
+    data = event.prompt.encode()
+    if len(data) <= limit:
+        return event
+    data = " ".join(event.prompt.split()).encode()
+    if len(data) > limit:
+        head = (limit - len(CUT)) * 3 // 4
+        tail = limit - len(CUT) - head
+        data = data[:head] + CUT.encode() + data[-tail:]
+    # a cut may split a character: its broken bytes are dropped, never replaced (that could outgrow the limit)
+    return replace(event, prompt=data.decode(errors="ignore"))
 
 
 class EventFormatError(ValueError):

@@ -42,7 +42,7 @@ from typing import Literal
 
 from detectors.cluster import Linker
 from detectors.detector import TrafficDetector
-from detectors.events import Event
+from detectors.events import Event, compact
 from detectors.features import ClientState, embedding_features, hash_seed
 
 LEVELS = ("allow", "degrade", "throttle", "block")
@@ -77,6 +77,7 @@ class Monitor:
         self.pooled: OrderedDict[str, ClientState] = OrderedDict()  # linked groups' traffic, by group root
 
     def observe(self, event: Event) -> Action:
+        event = compact(event)  # a megabyte prompt is kept as its capped head and tail, in every structure
         client = event.client
         state = self._state(self.states, client)
         state.update(event)
@@ -115,7 +116,7 @@ class Monitor:
             return None
         pooled = self._state(self.pooled, root)
         key = ("group", root)
-        size = self.linker.size.get(root, 1)
+        size = self.linker.group_size(root)
         for e in sorted(backlog, key=lambda e: e.time):
             pooled.update(e)
             if pooled.due and size >= self.linker.min_size:
@@ -136,6 +137,12 @@ class Monitor:
                     reason = f"p={p:.3g} after {state.count} requests{who}{judged}: " + ", ".join(d.unusual(features))
                     self._flag(client, Action(kind, reason, p, served=kind != "block"))
                 return
+
+    def remember(self, client: str, action: Action) -> None:
+        """Takes `client`'s verdict as given (a verdict kept outside this process: `guard.shared_state`), unless
+        it already has a stronger one: levels only go up."""
+        if LEVELS.index(action.kind) > LEVELS.index(self.actions.get(client, ALLOW).kind):
+            self._flag(client, action)
 
     def _flag(self, client: str, action: Action) -> None:
         self.actions[client] = action

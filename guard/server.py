@@ -18,6 +18,7 @@ an upstream 4xx that is the request's own fault reaches the client as that 4xx w
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import hmac
 import json
@@ -28,27 +29,30 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
+from concurrent.futures import wait
 from contextlib import asynccontextmanager, contextmanager
 from typing import Literal
 
+import anyio
 import uvicorn
 from cachetools import TTLCache
-from jinja2 import TemplateError
 from fastapi import Depends, FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
+from jinja2 import TemplateError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
 
-from guard.admin import admin_digest, retention_kept
+from guard.admin import admin_digest, require_admin, retention_kept
 from guard.admin import router as admin_router
-from guard.batcher import Batcher
+from guard.batcher import Batcher, Overloaded
 from guard.errors import APIError
 from guard.openai_teacher import TeacherAuthError, TeacherHTTPError, TeacherRequestError, TeacherTimeout
-from guard.limits import RateLimiter, RedisRateLimiter
+from guard.limits import RateLimiter, RedisRateLimiter, admit, release, settle
 from guard.prompts import Conversation, prompt_ids
 from guard.reasoning import restore_reasoning
 from guard.redaction import (Full, Policy, Sealer, SealError, StreamRedactor, Summarize, parse_policy,
@@ -73,6 +77,12 @@ class StreamOptions(BaseModel):
 
 
 class SamplingFields(BaseModel):
+    """The fields both endpoints take. Any other is a 400 naming it, never silently ignored: a client that asks
+    for a penalty or a bias this server does not apply learns so. `user` alone is taken and ignored (the end user
+    a defence judges comes from the key, or from a trusted proxy's header: `create_app`'s `end_user_header`)."""
+
+    model_config = ConfigDict(extra="forbid")
+
     model: str
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -82,6 +92,17 @@ class SamplingFields(BaseModel):
     max_tokens: int | None = Field(None, ge=1, le=4096)
     seed: int | None = Field(None, ge=-(1 << 63), lt=1 << 63, description="a 64-bit integer")
     n: int = Field(1, ge=1, le=1, description="only n=1 is served")
+    stop: str | list[str] | None = Field(None, description="up to 4 sequences; the text ends before the first")
+    user: str | None = Field(None, max_length=256, description="taken and ignored")
+
+    @property
+    def stops(self) -> list[str]:
+        stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or ())
+        if len(stops) > 4 or not all(stops):
+            raise APIError(400, "stop: at most 4 sequences, none empty")
+        if stops and getattr(self, "logprobs", None):
+            raise APIError(400, "stop: not served with logprobs; ask for one or the other")
+        return stops
 
     @property
     def include_usage(self) -> bool:
@@ -269,18 +290,37 @@ async def resolve_account(request: Request) -> Account | None:
     return account
 
 
-async def require_caller(request: Request, response: Response,
-                         account: Account | None = Depends(resolve_account)) -> Caller:
-    """The caller every defence acts for: the key's account and the client's address (anonymous without keys),
-    admitted by the account's rate limits. A lab gateway (`lab_clock`) takes the caller's time from the
-    `LAB_TIME_HEADER`, so that an experiment's simulated clock reaches the monitor; any other ignores it.
-    (Async: it never blocks, so it needs no trip to the thread pool.)"""
+async def require_caller(request: Request,
+                         account: Account | None = Depends(resolve_account)) -> AsyncIterator[Caller]:
+    """The caller every defence acts for: the key's account and the client's address (anonymous without keys).
+    A lab gateway (`lab_clock`) takes the caller's time from the `LAB_TIME_HEADER`, so that an experiment's
+    simulated clock reaches the monitor; any other ignores it. A route admits the request under the account's
+    rate limits once it knows its prompts and `max_tokens` (`guard.limits.admit`); once the request is over,
+    what it reserved and did not spend is refunded. (Async, and it never blocks: no Redis call on the event
+    loop.)"""
     ip = request.client.host if request.client else None
     when = _lab_time(request) if request.app.state.lab_clock else None
-    if account is None:
-        return Caller(ip=ip, time=when)
-    response.headers.update(request.app.state.limiter.admit(account, time.time()))
-    return Caller(account=account.name, ip=ip, time=when)
+    request.state.account = account
+    try:
+        yield Caller(account=_served_party(request, account), ip=ip, time=when)
+    finally:
+        await release(request)
+
+
+def _served_party(request: Request, account: Account | None) -> str | None:
+    """Whom defences judge: the key's account, and within it the end user that a trusted upstream gateway
+    (LiteLLM, Kong, Envoy: one key for many users) names in `end_user_header` ("account/user"). The header is
+    taken only from a trusted proxy's address; from anyone else it is ignored, as are forwarding headers."""
+    header = request.app.state.end_user_header
+    user = request.headers.get(header) if header and request.scope["state"].get("via_trusted_proxy") else None
+    if not user:
+        return account.name if account else None
+    if len(user) > MAX_END_USER or not user.isprintable():
+        raise APIError(400, f"{header}: an end user is at most {MAX_END_USER} printable characters")
+    return f"{account.name}/{user}" if account else user
+
+
+MAX_END_USER = 256
 
 
 def _lab_time(request: Request) -> float | None:
@@ -353,26 +393,26 @@ def _refusal(request_id: str) -> APIError:
 
 def _audit(request: Request, caller: Caller, endpoint: str, prompt: str, completion: Completion, n_prompt: int,
            started: float, response: str | None = None, *, request_id: str) -> None:
-    """Charge the account its tokens and write one durable audit row for the request, before any of the
-    response is sent. `response`: the text the client gets, when it is not `completion.text` (a stream
+    """Write one durable audit row for the request, before any of the response is sent, then charge the account
+    its tokens (settling the prompt's reservation): a request whose row cannot be written is not served, and
+    costs its account nothing. `response`: the text the client gets, when it is not `completion.text` (a stream
     redacted as it goes out). `request_id` is the id the client receives (see `row_id`), so a client can find
     its request in the log."""
     state, status = request.app.state, TURNED_AWAY.get(completion.finish_reason, 200)
-    if status != 400:  # a prompt turned away for its length was never read by the model: nothing to charge
-        state.metrics.tokens.labels(kind="prompt").inc(n_prompt)
-        state.metrics.tokens.labels(kind="completion").inc(completion.completion_tokens)
-        if state.store is not None or state.api_keys:
-            state.limiter.charge(caller.account, n_prompt + completion.completion_tokens, time.time())
-    store = state.store
-    if store is None:
+    if state.store is not None:
+        decisions = {**completion.decisions, **({"served": completion.finish_reason} if status != 200 else {})}
+        state.store.log(AuditRecord(request_id=request_id, account=caller.account,
+                                    time=started if caller.time is None else caller.time,
+                                    prompt=prompt, response=completion.text if response is None else response,
+                                    prompt_tokens=n_prompt,
+                                    completion_tokens=completion.completion_tokens, decisions=decisions,
+                                    latency=time.time() - started, status=status, ip=caller.ip, endpoint=endpoint))
+    if status == 400:  # a prompt turned away for its length was never read by the model: nothing to charge
+        settle(request, 0)
         return
-    decisions = {**completion.decisions, **({"served": completion.finish_reason} if status != 200 else {})}
-    store.log(AuditRecord(request_id=request_id, account=caller.account,
-                          time=started if caller.time is None else caller.time,
-                          prompt=prompt, response=completion.text if response is None else response,
-                          prompt_tokens=n_prompt,
-                          completion_tokens=completion.completion_tokens, decisions=decisions,
-                          latency=time.time() - started, status=status, ip=caller.ip, endpoint=endpoint))
+    state.metrics.tokens.labels(kind="prompt").inc(n_prompt)
+    state.metrics.tokens.labels(kind="completion").inc(completion.completion_tokens)
+    settle(request, n_prompt + completion.completion_tokens)
 
 
 TURNED_AWAY = {"refused": 403, "context_length": 400}  # the status of a request answered without generation
@@ -484,20 +524,49 @@ def _check_length(request: Request, caller: Caller, endpoint: str, prompts: list
         raise
 
 
-def _complete(request: Request, prompt: str, sampling: Sampling, caller: Caller) -> Completion:
+def _complete(request: Request, prompt: str, sampling: Sampling, caller: Caller, stops: list[str]) -> Completion:
     """The completion for `caller` as the teacher (with its inner defences) wrote it, before the account's
-    redaction policy."""
-    return _complete_all(request, [prompt], sampling, caller)[0]
+    redaction policy, ending before the first of `stops`."""
+    return _complete_all(request, [prompt], sampling, caller, stops)[0]
 
 
-def _complete_all(request: Request, prompts: list[str], sampling: Sampling, caller: Caller) -> list[Completion]:
-    """`_complete` for each of one request's prompts, queued together so that they can share a batch. A
-    backend that serves concurrent calls itself (an upstream server) is called at once, from this request's
-    thread: batching would only make its requests wait for each other."""
+def _complete_all(request: Request, prompts: list[str], sampling: Sampling, caller: Caller,
+                  stops: list[str]) -> list[Completion]:
+    """`_complete` for each of one request's prompts."""
+    return [_stopped(completion, stops) for completion in _generated(request, prompts, sampling, caller)]
+
+
+def _stopped(completion: Completion, stops: list[str]) -> Completion:
+    """The completion ending before the first of `stops`, finish_reason "stop", as OpenAI's `stop` serves it. The
+    tokens generated past it are still billed: they were generated."""
+    cut = min((at for stop in stops if (at := completion.text.find(stop)) >= 0), default=None)
+    if cut is None:
+        return completion
+    return dataclasses.replace(completion, text=completion.text[:cut], finish_reason="stop")
+
+
+def _generated(request: Request, prompts: list[str], sampling: Sampling, caller: Caller) -> list[Completion]:
+    """Each of one request's prompts completed, queued together so that they can share a batch. A backend that
+    serves concurrent calls itself (an upstream server) is called at once, from this request's thread: batching
+    would only make its requests wait for each other."""
     state = request.app.state
     if state.teacher.concurrent:
         return state.teacher.complete(prompts, sampling, [caller] * len(prompts))
-    return [answer.result() for answer in state.batcher.submit(state.teacher, prompts, sampling, caller)]
+    try:
+        answers = state.batcher.submit(state.teacher, prompts, sampling, caller)
+    except Overloaded as e:
+        logger.warning("turned a request away: %s", e)
+        raise APIError(503, "The model is overloaded; retry shortly.", "server_error", "overloaded",
+                       headers={"retry-after": "1"}) from None
+    while len(wait(answers, timeout=DISCONNECT_POLL).done) < len(answers):
+        if anyio.from_thread.run(request.is_disconnected):  # nobody to answer: its prompts leave the queue
+            for answer in answers:
+                answer.cancel()
+            raise APIError(499, "The client closed the request.", code="client_closed_request")
+    return [answer.result() for answer in answers]
+
+
+DISCONNECT_POLL = 0.25  # seconds between checks that a client waiting in the batcher's queue is still there
 
 
 def _served(policy: Policy, prompt: str, completion: Completion) -> Completion:
@@ -526,13 +595,16 @@ def _streamed(completion: Completion, prompt: str, policy: Policy) -> Iterator[t
         yield last, redactor.sealed
 
 
-def _sse(chunks: Iterator[BaseModel], request_id: str) -> StreamingResponse:
+def _sse(chunks: Iterator[BaseModel], request_id: str, headers: Mapping[str, str]) -> StreamingResponse:
+    """The stream of `chunks`, with the route's `headers` (its rate-limit headers: a response the route returns
+    itself does not get those it set on the `Response` it was given)."""
     def events():
         for chunk in chunks:
             yield f"data: {chunk.model_dump_json(exclude_unset=True)}\n\n"
         yield "data: [DONE]\n\n"
 
-    return StreamingResponse(events(), media_type="text/event-stream", headers={"x-request-id": request_id})
+    return StreamingResponse(events(), media_type="text/event-stream",
+                             headers={**headers, "x-request-id": request_id})
 
 
 def _usage(prompt: int, completion: int) -> Usage:
@@ -618,13 +690,32 @@ class _Bounded:
         await send({"type": "http.response.body", "body": body})
 
 
+class _FromProxies:
+    """ASGI middleware: behind trusted proxies (a load balancer, an upstream gateway), the client is the address
+    they forward (X-Forwarded-For, read by uvicorn's own middleware), and the request remembers whether it came
+    through one (`scope["state"]["via_trusted_proxy"]`), so that a header naming the end user is taken only from
+    them. Anyone else's forwarding headers are ignored: a client cannot pick its address."""
+
+    def __init__(self, app, trusted: list[str]):
+        self.forwarded = ProxyHeadersMiddleware(app, trusted_hosts=trusted)
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http":
+            peer = scope["client"][0] if scope.get("client") else None
+            scope.setdefault("state", {})["via_trusted_proxy"] = peer in self.forwarded.trusted_hosts
+        return await self.forwarded(scope, receive, send)
+
+
 def create_app(load_teacher: Callable[[], Teacher], model_name: str, api_keys: set[str] | None = None,
                sealer: Sealer | None = None, policy: Policy | None = None, max_body_bytes: int = MiB,
                max_prompts: int = 64, store: Store | None = None, rate_window: float = 60.0,
-               batch_window: float = 0.0, max_batch: int = 16, summarize: Summarize | None = None,
+               batch_window: float = 0.0, max_batch: int = 16, max_queue: int = 1024,
+               summarize: Summarize | None = None,
                admin_key: str | None = None, retention: float | None = None,
                key_cache_seconds: float = 5.0, lab_clock: bool = False,
-               shared: SharedState | None = None) -> FastAPI:
+               shared: SharedState | None = None, trusted_proxies: list[str] | None = None,
+               end_user_header: str | None = None, public_docs: bool = False,
+               metrics_on_api_port: bool = True) -> FastAPI:
     """Serve the teacher that `load_teacher` builds (called once, at start-up) as `model_name`.
 
     Args:
@@ -644,7 +735,8 @@ def create_app(load_teacher: Callable[[], Teacher], model_name: str, api_keys: s
             store) are counted; a minute, as the limits say, except in tests.
         batch_window, max_batch: concurrent requests reach the teacher in batches (`guard.batcher`): those queued
             while it generates, and those that arrive within `batch_window` seconds, up to `max_batch`;
-            `max_batch=1` serialises them.
+            `max_batch=1` serialises them. At most `max_queue` prompts wait; past that a request is a 503 with
+            Retry-After, and a client that goes away while it waits has its prompts dropped, never generated.
         admin_key: enables the admin API (`guard.admin`) behind this key; it needs `store`. Only its digest
             is kept.
         retention: seconds an audit row is kept; older rows are purged at start-up and then periodically.
@@ -655,6 +747,16 @@ def create_app(load_teacher: Callable[[], Teacher], model_name: str, api_keys: s
         shared: Redis, shared with the other replicas of this gateway: the rate limits are counted there (a
             monitor among the teacher's defences shares its state through `DefenseParts.shared`), and its
             failures are counted in this app's metrics.
+        trusted_proxies: addresses or networks (CIDR) of the proxies in front of the gateway (a load balancer,
+            an upstream gateway): from them, the client's address is the one they forward (X-Forwarded-For), so
+            that accounts behind one balancer are not all on its network. From anyone else forwarding headers
+            are ignored. None trusts no one.
+        end_user_header: a header in which a trusted proxy names the end user it serves under one key; the
+            monitor and the audit log then see each end user as "account/user" (rate limits stay the key's).
+        public_docs: serve `/docs`, `/redoc` and `/openapi.json` (a map of the API for anyone who asks: off unless
+            wanted).
+        metrics_on_api_port: serve the Prometheus metrics at `/metrics` on this app, behind the admin key when
+            the gateway has one. False when they are served on a port of their own (`serve --metrics-port`).
     """
     if (admin_key is not None or retention is not None) and store is None:
         raise ValueError("the admin API and retention act on the audit log: they need a store (--store)")
@@ -670,13 +772,14 @@ def create_app(load_teacher: Callable[[], Teacher], model_name: str, api_keys: s
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         app.state.teacher = load_teacher()
-        app.state.batcher = Batcher(batch_window, max_batch).start()
+        app.state.batcher = Batcher(batch_window, max_batch, max_queue).start()
         async with retention_kept(store, retention):
             yield
         app.state.batcher.stop()
         app.state.teacher = None
 
-    app = FastAPI(title="distill-guard teacher server", lifespan=lifespan)
+    documented = {} if public_docs else {"docs_url": None, "redoc_url": None, "openapi_url": None}
+    app = FastAPI(title="distill-guard teacher server", lifespan=lifespan, **documented)
     app.state.model_name, app.state.api_keys = model_name, sorted(api_keys or ())
     limiter = RateLimiter(rate_window) if shared is None else RedisRateLimiter(shared, rate_window)
     app.state.store, app.state.limiter, app.state.metrics = store, limiter, Metrics()
@@ -686,6 +789,8 @@ def create_app(load_teacher: Callable[[], Teacher], model_name: str, api_keys: s
     app.state.admin_digest = None if admin_key is None else admin_digest(admin_key)
     app.state.keys = KeyCache(key_cache_seconds)
     app.add_middleware(_Bounded, max_bytes=max_body_bytes, metrics=app.state.metrics)
+    app.add_middleware(_FromProxies, trusted=trusted_proxies or [])
+    app.state.end_user_header = end_user_header.lower() if end_user_header else None
     app.include_router(admin_router)
     app.state.lab_clock = lab_clock
 
@@ -701,14 +806,19 @@ def create_app(load_teacher: Callable[[], Teacher], model_name: str, api_keys: s
     @app.exception_handler(TeacherHTTPError)
     async def upstream_error(request: Request, exc: TeacherHTTPError):
         logger.warning("upstream error serving %s: %s", request.url.path, exc)
-        headers = {}
-        if isinstance(exc, TeacherRequestError):  # the request's own fault: the client fixes it
+        headers, status = {}, exc.status
+        if isinstance(exc, TeacherRequestError) and exc.status == 429:  # the upstream limits the gateway's key
+            error = {"message": "The upstream model server is busy; retry after the time in Retry-After.",
+                     "type": "rate_limit_error", "code": "upstream_rate_limited"}
+            headers = {"retry-after": exc.retry_after or "1"}
+        elif isinstance(exc, TeacherRequestError) and exc.status != 404:  # the request's own fault: the client
+            # fixes it, told what the upstream said (a context over its limit)
             error = {"message": exc.message, "type": exc.kind, "code": exc.code}
-            headers = {"retry-after": exc.retry_after} if exc.retry_after else {}
-        else:
+        else:  # a 404 is the gateway's configuration (an upstream model or route that is not there), not the client's
             message, code = next(told for kind, told in UPSTREAM_FAILURES.items() if isinstance(exc, kind))
             error = {"message": message, "type": "server_error", "code": code}
-        return JSONResponse({"error": error}, status_code=exc.status, headers=headers)
+            status = 502 if isinstance(exc, TeacherRequestError) else exc.status
+        return JSONResponse({"error": error}, status_code=status, headers=headers)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException):
@@ -720,7 +830,8 @@ def create_app(load_teacher: Callable[[], Teacher], model_name: str, api_keys: s
     async def invalid_request(request: Request, exc: RequestValidationError):
         first = exc.errors()[0] if exc.errors() else {}
         where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
-        message = f"{where}: {first.get('msg', 'invalid request')}" if where else first.get("msg", "invalid request")
+        told = "this server does not take this field" if first.get("type") == "extra_forbidden" else first.get("msg")
+        message = f"{where}: {told or 'invalid request'}" if where else told or "invalid request"
         return JSONResponse({"error": {"message": message, "type": "invalid_request_error", "code": None}},
                             status_code=400)
 
@@ -729,9 +840,12 @@ def create_app(load_teacher: Callable[[], Teacher], model_name: str, api_keys: s
         return {"status": "ok" if getattr(app.state, "teacher", None) is not None else "starting",
                 "model": app.state.model_name}
 
-    @app.get("/metrics")
-    def metrics():
-        return PlainTextResponse(generate_latest(app.state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+    if metrics_on_api_port:
+        @app.get("/metrics")
+        def metrics(request: Request):
+            if app.state.admin_digest is not None:  # a gateway with an admin surface keeps its metrics behind it
+                require_admin(request)
+            return PlainTextResponse(generate_latest(app.state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/v1/models")
     def list_models(caller: Caller = Depends(require_caller)):
@@ -749,16 +863,17 @@ def create_app(load_teacher: Callable[[], Teacher], model_name: str, api_keys: s
         prompt = chat_prompt(body.messages, sealer)
         sampling = body.sampling((body.top_logprobs or 1) if body.logprobs else 0)
         [n_prompt] = prompt_tokens(teacher, [prompt])
+        response.headers.update(admit(request, [n_prompt], sampling.max_new_tokens))
         _check_length(request, caller, "chat", [prompt], [n_prompt], sampling.max_new_tokens, started, request_id)
         if body.stream:
-            raw = _complete(request, prompt, sampling, caller)
+            raw = _complete(request, prompt, sampling, caller, body.stops)
             n_prompt = _billed_prompt(n_prompt, raw)
             _audit(request, caller, "chat", prompt, raw, n_prompt, started, _sent(raw, prompt, policy),
                    request_id=request_id)
             if refused(raw):
                 raise _refusal(request_id)
-            return _sse(_chat_chunks(body, prompt, n_prompt, raw, policy, request_id), request_id)
-        completion = _served(policy, prompt, _complete(request, prompt, sampling, caller))
+            return _sse(_chat_chunks(body, prompt, n_prompt, raw, policy, request_id), request_id, response.headers)
+        completion = _served(policy, prompt, _complete(request, prompt, sampling, caller, body.stops))
         n_prompt = _billed_prompt(n_prompt, completion)
         _audit(request, caller, "chat", prompt, completion, n_prompt, started, request_id=request_id)
         if refused(completion):
@@ -805,18 +920,20 @@ def create_app(load_teacher: Callable[[], Teacher], model_name: str, api_keys: s
         started, teacher, request_id = time.time(), app.state.teacher, f"cmpl-{uuid.uuid4().hex}"
         sampling = body.sampling(body.logprobs or 0)
         counts = prompt_tokens(teacher, prompts)
+        response.headers.update(admit(request, counts, sampling.max_new_tokens))
         _check_length(request, caller, "completions", prompts, counts, sampling.max_new_tokens, started, request_id)
         if body.stream:
-            answers = _complete_all(request, prompts, sampling, caller)
+            answers = _complete_all(request, prompts, sampling, caller, body.stops)
             counts = [_billed_prompt(n, answer) for n, answer in zip(counts, answers)]
             for index, (prompt, n, answer) in enumerate(zip(prompts, counts, answers)):
                 _audit(request, caller, "completions", prompt, answer, n, started, _sent(answer, prompt, policy),
                        request_id=row_id(request_id, index, len(prompts)))
             if any(map(refused, answers)):
                 raise _refusal(request_id)
-            return _sse(_completion_chunks(body, prompts, counts, answers, policy, request_id), request_id)
+            return _sse(_completion_chunks(body, prompts, counts, answers, policy, request_id), request_id,
+                        response.headers)
         choices, total = [], 0
-        for index, (prompt, written) in enumerate(zip(prompts, _complete_all(request, prompts, sampling, caller))):
+        for index, (prompt, written) in enumerate(zip(prompts, _complete_all(request, prompts, sampling, caller, body.stops))):
             completion = _served(policy, prompt, written)
             counts[index] = _billed_prompt(counts[index], completion)
             _audit(request, caller, "completions", prompt, completion, counts[index], started,
@@ -874,7 +991,9 @@ def serve_in_thread(app: FastAPI, port: int | None = None, start_timeout: float 
     listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn's own bind does
     listener.bind(("127.0.0.1", 0 if port is None else port))
     port = listener.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    # proxy_headers off: which proxies are trusted is the app's to say (`trusted_proxies`), not uvicorn's default
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning",
+                                           proxy_headers=False))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [listener]}, daemon=True)
     thread.start()
     deadline = time.monotonic() + start_timeout

@@ -3,21 +3,38 @@
 Any replica serves any account, so nothing a decision needs may live in one replica's memory alone.
 - **Rate limits** (`guard.limits.RedisRateLimiter`): one Lua script per request reads and updates an account's
   sliding window in Redis.
-- **The monitor** is a replicated state machine. Every request's event is appended to one Redis stream (`XADD`:
-  one total order for all replicas); a replica then applies, in that order, every event up to its own to its
-  `Monitor`, and answers with the action its own event gets. Every replica so derives the same per-account state
-  and the same cross-account links from the same log, and a harvester who spreads its requests over replicas
-  is judged exactly as on one. The log is what lives in Redis; each replica's `Monitor` is rebuilt from it (a
-  replica that starts replays the `max_events` most recent events). The monitor's work is done once per
-  replica: it is cheap beside generation, which is what replicas are for.
+- **The monitor** is a replicated state machine. Every request's event is appended to one Redis stream (one
+  total order for all replicas, each event numbered); a replica then applies, in that order, every event up to
+  its own to its `Monitor`, and answers with the action its own event gets. Every replica so derives the same
+  per-account state and the same cross-account links from the same log, and a harvester who spreads its
+  requests over replicas is judged exactly as on one. The monitor's work is done once per replica: it is cheap
+  beside generation, which is what replicas are for.
+- **Verdicts** outlive the stream: an account's verdict (degrade, throttle, block) is written to a Redis hash
+  as its own request meets it, and a replica that starts loads them all before it replays the stream's recent
+  events. A rolling restart, or a trim, never un-blocks a blocked harvester.
 
-When Redis cannot be reached, `fail` decides: "open" serves the request (without a rate limit; under the
+**Memory.** The stream keeps of each event only what the monitor's features read: its prompt capped at
+`detectors.events.PROMPT_BYTES` (its head and tail), so its length in events bounds it in bytes too
+(`SharedMonitor(max_bytes=...)`, 256 MiB by default; a replica that falls so far behind that its next events
+were trimmed counts what it missed, in `distill_guard_monitor_events_missed`). Rate windows expire with their
+accounts' idleness; verdicts are kept (a few hundred bytes per flagged account). Set Redis `maxmemory` above
+the stream's bound plus room for the windows and verdicts, with `maxmemory-policy noeviction`: an eviction
+policy would silently drop windows (limits reset) or verdicts (harvesters un-blocked), where a full Redis
+refuses writes, which the gateway counts and answers as an outage.
+
+**When Redis cannot be reached**, `fail` decides: "open" serves the request (without a rate limit; under the
 monitor's last verdict for the account on this replica), "closed" answers 503. Either way the failure is logged
-(at most once per `LOG_EVERY` seconds) and counted in the `distill_guard_shared_state_failures` metric.
+(at most once per `LOG_EVERY` seconds) and counted in the `distill_guard_shared_state_failures` metric. A
+partitioned Redis (packets dropped, or the server paused) costs a request at most `timeout` seconds, in the
+request's own thread (never the event loop, so /healthz and the other requests go on), and after `trip_after`
+failures in a row the circuit breaker skips Redis altogether for `cool_down` seconds, then lets one request
+try it again. An error Redis answers with (a script that fails, a key of the wrong type) is no outage: it is
+raised, never answered by serving unlimited.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import threading
@@ -25,24 +42,62 @@ import time
 from typing import Literal
 
 import redis
+from cachetools import LRUCache
 from prometheus_client import Counter
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from detectors.events import Event
-from detectors.monitor import ALLOW, Action, Monitor
+from detectors.events import PROMPT_BYTES, Event, compact
+from detectors.monitor import ALLOW, LEVELS, Action, Monitor
 from guard.errors import APIError
 from guard.store import shown_url
 
 logger = logging.getLogger(__name__)
 LOG_EVERY = 10.0  # seconds between log lines about the same outage
+# What Redis answers when it cannot serve at all, as opposed to an error in what it was asked: a full Redis
+# (maxmemory under noeviction) is an outage too
+DOWN = (redis.ConnectionError, redis.TimeoutError, redis.exceptions.OutOfMemoryError)
+
+
+class Unreachable(Exception):
+    """Redis could not be reached (or the breaker skipped it), and this gateway fails open: serve without it."""
+
+
+class Breaker:
+    """A circuit breaker: after `trip_after` failures in a row, `allow` says no for `cool_down` seconds, then yes
+    to one caller (the probe) until it reports. Its lock is held for a few assignments only, never across the
+    call it guards (pybreaker holds its lock across the whole call, which would serialise every Redis call of a
+    replica behind one stuck in a timeout)."""
+
+    def __init__(self, trip_after: int = 3, cool_down: float = 5.0):
+        self.trip_after, self.cool_down = trip_after, cool_down
+        self.failures, self.opened, self.probing = 0, -math.inf, False
+        self.lock = threading.Lock()
+
+    def allow(self) -> bool:
+        with self.lock:
+            if self.failures < self.trip_after:
+                return True
+            if self.probing or time.monotonic() - self.opened < self.cool_down:
+                return False
+            self.probing = True
+            return True
+
+    def record(self, ok: bool) -> None:
+        with self.lock:
+            self.probing = False
+            self.failures = 0 if ok else self.failures + 1
+            if self.failures >= self.trip_after:
+                self.opened = time.monotonic()
+
 
 class SharedState:
-    """One gateway process's connection to Redis (`url`), what it does when Redis fails (`fail`), and the count
-    of those failures by component and outcome (a metric each app registers)."""
+    """One gateway process's connection to Redis (`url`), what it does when Redis fails (`fail`), the circuit
+    breaker in front of it, and the count of those failures by component and outcome (a metric each app
+    registers)."""
 
-    def __init__(self, url: str, fail: Literal["open", "closed"] = "open", timeout: float = 1.0,
-                 prefix: str = "distill-guard"):
+    def __init__(self, url: str, fail: Literal["open", "closed"] = "open", timeout: float = 0.5,
+                 prefix: str = "distill-guard", trip_after: int = 3, cool_down: float = 5.0):
         if fail not in ("open", "closed"):
             raise ValueError(f"when Redis is down a gateway fails 'open' or 'closed', not {fail!r}")
         self.fail, self.prefix = fail, prefix  # the prefix of every key: gateways sharing one Redis each have one
@@ -53,60 +108,142 @@ class SharedState:
             self.redis.ping()
         except redis.RedisError as e:
             raise ValueError(f"cannot reach Redis at {shown_url(url)}: {e}") from None
+        self.breaker = Breaker(trip_after, cool_down)
         self.failures = Counter("distill_guard_shared_state_failures", "requests served while Redis could not be "
                                 "reached, by component and what was done (open: served; closed: refused)",
                                 ["component", "outcome"], registry=None)
+        self.missed = Counter("distill_guard_monitor_events_missed", "events of the shared monitor's stream "
+                              "trimmed before this replica applied them", registry=None)
         self._logged = -math.inf
 
-    def failed(self, component: str, error: Exception) -> None:
-        """Count and log a failure, then fail closed (a 503) or return to serve the request."""
+    def call(self, component: str, command, *args, **kwargs):
+        """`command(*args, **kwargs)` against Redis, through the breaker. When Redis is down (or skipped), the
+        failure is counted and logged, then it raises `Unreachable` (fail-open) or a 503 (fail-closed)."""
+        if not self.breaker.allow():
+            self.failed(component, None)
+        try:
+            result = command(*args, **kwargs)
+        except DOWN as e:
+            self.breaker.record(False)
+            self.failed(component, e)
+        except redis.RedisError:
+            self.breaker.record(True)  # Redis answered: an error in what it was asked, for the caller to raise
+            raise
+        self.breaker.record(True)
+        return result
+
+    def failed(self, component: str, error: Exception | None) -> None:
+        """Count and log a failure (`error` None: skipped by the open breaker), then fail closed (a 503) or open
+        (`Unreachable`)."""
         outcome = "served" if self.fail == "open" else "refused"
         self.failures.labels(component=component, outcome=outcome).inc()
         if time.monotonic() - self._logged >= LOG_EVERY:
             self._logged = time.monotonic()
-            logger.error("Redis unreachable (%s: %s): %s requests are %s (fail-%s)", component,
-                         type(error).__name__, component, outcome, self.fail)
+            why = "circuit open after failures in a row" if error is None else type(error).__name__
+            logger.error("Redis unreachable (%s: %s): %s requests are %s (fail-%s)", component, why, component,
+                         outcome, self.fail)
         if self.fail == "closed":
             raise APIError(503, "The gateway's shared state is unavailable; retry shortly.", "server_error",
                            "shared_state_unavailable", headers={"retry-after": "1"})
+        raise Unreachable(component)
+
+
+# KEYS: the stream, its event counter. ARGV: the stream's length bound, then the event's fields and values. The
+# counter numbers every event, so that a replica can tell how many were trimmed before it read them.
+APPEND = """
+local seq = redis.call('INCR', KEYS[2])
+return redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[1], '*', 'seq', seq, unpack(ARGV, 2))
+"""
+EVENT_BYTES = PROMPT_BYTES + 512  # an event in the stream: its capped prompt, its other fields, Redis' overhead
+
+
+def _id(event_id: str) -> tuple[int, int]:
+    ms, _, seq = event_id.partition("-")
+    return int(ms), int(seq)
 
 
 class SharedMonitor:
     """A `Monitor` that judges the events of every replica sharing `shared`'s Redis, in one order (see the module
-    docstring). It answers `observe` as `Monitor` does, so `Monitored` takes either."""
+    docstring). It answers `observe` as `Monitor` does, so `Monitored` takes either. The stream is bounded at
+    about `max_bytes`."""
 
-    def __init__(self, monitor: Monitor, shared: SharedState, max_events: int = 100_000):
-        self.monitor, self.shared, self.max_events = monitor, shared, max_events
+    def __init__(self, monitor: Monitor, shared: SharedState, max_bytes: int = 256 << 20):
+        self.monitor, self.shared = monitor, shared
         self.detector, self.settings = monitor.detector, monitor.settings
-        self.stream = f"{shared.prefix}:monitor:events"
-        self.applied = "0-0"  # the id of the last event of the stream this replica's monitor has seen
-        self.lock = threading.Lock()
+        self.max_events = max(1, max_bytes // EVENT_BYTES)
+        # one hash slot for the stream and its counter, as a script on a Redis Cluster needs
+        self.stream = f"{shared.prefix}:{{monitor}}:events"
+        self.counter, self.verdicts = f"{shared.prefix}:{{monitor}}:added", f"{shared.prefix}:monitor:verdicts"
+        self._append = shared.redis.register_script(APPEND)
+        shared.redis.script_load(APPEND)  # a script Redis cannot run fails here, at start-up
+        self.applied, self.seq = "0-0", None  # the last event applied, and its number
+        self.missed = 0
+        self.answers: LRUCache[str, Action] = LRUCache(10_000)  # applied events' actions, until their replica reads
+        self.written: LRUCache[str, str] = LRUCache(monitor.max_flagged)  # verdicts known to be in Redis
+        self.lock = threading.Lock()  # held to apply events, never across a call to Redis
+        for client, saved in shared.redis.hscan_iter(self.verdicts):
+            kind, p, reason = json.loads(saved)
+            monitor.remember(client, Action(kind, reason, p, served=kind != "block"))
+            self.written[client] = kind
         newest = shared.redis.xrevrange(self.stream, count=1)
-        if newest:  # a replica that starts beside running ones first replays what they have seen
-            with self.lock:
-                self._catch_up(newest[0][0], None)
+        if newest:  # a replica that starts beside running ones first replays what the stream still holds
+            self._catch_up(newest[0][0])
 
     def observe(self, event: Event) -> Action:
-        fields = {name: str(value) for name, value in vars(event).items() if value is not None}
-        with self.lock:  # one catch-up at a time: events reach the monitor in the stream's order only
-            try:
-                mine = self.shared.redis.xadd(self.stream, fields, maxlen=self.max_events, approximate=True)
-                return self._catch_up(mine, event.client)
-            except redis.RedisError as e:
-                self.shared.failed("monitor", e)
-                return self.monitor.actions.get(event.client, ALLOW)
+        event = compact(event)
+        fields = [str(v) for name, value in vars(event).items() if value is not None for v in (name, value)]
+        try:
+            mine = self.shared.call("monitor", self._append, keys=[self.stream, self.counter],
+                                    args=[self.max_events, *fields])
+            action = self._catch_up(mine)
+            if action is None:  # trimmed before it was read (a stream far too short for the load)
+                action = self.monitor.actions.get(event.client, ALLOW)
+            self._write(event.client, action)
+            return action
+        except Unreachable:
+            return self.monitor.actions.get(event.client, ALLOW)
 
-    def _catch_up(self, mine: str, client: str | None) -> Action:
-        """Applies every event after the last one applied, up to `mine`; the action `mine` gets."""
+    def _catch_up(self, mine: str) -> Action | None:
+        """Applies every event after the last one applied, up to `mine`; the action `mine` got (None if it
+        was trimmed before any replica here read it). Reads from Redis outside the lock, applies under it:
+        events another thread applied meanwhile are skipped, and its answers are kept for their threads."""
         while True:
-            events = self.shared.redis.xrange(self.stream, min=f"({self.applied}", max=mine, count=1000)
-            if not events:  # `mine` was trimmed away before it was read (a stream far too short for the load)
-                return self.monitor.actions.get(client, ALLOW)
-            for event_id, fields in events:
-                action = self.monitor.observe(_event(fields))
-                self.applied = event_id
-                if event_id == mine:
-                    return action
+            with self.lock:
+                if mine in self.answers or _id(self.applied) >= _id(mine):
+                    return self.answers.pop(mine, None)
+                start = self.applied
+            events = self.shared.call("monitor", self.shared.redis.xrange, self.stream, min=f"({start}", max=mine,
+                                      count=1000)
+            with self.lock:
+                for event_id, fields in events:
+                    if _id(event_id) > _id(self.applied):
+                        self._apply(event_id, fields)
+                if not events and _id(self.applied) < _id(mine):
+                    self.applied = mine  # nothing left up to it: everything between was trimmed
+                    self.answers.pop(mine, None)
+                    return None
+
+    def _apply(self, event_id: str, fields: dict[str, str]) -> None:
+        seq = int(fields.pop("seq"))
+        if self.seq is not None and seq > self.seq + 1:  # trimmed before this replica read them
+            self.missed += seq - self.seq - 1
+            self.shared.missed.inc(seq - self.seq - 1)
+            logger.warning("the shared monitor missed %d events trimmed from the stream before it read them; "
+                           "raise its bound (max_bytes) or give the replica more CPU", seq - self.seq - 1)
+        self.seq = seq
+        self.answers[event_id] = self.monitor.observe(_event(fields))
+        self.applied = event_id
+
+    def _write(self, client: str, action: Action) -> None:
+        """Keeps `client`'s verdict in Redis once it is raised (by this replica, whose request met it)."""
+        if action.kind == "allow" or LEVELS.index(action.kind) <= LEVELS.index(self.written.get(client, "allow")):
+            return
+        try:
+            self.shared.call("monitor", self.shared.redis.hset, self.verdicts, client,
+                             json.dumps([action.kind, action.p_value, action.reason]))
+            self.written[client] = action.kind
+        except (Unreachable, APIError):
+            pass  # the verdict holds on this replica, and the client's next request writes it again
 
 
 def _event(fields: dict[str, str]) -> Event:

@@ -268,3 +268,27 @@ def test_traffic_benchmark_smoke():
     result = monitor_speed(2_000)
     assert result["events"] == 2_000
     assert result["with_linking"]["events_per_s"] > 0 and result["without_linking"]["events_per_s"] > 0
+
+
+def test_linked_group_sizes_stay_exact_as_accounts_are_evicted(benign_detector):
+    """Three groups of three accounts, linked by their shared payments, through a linker that keeps five
+    accounts: as members are evicted (the oldest first, a group's first account among them), each group's size
+    is the number of its members still kept, never a count that forgot an evicted member or restarted at 1."""
+    from detectors.cluster import TOGETHER, Linker
+    from detectors.features import LINK_AT
+
+    linker = Linker(benign_detector.popularity_, benign_detector.rare_key_surprisal_, max_accounts=5)
+    prompts = [i.prompt for i in reference_task().query_pool]
+    for group in range(3):
+        start = 1_767_225_600 + group * 3 * TOGETHER  # apart, so that only their payments link them
+        for member in range(3):
+            for n in range(LINK_AT):
+                linker.observe(Event(f"g{group}-{member}", start + 60.0 * member + 7.0 * n, prompts[n],
+                                     payment=f"card-{group}"))
+            for linked in range(group + 1):  # the members of each group that the linker still keeps
+                kept = {c for c in list(linker.parent) if c.startswith(f"g{linked}-")}
+                roots = {linker.root(c) for c in kept}
+                assert len(roots) <= 1, f"group {linked} split into {roots}"
+                if kept:
+                    assert linker.group_size(roots.pop()) == len(kept), (linked, kept, linker.members)
+    assert len(linker.parent) <= 5

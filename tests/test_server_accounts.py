@@ -104,6 +104,9 @@ def test_a_key_with_rpm_5_gets_exactly_5_then_429s_and_the_sdk_waits_out_retry_a
 
 
 def test_a_key_with_a_token_limit_is_refused_once_its_tokens_are_spent(teacher_a, tmp_path, shared):
+    """tpm 40 and requests that may each spend 8 + 16 tokens: the first is served, the second no longer fits
+    beside what the first spent, so it is refused, and so is every later one until the window passes. What is
+    served never exceeds the limit."""
     import httpx
 
     store = open_store(f"sqlite:///{tmp_path / 'gateway.db'}")
@@ -117,8 +120,9 @@ def test_a_key_with_a_token_limit_is_refused_once_its_tokens_are_spent(teacher_a
             statuses.append(reply.status_code)
             if reply.status_code == 200:
                 spent += reply.json()["usage"]["total_tokens"]
-    assert 429 in statuses and statuses.index(429) >= 1 and spent >= 40
-    assert all(s == 429 for s in statuses[statuses.index(429):])  # refused until the window passes
+    [n_prompt] = {r.prompt_tokens for r in store.records()}
+    assert statuses == [200] + [429] * 5  # refused until the window passes
+    assert spent <= 40 < spent + n_prompt + 16  # within the limit, and the next worst case no longer fits
 
 
 def test_spent_tokens_leave_the_window_and_free_the_account_again():
@@ -127,18 +131,17 @@ def test_spent_tokens_leave_the_window_and_free_the_account_again():
     from guard.store import Account
 
     limiter, account = RateLimiter(window=60.0), Account("tokens", key_id="k", tpm=100)
-    limiter.admit(account, now=0.0)
-    limiter.charge("tokens", 70, now=1.0)
-    limiter.admit(account, now=2.0)
-    limiter.charge("tokens", 40, now=30.0)
+    limiter.settle(limiter.admit(account, [80], now=0.0), 70)  # reserved 80, spent 70
+    second = limiter.admit(account, [30], now=30.0)
+    assert second.headers["x-ratelimit-remaining-tokens"] == "0"  # 70 spent and 30 reserved
     with pytest.raises(APIError) as refused:
-        limiter.admit(account, now=31.0)
-    assert refused.value.headers["retry-after"] == "30"  # when the first 70 tokens leave the window
-    assert limiter.admit(account, now=61.5)["x-ratelimit-remaining-tokens"] == "60"  # only the 40 remain
-    limiter.charge("tokens", 60, now=61.6)  # 100 in the window again
-    with pytest.raises(APIError):
-        limiter.admit(account, now=61.7)
-    assert limiter.admit(account, now=91.0)["x-ratelimit-remaining-tokens"] == "40"
+        limiter.admit(account, [1], now=31.0)
+    assert refused.value.headers["retry-after"] == "29"  # when the first 70 tokens leave the window
+    limiter.settle(second, 20)
+    assert limiter.admit(account, [10], now=31.5).headers["x-ratelimit-remaining-tokens"] == "0"  # 70+20+10
+    assert limiter.admit(account, [50], now=60.5).headers["x-ratelimit-remaining-tokens"] == "20"  # 20+10+50
+    limiter.release(second)  # nothing left to refund: settled already
+    assert limiter.admit(account, [0], now=91.0).headers["x-ratelimit-remaining-tokens"] == "40"  # the 10 and 50
 
 
 def test_the_monitor_blocks_a_harvesting_account_while_another_is_served_and_logs_why(teacher_a, benign_detector,
@@ -188,7 +191,8 @@ def test_a_prompt_turned_away_for_its_length_is_still_the_accounts_traffic(teach
     rows = store.records()
     assert [r.status for r in rows] == [400, 400, 400, 200]
     assert {r.request_id for r in rows[:3]} == {r.headers["x-request-id"] for r in replies}
-    assert served_one.headers["x-ratelimit-remaining-tokens"] == "1000"  # the 400s charged nothing
+    # the 400s charged nothing: what is left is the limit less this request's own reservation
+    assert served_one.headers["x-ratelimit-remaining-tokens"] == str(1000 - rows[-1].prompt_tokens - 8)
 
 
 def test_health_and_prometheus_metrics_count_what_was_served(teacher_a, tmp_path):

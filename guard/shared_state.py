@@ -54,9 +54,14 @@ from guard.store import shown_url
 
 logger = logging.getLogger(__name__)
 LOG_EVERY = 10.0  # seconds between log lines about the same outage
-# What Redis answers when it cannot serve at all, as opposed to an error in what it was asked: a full Redis
-# (maxmemory under noeviction) is an outage too
 DOWN = (redis.ConnectionError, redis.TimeoutError, redis.exceptions.OutOfMemoryError)
+
+
+def outage(error: redis.RedisError) -> bool:
+    """Whether Redis could not serve at all, as opposed to an error in what it was asked. A full Redis
+    (`maxmemory` under `noeviction`) is an outage too, including inside a script, where Redis 6 reports it as
+    the script's error."""
+    return isinstance(error, DOWN) or "OOM command not allowed" in str(error)
 
 
 class Unreachable(Exception):
@@ -123,12 +128,12 @@ class SharedState:
             self.failed(component, None)
         try:
             result = command(*args, **kwargs)
-        except DOWN as e:
+        except redis.RedisError as e:
+            if not outage(e):
+                self.breaker.record(True)  # Redis answered: an error in what it was asked, for the caller to raise
+                raise
             self.breaker.record(False)
             self.failed(component, e)
-        except redis.RedisError:
-            self.breaker.record(True)  # Redis answered: an error in what it was asked, for the caller to raise
-            raise
         self.breaker.record(True)
         return result
 

@@ -159,3 +159,17 @@ def test_a_rate_limit_script_error_is_an_error_not_an_outage(redis_state):
     with pytest.raises(redis.ResponseError):
         limiter.admit(account, [0])
     assert redis_state.failures.labels(component="rate_limit", outcome="served")._value.get() == 0
+
+
+def test_a_full_redis_is_answered_as_an_outage(benign_detector):
+    """Redis at its `maxmemory` under `noeviction` refuses writes: the limiter and the monitor count it as
+    Redis being down and fail as configured (open here: served unlimited, under this replica's verdicts),
+    never as an error in what they asked."""
+    with local_servers.redis() as url:
+        shared = SharedState(url)
+        limiter, monitor = RedisRateLimiter(shared), SharedMonitor(Monitor(benign_detector), shared)
+        shared.redis.config_set("maxmemory", "1")
+        # Redis 6 lets a script that began by freeing memory write on (the limiter's does): limited or not, served
+        limiter.admit(Account("acme", key_id="k", rpm=5, tpm=100), [10])
+        assert monitor.observe(Event("acme", 1.8e9, reference_task().query_pool[0].prompt)).kind == "allow"
+    assert shared.failures.labels(component="monitor", outcome="served")._value.get() == 1

@@ -2,6 +2,7 @@
 with the fields the README quotes (no timing is asserted: numbers from a test machine mean nothing)."""
 
 import json
+import os
 
 import pytest
 from typer.testing import CliRunner
@@ -21,7 +22,13 @@ def test_bench_gateway_runs_and_writes_its_result(tmp_path):
         assert set(result["meets_targets"][target]) == {"p50", "p99", "requests_per_s", "ttft"}
     assert set(result["throughput"]) == {"direct", "gateway_local", "gateway_upstream", "gateway_replica"}
     assert all(t["requests"] > 0 and t["requests_per_s"] > 0 for t in result["throughput"].values())
-    assert result["throughput"]["gateway_local"]["server_cpu_ms_per_request"]["gateway"] >= 0
+    tick_ms = 1000 / os.sysconf("SC_CLK_TCK")  # /proc counts CPU time in clock ticks
+    for target, load in result["throughput"].items():
+        for role, cpu_ms in load["server_cpu_ms_per_request"].items():
+            # read from the process that served (an idle one reads 0), per request (not per run), and no more than
+            # every core's whole time over the run allows, give or take a tick of /proc's clock
+            most = 1000 * result["cpu_count"] / load["requests_per_s"] + tick_ms / load["requests"]
+            assert 0 < cpu_ms <= most, (target, role, cpu_ms, most)
     # every request through a gateway left its audit row: 23 and 6 sequential (warm-up included), the 4 that
     # open the load's connections, and the load's own; the local and upstream gateways' in SQLite, the replica's
     # in PostgreSQL

@@ -13,6 +13,10 @@ closes the batch before it rather than jumping the queue. A request with a seed 
 teacher seeds once per call, so in a batch its draw would depend on who else asked, and the same seed would
 not give the same answer twice.
 
+The queue is bounded (`max_queue` prompts): past it, `submit` raises `Overloaded` at once (the gateway answers 503
+with Retry-After) rather than letting waiters pile up behind a teacher that cannot keep up. A waiter that gives
+up (its client went away) cancels its futures, and a cancelled prompt is dropped before it reaches the teacher.
+
 Greedy text does not depend on the batch: the local backend left-pads with an attention mask (on the reference
 teacher, batched and solo greedy text matched on every lab prompt we tried). An upstream (OpenAI-compatible)
 backend does not need it: the gateway calls one from each request's thread (`Teacher.concurrent`).
@@ -48,6 +52,10 @@ class _Request:
         return self.teacher is head.teacher and self.sampling == head.sampling and head.sampling.seed is None
 
 
+class Overloaded(RuntimeError):
+    """The batcher's queue is full: the caller should come back later."""
+
+
 class Batcher:
     """Batches `complete` calls from many threads into few calls to the teacher, made by one worker thread.
 
@@ -55,12 +63,14 @@ class Batcher:
         window: seconds the oldest waiting request waits for others to join it (0: none); a request that waited
             longer than that behind the previous batch goes out with whatever came meanwhile.
         max_batch: the most prompts in one call; 1 serialises the requests, as a lock would.
+        max_queue: the most prompts waiting; a submit that would pass it raises `Overloaded`.
     """
 
-    def __init__(self, window: float = 0.0, max_batch: int = 16):
-        if window < 0 or max_batch < 1:
-            raise ValueError(f"window must be >= 0 and max_batch >= 1, got {window} and {max_batch}")
-        self.window, self.max_batch = window, max_batch
+    def __init__(self, window: float = 0.0, max_batch: int = 16, max_queue: int = 1024):
+        if window < 0 or max_batch < 1 or max_queue < 1:
+            raise ValueError(f"window must be >= 0, max_batch and max_queue >= 1, got {window}, {max_batch} and "
+                             f"{max_queue}")
+        self.window, self.max_batch, self.max_queue = window, max_batch, max_queue
         self.pending: deque[_Request] = deque()
         self.changed = threading.Condition()
         self.worker: threading.Thread | None = None
@@ -87,11 +97,15 @@ class Batcher:
 
     def submit(self, teacher: Teacher, prompts: list[str], sampling: Sampling, caller: Caller) -> list[Future]:
         """Queue `prompts` together, in order (one request's several prompts may then share a batch); each
-        future holds its completion or the batch's exception."""
+        future holds its completion or the batch's exception, and a future cancelled while it waits is dropped.
+        Raises `Overloaded` when the queue cannot take them all."""
         requests = [_Request(teacher, prompt, sampling, caller) for prompt in prompts]
         with self.changed:
             if self.worker is None or self.stopping:
                 raise RuntimeError("the batcher is not running: start() it first (the server does, at start-up)")
+            if len(self.pending) + len(requests) > self.max_queue:
+                raise Overloaded(f"{len(self.pending)} prompts are waiting for the teacher; the queue holds "
+                                 f"{self.max_queue}")
             self.pending.extend(requests)
             self.changed.notify()
         return [request.answer for request in requests]
@@ -118,6 +132,9 @@ class Batcher:
 
     def _run(self) -> None:
         while batch := self._next_batch():
+            # a waiter that gave up cancelled its future: its prompt is not generated
+            if not (batch := [r for r in batch if r.answer.set_running_or_notify_cancel()]):
+                continue
             head = batch[0]
             try:
                 answers = head.teacher.complete([r.prompt for r in batch], head.sampling, [r.caller for r in batch])

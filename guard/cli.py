@@ -17,6 +17,7 @@ from dataclasses import asdict, replace  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Annotated  # noqa: E402
 
+import prometheus_client
 import psycopg
 import typer
 import uvicorn
@@ -381,6 +382,8 @@ def serve(teacher: TeacherOpt = "reference", host: str = "127.0.0.1", port: int 
           batch_window: Annotated[float, typer.Option(help="seconds a request waits for others to share its batch (0: none; under load, requests queued behind a batch share the next)")] = 0.0,
           max_batch: Annotated[int, typer.Option(help="the most requests in one call to the teacher; 1 serialises "
                                                       "them")] = 16,
+          max_queue: Annotated[int, typer.Option(min=1, help="the most prompts waiting for the teacher; past it a "
+                                                             "request is a 503 with Retry-After")] = 1024,
           admin_key_file: Annotated[str | None, typer.Option(help="file holding the admin key that enables the "
                                                                   f"/admin API (or ${ADMIN_KEY_ENV}); needs "
                                                                   "--store")] = None,
@@ -402,7 +405,23 @@ def serve(teacher: TeacherOpt = "reference", host: str = "127.0.0.1", port: int 
           redis_down: Annotated[str, typer.Option(help="when Redis cannot be reached: 'open' serves requests "
                                                        "(no rate limit; the monitor's last verdicts), 'closed' "
                                                        "answers 503; either is logged and counted in /metrics")]
-          = "open"):
+          = "open",
+          forwarded_allow_ips: Annotated[str | None, typer.Option(help="comma-separated addresses or networks "
+                                                                      "(CIDR) of the proxies in front of the "
+                                                                      "gateway: from them the client is the "
+                                                                      "address they forward in X-Forwarded-For; "
+                                                                      "from anyone else forwarding headers are "
+                                                                      "ignored. Default: trust no one")] = None,
+          public_docs: Annotated[bool, typer.Option(help="serve /docs, /redoc and /openapi.json")] = False,
+          metrics_port: Annotated[int | None, typer.Option(help="serve the Prometheus metrics on this port (on "
+                                                                "--host) instead of /metrics on the API port, "
+                                                                "where they sit behind the admin key if there "
+                                                                "is one")] = None,
+          end_user_header: Annotated[str | None, typer.Option(help="a header in which a trusted proxy (an upstream "
+                                                                  "gateway serving many users under one key) names "
+                                                                  "the end user: the monitor and audit log see "
+                                                                  "'account/user'; ignored from anyone else")]
+          = None):
     """Serve a teacher behind an OpenAI-compatible API (chat completions and completions). With --store, each
     key is an account that every defence acts for, served under its key's redaction policy (else --defense's),
     and every request lands in the audit log. With an upstream URL (`--teacher http://vllm-host:8000/v1`) the
@@ -442,10 +461,16 @@ def serve(teacher: TeacherOpt = "reference", host: str = "127.0.0.1", port: int 
                              policy=policy or parse_policy("full", marked=marks_reasoning), store=opened,
                              summarize=parts.summarize, admin_key=admin_key or None,
                              retention=None if retention_days is None else retention_days * DAY,
-                             batch_window=batch_window, max_batch=max_batch, lab_clock=lab, shared=parts.shared)
+                             batch_window=batch_window, max_batch=max_batch, max_queue=max_queue, lab_clock=lab,
+                             shared=parts.shared,
+                             trusted_proxies=[ip.strip() for ip in forwarded_allow_ips.split(",")]
+                             if forwarded_allow_ips else None, end_user_header=end_user_header,
+                             public_docs=public_docs, metrics_on_api_port=metrics_port is None)
     except ValueError as e:
         raise typer.BadParameter(str(e), param_hint="--store/--admin-key-file/--retention-days") from None
-    uvicorn.run(gateway, host=host, port=port)
+    if metrics_port is not None:
+        prometheus_client.start_http_server(metrics_port, addr=host, registry=gateway.state.metrics.registry)
+    uvicorn.run(gateway, host=host, port=port, proxy_headers=False)  # the app decides whom to trust
 
 
 app.command("gateway", help="The same server as `serve`: the gateway in front of a teacher, per account.")(serve)

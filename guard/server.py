@@ -583,16 +583,23 @@ def _top(step) -> list[TopLogprob]:
 PIECE = re.compile(r"\s*\S+\s*|\s+")  # a word with the spaces around it: the pieces join back to the text
 
 
-def _streamed(completion: Completion, prompt: str, policy: Policy) -> Iterator[tuple[str, str | None]]:
+def _streamed(completion: Completion, prompt: str, policy: Policy) -> list[tuple[str, str | None]]:
     """(text delta, sealed reasoning) as the policy lets them out: piece by piece for one that streams, at the
-    end for one that may withhold reasoning."""
-    redactor = StreamRedactor(policy, prompt)
+    end for one that may withhold reasoning. Made once, before the audit row (which holds what is sent, and
+    names the policy) and the stream."""
+    completion.decisions["redaction"] = policy.name
+    redactor, pieces = StreamRedactor(policy, prompt), []
     for piece in PIECE.findall(completion.text):
         if delta := redactor.feed(piece):
-            yield delta, None
+            pieces.append((delta, None))
     last = redactor.finish(cut=completion.finish_reason == "length")
     if last or redactor.sealed:
-        yield last, redactor.sealed
+        pieces.append((last, redactor.sealed))
+    return pieces
+
+
+def _joined(pieces: list[tuple[str, str | None]]) -> str:
+    return "".join(text for text, _ in pieces)
 
 
 def _sse(chunks: Iterator[BaseModel], request_id: str, headers: Mapping[str, str]) -> StreamingResponse:
@@ -785,6 +792,7 @@ def create_app(load_teacher: Callable[[], Teacher], model_name: str, api_keys: s
     app.state.store, app.state.limiter, app.state.metrics = store, limiter, Metrics()
     if shared is not None:
         app.state.metrics.registry.register(shared.failures)
+        app.state.metrics.registry.register(shared.missed)
     app.state.policies = policies
     app.state.admin_digest = None if admin_key is None else admin_digest(admin_key)
     app.state.keys = KeyCache(key_cache_seconds)
@@ -793,11 +801,6 @@ def create_app(load_teacher: Callable[[], Teacher], model_name: str, api_keys: s
     app.state.end_user_header = end_user_header.lower() if end_user_header else None
     app.include_router(admin_router)
     app.state.lab_clock = lab_clock
-
-    def _sent(completion: Completion, prompt: str, policy: Policy) -> str:
-        """The text a stream of `completion` sends under `policy` (which the audit row names)."""
-        completion.decisions["redaction"] = policy.name
-        return policy.redact([prompt], [completion.text], [completion.finish_reason == "length"])[0].text
 
     @app.exception_handler(APIError)
     async def api_error(request: Request, exc: APIError):
@@ -868,11 +871,11 @@ def create_app(load_teacher: Callable[[], Teacher], model_name: str, api_keys: s
         if body.stream:
             raw = _complete(request, prompt, sampling, caller, body.stops)
             n_prompt = _billed_prompt(n_prompt, raw)
-            _audit(request, caller, "chat", prompt, raw, n_prompt, started, _sent(raw, prompt, policy),
-                   request_id=request_id)
+            pieces = _streamed(raw, prompt, policy)
+            _audit(request, caller, "chat", prompt, raw, n_prompt, started, _joined(pieces), request_id=request_id)
             if refused(raw):
                 raise _refusal(request_id)
-            return _sse(_chat_chunks(body, prompt, n_prompt, raw, policy, request_id), request_id, response.headers)
+            return _sse(_chat_chunks(body, n_prompt, raw, pieces, request_id), request_id, response.headers)
         completion = _served(policy, prompt, _complete(request, prompt, sampling, caller, body.stops))
         n_prompt = _billed_prompt(n_prompt, completion)
         _audit(request, caller, "chat", prompt, completion, n_prompt, started, request_id=request_id)
@@ -890,14 +893,14 @@ def create_app(load_teacher: Callable[[], Teacher], model_name: str, api_keys: s
                                                 logprobs=logprobs, finish_reason=completion.finish_reason)],
                             usage=_usage(n_prompt, completion.completion_tokens))
 
-    def _chat_chunks(body: ChatRequest, prompt: str, n_prompt: int, completion: Completion,
-                     policy: Policy, request_id: str) -> Iterator[ChatChunk]:
+    def _chat_chunks(body: ChatRequest, n_prompt: int, completion: Completion,
+                     pieces: list[tuple[str, str | None]], request_id: str) -> Iterator[ChatChunk]:
         # `object` is set, not left to its default, so that a chunk sent without its unset fields keeps it
         head = {"id": request_id, "object": "chat.completion.chunk", "created": int(time.time()),
                 "model": body.model}
         yield ChatChunk(**head, choices=[ChatChunkChoice(index=0, delta=ChatDelta(role="assistant", content=""),
                                                          finish_reason=None)])
-        for text, sealed in _streamed(completion, prompt, policy):
+        for text, sealed in pieces:
             delta = ChatDelta(content=text) if sealed is None else ChatDelta(content=text, sealed_reasoning=sealed)
             yield ChatChunk(**head, choices=[ChatChunkChoice(index=0, delta=delta, finish_reason=None)])
         yield ChatChunk(**head, choices=[ChatChunkChoice(index=0, delta=ChatDelta(),
@@ -925,21 +928,24 @@ def create_app(load_teacher: Callable[[], Teacher], model_name: str, api_keys: s
         if body.stream:
             answers = _complete_all(request, prompts, sampling, caller, body.stops)
             counts = [_billed_prompt(n, answer) for n, answer in zip(counts, answers)]
+            pieces = [_streamed(answer, prompt, policy) for prompt, answer in zip(prompts, answers)]
             for index, (prompt, n, answer) in enumerate(zip(prompts, counts, answers)):
-                _audit(request, caller, "completions", prompt, answer, n, started, _sent(answer, prompt, policy),
+                _audit(request, caller, "completions", prompt, answer, n, started, _joined(pieces[index]),
                        request_id=row_id(request_id, index, len(prompts)))
             if any(map(refused, answers)):
                 raise _refusal(request_id)
-            return _sse(_completion_chunks(body, prompts, counts, answers, policy, request_id), request_id,
+            return _sse(_completion_chunks(body, counts, answers, pieces, request_id), request_id,
                         response.headers)
-        choices, total = [], 0
-        for index, (prompt, written) in enumerate(zip(prompts, _complete_all(request, prompts, sampling, caller, body.stops))):
-            completion = _served(policy, prompt, written)
+        written = _complete_all(request, prompts, sampling, caller, body.stops)
+        served = [_served(policy, prompt, completion) for prompt, completion in zip(prompts, written)]
+        for index, (prompt, completion) in enumerate(zip(prompts, served)):  # every prompt logged, refused or not
             counts[index] = _billed_prompt(counts[index], completion)
             _audit(request, caller, "completions", prompt, completion, counts[index], started,
                    request_id=row_id(request_id, index, len(prompts)))
-            if refused(completion):
-                raise _refusal(request_id)
+        if any(map(refused, served)):
+            raise _refusal(request_id)
+        choices, total = [], 0
+        for index, completion in enumerate(served):
             logprobs = None
             if body.logprobs and completion.logprobs is not None:
                 logprobs = CompletionLogprobs(
@@ -954,12 +960,12 @@ def create_app(load_teacher: Callable[[], Teacher], model_name: str, api_keys: s
         return CompletionResponse(id=request_id, created=int(time.time()), model=body.model,
                                   choices=choices, usage=_usage(sum(counts), total))
 
-    def _completion_chunks(body: CompletionRequest, prompts: list[str], counts: list[int],
-                           answers: list[Completion], policy: Policy, request_id: str) -> Iterator[CompletionChunk]:
+    def _completion_chunks(body: CompletionRequest, counts: list[int], answers: list[Completion],
+                           pieces: list[list[tuple[str, str | None]]], request_id: str) -> Iterator[CompletionChunk]:
         head = {"id": request_id, "object": "text_completion", "created": int(time.time()),
                 "model": body.model}
-        for index, (prompt, completion) in enumerate(zip(prompts, answers)):
-            for text, sealed in _streamed(completion, prompt, policy):
+        for index, completion in enumerate(answers):
+            for text, sealed in pieces[index]:
                 choice = CompletionChunkChoice(index=index, text=text, finish_reason=None)
                 if sealed is not None:
                     choice.sealed_reasoning = sealed

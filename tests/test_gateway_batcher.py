@@ -121,3 +121,74 @@ def test_batching_benchmark_smoke(teacher_a):
     with live_server(create_app(lambda: teacher_a, "teacher", max_batch=4)) as url:
         texts, _ = asyncio.run(ask(url + "/v1", PROMPTS[:6], clients=3))
     assert texts == [teacher_a.complete([p], GREEDY)[0].text for p in PROMPTS[:6]]
+
+
+class Gated(Counting):
+    """`Counting`, holding each call until `gate` opens; `entered` is set once a call is waiting on it."""
+
+    def __init__(self, teacher):
+        super().__init__(teacher)
+        self.gate, self.entered = threading.Event(), threading.Event()
+
+    def complete(self, prompts, sampling=Sampling(), callers=None):
+        self.entered.set()
+        assert self.gate.wait(30), "the test never opened the gate"
+        return super().complete(prompts, sampling, callers)
+
+
+def _post(url: str, prompt: str, timeout: float = 30):
+    import httpx
+
+    return httpx.post(url + "/v1/completions", timeout=timeout,
+                      json={"model": "teacher-a", "prompt": prompt, "max_tokens": 4})
+
+
+def _queued(app) -> int:
+    return len(app.state.batcher.pending)
+
+
+def _until(condition, seconds: float = 10.0) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, "timed out waiting"
+        time.sleep(0.01)
+
+
+def test_past_its_queue_the_gateway_answers_503_with_retry_after_and_serves_what_it_queued(teacher_a):
+    gated = Gated(teacher_a)
+    app = create_app(lambda: gated, "teacher-a", max_batch=1, max_queue=2)
+    with live_server(app) as url:
+        replies = {}
+        first = threading.Thread(target=lambda: replies.setdefault(0, _post(url, PROMPTS[0])))
+        first.start()
+        _until(gated.entered.is_set)  # the teacher is busy with the first
+        queued = [threading.Thread(target=lambda i=i: replies.setdefault(i, _post(url, PROMPTS[i]))) for i in (1, 2)]
+        for thread in queued:
+            thread.start()
+        _until(lambda: _queued(app) == 2)
+        turned_away = _post(url, PROMPTS[3])
+        gated.gate.set()
+        for thread in [first, *queued]:
+            thread.join()
+    assert turned_away.status_code == 503 and turned_away.headers["retry-after"] == "1"
+    assert turned_away.json()["error"]["code"] == "overloaded"
+    assert [replies[i].status_code for i in range(3)] == [200] * 3
+    assert PROMPTS[3] not in sum(gated.batches, [])
+
+
+def test_a_client_that_goes_away_while_queued_is_never_generated(teacher_a):
+    import httpx
+
+    gated = Gated(teacher_a)
+    app = create_app(lambda: gated, "teacher-a", max_batch=1)
+    with live_server(app) as url:
+        first = threading.Thread(target=lambda: _post(url, PROMPTS[0]))
+        first.start()
+        _until(gated.entered.is_set)
+        with pytest.raises(httpx.ReadTimeout):
+            _post(url, PROMPTS[1], timeout=0.5)  # gives up while queued behind the first
+        _until(lambda: app.state.batcher.pending[0].answer.cancelled())  # the gateway noticed it left
+        gated.gate.set()
+        first.join()
+        assert _post(url, PROMPTS[2]).status_code == 200  # and serves on
+    assert sum(gated.batches, []) == [PROMPTS[0], PROMPTS[2]]

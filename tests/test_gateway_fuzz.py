@@ -25,7 +25,8 @@ def gateway(teacher_a, tmp_path_factory):
     store = SQLiteStore(tmp_path_factory.mktemp("fuzz") / "gateway.db")
     key = store.create_key("fuzzer")
     teacher = raising_template_teacher(teacher_a)
-    with live_server(create_app(lambda: teacher, "teacher-a", store=store, admin_key=ADMIN_KEY)) as url:
+    with live_server(create_app(lambda: teacher, "teacher-a", store=store, admin_key=ADMIN_KEY,
+                                public_docs=True)) as url:
         yield url, key
     print(f"\nschemathesis sent {len(sent)} requests: "
           f"{sorted({status: sent.count(status) for status in sent}.items())} (status, count)")

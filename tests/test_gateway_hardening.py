@@ -12,10 +12,10 @@ import pytest
 from conftest import live_server, raising_template_teacher
 from eval.reference.world import reference_task
 from guard.defenses import DefenseParts, build_defense
-from guard.redaction import Redact, Sealed, Sealer
+from guard.redaction import Redact, Sealed, Sealer, Summary, outline
 from guard.server import KeyCache, create_app
 from guard.store import Account, open_store
-from guard.teacher import Teacher
+from guard.teacher import GREEDY, Completion, Defense, Teacher
 
 PROMPT = "question: what does the friend of Bobuk do for a living?\n"
 
@@ -135,3 +135,108 @@ def test_sealed_reasoning_handed_back_reaches_the_model_and_only_in_its_own_conv
         assert "Peors" in assistant_turn["content"] and assistant_turn["content"].endswith(first.content)
         with pytest.raises(openai.BadRequestError, match="different conversation"):
             follow_up("question: where does Kalon live?\n")  # the blob moved to a conversation it did not answer
+
+
+def _one_request_each(url: str, key: str, headers: list[dict]) -> None:
+    for extra in headers:
+        reply = httpx.post(url + "/v1/completions", timeout=30, headers={"authorization": f"Bearer {key}", **extra},
+                           json={"model": "teacher-a", "prompt": PROMPT, "max_tokens": 2})
+        assert reply.status_code == 200, reply.text
+
+
+def test_forwarded_addresses_and_end_users_are_taken_from_trusted_proxies_only(teacher_a, tmp_path):
+    """Behind a trusted balancer (here: loopback) each request is its forwarded client's, and an upstream
+    gateway's end-user header splits one key into its users for the monitor and the log. From an address that is
+    not trusted, both headers are ignored: a client cannot choose its address or pose as another user."""
+    forwarded = [{"x-forwarded-for": "203.0.113.7", "x-end-user": "alice"},
+                 {"x-forwarded-for": "198.51.100.9", "x-end-user": "bob"}]
+    seen = {}
+    for trusted in (["127.0.0.1"], ["10.0.0.0/8"], None):
+        store = open_store(f"sqlite:///{tmp_path / f'{trusted}.db'}")
+        key = store.create_key("acme")
+        app = create_app(lambda: teacher_a, "teacher-a", store=store, trusted_proxies=trusted,
+                         end_user_header="X-End-User")
+        with live_server(app) as url:
+            _one_request_each(url, key, forwarded)
+        seen[str(trusted)] = [(row.ip, row.account) for row in store.records()]
+    assert seen["['127.0.0.1']"] == [("203.0.113.7", "acme/alice"), ("198.51.100.9", "acme/bob")]
+    assert seen["['10.0.0.0/8']"] == seen["None"] == [("127.0.0.1", "acme")] * 2
+
+
+def test_stop_ends_the_text_before_it_and_fields_the_server_does_not_apply_are_a_400_naming_them(teacher_a):
+    with live_server(create_app(lambda: teacher_a, "teacher-a")) as url:
+        client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
+        whole = client.completions.create(model="teacher-a", prompt=PROMPT, temperature=0, max_tokens=32).choices[0]
+        assert "Peors" in whole.text
+        stopped = client.completions.create(model="teacher-a", prompt=PROMPT, temperature=0, max_tokens=32,
+                                            stop=["Peors", "never written"]).choices[0]
+        assert stopped.text == whole.text[:whole.text.index("Peors")] and stopped.finish_reason == "stop"
+        chat = client.chat.completions.create(model="teacher-a", temperature=0, max_tokens=32, stop="Peors",
+                                              messages=[{"role": "user", "content": PROMPT}]).choices[0]
+        assert "Peors" not in chat.message.content and chat.finish_reason == "stop"
+        for field, value in [("frequency_penalty", 0.5), ("logit_bias", {"50256": -100})]:
+            with pytest.raises(openai.BadRequestError, match=f"{field}: this server does not take this field"):
+                client.completions.create(model="teacher-a", prompt=PROMPT, max_tokens=4, **{field: value})
+        assert client.completions.create(model="teacher-a", prompt=PROMPT, max_tokens=4, user="u-1").choices
+
+
+def test_the_api_map_is_private_by_default_and_metrics_sit_behind_the_admin_key(teacher_a, tmp_path):
+    admin = "admin-key-0123456789abcdef0123456789abcdef"
+    store = open_store(f"sqlite:///{tmp_path / 'gateway.db'}")
+    with live_server(create_app(lambda: teacher_a, "teacher-a", store=store, admin_key=admin)) as url:
+        assert [httpx.get(url + path).status_code for path in ("/docs", "/redoc", "/openapi.json")] == [404] * 3
+        assert httpx.get(url + "/metrics").status_code == 401
+        metrics = httpx.get(url + "/metrics", headers={"authorization": f"Bearer {admin}"})
+        assert metrics.status_code == 200 and "distill_guard_requests" in metrics.text
+    with live_server(create_app(lambda: teacher_a, "teacher-a", public_docs=True,
+                                metrics_on_api_port=False)) as url:
+        assert httpx.get(url + "/openapi.json").json()["paths"]["/v1/completions"]
+        assert httpx.get(url + "/metrics").status_code == 404
+
+
+class RefusesSome(Defense):
+    """A rule in place of the monitor's verdict: prompts holding "refuse me" are refused, as a blocked account's
+    are, and the rest are the teacher's."""
+
+    def complete(self, prompts, sampling=GREEDY, callers=None):
+        answers = self.teacher.complete(prompts, sampling, callers)
+        return [Completion(text="", finish_reason="refused") if "refuse me" in p else a
+                for p, a in zip(prompts, answers)]
+
+
+def test_a_batch_with_a_refused_prompt_logs_every_prompt_it_was_sent(teacher_a, tmp_path):
+    """A completions request whose second prompt is refused is a 403, but the audit log still holds all three
+    prompts, the third too: what the account asked is the provider's to see, refusal or not."""
+    store = open_store(f"sqlite:///{tmp_path / 'gateway.db'}")
+    key = store.create_key("acme")
+    prompts = [PROMPT, "refuse me: " + PROMPT, "question: where does Kalon live?\n"]
+    with live_server(create_app(lambda: RefusesSome(teacher_a), "teacher-a", store=store)) as url:
+        for stream in (False, True):
+            reply = httpx.post(url + "/v1/completions", headers={"authorization": f"Bearer {key}"}, timeout=30,
+                               json={"model": "teacher-a", "prompt": prompts, "max_tokens": 4, "stream": stream})
+            assert reply.status_code == 403
+    rows = store.records()
+    assert [row.prompt for row in rows] == prompts * 2
+    assert [row.status for row in rows] == [200, 403, 200] * 2
+
+
+def test_a_stream_is_redacted_once_and_logged_as_sent(teacher_a, tmp_path):
+    """A summary costs a summariser call (a model's, in production): a streamed answer is summarised once, and
+    the audit row holds exactly the text the client received."""
+    calls = []
+
+    def counted(prompts, reasonings):
+        calls.append(len(prompts))
+        return outline(prompts, reasonings)
+
+    store = open_store(f"sqlite:///{tmp_path / 'gateway.db'}")
+    key = store.create_key("acme")
+    app = create_app(lambda: teacher_a, "teacher-a", store=store, policy=Summary(counted), summarize=counted)
+    with live_server(app) as url:
+        client = openai.OpenAI(base_url=url + "/v1", api_key=key, max_retries=0)
+        chunks = client.chat.completions.create(model="teacher-a", temperature=0, stream=True,
+                                                messages=[{"role": "user", "content": PROMPT}])
+        received = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert calls == [1]
+    [row] = store.records()
+    assert row.response == received and "Peors" not in received

@@ -200,15 +200,29 @@ def test_an_upstream_400_reaches_the_client_as_a_400_with_the_upstreams_message(
     assert "maximum context length is 128 tokens" in caught.value.body["message"]
 
 
-def test_an_upstream_429_reaches_the_client_with_its_retry_after():
+def test_an_upstream_429_reaches_the_client_with_its_retry_after_in_the_gateways_words():
     async def busy(body):
-        return JSONResponse({"error": {"message": "busy", "type": "rate_limit_error", "code": "busy"}},
-                            status_code=429, headers={"retry-after": "1"})
+        return JSONResponse({"error": {"message": "org-7731 over its vendor quota", "type": "rate_limit_error",
+                                       "code": "busy"}}, status_code=429, headers={"retry-after": "1"})
 
     with live_server(tiny_upstream(busy)) as upstream, live_server(gateway(upstream)) as url:
         with pytest.raises(openai.RateLimitError) as caught:
             sdk(url).completions.create(model=GATEWAY_MODEL, prompt=PROMPTS[0], max_tokens=4)
     assert caught.value.response.headers["retry-after"] == "1"
+    assert caught.value.body["code"] == "upstream_rate_limited" and "org-7731" not in caught.value.body["message"]
+
+
+def test_an_upstream_404_is_the_gateways_failure_and_names_nothing_of_the_upstream():
+    """The client asked for the gateway's model, which exists: an upstream that does not know its own model (or
+    route) is the provider's misconfiguration, a 502 that says nothing of the upstream's names."""
+    async def unknown(body):
+        return JSONResponse({"error": {"message": "The model `internal-llama-70b-rc3` does not exist",
+                                       "type": "invalid_request_error", "code": "model_not_found"}}, status_code=404)
+
+    with live_server(tiny_upstream(unknown)) as upstream:
+        error = failure(upstream)
+    assert error.status_code == 502 and error.body["code"] == "upstream_failed"
+    assert "internal-llama" not in error.body["message"]
 
 
 def test_upstream_credentials_refused_is_a_502_that_names_no_key(teacher_a):

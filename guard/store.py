@@ -1,13 +1,16 @@
 """The gateway's stores: API keys with their accounts, and the audit log, in one database named by a URL.
 
-Either way a write returns only after its transaction is committed durably, so a response the gateway
-acknowledges after `log` returns cannot be lost to a crash. Audit rows logged at the same time share one
-transaction (`GroupCommit`), so requests do not queue behind each other's fsyncs.
 - SQLite, the embedded default (`sqlite:///PATH`, relative; `sqlite:////PATH`, absolute): WAL mode with
   `synchronous=FULL`. One connection behind a lock writes (SQLite serialises writers anyway); another reads.
 - PostgreSQL, at scale (`postgresql://USER@HOST/DB`; a password from $PGPASSWORD or ~/.pgpass keeps it out
   of command lines): a pool of connections, one per thread at a time, with `synchronous_commit=on`, so
   several gateway replicas can share one store.
+
+Either way a write returns only after its transaction is committed durably, so a response the gateway
+acknowledges after `log` returns cannot be lost to a crash. Audit rows logged at the same time share one
+transaction (`GroupCommit`), so requests do not queue behind each other's fsyncs; with the database down, a
+`log` call fails within its deadline (`UNAVAILABLE`: the gateway answers 503). Each audit row gets a `seq` in
+commit order, by which readers page (`Store.page`).
 """
 
 from __future__ import annotations
@@ -32,9 +35,8 @@ from detectors.events import Event, events_from_rows
 from guard.group_commit import CommitTimeout, GroupCommit
 from guard.redaction import parse_policy
 
-# The database failed, not the request (the gateway answers 503); a row's own fault (a repeated id):
-UNAVAILABLE = (sqlite3.OperationalError, psycopg.OperationalError, PoolTimeout, CommitTimeout)
-INTEGRITY = (sqlite3.IntegrityError, psycopg.IntegrityError)
+UNAVAILABLE = (sqlite3.OperationalError, psycopg.OperationalError, PoolTimeout, CommitTimeout)  # the database
+INTEGRITY = (sqlite3.IntegrityError, psycopg.IntegrityError)  # a row's own fault (a repeated id), not the database's
 COMMIT_DEADLINE = 5.0  # seconds a request waits for its audit row before it is answered 503
 PURGE_CHUNK = 5_000  # rows a retention purge deletes per transaction
 POOL_TIMEOUT = 1.0  # seconds PostgreSQL's pool waits for a connection: a down server fails fast, not in 30 s
@@ -302,7 +304,7 @@ class PostgresStore(Store):
                 # Replicas starting together would race on CREATE TABLE IF NOT EXISTS; one at a time.
                 db.execute("SELECT pg_advisory_xact_lock(hashtext('distill-guard schema'))")
                 db.execute(SCHEMA.format(seq="seq BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY"))
-        # connect_timeout: the pool's reconnection attempts to an unreachable host give up, and retry, in seconds
+        # connect_timeout: the pool's reconnections to an unreachable host give up (and try again) in seconds
         self._pool = ConnectionPool(url, kwargs={**settings, "connect_timeout": 5}, configure=_commit_synchronously,
                                     min_size=1, max_size=max_connections, timeout=pool_timeout, open=True)
         self._start_audit_writer(commit_deadline)

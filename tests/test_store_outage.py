@@ -20,7 +20,9 @@ from guard.store import AuditRecord, PostgresStore, SQLiteStore
 
 class Proxy:
     """A TCP proxy in front of a PostgreSQL server. `cut()` closes every connection through it and drops each new
-    one as it arrives, as a server that went down does; `restore()` lets connections through again."""
+    one as it arrives, as a server that went down does. `stall()` keeps every connection open and passes nothing
+    on, either way, as a network that lost the server does (where nothing tells the client for minutes).
+    `restore()` closes the stalled connections and lets new ones through again."""
 
     def __init__(self, url: str):
         info = conninfo_to_dict(url)
@@ -30,7 +32,7 @@ class Proxy:
             (socket.AF_INET, (host, port))
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.url = make_conninfo(url, host="127.0.0.1", port=str(self.listener.getsockname()[1]))
-        self.down = False
+        self.down = self.stalled = False
         self.open: list[socket.socket] = []
         self.lock = threading.Lock()
         threading.Thread(target=self._accept, daemon=True).start()
@@ -45,17 +47,20 @@ class Proxy:
                 if self.down:
                     client.close()
                     continue
+                if self.stalled:
+                    self.open.append(client)  # left waiting for a server that never answers
+                    continue
                 server = socket.socket(self.target[0])
                 server.connect(self.target[1])
                 self.open += [client, server]
             for a, b in ((client, server), (server, client)):
                 threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
 
-    @staticmethod
-    def _pipe(source: socket.socket, sink: socket.socket) -> None:
+    def _pipe(self, source: socket.socket, sink: socket.socket) -> None:
         try:
             while data := source.recv(65536):
-                sink.sendall(data)
+                if not self.stalled:  # stalled: lost on the way
+                    sink.sendall(data)
         except OSError:
             pass
         for end in (source, sink):
@@ -72,9 +77,14 @@ class Proxy:
                 end.close()
             self.open = []
 
+    def stall(self) -> None:
+        self.stalled = True
+
     def restore(self) -> None:
+        if self.stalled:
+            self.cut()  # what a stall left half-sent cannot go on
         with self.lock:
-            self.down = False
+            self.down = self.stalled = False
 
     def close(self) -> None:
         self.cut()
@@ -91,8 +101,12 @@ def proxy(postgres_url):
 ASK = {"model": "teacher-a", "prompt": "hello", "max_tokens": 1}
 
 
-def test_forty_requests_queued_during_a_postgres_outage_all_get_503_within_5_s(teacher_a, proxy):
-    store = PostgresStore(proxy.url)
+@pytest.mark.parametrize("outage", ["cut", "stall"])
+def test_forty_requests_queued_during_a_postgres_outage_all_get_503_within_5_s(teacher_a, proxy, outage):
+    """Down (connections refused): the pool's short timeout fails each batch, and every request queued behind
+    it, at once. Stalled (nothing answers): the writer waits on its connection, and each request gives up at
+    its deadline."""
+    store = PostgresStore(proxy.url, commit_deadline=2.0)
     key = store.create_key("alice")
     headers = {"authorization": f"Bearer {key}"}
     app = create_app(lambda: teacher_a, "teacher-a", store=store, key_cache_seconds=600)  # the key stays known
@@ -105,7 +119,7 @@ def test_forty_requests_queued_during_a_postgres_outage_all_get_503_within_5_s(t
                     return "no answer in 15 s"
 
             assert ask(0) == 200  # served, its row logged, the key cached, the pool's connection open
-            proxy.cut()
+            getattr(proxy, outage)()
             start = time.monotonic()
             with ThreadPoolExecutor(40) as clients:
                 statuses = list(clients.map(ask, range(40)))

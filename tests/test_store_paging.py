@@ -3,12 +3,12 @@ forever (many rows share a time: every multi-prompt request's do) and a row comm
 time is still read. Through the admin API over HTTP, and two PostgreSQL writers racing. Real SQLite, real
 PostgreSQL."""
 
+import secrets
 import threading
 import time
 
 import httpx
 import psycopg
-import secrets
 
 from conftest import live_server
 from guard.server import create_app

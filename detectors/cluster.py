@@ -22,7 +22,7 @@ as one client: its pooled traffic goes through the fitted detector.
 from __future__ import annotations
 
 import re
-from collections import OrderedDict, defaultdict
+from collections import OrderedDict, defaultdict, deque
 from dataclasses import dataclass
 
 import numpy as np
@@ -119,7 +119,9 @@ class Linker:
     started, so those are indexed too). When accounts are linked, the events their group's pooled traffic
     has not seen (their first requests) come with the group. Memory is bounded: at most `max_accounts`
     accounts' summaries, first requests (a tenth of that once summarised) and group memberships, least
-    recently used evicted.
+    recently used evicted; and each account is compared with at most `max_per_network` accounts of its network
+    (the most recent), so that many strangers behind one address cost each new one a bounded number of
+    comparisons.
 
     A group is named once, when it forms, and keeps its name as it grows and as its members are evicted (the
     monitor keys the group's pooled traffic and verdict by it); its members are kept as a set, so its size is
@@ -127,14 +129,15 @@ class Linker:
     at most log2(max_accounts) times."""
 
     def __init__(self, popularity: Popularity, rare_surprisal: float, together: float = TOGETHER,
-                 min_size: int = 3, max_accounts: int = 100_000):
+                 min_size: int = 3, max_accounts: int = 100_000, max_per_network: int = 256):
         self.popularity, self.rare_surprisal = popularity, rare_surprisal
         self.together, self.min_size, self.max_accounts = together, min_size, max_accounts
         self.first: OrderedDict[str, list[Event]] = OrderedDict()  # accounts not yet summarised
         self.unlinked: OrderedDict[str, list[Event]] = OrderedDict()  # summarised, in no group: first requests
         self.summaries: OrderedDict[str, Account] = OrderedDict()
         self.by_start: defaultdict[int, list[str]] = defaultdict(list)  # start bucket -> accounts
-        self.by_network: defaultdict[str, list[str]] = defaultdict(list)
+        # the most recent accounts of each network: behind a NAT or a balancer, thousands of strangers share one
+        self.by_network: defaultdict[str, deque[str]] = defaultdict(lambda: deque(maxlen=max_per_network))
         self.by_payment: defaultdict[str, list[str]] = defaultdict(list)
         self.parent: OrderedDict[str, str] = OrderedDict()  # each linked account's group (least recent first)
         self.members: dict[str, set[str]] = {}  # each group's accounts still kept
@@ -222,7 +225,7 @@ class Linker:
             gone, account = self.summaries.popitem(last=False)
             for index, key in ((self.by_start, int(account.start // self.together)),
                                (self.by_network, account.network), (self.by_payment, account.payment)):
-                if key in index:
+                if key in index and gone in index[key]:  # a network's list may have dropped it already
                     index[key].remove(gone)
                     if not index[key]:
                         del index[key]

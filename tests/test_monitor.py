@@ -292,3 +292,24 @@ def test_linked_group_sizes_stay_exact_as_accounts_are_evicted(benign_detector):
                 if kept:
                     assert linker.group_size(roots.pop()) == len(kept), (linked, kept, linker.members)
     assert len(linker.parent) <= 5
+
+
+def test_accounts_behind_one_network_are_compared_with_a_bounded_number_of_its_accounts(benign_detector):
+    """Many accounts behind one network (a NAT, a balancer no proxy setting sees through) start over days, so
+    only the network could link them: each new one is compared with at most `max_per_network` of them, the
+    most recent, not with every account ever seen there; accounts of that network that start together still
+    link."""
+    from detectors.cluster import TOGETHER, Linker
+    from detectors.features import LINK_AT
+
+    linker = Linker(benign_detector.popularity_, benign_detector.rare_key_surprisal_, max_per_network=32)
+    prompts = [i.prompt for i in reference_task().query_pool]
+    for n_account in range(203):  # the last three start together
+        start = 1_767_225_600 + min(n_account, 200) * 3 * TOGETHER + 60.0 * max(0, n_account - 200)
+        for n in range(LINK_AT):
+            linker.observe(Event(f"office-{n_account}", start + 7.0 * n, prompts[(n_account + n) % len(prompts)],
+                                 ip="203.0.113.9"))
+    [network] = linker.by_network
+    assert len(linker.by_network[network]) == 32
+    assert linker.root("office-202") is not None
+    assert linker.root("office-200") == linker.root("office-201") == linker.root("office-202")

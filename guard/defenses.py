@@ -7,6 +7,7 @@ detector, the summariser. A missing part is an error that says what to pass.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from collections.abc import Sequence
@@ -102,7 +103,10 @@ class Monitored(Defense):
 
     def __init__(self, teacher: Teacher, monitor: Monitor):
         super().__init__(teacher)
-        self.monitor, self.lock = monitor, threading.Lock()
+        # a monitor shared through Redis guards its own state and takes no lock across its network calls: one
+        # here would make every request thread wait out a slow Redis behind whichever thread holds it
+        self.monitor = monitor
+        self.lock = contextlib.nullcontext() if getattr(monitor, "thread_safe", False) else threading.Lock()
         self.name = f"{teacher.name}+monitor"
 
     def fresh(self) -> Monitored:

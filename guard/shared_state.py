@@ -170,7 +170,9 @@ def _id(event_id: str) -> tuple[int, int]:
 class SharedMonitor:
     """A `Monitor` that judges the events of every replica sharing `shared`'s Redis, in one order (see the module
     docstring). It answers `observe` as `Monitor` does, so `Monitored` takes either. The stream is bounded at
-    about `max_bytes`."""
+    about `max_bytes`. Safe to call from several threads: it locks only around its in-memory state."""
+
+    thread_safe = True
 
     def __init__(self, monitor: Monitor, shared: SharedState, max_bytes: int = 256 << 20):
         self.monitor, self.shared = monitor, shared

@@ -139,7 +139,7 @@ class Monitor:
                 return
 
     def remember(self, client: str, action: Action) -> None:
-        """Takes `client`'s verdict as given (a verdict kept outside this process: `guard.shared_state`), unless
+        """Takes `client`'s verdict as given (a verdict kept outside this process: `guard.gateway.shared_state`), unless
         it already has a stronger one: levels only go up."""
         if LEVELS.index(action.kind) > LEVELS.index(self.actions.get(client, ALLOW).kind):
             self._flag(client, action)

@@ -42,9 +42,9 @@ from eval.student import StudentConfig
 from eval.traffic import TrafficShape, served_to_benign_users, simulate
 from eval.traffic_study import SHAPES
 from guard.defenses import DefenseParts, build_defense, split_outer_policy
+from guard.gateway.app import create_app, serve_in_thread
+from guard.gateway.store import SQLiteStore, Store
 from guard.openai_teacher import OpenAITeacher, TeacherRequestError
-from guard.server import create_app, serve_in_thread
-from guard.store import SQLiteStore, Store
 from guard.teacher import Caller, Completion, Sampling, Teacher, callers_for
 
 MODEL = "teacher-a"

@@ -19,8 +19,8 @@ import uvicorn
 from eval.metrics import capability
 from eval.reference.world import reference_task
 from eval.task import load_task
+from guard.gateway.app import create_app
 from guard.openai_teacher import OpenAITeacher
-from guard.server import create_app
 from eval.reference import load_teacher
 
 

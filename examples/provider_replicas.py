@@ -22,8 +22,8 @@ from pathlib import Path
 import openai
 
 import eval.local_servers as local_servers
-from guard.server import free_port
-from guard.store import open_store
+from guard.gateway.app import free_port
+from guard.gateway.store import open_store
 
 sys.path.insert(0, str(Path(__file__).parent))
 from provider_gateway import CLI, cli, wait_until_healthy  # noqa: E402  (the single-gateway example's helpers)

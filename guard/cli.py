@@ -44,14 +44,14 @@ from eval.task import load_task
 from eval.trainer import per_device_batch, world_size
 from eval.traffic import ATTACKERS, BENIGN, BENIGN_POPULATION, TrafficShape, lab_detector, simulate
 import guard.audit as audit
-from guard.admin import ADMIN_KEY_ENV, DAY
 from guard.defenses import DefenseParts, build_defense, parse_defense, split_outer_policy
+from guard.gateway.admin import ADMIN_KEY_ENV, DAY
+from guard.gateway.app import create_app
+from guard.gateway.shared_state import SharedState
+from guard.gateway.store import is_store_url, open_store, shown_url
 from guard.load import is_remote
 from guard.pretrained import PRETRAINED
 from guard.redaction import Sealer, parse_policy
-from guard.server import create_app
-from guard.shared_state import SharedState
-from guard.store import is_store_url, open_store, shown_url
 from guard.teacher import Caller, HFTeacher, ModelLoadError, Sampling
 from watermark.detect import WatermarkDetector, name_client
 from watermark.kgw import GreenList, WatermarkConfig, WatermarkKey, load_keys, master_secret, new_master_secret

@@ -16,8 +16,8 @@ from dataclasses import dataclass
 from detectors.detector import TrafficDetector
 from detectors.events import Event
 from detectors.monitor import Monitor
+from guard.gateway.shared_state import SharedMonitor, SharedState
 from guard.redaction import POLICIES, AnswerOnly, Policy, Redact, Sealer, Summarize, parse_policy
-from guard.shared_state import SharedMonitor, SharedState
 from guard.teacher import Caller, Completion, Defense, Sampling, Teacher, callers_for
 from watermark.kgw import Watermark, WatermarkConfig
 

@@ -23,7 +23,7 @@ from filelock import FileLock
 
 import eval.local_servers as local_servers
 from eval.reference import MODELS_DIR
-from guard.server import free_port, serve_in_thread  # noqa: F401 (free_port: for the tests)
+from guard.gateway.app import free_port, serve_in_thread  # noqa: F401 (free_port: for the tests)
 from guard.teacher import HFTeacher
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -156,7 +156,7 @@ def redis_server_url():
 @pytest.fixture
 def redis_state(redis_server_url):
     """A `SharedState` on the session's Redis under a prefix of this test's own."""
-    from guard.shared_state import SharedState
+    from guard.gateway.shared_state import SharedState
 
     return SharedState(redis_server_url, prefix=f"test-{uuid.uuid4().hex[:12]}")
 

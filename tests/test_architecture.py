@@ -13,9 +13,8 @@ PACKAGES = ("guard", "detectors", "watermark", "eval")
 LAYERS = [
     ("guard.teacher", 1), ("guard.openai_teacher", 1), ("guard.load", 1), ("guard.reasoning", 1), ("guard.prompts", 1), ("guard.pretrained", 1),
     ("guard.redaction", 2), ("watermark", 2), ("detectors", 2),
-    ("guard.defenses", 3), ("guard.server", 3), ("guard.store", 3), ("guard.batcher", 3), ("guard.admin", 3),
-    ("guard.errors", 3),
-    ("guard.group_commit", 3), ("guard.audit", 3), ("guard.shared_state", 3), ("guard.limits", 3),
+    ("guard.defenses", 3), ("guard.audit", 3),
+    ("guard.gateway", 3),  # the whole package: wire types, auth, limits, billing, streaming, routes, stores, admin
     ("eval", 4), ("eval.gateway_study", 4),
     ("guard.cli", 5),
 ]

@@ -12,10 +12,10 @@ import pytest
 
 from conftest import live_server
 from eval.reference.world import reference_task
+from guard.gateway.app import create_app
+from guard.gateway.store import AuditRecord, open_store
 from guard.reasoning import split_reasoning
 from guard.redaction import Sealer
-from guard.server import create_app
-from guard.store import AuditRecord, open_store
 from guard.teacher import GREEDY
 
 PROMPT = reference_task().eval_items[0].prompt

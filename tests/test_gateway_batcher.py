@@ -10,8 +10,8 @@ import pytest
 
 from conftest import live_server
 from eval.reference.world import reference_task
-from guard.batcher import Batcher
-from guard.server import create_app
+from guard.gateway.app import create_app
+from guard.gateway.batcher import Batcher
 from guard.teacher import GREEDY, Caller, Defense, Sampling
 
 PROMPTS = [i.prompt for i in reference_task().eval_items[:12]]

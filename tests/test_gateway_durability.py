@@ -21,8 +21,8 @@ import openai
 import pytest
 
 from conftest import free_port, live_server
-from guard.server import create_app
-from guard.store import PostgresStore, SQLiteStore, text_digest
+from guard.gateway.app import create_app
+from guard.gateway.store import PostgresStore, SQLiteStore, text_digest
 
 ROOT = Path(__file__).resolve().parents[1]
 

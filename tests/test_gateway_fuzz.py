@@ -11,8 +11,8 @@ from schemathesis.checks import not_a_server_error
 from schemathesis.generation.modes import GenerationMode
 
 from conftest import live_server, raising_template_teacher
-from guard.server import create_app
-from guard.store import SQLiteStore
+from guard.gateway.app import create_app
+from guard.gateway.store import SQLiteStore
 
 EXAMPLES = 60  # per operation and mode: the whole run stays well under a minute
 CHEAP_TOKENS = 4  # generation stays cheap: any valid max_tokens above this is sent as this

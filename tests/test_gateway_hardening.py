@@ -12,9 +12,10 @@ import pytest
 from conftest import live_server, raising_template_teacher
 from eval.reference.world import reference_task
 from guard.defenses import DefenseParts, build_defense
+from guard.gateway.app import create_app
+from guard.gateway.auth import KeyCache
+from guard.gateway.store import Account, open_store
 from guard.redaction import Redact, Sealed, Sealer, Summary, outline
-from guard.server import KeyCache, create_app
-from guard.store import Account, open_store
 from guard.teacher import GREEDY, Completion, Defense, Teacher
 
 PROMPT = "question: what does the friend of Bobuk do for a living?\n"

@@ -11,8 +11,8 @@ import pytest
 
 from conftest import live_server
 from eval.reference.world import reference_task
-from guard.server import create_app
-from guard.store import open_store
+from guard.gateway.app import create_app
+from guard.gateway.store import open_store
 from guard.teacher import Sampling
 
 PROMPT = reference_task().eval_items[3].prompt

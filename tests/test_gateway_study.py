@@ -12,9 +12,9 @@ from conftest import live_server
 from eval.harvest import load_harvest
 from eval.reference.world import reference_task
 from guard.cli import app
+from guard.gateway.app import create_app
+from guard.gateway.store import SQLiteStore
 from guard.openai_teacher import OpenAITeacher
-from guard.server import create_app
-from guard.store import SQLiteStore
 from guard.teacher import LAB_TIME_HEADER, Caller, Sampling
 
 SIMULATED = 1_767_225_600.0  # 2026-01-01, far from the wall clock

@@ -13,9 +13,9 @@ from typer.testing import CliRunner
 from conftest import free_port, live_server
 from eval.reference.world import reference_task
 from guard.cli import UPSTREAM_RETRIES, app as cli
+from guard.gateway.app import create_app
 from guard.openai_teacher import OpenAITeacher
 from guard.redaction import AnswerOnly
-from guard.server import create_app
 
 PROMPTS = [i.prompt for i in reference_task().eval_items[:2]]
 GATEWAY_MODEL = "gw-model"  # what clients ask the gateway for; the upstream serves "teacher-a"

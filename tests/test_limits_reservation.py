@@ -13,10 +13,10 @@ import pytest
 
 import eval.local_servers as local_servers
 from conftest import live_server
-from guard.errors import APIError
-from guard.limits import RateLimiter
-from guard.server import create_app
-from guard.store import Account, open_store
+from guard.gateway.app import create_app
+from guard.gateway.errors import APIError
+from guard.gateway.limits import RateLimiter
+from guard.gateway.store import Account, open_store
 
 PROMPT = "question: where does Kalon live?\n"
 
@@ -129,7 +129,7 @@ def test_tokens_are_charged_only_once_the_audit_row_is_durable(teacher_a):
     """The store's PostgreSQL stops under a running gateway: the request gets a 503 and is not served, so its
     account is charged nothing for it (its reservation refunded), where a charge made before the write would
     stay for the whole window."""
-    from guard.store import open_store as open_postgres
+    from guard.gateway.store import open_store as open_postgres
 
     with ExitStack() as stack:
         down = stack.enter_context(ExitStack())

@@ -9,8 +9,8 @@ from fastapi.responses import JSONResponse
 
 from conftest import live_server
 from eval.reference.world import reference_task
+from guard.gateway.app import create_app
 from guard.openai_teacher import OpenAITeacher, TeacherAuthError, TeacherHTTPError
-from guard.server import create_app
 from guard.teacher import GREEDY, Sampling
 
 PROMPTS = [i.prompt for i in reference_task().eval_items[:4]]

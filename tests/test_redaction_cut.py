@@ -15,9 +15,9 @@ from eval.attack import AttackConfig, harvest
 from eval.reference import plan_or_outline
 from eval.reference.world import parse_facts, reference_task
 from guard.defenses import DefenseParts, build_defense
+from guard.gateway.app import create_app
 from guard.reasoning import split_reasoning
 from guard.redaction import AnswerOnly, Redact, Sealer, parse_policy
-from guard.server import create_app
 from guard.teacher import GREEDY, HFTeacher, Sampling
 
 SPECS = ["answer-only", "summary", "truncate:2", "sealed"]

@@ -14,9 +14,9 @@ import eval.local_servers as local_servers
 from conftest import live_server
 from eval.benchmarks.gateway_replicas import (BODY, first_refused, harvest_over_replicas, limit_over_replicas,
                                              replicas)
-from guard.server import create_app
-from guard.shared_state import SharedState
-from guard.store import open_store
+from guard.gateway.app import create_app
+from guard.gateway.shared_state import SharedState
+from guard.gateway.store import open_store
 
 def test_rpm_60_over_three_replicas_admits_at_most_61_with_redis_and_overshoots_without(tmp_path, redis_server_url):
     """LiteLLM's limiter bug, measured: 30 clients hit one key with rpm 60 through three replicas, 300 requests

@@ -11,9 +11,9 @@ import pytest
 
 from conftest import live_server
 from eval.reference.world import reference_task
+from guard.gateway.app import create_app
 from guard.reasoning import split_reasoning
 from guard.redaction import AnswerOnly
-from guard.server import create_app
 from guard.teacher import GREEDY, HFTeacher, Teacher
 
 PROMPTS = [i.prompt for i in reference_task().eval_items[:2]]

@@ -13,8 +13,8 @@ from conftest import live_server
 from eval.reference.world import reference_task
 from guard.cli import app as cli
 from guard.defenses import DefenseParts, build_defense
-from guard.server import create_app
-from guard.store import open_store
+from guard.gateway.app import create_app
+from guard.gateway.store import open_store
 from watermark.detect import WatermarkDetector, name_client
 from watermark.kgw import GreenList, WatermarkConfig, WatermarkKey
 
@@ -126,9 +126,9 @@ def test_a_key_with_a_token_limit_is_refused_once_its_tokens_are_spent(teacher_a
 
 
 def test_spent_tokens_leave_the_window_and_free_the_account_again():
-    from guard.errors import APIError
-    from guard.limits import RateLimiter
-    from guard.store import Account
+    from guard.gateway.errors import APIError
+    from guard.gateway.limits import RateLimiter
+    from guard.gateway.store import Account
 
     limiter, account = RateLimiter(window=60.0), Account("tokens", key_id="k", tpm=100)
     limiter.settle(limiter.admit(account, [80], now=0.0), 70)  # reserved 80, spent 70

@@ -19,9 +19,9 @@ from detectors.events import PROMPT_BYTES, Event
 from detectors.monitor import Monitor
 from eval.benchmarks.gateway_replicas import BODY, replicas
 from eval.reference.world import reference_task
-from guard.limits import RedisRateLimiter
-from guard.shared_state import SharedMonitor, SharedState
-from guard.store import Account, open_store
+from guard.gateway.limits import RedisRateLimiter
+from guard.gateway.shared_state import SharedMonitor, SharedState
+from guard.gateway.store import Account, open_store
 from guard.teacher import LAB_TIME_HEADER
 
 
@@ -144,9 +144,9 @@ def test_the_event_stream_keeps_a_capped_prompt_and_stays_within_its_bytes(redis
 def test_a_rate_limit_script_that_cannot_run_stops_the_gateway_at_start_up(redis_state, monkeypatch):
     """A script Redis cannot load (a syntax error, a command this server lacks) fails at start-up, loudly,
     instead of failing at its first request and so, under fail-open, serving every request unlimited."""
-    import guard.limits
+    import guard.gateway.limits
 
-    monkeypatch.setattr(guard.limits, "ADMIT", guard.limits.ADMIT.replace("local t = ", "local t = = "))
+    monkeypatch.setattr(guard.gateway.limits, "ADMIT", guard.gateway.limits.ADMIT.replace("local t = ", "local t = = "))
     with pytest.raises(redis.ResponseError):
         RedisRateLimiter(redis_state)
 

@@ -21,8 +21,8 @@ from conftest import live_server
 from eval.reference.world import reference_task
 from eval.traffic import simulate
 from guard.cli import app
-from guard.server import create_app
-from guard.store import AuditRecord, PostgresStore, SQLiteStore, Store, open_store, shown_url
+from guard.gateway.app import create_app
+from guard.gateway.store import AuditRecord, PostgresStore, SQLiteStore, Store, open_store, shown_url
 
 CLI = [sys.executable, "-m", "guard.cli"]
 
@@ -136,7 +136,7 @@ def test_audit_rows_from_many_threads_are_all_read_by_a_new_process(store_url):
     for w in workers:
         w.join()
     # the writer stays open: a reader in another process sees what was committed, not what a close flushed
-    read = subprocess.run([sys.executable, "-c", "import sys, json; from guard.store import open_store; "
+    read = subprocess.run([sys.executable, "-c", "import sys, json; from guard.gateway.store import open_store; "
                            "print(json.dumps([r.request_id for r in open_store(sys.argv[1]).records()]))",
                            store_url], capture_output=True, text=True, timeout=120, check=True)
     ids = json.loads(read.stdout)
@@ -149,7 +149,7 @@ def test_audit_rows_from_many_threads_are_all_read_by_a_new_process(store_url):
 
 WRITER = """
 import sys
-from guard.store import AuditRecord, SQLiteStore
+from guard.gateway.store import AuditRecord, SQLiteStore
 store = SQLiteStore(sys.argv[1])
 for n in range(100_000):
     store.log(AuditRecord(request_id=f"req-{n}", account="alice", time=float(n), prompt=f"question {n}"))

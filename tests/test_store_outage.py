@@ -13,9 +13,9 @@ import pytest
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from conftest import live_server
-from guard.server import create_app
-from guard.group_commit import CommitTimeout
-from guard.store import AuditRecord, PostgresStore, SQLiteStore
+from guard.gateway.app import create_app
+from guard.gateway.group_commit import CommitTimeout
+from guard.gateway.store import AuditRecord, PostgresStore, SQLiteStore
 
 
 class Proxy:

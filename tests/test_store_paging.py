@@ -11,8 +11,8 @@ import httpx
 import psycopg
 
 from conftest import live_server
-from guard.server import create_app
-from guard.store import AuditRecord, PostgresStore, SQLiteStore
+from guard.gateway.app import create_app
+from guard.gateway.store import AuditRecord, PostgresStore, SQLiteStore
 
 PAGES = 20  # more than any test here needs: a reader that reaches it is going round in circles
 LIMIT = 2

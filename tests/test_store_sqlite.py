@@ -10,12 +10,12 @@ import time
 
 import pytest
 
-from guard.store import AuditRecord, SQLiteStore
+from guard.gateway.store import AuditRecord, SQLiteStore
 
 STRACE = shutil.which("strace")
 WRITER = """
 import os, sys
-from guard.store import AuditRecord, SQLiteStore
+from guard.gateway.store import AuditRecord, SQLiteStore
 store = SQLiteStore(sys.argv[1])
 for n in range(int(sys.argv[2])):
     store.log(AuditRecord(request_id=f"req-{n}", account="alice", time=float(n), prompt=f"question {n}"))

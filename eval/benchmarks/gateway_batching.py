@@ -23,7 +23,7 @@ import torch
 from eval.benchmarks import write_result
 from eval.reference import load_teacher
 from eval.reference.world import reference_task
-from guard.server import create_app, serve_in_thread
+from guard.gateway.app import create_app, serve_in_thread
 
 
 async def ask(url: str, prompts: list[str], clients: int) -> tuple[list[str], float]:

@@ -45,10 +45,11 @@ import uvicorn
 
 import eval.local_servers as local_servers
 from eval.benchmarks import RESULTS, write_result
+from guard.gateway.app import create_app, free_port
+from guard.gateway.shared_state import SharedState
+from guard.gateway.store import SQLiteStore, open_store
+from guard.gateway.streaming import PIECE
 from guard.openai_teacher import OpenAITeacher
-from guard.server import PIECE, create_app, free_port
-from guard.shared_state import SharedState
-from guard.store import SQLiteStore, open_store
 from guard.teacher import Completion, Teacher
 
 if TYPE_CHECKING:

@@ -29,9 +29,9 @@ from eval.benchmarks import RESULTS, write_result
 from eval.reference import MODELS_DIR
 from eval.reference.world import reference_task
 from guard.defenses import DefenseParts, build_defense
-from guard.server import create_app, serve_in_thread
-from guard.shared_state import SharedState
-from guard.store import open_store
+from guard.gateway.app import create_app, serve_in_thread
+from guard.gateway.shared_state import SharedState
+from guard.gateway.store import open_store
 from guard.teacher import LAB_TIME_HEADER, HFTeacher
 
 BODY = {"model": "teacher-a", "prompt": "question: where does Kalon live?\n", "max_tokens": 1}

@@ -1,7 +1,7 @@
 """State that gateway replicas share through Redis: the rate limiter's counters and the traffic monitor.
 
 Any replica serves any account, so nothing a decision needs may live in one replica's memory alone.
-- **Rate limits** (`guard.limits.RedisRateLimiter`): one Lua script per request reads and updates an account's
+- **Rate limits** (`guard.gateway.limits.RedisRateLimiter`): one Lua script per request reads and updates an account's
   sliding window in Redis.
 - **The monitor** is a replicated state machine. Every request's event is appended to one Redis stream (one
   total order for all replicas, each event numbered); a replica then applies, in that order, every event up to
@@ -49,8 +49,8 @@ from redis.retry import Retry
 
 from detectors.events import PROMPT_BYTES, Event, compact
 from detectors.monitor import ALLOW, LEVELS, Action, Monitor
-from guard.errors import APIError
-from guard.store import shown_url
+from guard.gateway.errors import APIError
+from guard.gateway.store import shown_url
 
 logger = logging.getLogger(__name__)
 LOG_EVERY = 10.0  # seconds between log lines about the same outage

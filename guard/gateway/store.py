@@ -32,7 +32,7 @@ from psycopg.rows import dict_row
 from psycopg_pool import ConnectionPool, PoolTimeout
 
 from detectors.events import Event, events_from_rows
-from guard.group_commit import CommitTimeout, GroupCommit
+from guard.gateway.group_commit import CommitTimeout, GroupCommit
 from guard.redaction import parse_policy
 
 UNAVAILABLE = (sqlite3.OperationalError, psycopg.OperationalError, PoolTimeout, CommitTimeout)  # the database

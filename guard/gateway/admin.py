@@ -18,8 +18,8 @@ from contextlib import asynccontextmanager, suppress
 from fastapi import APIRouter, Depends, Query, Request
 from pydantic import BaseModel, Field
 
-from guard.errors import APIError
-from guard.store import MAX_LIMIT, AuditRecord, Store
+from guard.gateway.errors import APIError
+from guard.gateway.store import MAX_LIMIT, AuditRecord, Store
 
 logger = logging.getLogger(__name__)
 ADMIN_KEY_ENV = "DISTILL_GUARD_ADMIN_KEY"

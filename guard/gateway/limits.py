@@ -30,9 +30,9 @@ from dataclasses import dataclass, field
 
 from fastapi.concurrency import run_in_threadpool
 
-from guard.errors import APIError
-from guard.shared_state import SharedState, Unreachable
-from guard.store import Account
+from guard.gateway.errors import APIError
+from guard.gateway.shared_state import SharedState, Unreachable
+from guard.gateway.store import Account
 
 
 @dataclass

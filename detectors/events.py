@@ -14,8 +14,6 @@ from datetime import datetime
 from pathlib import Path
 from typing import Iterable, Literal
 
-import datasets
-
 
 @dataclass
 class Event:
@@ -118,6 +116,8 @@ def read_events(path: str | Path, errors: Literal["raise", "skip"] = "raise") ->
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such log")
     if path.is_dir() or path.suffix == ".arrow":
+        # datasets (and with it torch): heavy, and optional to what reads events from JSONL or a store (the gateway)
+        import datasets
         rows = datasets.load_from_disk(str(path)) if path.is_dir() else datasets.Dataset.from_file(str(path))
         return events_from_rows(iter(rows), str(path), errors)
 

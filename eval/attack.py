@@ -28,8 +28,9 @@ from eval.student import StudentConfig, init_student, train_student
 from eval.task import Task
 from eval.traffic import ShapedClient, TrafficShape, lab_detector, served_to_benign_users, simulate
 from guard.defenses import DefenseParts, build_defense, parse_defense
+from guard.hf_teacher import HFTeacher
 from guard.prompts import prompt_format
-from guard.teacher import HFTeacher, Sampling, Teacher
+from guard.teacher import Sampling, Teacher
 
 
 REUSE_ONLY = "DISTILL_GUARD_REUSE_ONLY"

@@ -9,8 +9,9 @@ import torch
 from scipy.stats import beta
 
 from eval.task import Item, Task
+from guard.hf_teacher import HFTeacher
 from guard.prompts import prompt_ids
-from guard.teacher import Completion, HFTeacher, Sampling, Teacher
+from guard.teacher import Completion, Sampling, Teacher
 
 
 class MostlyRefused(ValueError):

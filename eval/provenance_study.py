@@ -40,7 +40,8 @@ from eval.reference.world import reference_task
 from eval.report import write_study
 from eval.student import StudentConfig
 import guard.audit as audit
-from guard.teacher import HFTeacher, Teacher
+from guard.hf_teacher import HFTeacher
+from guard.teacher import Teacher
 
 
 @dataclass(frozen=True)

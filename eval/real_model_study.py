@@ -39,10 +39,11 @@ from eval.prose import prose_token_sequences
 from eval.reference import LAB_MASTER
 from eval.report import write_study
 from eval.student import StudentConfig, train_student
+from guard.hf_teacher import HFTeacher
 from guard.load import load_teacher
 from guard.pretrained import model_dir
 from guard.prompts import pair_ids
-from guard.teacher import Caller, HFTeacher, Sampling
+from guard.teacher import Caller, Sampling
 from watermark.detect import WatermarkDetector
 from watermark.kgw import GreenList, Watermark, WatermarkConfig, WatermarkKey
 from watermark.radioactivity import radioactivity

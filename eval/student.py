@@ -27,9 +27,9 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTra
 
 from eval.reference import MODELS_DIR
 from eval.trainer import IGNORE, TrainConfig, TrainResult, per_device_batch, tokenize_pairs, train, world_size
+from guard.hf_teacher import load_causal_lm
 from guard.prompts import prompt_ids, text_ids
 from guard.reasoning import split_reasoning, strip_reasoning
-from guard.teacher import load_causal_lm
 
 MODES = ("sft", "answer", "rationale", "kd")
 RATIONALE_TAG = "explain: "

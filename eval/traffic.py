@@ -47,6 +47,7 @@ import numpy as np
 from detectors.detector import TrafficDetector
 from detectors.events import Event
 from eval.metrics import Accuracy
+from eval.personas import ATTACKERS, BENIGN
 from eval.prose import human_prose
 from eval.reference.world import (ATTRIBUTES, RELATIONS, Question, reference_world,
                                   split_world)
@@ -54,9 +55,7 @@ from eval.task import Task
 from guard.teacher import Caller, Completion, Sampling, Teacher
 
 DAY = 86_400.0
-BENIGN = ("human", "power", "batch", "student", "evaluator")
 SAME_DOMAIN = ("student", "evaluator")  # benign users who ask the teacher's task questions
-ATTACKERS = ("naive", "cot", "slow", "sybil", "swarm", "hydra", "mimic", "decompose", "spread")
 # What detectors are fitted on by default: half of it (390 clients) is held out to calibrate, enough to
 # resolve a 1% false-positive rate with a threshold above the third-highest held-out score. Same-domain
 # users are part of it: a detector must not learn that asking the task's questions is suspect.

@@ -35,8 +35,9 @@ from eval.reference import LAB_MASTER, load_teacher
 from eval.report import write_study
 from eval.student import StudentConfig
 from eval.task import Task
+from guard.hf_teacher import HFTeacher, load_causal_lm
 from guard.prompts import pair_ids, prompt_ids
-from guard.teacher import GREEDY, HFTeacher, Sampling, load_causal_lm
+from guard.teacher import GREEDY, Sampling
 from watermark.detect import WatermarkDetector
 from watermark.kgw import GreenList, WatermarkConfig, WatermarkKey
 from watermark.radioactivity import audit, logged_windows, reading_tuples, restrict_to, sampled_tuples

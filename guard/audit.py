@@ -20,7 +20,8 @@ import numpy as np
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from detectors.provenance import ProvenanceTest, agreement, idiosyncrasy, likelihood, mean_logprobs
-from guard.teacher import HFTeacher, Sampling, Teacher
+from guard.hf_teacher import HFTeacher
+from guard.teacher import Sampling, Teacher
 from watermark.detect import holm
 
 TESTS = ("agreement", "idiosyncrasy", "likelihood")

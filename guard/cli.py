@@ -15,7 +15,7 @@ import tempfile  # noqa: E402
 import time  # noqa: E402
 from dataclasses import asdict, replace  # noqa: E402
 from pathlib import Path  # noqa: E402
-from typing import Annotated  # noqa: E402
+from typing import TYPE_CHECKING, Annotated  # noqa: E402
 
 import prometheus_client
 import psycopg
@@ -23,39 +23,21 @@ import typer
 import uvicorn
 from rich.console import Console
 from rich.table import Table
-from transformers import AutoTokenizer
 
-from detectors.cluster import judge_clusters
-from detectors.detector import TrafficDetector
-from detectors.events import EventFormatError, read_events, write_events
-from detectors.features import CHECKPOINTS
-from eval import gateway_study, provenance_study, real_model_study, traffic_study, watermark_study
-from eval.benchmarks import (gateway_batching, gateway_overhead, gateway_replicas, redaction_speed, traffic_speed,
-                             trainer_distributed, trainer_speed, watermark_real, watermark_speed)
-from eval.attack import AttackConfig, evaluate, lab_parts
-from eval.harvest import load_harvest
-from eval.metrics import MostlyRefused, capability
-from eval.reference import LAB_MASTER, load_teacher, plan_or_outline, resolve
-from eval.reference.build import build, compare_phrasing
-from eval.reference.world import reference_task
-from eval.report import markdown_table, merge_reports, write_report
-from eval.student import StudentConfig, auto_steps, lead_training, train_student
-from eval.task import load_task
-from eval.trainer import per_device_batch, world_size
-from eval.traffic import ATTACKERS, BENIGN, BENIGN_POPULATION, TrafficShape, lab_detector, simulate
-import guard.audit as audit
+from eval.personas import ATTACKERS, BENIGN
 from guard.defenses import DefenseParts, build_defense, parse_defense, split_outer_policy
 from guard.gateway.admin import ADMIN_KEY_ENV, DAY
 from guard.gateway.app import create_app
 from guard.gateway.shared_state import SharedState
 from guard.gateway.store import is_store_url, open_store, shown_url
 from guard.load import is_remote
+from guard.load import load_teacher as load_upstream
 from guard.pretrained import PRETRAINED
 from guard.redaction import Sealer, parse_policy
-from guard.teacher import Caller, HFTeacher, ModelLoadError, Sampling
-from watermark.detect import WatermarkDetector, name_client
-from watermark.kgw import GreenList, WatermarkConfig, WatermarkKey, load_keys, master_secret, new_master_secret
-from watermark.radioactivity import radioactivity, read_texts
+from guard.teacher import Caller, ModelLoadError, Sampling
+
+if TYPE_CHECKING:  # in annotations only: guard.audit loads transformers
+    import guard.audit as audit
 
 app = typer.Typer(help="Protect a served language model against distillation, and detect it after the fact.",
                   no_args_is_help=True, pretty_exceptions_enable=False)
@@ -89,6 +71,13 @@ def demo(teacher: TeacherOpt = "reference", show: int = 4, budget: int = 1000, s
     """The reference lab in a few minutes: the teacher reasoning through held-out questions, then a real
     distillation attack (full reasoning vs answers only) and the capability that transfers. With a real
     pretrained model (`--teacher smollm2`): its answers to real requests with and without each defence."""
+    # heavy, and optional to the other commands (torch, transformers, datasets): imported here
+    from eval.attack import AttackConfig, evaluate
+    from eval.metrics import MostlyRefused, capability
+    from eval.reference import load_teacher
+    from eval.reference.world import reference_task
+    from eval.report import markdown_table, write_report
+    from eval.student import StudentConfig
     start = time.perf_counter()
     try:
         chosen = load_teacher(teacher, api_key=api_key, model=model)
@@ -140,6 +129,11 @@ def demo_defenses(teacher, account: str = "demo-user") -> None:
     """Each request answered under each defence for one account, with what the defence did: the watermark's
     p-value under the account's key (the lab's public secret: a demo, never a deployment) and the monitor's
     verdict."""
+    # heavy, and optional to the other commands (torch, transformers, datasets): imported here
+    from eval.attack import lab_parts
+    from eval.reference import LAB_MASTER
+    from watermark.detect import WatermarkDetector
+    from watermark.kgw import GreenList, WatermarkKey
     # a pretrained chat model marks no reasoning: its finished text is answer (a cut one is still withheld)
     parts = replace(lab_parts(list(DEMO_DEFENSES)), marked_reasoning=False)
     key = WatermarkKey.for_client(LAB_MASTER, account)
@@ -193,6 +187,8 @@ def _rank_zero_leads(command):
     student it trains (`lead_training`); alone, it just runs."""
     @functools.wraps(command)
     def run(*args, **kwargs):
+        # heavy, and optional to the other commands (torch, transformers, datasets): imported when one runs
+        from eval.student import lead_training
         lead_training(lambda: command(*args, **kwargs))
     return run
 
@@ -211,6 +207,16 @@ def run_attacks(teacher: TeacherOpt = "reference",
     several budgets, the leakage curve: transfer against budget, one line per defence). Under
     `torchrun --standalone --nproc_per_node N -m guard.cli evaluate ...`, rank 0 does everything but training,
     and all N processes train each student together."""
+    # heavy, and optional to the other commands (torch, transformers, datasets): imported here
+    from eval.attack import AttackConfig, evaluate
+    from eval.metrics import MostlyRefused
+    from eval.reference import load_teacher
+    from eval.reference.world import reference_task
+    from eval.report import markdown_table
+    from eval.student import StudentConfig
+    from eval.task import load_task
+    from eval.traffic import TrafficShape
+    from eval.trainer import per_device_batch
     chosen_task = replace(load_task(task, grader=grader) if task else reference_task(), max_new_tokens=max_new_tokens)
     defenses = ["none"] + [d for d in defense if d != "none"]  # protection is measured against "none"
     try:
@@ -262,6 +268,14 @@ def train_student_command(
 
     On N processes, `torchrun --standalone --nproc_per_node N -m guard.cli train-student ...`, each step's
     batch is split over them, so they train the student one process trains; rank 0 alone writes and prints."""
+    # heavy, and optional to the other commands (torch, transformers, datasets): imported here
+    from eval.harvest import load_harvest
+    from eval.metrics import capability
+    from eval.reference.world import reference_task
+    from eval.student import StudentConfig, auto_steps, train_student
+    from eval.task import load_task
+    from eval.trainer import per_device_batch, world_size
+    from guard.hf_teacher import HFTeacher
     try:
         config = StudentConfig(mode=mode, init=student, steps=steps, batch_size=batch_size, lr=lr,
                                warmup_steps=warmup_steps, seed=seed, alpha=alpha, lora=lora, lora_r=lora_r)
@@ -304,6 +318,8 @@ def report(sources: Annotated[list[str], typer.Argument(help="evaluation directo
            reference: Annotated[str, typer.Option(help="DEFENCE/STRATEGY/MODE whose transfer others must match, "
                                                       "for query multipliers")] = "none/naive/sft"):
     """Merge evaluations (e.g. one per attacker strategy) into one report, leakage plot and query multipliers."""
+    # heavy, and optional to the other commands (torch, transformers, datasets): imported here
+    from eval.report import markdown_table, merge_reports
     for source in sources:
         path = Path(source)
         if not (path / "report.json" if path.is_dir() else path).exists():
@@ -322,6 +338,8 @@ def report(sources: Annotated[list[str], typer.Argument(help="evaluation directo
 def lab_build(only: Annotated[list[str] | None, typer.Option(help="teacher-a, teacher-b and/or teacher-llama")] = None):
     """Rebuild the tokenizer, the teachers and the student config, one after the other (`make lab` runs the
     two teachers in parallel, as shipped)."""
+    # heavy, and optional to the other commands (torch, transformers, datasets): imported here
+    from eval.reference.build import build, compare_phrasing
     build(only)
     if not only:
         console.print(compare_phrasing())
@@ -336,10 +354,20 @@ def _defense_parts(defenses: list[str], lab: bool, benign: str | None, master_ke
     """What `defenses` need, from the provider's own secrets and logs, or from the lab only with --lab: a
     production command never falls back to the lab's public secret."""
     kinds = {kind for d in defenses for kind, _ in parse_defense(d)}
-    parts = DefenseParts(summarize=plan_or_outline if lab else None)
+    parts = DefenseParts()
+    if lab:
+        # the lab (torch): heavy, and optional to a production gateway, which never loads it
+        from eval.reference import LAB_MASTER, plan_or_outline
+        parts.summarize = plan_or_outline
     if "watermark" in kinds:
+        # the watermark (torch): heavy, and optional to a gateway that does not watermark
+        from watermark.kgw import master_secret
         parts.watermark_master = LAB_MASTER if lab else master_secret(master_key_file)
     if "monitor" in kinds:
+        # the detectors (scikit-learn, datasets): heavy, and optional to a gateway without the monitor
+        from detectors.detector import TrafficDetector
+        from detectors.events import EventFormatError
+        from eval.traffic import lab_detector
         if benign:
             try:
                 parts.detector = TrafficDetector(use_embeddings=False).fit(_events(benign)[0])
@@ -449,14 +477,17 @@ def serve(teacher: TeacherOpt = "reference", host: str = "127.0.0.1", port: int 
         # raw prompts go to the upstream's completions, conversations whole to its chat completions
         upstream = dict(api_key=upstream_key, model=upstream_model or served, api="completions",
                         timeout=upstream_timeout, max_retries=UPSTREAM_RETRIES)
+        load = load_upstream
     else:
         served = name or (teacher.partition(":")[2] or "teacher-a" if teacher.startswith("reference") else teacher)
         upstream = {}
+        # the lab's teachers by name (torch): heavy, and optional to a gateway in front of an upstream URL
+        from eval.reference import load_teacher as load
     inner, policy = split_outer_policy(defense, parts)
     try:
         # with a seal key set, accounts may have the sealed policy whatever the gateway's own is
         sealer = parts.sealer or (Sealer.from_env() if os.environ.get(Sealer.ENV) else None)
-        gateway = create_app(lambda: build_defense(inner, load_teacher(teacher, **upstream), parts), served,
+        gateway = create_app(lambda: build_defense(inner, load(teacher, **upstream), parts), served,
                              set(api_key or ()), sealer=sealer,
                              policy=policy or parse_policy("full", marked=marks_reasoning), store=opened,
                              summarize=parts.summarize, admin_key=admin_key or None,
@@ -488,6 +519,9 @@ TokenizerOpt = Annotated[str, typer.Option(help="the watermarked teacher's token
 
 def _watermark_setup(key, keys_file, master_key_file, lab_key, gamma, context_width):
 
+    # heavy, and optional to the other commands (torch, transformers, datasets): imported here
+    from eval.reference import LAB_MASTER
+    from watermark.kgw import WatermarkConfig, load_keys
     try:
         return (load_keys(key or [], keys_file, master_key_file, LAB_MASTER if lab_key else None),
                 WatermarkConfig(gamma=gamma, context_width=context_width))
@@ -498,6 +532,9 @@ def _watermark_setup(key, keys_file, master_key_file, lab_key, gamma, context_wi
 def _tokenizer(spec: str):
 
 
+    # heavy, and optional to the other commands (torch, transformers, datasets): imported here
+    from eval.reference import resolve
+    from transformers import AutoTokenizer
     try:  # as for models: a local directory, nothing fetched, no remote code
         return AutoTokenizer.from_pretrained(resolve(spec), trust_remote_code=False, local_files_only=True)
     except (OSError, ValueError) as e:
@@ -506,6 +543,9 @@ def _tokenizer(spec: str):
 
 def _texts(path: str) -> tuple[list[str], list[str]]:
     """(prompts, texts) from a JSONL file of {prompt, text} rows, or from a harvest (or the cell holding one)."""
+    # heavy, and optional to the other commands (torch, transformers, datasets): imported here
+    from eval.harvest import load_harvest
+    from watermark.radioactivity import read_texts
     if Path(path).is_dir():
         rows = load_harvest(path)
         return list(rows["prompt"]), list(rows["text"])
@@ -523,6 +563,8 @@ def _write_json(path: str | None, value: dict) -> None:
 @watermark_app.command("keygen")
 def watermark_keygen():
     """Print a new master secret (base64url) for $DISTILL_GUARD_WATERMARK_KEY. Keep it out of logs."""
+    # heavy, and optional to the other commands (torch, transformers, datasets): imported here
+    from watermark.kgw import new_master_secret
     print(new_master_secret())
 
 
@@ -535,6 +577,9 @@ def watermark_detect(texts: Annotated[str, typer.Argument(help="JSONL of {prompt
                      alpha: float = 1e-3, out: str | None = None):
     """Test texts for each client's watermark (exact binomial p-values, Holm across keys), pooled over
     the file; the prompt is never scored."""
+    # heavy, and optional to the other commands (torch, transformers, datasets): imported here
+    from watermark.detect import WatermarkDetector, name_client
+    from watermark.kgw import GreenList
     keys, config = _watermark_setup(key, keys_file, master_key_file, lab_key, gamma, context_width)
     try:
         prompts, bodies = _texts(texts)
@@ -599,6 +644,10 @@ ProbesOpt = Annotated[str | None, typer.Option(help="JSONL of {prompt} rows to p
 
 def _provenance(suspect: str, teacher: str, controls: list[str], probes: str | None, probe_count: int | None,
                 api_key: str | None, model: str | None) -> tuple[list[str], dict, audit.Evidence]:
+    # heavy, and optional to the other commands (torch, transformers, datasets): imported here
+    import guard.audit as audit
+    from eval.reference import load_teacher
+    from eval.reference.world import reference_task
     if probes is None and not teacher.startswith("reference"):
         raise ValueError("give --probes: prompts from the teacher's own task (the reference questions are the "
                          "default only for a reference teacher)")
@@ -612,6 +661,8 @@ def _provenance(suspect: str, teacher: str, controls: list[str], probes: str | N
 
 
 def _write_audit(out: str, suspect: str, teacher: str, prompts, answers, evidence, alpha) -> dict:
+    # heavy, and optional to the other commands (torch, transformers, datasets): imported here
+    import guard.audit as audit
     result = audit.report(suspect, teacher, prompts, answers, evidence, alpha)
     Path(out).mkdir(parents=True, exist_ok=True)
     (Path(out) / "audit.json").write_text(json.dumps(result, indent=2) + "\n")
@@ -679,6 +730,10 @@ def audit_report(suspect: Annotated[str, typer.Option(help="the suspect: a model
 
 def _radioactivity(suspect, keys, config, mode, texts, prompts, logged, tokenizer, alpha, api_key, model) -> dict:
     """`radioactivity` with the lab's defaults filled in where the reference tokenizer is used."""
+    # heavy, and optional to the other commands (torch, transformers, datasets): imported here
+    from eval.reference import load_teacher
+    from eval.reference.world import reference_task
+    from watermark.radioactivity import radioactivity
     lab_tokenizer = tokenizer.startswith("reference")
     sampling = Sampling(temperature=1.0, seed=0, max_new_tokens=64)
     if mode == "reading" and texts is None and not lab_tokenizer:
@@ -723,6 +778,9 @@ def traffic_simulate(out: Annotated[str, typer.Option(help="JSONL log to write")
                      days: float = 3.0, seed: int = 0, attack_budget: int = 2000, sybil_accounts: int = 10,
                      labels: Annotated[str | None, typer.Option(help="also write client -> kind as JSON")] = None):
     """Write a seeded log of benign and attacker traffic."""
+    # heavy, and optional to the other commands (torch, transformers, datasets): imported here
+    from detectors.events import write_events
+    from eval.traffic import simulate
     try:
         counts = {k: int(v) for k, v in (p.split("=", 1) for p in population)}
         events, kinds = simulate(counts, days, seed, attack_budget, sybil_accounts)
@@ -735,6 +793,8 @@ def traffic_simulate(out: Annotated[str, typer.Option(help="JSONL log to write")
 
 def _events(source: str, errors: str = "raise"):
     """Events from a log file (JSONL or Arrow) or from a gateway's audit log named by its store URL."""
+    # heavy, and optional to the other commands (torch, transformers, datasets): imported here
+    from detectors.events import read_events
     if is_store_url(source):
         with open_store(source) as store:
             return store.read_events(errors)
@@ -753,6 +813,12 @@ def detect(log: Annotated[str, typer.Option(help="traffic log: JSONL, an Arrow d
            embeddings: Annotated[bool, typer.Option(help="use sentence-embedding features (slower)")] = False,
            skip_bad_rows: bool = False, out: str | None = None):
     """Score every client (and every cluster of linked accounts) in a traffic log."""
+    # heavy, and optional to the other commands (torch, transformers, datasets): imported here
+    from detectors.cluster import judge_clusters
+    from detectors.detector import TrafficDetector
+    from detectors.events import EventFormatError
+    from detectors.features import CHECKPOINTS
+    from eval.traffic import BENIGN_POPULATION, simulate
     if not benign and not lab:
         raise typer.BadParameter("give benign traffic to fit on (--benign LOG), or --lab for the reference lab's "
                                  "simulated users", param_hint="--benign")
@@ -847,6 +913,8 @@ def study_traffic(out: str = "runs/traffic",
                                                                    "'eval/results/redaction-{strategy}/students'")] = None):
     """The traffic detector: online detection (linking included) per attacker and benign kind on fresh seeds,
     the feature ablation, benign cost, and protection through the monitor."""
+    # heavy, and optional to the other commands (torch, transformers, datasets): imported here
+    from eval import traffic_study
     traffic_study.main(out, list(range(1, seeds + 1)), budget, attack_seeds,
                        variants=tuple(traffic_study.VARIANTS) if embeddings else ("timing+content",),
                        students=students)
@@ -859,6 +927,8 @@ def study_gateway(out: str = "runs/gateway", seeds: Annotated[int, typer.Option(
                                                                    "eval/results/redaction-naive/students")] = None):
     """The defences through the gateway over HTTP: answer-only and the monitor against the naive, slow and hydra
     attackers (each its own key), and the monitor's cost to replayed benign users, beside the lab's numbers."""
+    # heavy, and optional to the other commands (torch, transformers, datasets): imported here
+    from eval import gateway_study
     gateway_study.main(out, seeds, budget, students, steps)
 
 
@@ -867,6 +937,8 @@ def study_watermark(out: str = "runs/watermark", budgets: str = "500,1000,2000",
                     control_seeds: int = 1, steps: StepsOpt = None, pool_prompts: int = 2400,
                     documents: int = 1000):
     """The watermark: radioactivity of distilled students against controls, calibration, utility."""
+    # heavy, and optional to the other commands (torch, transformers, datasets): imported here
+    from eval import watermark_study
     watermark_study.main(out, [int(b) for b in budgets.split(",")], seeds, control_seeds, steps, pool_prompts,
                          documents)
 
@@ -876,6 +948,8 @@ def study_provenance(out: str = "runs/provenance",
                      workers: Annotated[int, typer.Option(help="training processes (one thread each)")] = 2,
                      probes: Annotated[int, typer.Option(help="held-out questions each model answers")] = 600):
     """The provenance audit: 20 students of teacher-a against 20 nulls, each test and the combined verdict."""
+    # heavy, and optional to the other commands (torch, transformers, datasets): imported here
+    from eval import provenance_study
     provenance_study.main(out, workers, probes)
 
 
@@ -885,6 +959,8 @@ def study_real_model(out: Annotated[str, typer.Option(help="answers and students
                      "eval/results/real-model"):
     """The watermark on SmolLM2-135M-Instruct (needs the `real` extra): power against tokens scored, quality,
     false positives on human prose, and radioactivity of LoRA students against controls."""
+    # heavy, and optional to the other commands (torch, transformers, datasets): imported here
+    from eval import real_model_study
     try:
         real_model_study.main(out, results)
     except ModelLoadError as e:
@@ -894,6 +970,8 @@ def study_real_model(out: Annotated[str, typer.Option(help="answers and students
 @bench_app.command("trainer")
 def bench_trainer(steps: int = 100, rounds: int = 3, batch_size: int = 64):
     """The built-in student trainer's tokens/s against a bare PyTorch loop on the same model and data."""
+    # heavy, and optional to the other commands (torch, transformers, datasets): imported here
+    from eval.benchmarks import trainer_speed
     trainer_speed.main(steps, rounds, batch_size)
 
 
@@ -908,6 +986,8 @@ def bench_trainer_distributed(budget: Annotated[int, typer.Option(help="the naiv
                               "runs/bench-trainer-distributed"):
     """train-student on one process and under torchrun on several, one harvest: held-out accuracy (95% CI),
     wall time and tokens/s of each."""
+    # heavy, and optional to the other commands (torch, transformers, datasets): imported here
+    from eval.benchmarks import trainer_distributed
     trainer_distributed.main(budget, processes, steps, batch_size, eval_items, out)
 
 
@@ -917,6 +997,8 @@ def bench_watermark(tokens: Annotated[int, typer.Option(help="tokens scored at e
                     steps: Annotated[int, typer.Option(help="processor steps timed at each vocabulary")] = 20,
                     generation_rounds: int = 10):
     """Watermark detection against transformers' at four real vocabularies, and its cost in generation."""
+    # heavy, and optional to the other commands (torch, transformers, datasets): imported here
+    from eval.benchmarks import watermark_speed
     watermark_speed.main(tokens, rounds, steps, generation_rounds)
 
 
@@ -925,6 +1007,8 @@ def bench_watermark_real(rounds: Annotated[int, typer.Option(help="timed rounds,
                          new_tokens: Annotated[int, typer.Option(help="tokens generated per row")] = 64):
     """The watermark on SmolLM2's 49k vocabulary (needs the `real` extra): generation overhead at batch 1 and 16
     against plain generate and transformers' processor; detection against transformers' detector."""
+    # heavy, and optional to the other commands (torch, transformers, datasets): imported here
+    from eval.benchmarks import watermark_real
     try:
         watermark_real.main(rounds, new_tokens)
     except ModelLoadError as e:
@@ -934,6 +1018,8 @@ def bench_watermark_real(rounds: Annotated[int, typer.Option(help="timed rounds,
 @bench_app.command("traffic")
 def bench_traffic(events: int = 50_000):
     """The online monitor's events/s, embedding throughput, and one client's memory over its life."""
+    # heavy, and optional to the other commands (torch, transformers, datasets): imported here
+    from eval.benchmarks import traffic_speed
     traffic_speed.main(events)
 
 
@@ -941,6 +1027,8 @@ def bench_traffic(events: int = 50_000):
 def bench_redaction(prompts: int = 256, rounds: Annotated[int, typer.Option(help="end-to-end rounds per policy")] = 5,
                     repeats: Annotated[int, typer.Option(help="post-processing passes over the completions")] = 20):
     """Each redaction policy's post-processing against the generation it follows."""
+    # heavy, and optional to the other commands (torch, transformers, datasets): imported here
+    from eval.benchmarks import redaction_speed
     redaction_speed.main(prompts, rounds, repeats)
 
 
@@ -951,6 +1039,8 @@ def bench_batching(clients: Annotated[int, typer.Option(help="concurrent clients
                    window: Annotated[float, typer.Option(help="the batcher's window, in seconds")] = 0.0,
                    max_batch: int = 16):
     """Requests/s through the gateway (loopback HTTP, concurrent clients) with the batcher and serialised."""
+    # heavy, and optional to the other commands (torch, transformers, datasets): imported here
+    from eval.benchmarks import gateway_batching
     gateway_batching.main(clients, requests, rounds, window, max_batch)
 
 
@@ -963,6 +1053,8 @@ def bench_gateway(samples: Annotated[int, typer.Option(help="sequential requests
                   loop: Annotated[str, typer.Option(help="uvicorn's event loop: auto, asyncio or uvloop")] = "auto",
                   out: Annotated[str | None, typer.Option(help="folder for the JSON (default eval/results/benchmarks)")] = None):
     """The latency, throughput and time to first token the gateway adds over calling a stub backend directly."""
+    # heavy, and optional to the other commands (torch, transformers, datasets): imported here
+    from eval.benchmarks import gateway_overhead
     gateway_overhead.main(samples, seconds, concurrency, rounds, stream_samples, http, loop, out)
 
 
@@ -972,6 +1064,8 @@ def bench_replicas(trials: Annotated[int, typer.Option(help="bursts at the rate 
                                                                 "eval/results/benchmarks)")] = None):
     """Three gateway replicas with and without shared Redis: a rate limit's overshoot, and how early a harvester
     spread over them is flagged."""
+    # heavy, and optional to the other commands (torch, transformers, datasets): imported here
+    from eval.benchmarks import gateway_replicas
     gateway_replicas.main(trials, out)
 
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from guard.openai_teacher import OpenAITeacher
 from guard.pretrained import PRETRAINED, model_dir
-from guard.teacher import HFTeacher, Teacher
+from guard.teacher import Teacher
 
 
 def is_remote(spec: str | Path) -> bool:
@@ -21,6 +21,8 @@ def load_teacher(spec: str | Path, api_key: str | None = None, model: str | None
     local model directory (safetensors only, see `load_causal_lm`)."""
     if is_remote(spec):
         return OpenAITeacher(str(spec), model=model or "default", api_key=api_key, **kwargs)
+    # torch and transformers: heavy, and optional to a gateway in front of an upstream URL, which loads no model
+    from guard.hf_teacher import HFTeacher
     if str(spec) in PRETRAINED:
         return HFTeacher(model_dir(str(spec)), **kwargs)
     return HFTeacher(spec, **kwargs)

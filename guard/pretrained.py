@@ -25,8 +25,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from filelock import FileLock
-from safetensors.torch import save_model
-from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from guard.teacher import ModelLoadError
 
@@ -86,6 +84,9 @@ def convert_gguf(source: Path, target: Path, fingerprint: dict) -> None:
     """GGUF -> config, tokenizer and model.safetensors in `target`. `save_pretrained` refuses a model loaded
     from GGUF, so the weights are written by safetensors itself (tied embeddings stored once) under a config
     saved on its own."""
+    # torch and transformers: heavy, and optional to all but the conversion (a gateway lists PRETRAINED only)
+    from safetensors.torch import save_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
     try:

@@ -14,8 +14,10 @@ tokenizer, so everything that tokenizes with that teacher's tokenizer formats al
 from __future__ import annotations
 
 import json
+from typing import TYPE_CHECKING
 
-from transformers import PreTrainedTokenizerBase
+if TYPE_CHECKING:  # in annotations only: importing transformers would load torch
+    from transformers import PreTrainedTokenizerBase
 
 
 class Conversation(str):

@@ -24,7 +24,7 @@ from filelock import FileLock
 import eval.local_servers as local_servers
 from eval.reference import MODELS_DIR
 from guard.gateway.app import free_port, serve_in_thread  # noqa: F401 (free_port: for the tests)
-from guard.teacher import HFTeacher
+from guard.hf_teacher import HFTeacher
 
 ROOT = Path(__file__).resolve().parents[1]
 

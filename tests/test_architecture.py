@@ -11,9 +11,9 @@ ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("guard", "detectors", "watermark", "eval")
 # (module prefix, layer); the longest matching prefix wins
 LAYERS = [
-    ("guard.teacher", 1), ("guard.openai_teacher", 1), ("guard.load", 1), ("guard.reasoning", 1), ("guard.prompts", 1), ("guard.pretrained", 1),
+    ("guard.teacher", 1), ("guard.hf_teacher", 1), ("guard.openai_teacher", 1), ("guard.load", 1), ("guard.reasoning", 1), ("guard.prompts", 1), ("guard.pretrained", 1),
     ("guard.redaction", 2), ("watermark", 2), ("detectors", 2),
-    ("guard.defenses", 3), ("guard.audit", 3),
+    ("guard.defenses", 3), ("guard.monitored", 3), ("guard.audit", 3),
     ("guard.gateway", 3),  # the whole package: wire types, auth, limits, billing, streaming, routes, stores, admin
     ("eval", 4), ("eval.gateway_study", 4),
     ("guard.cli", 5),

@@ -15,7 +15,8 @@ from eval.reference.world import reference_task
 from eval.student import StudentConfig, training_set
 from eval.task import Task
 from guard.cli import app
-from guard.teacher import HFTeacher, Sampling
+from guard.hf_teacher import HFTeacher
+from guard.teacher import Sampling
 
 
 @pytest.fixture(scope="module")

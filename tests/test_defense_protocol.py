@@ -11,7 +11,8 @@ from eval.attack import benign_accuracy
 from eval.metrics import capability
 from eval.reference.world import reference_task
 from eval.traffic import served_to_benign_users, simulate
-from guard.defenses import DefenseParts, Monitored, build_defense
+from guard.defenses import DefenseParts, build_defense
+from guard.monitored import Monitored
 from guard.redaction import AnswerOnly, Redact
 from guard.teacher import GREEDY, Caller, Sampling
 from watermark.kgw import Watermark

@@ -13,7 +13,7 @@ from eval.harvest import Budget, Harvester, HarvestMismatch, load_harvest
 from eval.reference.world import parse_question, reference_task
 from eval.strategies import decompose, naive
 from eval.traffic import ShapedClient, TrafficShape
-from guard.defenses import Monitored
+from guard.monitored import Monitored
 from guard.teacher import Sampling
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -25,7 +25,8 @@ HARVEST_SCRIPT = textwrap.dedent("""
     from eval.harvest import Budget, Harvester
     from eval.reference.world import parse_question, reference_task
     from eval.strategies import naive
-    from guard.teacher import HFTeacher, Sampling
+    from guard.hf_teacher import HFTeacher
+    from guard.teacher import Sampling
     from eval.reference import MODELS_DIR
     h = Harvester(HFTeacher(MODELS_DIR / "teacher-a"), sys.argv[1], Budget(int(sys.argv[2])),
                   Sampling(temperature=1.0, seed=11, max_new_tokens=48),

@@ -17,7 +17,8 @@ from detectors.monitor import Monitor
 from eval.reference.world import reference_task
 from conftest import BENIGN_MIX
 from eval.traffic import COT_PREFIXES, QUESTIONS, TOPICS, VERBS, ShapedClient, TrafficShape, simulate
-from guard.defenses import Monitored, parse_defense
+from guard.defenses import parse_defense
+from guard.monitored import Monitored
 from guard.teacher import GREEDY, Caller
 
 

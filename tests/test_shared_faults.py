@@ -20,7 +20,8 @@ from detectors.monitor import Monitor
 from eval.benchmarks.gateway_replicas import BODY, replicas
 from eval.reference.world import reference_task
 from guard.gateway.limits import RedisRateLimiter
-from guard.gateway.shared_state import SharedMonitor, SharedState
+from guard.gateway.shared_monitor import SharedMonitor
+from guard.gateway.shared_state import SharedState
 from guard.gateway.store import Account, open_store
 from guard.teacher import LAB_TIME_HEADER
 

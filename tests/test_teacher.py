@@ -7,7 +7,8 @@ from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 from eval.reference import MODELS_DIR
 from eval.reference.world import reference_task
 from eval.reference import load_teacher
-from guard.teacher import GREEDY, HFTeacher, ModelLoadError, Sampling, load_causal_lm
+from guard.hf_teacher import HFTeacher, load_causal_lm
+from guard.teacher import GREEDY, ModelLoadError, Sampling
 
 # Prompts of different lengths, so the batch needs left padding.
 PROMPTS = [i.prompt for i in reference_task().eval_items[:6]] + ["question: who is the boss of Kaloth?\n"]

@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 from eval.benchmarks.trainer_distributed import same_accuracy_p
 from eval.trainer import per_device_batch
 from guard import cli
-from guard.teacher import load_causal_lm
+from guard.hf_teacher import load_causal_lm
 
 ROOT = Path(__file__).resolve().parents[1]
 

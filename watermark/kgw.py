@@ -28,7 +28,8 @@ from pathlib import Path
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 
-from guard.teacher import Caller, Completion, Defense, HFTeacher, Sampling, callers_for
+from guard.hf_teacher import HFTeacher
+from guard.teacher import Caller, Completion, Defense, Sampling, callers_for
 
 MASK64 = (1 << 64) - 1
 TABLE_VOCAB_LIMIT = 8192  # h = 1 green lists are tabulated up to this vocabulary (64 MiB of bools)

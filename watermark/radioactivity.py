@@ -23,9 +23,10 @@ import numpy as np
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from guard.hf_teacher import load_causal_lm
 from guard.load import load_teacher
 from guard.prompts import pair_ids, text_ids
-from guard.teacher import GREEDY, Sampling, Teacher, load_causal_lm
+from guard.teacher import GREEDY, Sampling, Teacher
 from watermark.detect import name_client, score_tuples, windows_and_tokens
 from watermark.kgw import GreenList, WatermarkConfig, WatermarkKey
 

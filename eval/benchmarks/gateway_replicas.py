@@ -32,7 +32,8 @@ from guard.defenses import DefenseParts, build_defense
 from guard.gateway.app import create_app, serve_in_thread
 from guard.gateway.shared_state import SharedState
 from guard.gateway.store import open_store
-from guard.teacher import LAB_TIME_HEADER, HFTeacher
+from guard.hf_teacher import HFTeacher
+from guard.teacher import LAB_TIME_HEADER
 
 BODY = {"model": "teacher-a", "prompt": "question: where does Kalon live?\n", "max_tokens": 1}
 HARVEST_PACE = 2.0  # lab seconds between the harvester's requests

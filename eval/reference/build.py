@@ -28,7 +28,8 @@ from eval.reference.world import (CLOSERS, CONNECTIVES, FACT_TEMPLATES, OPENERS,
                                   format_prompt, one_hop_items, phrasing_counts, reference_task, reference_world,
                                   split_world)
 from eval.trainer import TrainConfig, tokenize_pairs, train
-from guard.teacher import HFTeacher, Sampling
+from guard.hf_teacher import HFTeacher
+from guard.teacher import Sampling
 
 EOS = "<|endoftext|>"
 BOS = "<s>"  # teacher-llama's, prepended to every text its tokenizer encodes

@@ -9,7 +9,7 @@ import httpx
 import openai
 import pytest
 
-from conftest import live_server, raising_template_teacher
+from conftest import free_port, live_server, raising_template_teacher
 from eval.reference.world import reference_task
 from guard.defenses import DefenseParts, build_defense
 from guard.gateway.app import create_app
@@ -189,6 +189,9 @@ def test_the_api_map_is_private_by_default_and_metrics_sit_behind_the_admin_key(
         assert httpx.get(url + "/metrics").status_code == 401
         metrics = httpx.get(url + "/metrics", headers={"authorization": f"Bearer {admin}"})
         assert metrics.status_code == 200 and "distill_guard_requests" in metrics.text
+        for beyond in ("after_seq=18446744073709551616", "since=nan", "since=inf"):  # found by the fuzz run: a 500
+            page = httpx.get(url + "/admin/audit?" + beyond, headers={"authorization": f"Bearer {admin}"})
+            assert page.status_code == 400, (beyond, page.text)
     with live_server(create_app(lambda: teacher_a, "teacher-a", public_docs=True,
                                 metrics_on_api_port=False)) as url:
         assert httpx.get(url + "/openapi.json").json()["paths"]["/v1/completions"]
@@ -241,3 +244,21 @@ def test_a_stream_is_redacted_once_and_logged_as_sent(teacher_a, tmp_path):
     assert calls == [1]
     [row] = store.records()
     assert row.response == received and "Peors" not in received
+
+
+def test_the_serve_commands_proxy_docs_and_metrics_options_reach_the_gateway(tmp_path):
+    """`distill-guard gateway` as an operator starts it, with --forwarded-allow-ips, --end-user-header and
+    --metrics-port: the forwarded client and the end user reach the audit log, the metrics are on their own
+    port and not on the API's, and the API's map is not served."""
+    from test_gateway_durability import gateway
+
+    store_url = f"sqlite:///{tmp_path / 'gateway.db'}"
+    key = open_store(store_url).create_key("acme")
+    metrics_port = free_port()
+    with gateway(store_url, tmp_path / "gateway.log", "--forwarded-allow-ips", "127.0.0.0/8", "--end-user-header",
+                 "x-end-user", "--metrics-port", str(metrics_port)) as (_, url):
+        _one_request_each(url, key, [{"x-forwarded-for": "203.0.113.7", "x-end-user": "alice"}])
+        assert [httpx.get(url + path).status_code for path in ("/docs", "/openapi.json", "/metrics")] == [404] * 3
+        assert "distill_guard_requests" in httpx.get(f"http://127.0.0.1:{metrics_port}/metrics").text
+    [row] = open_store(store_url).records()
+    assert (row.ip, row.account) == ("203.0.113.7", "acme/alice")

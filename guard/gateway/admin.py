@@ -117,8 +117,10 @@ def revoke_key(key_id: str, request: Request, store: Store = Depends(require_adm
 
 
 @router.get("/audit", response_model=AuditPage)
-def read_audit(after_seq: int = Query(0, ge=0, description="rows committed after the row of this `seq`"),
-               since: float | None = Query(None, description="seconds since the epoch; only rows at or after it"),
+def read_audit(after_seq: int = Query(0, ge=0, le=MAX_LIMIT,  # a database integer: larger is a 400, not a 500
+                                     description="rows committed after the row of this `seq`"),
+               since: float | None = Query(None, allow_inf_nan=False,
+                                           description="seconds since the epoch; only rows at or after it"),
                limit: int = Query(100, ge=1, le=1000), store: Store = Depends(require_admin)):
     """The log in commit order, a page at a time. Paged by `seq`, not by time: many rows share a time (a
     request's prompts), and a row's time is its request's start, so rows commit out of time order."""

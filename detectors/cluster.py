@@ -22,11 +22,14 @@ as one client: its pooled traffic goes through the fitted detector.
 from __future__ import annotations
 
 import re
+import time
 from collections import OrderedDict, defaultdict, deque
 from dataclasses import dataclass
+from types import SimpleNamespace
+from typing import Callable, Iterable
 
 import numpy as np
-from scipy.sparse import coo_matrix
+from scipy.sparse import coo_matrix, csr_matrix
 from scipy.sparse.csgraph import connected_components
 
 from detectors.detector import TrafficDetector
@@ -36,6 +39,8 @@ from detectors.features import LINK_AT, Popularity, by_client, task_surprisal
 MASK = re.compile(r"\b[A-Z][a-z]+\b|\d+")
 START_WINDOW = 60.0  # seconds between the first requests of accounts in step
 TOGETHER = 3600.0  # seconds between the first requests of accounts that a network alone does not link
+PACE_RATIO = 1.25  # the most one regular account's pace may be of another's, in step
+TEMPLATE_OVERLAP = 0.3  # the share of two accounts' wording shapes (Jaccard) that is a common template
 
 
 @dataclass
@@ -68,30 +73,107 @@ def summarize(client: str, events: list[Event], popularity: Popularity | None = 
 
 
 def linked(a: Account, b: Account, start_window: float = START_WINDOW, together: float = TOGETHER,
-           pace_ratio: float = 1.25, template_overlap: float = 0.3) -> bool:
+           pace_ratio: float = PACE_RATIO, template_overlap: float = TEMPLATE_OVERLAP) -> bool:
     if a.payment and a.payment == b.payment:
         return True
-    network = bool(a.network) and a.network == b.network
-    if abs(a.start - b.start) > together:  # what a script's accounts share, they share while it runs
-        return False
-    timing = (a.regular and b.regular and abs(a.start - b.start) <= start_window
-              and max(a.pace, b.pace) <= pace_ratio * min(a.pace, b.pace))
-    union = len(a.shapes | b.shapes)
-    templates = union > 0 and len(a.shapes & b.shapes) / union >= template_overlap
-    coverage = a.rare and b.rare and not a.keys & b.keys
-    return network + timing + templates + coverage >= 2
+    shared = len(a.shapes & b.shapes)
+    return bool(_linked_unpaid(a, b, bool(a.network) and a.network == b.network, shared,
+                               len(a.shapes) + len(b.shapes) - shared, a.keys.isdisjoint(b.keys),
+                               start_window, together, pace_ratio, template_overlap))
+
+
+def _linked_unpaid(a, b, network, shared_shapes, all_shapes, disjoint_keys, start_window, together, pace_ratio,
+                   template_overlap):
+    """The rule for two accounts that share no payment, written once for `linked` (one pair: `a`, `b` accounts,
+    the rest scalars) and for `clusters` (elementwise: `a`, `b` broadcastable columns, the rest arrays); so it
+    uses operators only, which mean the same on both."""
+    timing = (a.regular & b.regular & (abs(a.start - b.start) <= start_window)
+              & (a.pace <= pace_ratio * b.pace) & (b.pace <= pace_ratio * a.pace))  # the larger pace within ratio
+    # no shapes at all: a share of 0, not 0/0
+    templates = (all_shapes > 0) & (shared_shapes / (all_shapes + (all_shapes == 0)) >= template_overlap)
+    coverage = a.rare & b.rare & disjoint_keys
+    votes = network * 1 + timing * 1 + templates * 1 + coverage * 1  # * 1: numpy adds booleans as "or"
+    return (abs(a.start - b.start) <= together) & (votes >= 2)  # a script's accounts share it while it runs
+
+
+class _Columns:
+    """Accounts as arrays, for `_linked_unpaid` over blocks of pairs: wording shapes and keys as sparse
+    incidence matrices (so a block's shared counts are one product), networks as integer codes (-1: none)."""
+
+    def __init__(self, accounts: list[Account]):
+        self.start = np.array([a.start for a in accounts])
+        self.pace = np.array([a.pace for a in accounts])
+        self.regular = np.array([a.regular for a in accounts])
+        self.rare = np.array([a.rare for a in accounts])
+        codes: dict[str, int] = {}
+        self.network = np.array([codes.setdefault(a.network, len(codes)) if a.network else -1 for a in accounts])
+        self.shapes, self.keys = (_incidence([getattr(a, name) for a in accounts]) for name in ("shapes", "keys"))
+        self.n_shapes = np.asarray(self.shapes.sum(axis=1)).ravel()
+
+    def side(self, index: np.ndarray, axis: int) -> SimpleNamespace:
+        """The scalar fields of accounts `index`, as a column (axis 0) or a row (axis 1) of a block."""
+        shape = (-1, 1) if axis == 0 else (1, -1)
+        return SimpleNamespace(**{name: getattr(self, name)[index].reshape(shape)
+                                  for name in ("start", "pace", "regular", "rare", "network", "n_shapes")})
+
+
+def _incidence(sets: list[frozenset[str]]) -> csr_matrix:
+    vocabulary: dict[str, int] = {}
+    rows = [i for i, items in enumerate(sets) for _ in items]
+    cols = [vocabulary.setdefault(item, len(vocabulary)) for items in sets for item in items]
+    return csr_matrix((np.ones(len(rows), dtype=np.int32), (rows, cols)), shape=(len(sets), len(vocabulary)))
+
+
+BLOCK_PAIRS = 4_000_000  # pairs judged at once: bounds a block's arrays (a few bytes each) whatever a bucket's size
+
+
+def _block_links(columns: _Columns, mine: np.ndarray, later: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The pairs linked without a payment among the accounts `mine`, and between them and the accounts `later`."""
+    others = np.concatenate([mine, later]).astype(int)
+    among_mine = np.arange(len(others)) < len(mine)  # each such pair is met twice: kept once
+    found_i, found_j = [], []
+    step = max(1, BLOCK_PAIRS // max(len(others), 1))
+    b = columns.side(others, axis=1)
+    for lo in range(0, len(mine), step):
+        rows = mine[lo:lo + step]
+        a = columns.side(rows, axis=0)
+        shared = (columns.shapes[rows] @ columns.shapes[others].T).toarray()
+        disjoint = (columns.keys[rows] @ columns.keys[others].T).toarray() == 0
+        network = (a.network == b.network) & (a.network >= 0)
+        hit = _linked_unpaid(a, b, network, shared, a.n_shapes + b.n_shapes - shared, disjoint, START_WINDOW,
+                             TOGETHER, PACE_RATIO, TEMPLATE_OVERLAP)
+        hit &= ~among_mine[None, :] | (rows[:, None] < others[None, :])
+        i, j = np.nonzero(hit)
+        found_i.append(rows[i])
+        found_j.append(others[j])
+    return np.concatenate(found_i or [np.zeros(0, int)]), np.concatenate(found_j or [np.zeros(0, int)])
 
 
 def clusters(events: list[Event], min_size: int = 3, popularity: Popularity | None = None,
              rare_surprisal: float = np.inf) -> list[list[str]]:
     """Groups of at least `min_size` accounts linked by common-control evidence, in a log."""
-    accounts = [summarize(c, mine, popularity, rare_surprisal) for c, mine in by_client(events).items()]
+    return link([summarize(c, mine, popularity, rare_surprisal) for c, mine in by_client(events).items()], min_size)
+
+
+def link(accounts: list[Account], min_size: int = 3) -> list[list[str]]:
+    """Groups of at least `min_size` of `accounts` linked by common-control evidence: the pairs `linked` links,
+    found in O(accounts x candidates). Candidates come from the `Linker`'s index: only accounts in the same
+    or the next start bucket can be linked by anything but a payment, and the accounts sharing a payment are
+    all linked to each other (so a chain through them links them). The network index is not needed: a network
+    links only with a second signal, inside the start window."""
+    index = AccountIndex(TOGETHER)
+    for i, account in enumerate(accounts):
+        index.add(i, account)
+    columns = _Columns(accounts)
     rows, cols = [], []
-    for i in range(len(accounts)):
-        for j in range(i + 1, len(accounts)):
-            if linked(accounts[i], accounts[j]):
-                rows.append(i)
-                cols.append(j)
+    for bucket, mine in index.by_start.items():
+        found = _block_links(columns, np.array(mine), np.array(index.by_start.get(bucket + 1, []), dtype=int))
+        rows.append(found[0])
+        cols.append(found[1])
+    for payers in index.by_payment.values():
+        rows.append(np.array(payers[:-1], dtype=int))
+        cols.append(np.array(payers[1:], dtype=int))
+    rows, cols = (np.concatenate(x or [np.zeros(0, int)]) for x in (rows, cols))
     n = len(accounts)
     graph = coo_matrix((np.ones(len(rows)), (rows, cols)), shape=(n, n))
     _, labels = connected_components(graph, directed=False)
@@ -103,14 +185,102 @@ def clusters(events: list[Event], min_size: int = 3, popularity: Popularity | No
 
 def judge_clusters(detector: TrafficDetector, events: list[Event], min_size: int = 3) -> list[dict]:
     """Each cluster's pooled traffic scored as one client; a flagged pool flags all its members."""
-    out = []
     found = clusters(events, min_size, detector.popularity_, detector.rare_key_surprisal_)
-    for number, members in enumerate(found):
+    return judge_groups(detector, found, lambda members: [e for e in events if e.client in set(members)])
+
+
+def judge_groups(detector: TrafficDetector, groups: list[list[str]],
+                 events_of: Callable[[list[str]], list[Event]]) -> list[dict]:
+    """Each group's pooled traffic (`events_of(members)`, in time order) scored as one client."""
+    out = []
+    for number, members in enumerate(groups):
         pooled = [Event(f"cluster-{number}", e.time, e.prompt, e.prompt_tokens, e.response_tokens, e.endpoint)
-                  for e in events if e.client in set(members)]
+                  for e in events_of(members)]
         verdict = detector.score(pooled)[f"cluster-{number}"]
         out.append({"cluster": number, "members": members, **verdict})
     return out
+
+
+def detect_accounts(detector: TrafficDetector, accounts: Iterable[tuple[str, list[Event]]],
+                    events_of: Callable[[list[str]], list[Event]], min_size: int = 3) -> tuple[dict, list[dict], dict]:
+    """What `distill-guard detect` does to a log, streamed: `accounts` gives each account's events in time
+    order, one at a time (from `Store.events_by_account`, say), and only a chunk of accounts' events and each
+    account's summary are held; a linked group's events are read again through `events_of`. Returns the
+    per-account verdicts (a member of a flagged group is flagged `via_cluster`), the groups' verdicts, and
+    the seconds spent in each stage."""
+    seconds = defaultdict(float)
+    summaries = []
+
+    def timed(stage: str, iterable):  # the time spent producing each item, charged to `stage`
+        iterator = iter(iterable)
+        while True:
+            begun = time.perf_counter()
+            item = next(iterator, None)
+            seconds[stage] += time.perf_counter() - begun
+            if item is None:
+                return
+            yield item
+
+    def summarised(stream):
+        for client, mine in stream:
+            begun = time.perf_counter()
+            summaries.append(summarize(client, mine, detector.popularity_, detector.rare_key_surprisal_))
+            seconds["summaries"] += time.perf_counter() - begun
+            yield client, mine
+
+    begun = time.perf_counter()
+    verdicts = detector.score_accounts(summarised(timed("read", accounts)))
+    seconds["features_and_verdicts"] = time.perf_counter() - begun - seconds["read"] - seconds["summaries"]
+    begun = time.perf_counter()
+    found = link(summaries, min_size)
+    seconds["clusters"] = time.perf_counter() - begun
+    begun = time.perf_counter()
+    groups = judge_groups(detector, found, events_of)
+    for group in groups:
+        for member in group["members"]:
+            if group["flagged"] and not verdicts[member]["flagged"]:
+                verdicts[member] |= {"flagged": True, "via_cluster": group["cluster"]}
+    seconds["cluster_verdicts"] = time.perf_counter() - begun
+    return verdicts, groups, dict(seconds)
+
+
+class AccountIndex:
+    """Where to look for the accounts an account may be linked with, for the `Linker` (online) and `link`
+    (offline): accounts by start bucket (`together` wide, so an account's peers within `together` are in its
+    bucket or the next to either side), by network (the most recent `max_per_network` of each), by payment.
+    It holds ids of any kind: the Linker's client names, `link`'s row numbers."""
+
+    def __init__(self, together: float = TOGETHER, max_per_network: int | None = None):
+        self.together = together
+        self.by_start: defaultdict[int, list] = defaultdict(list)
+        # the most recent accounts of each network: behind a NAT or a balancer, thousands of strangers share one
+        self.by_network: defaultdict[str, deque] = defaultdict(lambda: deque(maxlen=max_per_network))
+        self.by_payment: defaultdict[str, list] = defaultdict(list)
+
+    def bucket(self, account: Account) -> int:
+        return int(account.start // self.together)
+
+    def add(self, id, account: Account) -> None:
+        self.by_start[self.bucket(account)].append(id)
+        if account.network:
+            self.by_network[account.network].append(id)
+        if account.payment:
+            self.by_payment[account.payment].append(id)
+
+    def remove(self, id, account: Account) -> None:
+        for index, key in ((self.by_start, self.bucket(account)), (self.by_network, account.network),
+                           (self.by_payment, account.payment)):
+            if key in index and id in index[key]:  # a network's list may have dropped it already
+                index[key].remove(id)
+                if not index[key]:
+                    del index[key]
+
+    def candidates(self, account: Account) -> set:
+        bucket = self.bucket(account)
+        found = {c for b in (bucket - 1, bucket, bucket + 1) for c in self.by_start.get(b, ())}
+        found.update(self.by_network.get(account.network or "", ()))
+        found.update(self.by_payment.get(account.payment or "", ()))
+        return found
 
 
 class Linker:
@@ -135,10 +305,7 @@ class Linker:
         self.first: OrderedDict[str, list[Event]] = OrderedDict()  # accounts not yet summarised
         self.unlinked: OrderedDict[str, list[Event]] = OrderedDict()  # summarised, in no group: first requests
         self.summaries: OrderedDict[str, Account] = OrderedDict()
-        self.by_start: defaultdict[int, list[str]] = defaultdict(list)  # start bucket -> accounts
-        # the most recent accounts of each network: behind a NAT or a balancer, thousands of strangers share one
-        self.by_network: defaultdict[str, deque[str]] = defaultdict(lambda: deque(maxlen=max_per_network))
-        self.by_payment: defaultdict[str, list[str]] = defaultdict(list)
+        self.index = AccountIndex(together, max_per_network)  # the summarised accounts, by client name
         self.parent: OrderedDict[str, str] = OrderedDict()  # each linked account's group (least recent first)
         self.members: dict[str, set[str]] = {}  # each group's accounts still kept
         self.groups_formed = 0
@@ -177,11 +344,8 @@ class Linker:
         return self.root(client), [e for c in joined for e in self.unlinked.pop(c, [])]
 
     def _candidates(self, account: Account) -> list[str]:
-        bucket = int(account.start // self.together)
-        found = {c for b in (bucket - 1, bucket, bucket + 1) for c in self.by_start.get(b, ())}
-        found.update(self.by_network.get(account.network or "", ()))
-        found.update(self.by_payment.get(account.payment or "", ()))
-        return sorted(found)  # which group absorbs which must not depend on the process's string hashing
+        # sorted: which group absorbs which must not depend on the process's string hashing
+        return sorted(self.index.candidates(account))
 
     def _link(self, account: Account) -> list[str]:
         """Links `account` to the accounts it is linked with; those that were in no group before."""
@@ -210,11 +374,7 @@ class Linker:
 
     def _remember(self, account: Account) -> None:
         self.summaries[account.client] = account
-        self.by_start[int(account.start // self.together)].append(account.client)
-        if account.network:
-            self.by_network[account.network].append(account.client)
-        if account.payment:
-            self.by_payment[account.payment].append(account.client)
+        self.index.add(account.client, account)
 
     def _evict(self) -> None:
         while len(self.first) > self.max_accounts:
@@ -223,12 +383,7 @@ class Linker:
             self.unlinked.popitem(last=False)
         while len(self.summaries) > self.max_accounts:
             gone, account = self.summaries.popitem(last=False)
-            for index, key in ((self.by_start, int(account.start // self.together)),
-                               (self.by_network, account.network), (self.by_payment, account.payment)):
-                if key in index and gone in index[key]:  # a network's list may have dropped it already
-                    index[key].remove(gone)
-                    if not index[key]:
-                        del index[key]
+            self.index.remove(gone, account)
         while len(self.parent) > self.max_accounts:
             gone, group = self.parent.popitem(last=False)
             self.members[group].discard(gone)

@@ -17,6 +17,9 @@ is tested more often, see `detectors.monitor`).
 
 from __future__ import annotations
 
+from itertools import islice
+from typing import Iterable
+
 import numpy as np
 from sklearn.base import BaseEstimator
 from sklearn.neighbors import NearestNeighbors
@@ -182,9 +185,22 @@ class TrafficDetector(BaseEstimator):
         """Per client: its score, conformal p-value, whether flagged, and after how many of its requests
         (the first checkpoint whose score alone would have been flagged). A client with fewer requests than
         the first checkpoint is not judged (p-value 1)."""
-        scores = self._client_scores(events, self.random_state + 2)
+        return self.score_accounts(by_client(events).items())
+
+    def score_accounts(self, accounts: Iterable[tuple[str, list[Event]]], chunk: int = 1_000) -> dict[str, dict]:
+        """As `score`, from each account's events in time order (a log read account by account), `chunk`
+        accounts at a time: only one chunk's events are held, whatever the log's size. Each account's
+        features depend on its own events only, so the chunks do not change a verdict."""
+        verdicts: dict[str, dict] = {}
+        accounts = iter(accounts)
+        while batch := list(islice(accounts, chunk)):
+            verdicts.update(self._verdicts(batch))
+        return verdicts
+
+    def _verdicts(self, accounts: list[tuple[str, list[Event]]]) -> dict[str, dict]:
+        scores = self._client_scores([e for _, mine in accounts for e in mine], self.random_state + 2)
         verdicts = {}
-        for client, mine in by_client(events).items():
+        for client, mine in accounts:
             if client not in scores:
                 verdicts[client] = {"score": None, "p_value": 1.0, "flagged": False, "queries_to_flag": None,
                                     "requests": len(mine), "judged": False}

@@ -12,7 +12,8 @@ import math
 from dataclasses import asdict, dataclass, replace
 from datetime import datetime
 from pathlib import Path
-from typing import Iterable, Literal
+from itertools import groupby
+from typing import Iterable, Iterator, Literal
 
 
 @dataclass
@@ -108,6 +109,27 @@ def events_from_rows(rows: Iterable, source: str = "rows",
             skipped += 1
     events.sort(key=lambda e: e.time)
     return events, skipped
+
+
+def events_by_client(rows: Iterable, source: str = "rows", errors: Literal["raise", "skip"] = "raise",
+                     skipped: list[int] | None = None) -> Iterator[tuple[str, list[Event]]]:
+    """Each client's events from dict rows ordered by client, then time: one client's at a time, so that a
+    log of any size streams. Bad rows are handled as `events_from_rows` does; `skipped[0]` counts them."""
+    skipped = [0] if skipped is None else skipped
+
+    def parsed():
+        for number, row in enumerate(rows, 1):
+            try:
+                yield event_from_row(row)
+            except ValueError as e:
+                if errors == "raise":
+                    raise EventFormatError(f"{source}: row {number}: {e}") from None
+                skipped[0] += 1
+
+    if errors not in ("raise", "skip"):
+        raise ValueError(f"errors must be 'raise' or 'skip', got {errors!r}")
+    for client, mine in groupby(parsed(), key=lambda e: e.client):
+        yield client, list(mine)
 
 
 def read_events(path: str | Path, errors: Literal["raise", "skip"] = "raise") -> tuple[list[Event], int]:

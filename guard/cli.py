@@ -814,28 +814,31 @@ def detect(log: Annotated[str, typer.Option(help="traffic log: JSONL, an Arrow d
            skip_bad_rows: bool = False, out: str | None = None):
     """Score every client (and every cluster of linked accounts) in a traffic log."""
     # heavy, and optional to the other commands (torch, transformers, datasets): imported here
-    from detectors.cluster import judge_clusters
+    from detectors.cluster import detect_accounts
     from detectors.detector import TrafficDetector
     from detectors.events import EventFormatError
-    from detectors.features import CHECKPOINTS
+    from detectors.features import CHECKPOINTS, by_client
     from eval.traffic import BENIGN_POPULATION, simulate
     if not benign and not lab:
         raise typer.BadParameter("give benign traffic to fit on (--benign LOG), or --lab for the reference lab's "
                                  "simulated users", param_hint="--benign")
     errors = "skip" if skip_bad_rows else "raise"
     try:
-        events, skipped = _events(log, errors)
         fit_on = _events(benign, errors)[0] if benign else \
             simulate(BENIGN_POPULATION, days=3, seed=0)[0]
         detector = TrafficDetector(target_fpr=fpr, use_embeddings=embeddings).fit(fit_on)
+        if is_store_url(log):  # read account by account: an audit log may hold more than memory does
+            with open_store(log) as store:
+                bad = [0]
+                verdicts, groups, _ = detect_accounts(detector, store.events_by_account(errors, bad),
+                                                      store.events_of)
+                skipped = bad[0]
+        else:
+            events, skipped = _events(log, errors)
+            verdicts, groups, _ = detect_accounts(
+                detector, by_client(events).items(), lambda members: [e for e in events if e.client in set(members)])
     except (EventFormatError, FileNotFoundError, ValueError, sqlite3.Error, psycopg.Error) as e:
         raise typer.BadParameter(str(e)) from None
-    verdicts = detector.score(events)
-    groups = judge_clusters(detector, events)
-    for group in groups:
-        for member in group["members"]:
-            if group["flagged"] and not verdicts[member]["flagged"]:
-                verdicts[member] |= {"flagged": True, "via_cluster": group["cluster"]}
     table = Table("client", "requests", "p-value", "flagged", "after", "via cluster")
     for client, v in sorted(verdicts.items(), key=lambda kv: kv[1]["p_value"]):
         if v["flagged"] or v["p_value"] <= 5 * fpr:

@@ -46,7 +46,7 @@ def test_monitor_memory_stays_bounded_over_100k_events(benign_detector):
     linker = monitor.linker
     assert len(linker.summaries) <= 200 and len(linker.parent) <= 200 and len(linker.first) <= 200
     assert len(linker.unlinked) <= 20 and len(monitor.pooled) <= 200
-    assert sum(map(len, linker.by_start.values())) == len(linker.summaries)
+    assert sum(map(len, linker.index.by_start.values())) == len(linker.summaries)
     for state in monitor.states.values():
         assert state.digests.shape == (256,) and len(state.bands) == 256 and len(state.heap) <= 64
 
@@ -310,7 +310,7 @@ def test_accounts_behind_one_network_are_compared_with_a_bounded_number_of_its_a
         for n in range(LINK_AT):
             linker.observe(Event(f"office-{n_account}", start + 7.0 * n, prompts[(n_account + n) % len(prompts)],
                                  ip="203.0.113.9"))
-    [network] = linker.by_network
-    assert len(linker.by_network[network]) == 32
+    [network] = linker.index.by_network
+    assert len(linker.index.by_network[network]) == 32
     assert linker.root("office-202") is not None
     assert linker.root("office-200") == linker.root("office-201") == linker.root("office-202")

@@ -25,13 +25,13 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
-from typing import Literal
+from typing import Iterator, Literal
 
 import psycopg
 from psycopg.rows import dict_row
 from psycopg_pool import ConnectionPool, PoolTimeout
 
-from detectors.events import Event, events_from_rows
+from detectors.events import Event, events_by_client, events_from_rows
 from guard.gateway.group_commit import CommitTimeout, GroupCommit
 from guard.redaction import parse_policy
 
@@ -60,6 +60,10 @@ CREATE INDEX IF NOT EXISTS audit_by_time ON audit (time);
 """
 AUDIT_COLUMNS = ("request_id, account, time, ip, payment, endpoint, prompt, response, prompt_tokens, "
                  "completion_tokens, decisions, latency, status")
+# the audit columns as events' fields (detectors.events.event_from_row reads rows keyed so)
+EVENT_COLUMNS = ("account AS client, time, prompt, prompt_tokens, completion_tokens AS response_tokens, endpoint, "
+                 "ip, payment")
+EVENT_KEYS = ("client", "time", "prompt", "prompt_tokens", "response_tokens", "endpoint", "ip", "payment")
 INSERT_AUDIT = f"INSERT INTO audit ({AUDIT_COLUMNS}) VALUES ({', '.join('?' * 13)})"
 
 
@@ -223,8 +227,30 @@ class Store:
                 return deleted
             time.sleep(0.001)  # lets the audit writer, woken when the lock was let go, take it before the next
 
+    def _stream(self, sql: str, args: tuple = ()) -> Iterator[dict]:
+        """Rows of a query as they are read, for a result too large to hold."""
+        raise NotImplementedError
+
+    def events_by_account(self, errors: Literal["raise", "skip"] = "raise",
+                          skipped: list[int] | None = None) -> Iterator[tuple[str, list[Event]]]:
+        """The audit log as each account's events in time order, one account at a time (what `distill-guard
+        detect --log URL` reads: memory holds an account, not the log); `skipped[0]` counts bad rows."""
+        rows = self._stream(f"SELECT {EVENT_COLUMNS} FROM audit ORDER BY account, time, seq")
+        return events_by_client(rows, f"audit log {self.name}", errors, skipped)
+
+    def events_of(self, accounts: list[str]) -> list[Event]:
+        """The events of `accounts`, in time order (a linked group's pooled traffic)."""
+        rows = []
+        for at in range(0, len(accounts), 500):  # within any database's limit on a query's parameters
+            part = accounts[at:at + 500]
+            rows += self._read(f"SELECT {EVENT_COLUMNS}, seq FROM audit WHERE account IN "
+                               f"({', '.join('?' * len(part))})", tuple(part))
+        rows.sort(key=lambda r: (r["time"], r["seq"]))
+        # rows the account stream skipped as bad are skipped here too
+        return events_from_rows(({k: r[k] for k in EVENT_KEYS} for r in rows), f"audit log {self.name}", "skip")[0]
+
     def read_events(self, errors: Literal["raise", "skip"] = "raise") -> tuple[list[Event], int]:
-        """The audit log as the detectors' events (what `distill-guard detect --log URL` reads)."""
+        """The audit log as the detectors' events, all held at once (what `distill-guard detect --benign URL` reads)."""
         rows = ({"client": r.account, "time": r.time, "prompt": r.prompt, "prompt_tokens": r.prompt_tokens,
                  "response_tokens": r.completion_tokens, "endpoint": r.endpoint, "ip": r.ip, "payment": r.payment}
                 for r in self.records())
@@ -282,6 +308,15 @@ class SQLiteStore(Store):
         with self._read_lock:
             return self._reader.execute(sql, args).fetchall()
 
+    def _stream(self, sql: str, args: tuple = ()) -> Iterator[dict]:
+        db = self._connect()  # its own connection: the reader's lock is not held for the whole read
+        try:
+            cursor = db.execute(sql, args)
+            while rows := cursor.fetchmany(10_000):
+                yield from map(dict, rows)
+        finally:
+            db.close()
+
     def close(self) -> None:
         self._audit.close()
         with self._lock, self._read_lock:
@@ -327,6 +362,14 @@ class PostgresStore(Store):
     def _read(self, sql: str, args: tuple = ()) -> list[dict]:
         with self._pool.connection() as db:
             return db.execute(sql.replace("?", "%s"), args).fetchall()
+
+    def _stream(self, sql: str, args: tuple = ()) -> Iterator[dict]:
+        # a server-side (named) cursor, which lives in a transaction: the server sends rows as they are read
+        with self._pool.connection() as db, db.transaction():
+            with db.cursor(name="distill-guard-stream") as cursor:
+                cursor.itersize = 10_000
+                cursor.execute(sql.replace("?", "%s"), args)
+                yield from cursor
 
     def close(self) -> None:
         self._audit.close()

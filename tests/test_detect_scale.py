@@ -62,3 +62,26 @@ def test_the_detect_scale_benchmark_runs_quick(benign_detector):
     assert set(result["seconds"]["detect_stages"]) == {"read", "summaries", "features_and_verdicts", "clusters",
                                                         "cluster_verdicts"}
     assert result["peak_rss_mib"]["after_detect"] > 0
+
+
+def test_sqlite_and_postgres_stream_the_log_account_by_account_alike(tmp_path, postgres_url):
+    """What `detect --log URL` reads, from both stores: each account's events in time order, one account at a
+    time, and a linked group's events together (PostgreSQL through its server-side cursor)."""
+    from guard.gateway.store import AuditRecord, PostgresStore, SQLiteStore
+
+    records = [AuditRecord(f"r{n}", f"acct-{n % 3}", 1_767_225_600.0 + (n * 7919) % 50, f"question {n}",
+                           ip=f"10.0.{n % 3}.1") for n in range(30)]
+    read = {}
+    for name, store in (("sqlite", SQLiteStore(tmp_path / "audit.db")), ("postgres", PostgresStore(postgres_url))):
+        for record in records:
+            store.log(record)
+        read[name] = ([(account, [(e.time, e.prompt) for e in events])
+                       for account, events in store.events_by_account()],
+                      [(e.client, e.time) for e in store.events_of(["acct-0", "acct-2"])])
+        store.close()
+    accounts, group = read["sqlite"]
+    assert [a for a, _ in accounts] == ["acct-0", "acct-1", "acct-2"]
+    assert all([t for t, _ in read_] == sorted(t for t, _ in read_) for _, read_ in accounts)
+    assert sum(len(read_) for _, read_ in accounts) == 30
+    assert len(group) == 20 and [t for _, t in group] == sorted(t for _, t in group)
+    assert read["postgres"] == read["sqlite"]

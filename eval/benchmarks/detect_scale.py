@@ -19,8 +19,10 @@ import tempfile
 import time
 from pathlib import Path
 
+from detectors.cluster import detect_accounts
 from eval.benchmarks import write_result
-from eval.traffic import BENIGN_POPULATION, DAY, simulate
+from eval.traffic import BENIGN_POPULATION, DAY, lab_detector, simulate
+from guard.gateway.store import INSERT_AUDIT, SQLiteStore, open_store
 
 PER_ACCOUNT_DAY = 71.0  # requests a day of the lab's benign population makes per account, on average
 
@@ -33,7 +35,6 @@ def write_log(path: Path, accounts: int, events: int, swarms: int = 5, days: int
     """About `accounts` accounts making about `events` requests, starting over `days` days: blocks of the lab's
     benign population (each block one simulated stretch of a day), `swarms` of them with a swarm of 20
     accounts x 20 questions. Returns what was written."""
-    from guard.gateway.store import INSERT_AUDIT, SQLiteStore
     SQLiteStore(path).close()  # the schema, as the gateway creates it
     db = sqlite3.connect(path, isolation_level=None)
     db.execute("PRAGMA synchronous=OFF")  # a bulk load of a scratch log: durability is not what is measured
@@ -64,9 +65,6 @@ def write_log(path: Path, accounts: int, events: int, swarms: int = 5, days: int
 
 def main(accounts: int = 10_000, events: int = 1_000_000, quick: bool = False, detector=None,
          out_dir: str | Path | None = None) -> dict:
-    from detectors.cluster import detect_accounts
-    from guard.gateway.store import open_store
-    from eval.traffic import lab_detector
     seconds = {}
     with tempfile.TemporaryDirectory() as scratch:
         path = Path(scratch) / "audit.sqlite"

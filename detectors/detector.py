@@ -8,7 +8,14 @@ same afresh in each later window of its life, see `detectors.features`). Each ch
 of what benign rows look like there (a window's first n requests are compared with benign users who sent as
 many: asking what an evaluation customer asks is judged against how much evaluation customers ask): a row's
 anomaly is its mean distance to its nearest benign rows, put on one scale across checkpoints by the benign
-rows' own median and 95th percentile. A client's score is its most anomalous checkpoint. Half of the benign clients are held out of the model to calibrate: a client's
+rows' own median and 95th percentile. A client's score is its most anomalous checkpoint.
+
+Answer chaining has a test of its own, beside the neighbour model: from checkpoint `CHAIN_FROM` on, a row's
+`chain_lift` (see `detectors.features`) is put on the same kind of scale by the benign rows of its checkpoint.
+A decomposer differs from an evaluation customer in that one respect only, which a distance over every feature
+dilutes. The two tests are calibrated together: a client's statistic is the smaller of its two conformal
+p-values, and its p-value is that statistic's rank among the calibration clients' (so the union of the two
+tests still flags at most `target_fpr` of benign clients). Half of the benign clients are held out of the model to calibrate: a client's
 p-value is the conformal (1 + #{held-out benign clients scoring at least as high}) / (n + 1), one-sided
 (small = harvester), and a client is flagged when p <= target_fpr, which bounds the benign-account FPR at
 target_fpr for clients that live as long as the calibration clients did (a client judged over more windows
@@ -31,8 +38,10 @@ from detectors.features import (CHECKPOINTS, EMBEDDING_CACHE, FEATURES, LINK_AT,
 
 MIN_ROWS = 20  # benign clients a checkpoint's model needs
 # Left out by default, as the ablation in the traffic study found them to cost more than they give: benign
-# scripts run at night too, and a student returning to one person looks like an enumeration.
-EXCLUDED = ("night_share", "key_runs", "key_ascending")
+# scripts run at night too, and a student returning to one person looks like an enumeration. The chaining
+# features are judged by the chain test, not by the neighbour model (they slowed it on every other attacker).
+EXCLUDED = ("night_share", "key_runs", "key_ascending", "chain_share", "chain_lift", "chain_fanout")
+CHAIN_FROM = 100  # the first checkpoint the chain test judges: a few answers chain by chance (a follow-up user's)
 
 
 class NeighbourDistance(BaseEstimator):
@@ -69,7 +78,7 @@ def checkpoint_of(features: dict[str, float]) -> int:
 class TrafficDetector(BaseEstimator):
     def __init__(self, target_fpr: float = 0.01, use_embeddings: bool = True, n_neighbors: int = 5,
                  calibration_share: float = 0.5, reference_size: int = 256, embedding_cache: int = EMBEDDING_CACHE,
-                 random_state: int = 0, exclude: tuple[str, ...] = EXCLUDED):
+                 random_state: int = 0, exclude: tuple[str, ...] = EXCLUDED, chain_test: bool = True):
         self.target_fpr = target_fpr
         self.use_embeddings = use_embeddings
         self.n_neighbors = n_neighbors
@@ -78,6 +87,7 @@ class TrafficDetector(BaseEstimator):
         self.embedding_cache = embedding_cache
         self.random_state = random_state
         self.exclude = exclude  # features left out (an ablation)
+        self.chain_test = chain_test  # the answer-chaining test beside the neighbour model (off: an ablation)
 
     @property
     def feature_names_(self) -> tuple[str, ...]:
@@ -85,14 +95,16 @@ class TrafficDetector(BaseEstimator):
         # each checkpoint has its own model, so the window's request count is where a row is judged, not a feature
         return tuple(n for n in names if n not in self.exclude and n != "log_requests")
 
-    def _rows(self, events: list[Event], seed: int) -> tuple[list[str], np.ndarray, np.ndarray, np.ndarray]:
+    def _rows(self, events: list[Event], seed: int) -> tuple[list[str], np.ndarray, np.ndarray, np.ndarray,
+                                                             np.ndarray]:
         rows = feature_rows(events, self.embedder_, self.reference_, self.bandwidth_, CHECKPOINTS, seed,
                             self.popularity_)
         clients = [c for c, _, _ in rows]
         counts = np.array([n for _, n, _ in rows])
         checkpoints = np.array([checkpoint_of(f) for _, _, f in rows])
         matrix = np.array([[f[name] for name in self.feature_names_] for _, _, f in rows], dtype=float)
-        return clients, counts, checkpoints, matrix
+        lifts = np.array([f["chain_lift"] for _, _, f in rows], dtype=float)
+        return clients, counts, checkpoints, matrix, lifts
 
     def fit(self, events: list[Event], y=None) -> TrafficDetector:
         """`events`: benign traffic only (every client in it is treated as benign)."""
@@ -124,7 +136,12 @@ class TrafficDetector(BaseEstimator):
             self.reference_ = self.embedder_([prompts[i] for i in picked])
             distances = np.sqrt(np.maximum(2 - 2 * self.reference_ @ self.reference_.T, 0))
             self.bandwidth_ = float(np.median(distances[distances > 0]))  # the median heuristic
-        _, _, checkpoints, matrix = self._rows(train, self.random_state)
+        _, _, checkpoints, matrix, lifts = self._rows(train, self.random_state)
+        self.chain_ = {}  # checkpoint -> (median, spread) of benign rows' chain_lift
+        for n in CHECKPOINTS:
+            if n >= CHAIN_FROM and self.chain_test and (checkpoints == n).sum() >= MIN_ROWS:
+                median = float(np.median(lifts[checkpoints == n]))
+                self.chain_[n] = (median, float(np.quantile(lifts[checkpoints == n], 0.95) - median) or 1.0)
         self.models_ = {}
         for n in CHECKPOINTS:
             rows = matrix[checkpoints == n]
@@ -138,7 +155,9 @@ class TrafficDetector(BaseEstimator):
         if not self.models_:
             raise ValueError(f"no checkpoint has {MIN_ROWS} benign clients to learn from")
         calibration = self._client_scores([e for e in events if e.client in held_out], self.random_state + 1)
-        self.calibration_scores_ = np.sort([s for s, _ in calibration.values()])
+        self.calibration_scores_ = np.sort([s for s, _, _ in calibration.values()])
+        self.calibration_chain_ = np.sort([c for _, c, _ in calibration.values()])
+        self.calibration_min_p_ = np.sort([self._min_p(s, c) for s, c, _ in calibration.values()])
         return self
 
     def _model(self, checkpoint: int):
@@ -152,34 +171,60 @@ class TrafficDetector(BaseEstimator):
             scores[at] = (model.score(matrix[at]) - median) / spread
         return scores
 
-    def _client_scores(self, events: list[Event], seed: int) -> dict[str, tuple[float, list[tuple[int, float]]]]:
-        clients, counts, checkpoints, matrix = self._rows(events, seed)
+    def _chain_scores(self, checkpoints: np.ndarray, lifts: np.ndarray) -> np.ndarray:
+        """Each row's chain_lift on its checkpoint's benign scale; -inf before `CHAIN_FROM` (or with no test)."""
+        scores = np.full(len(lifts), -np.inf)
+        for n in np.unique(checkpoints):
+            if n >= CHAIN_FROM and self.chain_:
+                median, spread = self.chain_.get(int(n)) or self.chain_[max(self.chain_)]
+                scores[checkpoints == n] = (lifts[checkpoints == n] - median) / spread
+        return scores
+
+    def _client_scores(self, events: list[Event], seed: int) -> dict[str, tuple[float, float, list]]:
+        """Per client: its most anomalous row's score, its most chained row's, and (requests, score, chain) per row."""
+        clients, counts, checkpoints, matrix, lifts = self._rows(events, seed)
         if not clients:  # no client has reached its first checkpoint: nobody to judge yet
             return {}
-        row_scores = self._row_scores(checkpoints, matrix)
-        out: dict[str, tuple[float, list[tuple[int, float]]]] = {}
-        for client, n, s in zip(clients, counts, row_scores):
-            best, path = out.get(client, (-np.inf, []))
-            out[client] = (max(best, float(s)), path + [(int(n), float(s))])
+        row_scores, chain_scores = self._row_scores(checkpoints, matrix), self._chain_scores(checkpoints, lifts)
+        out: dict[str, tuple[float, float, list]] = {}
+        for client, n, s, c in zip(clients, counts, row_scores, chain_scores):
+            best, chain, path = out.get(client, (-np.inf, -np.inf, []))
+            out[client] = (max(best, float(s)), max(chain, float(c)), path + [(int(n), float(s), float(c))])
         return out
 
     def score_features(self, features: dict[str, float]) -> tuple[float, float]:
         """(anomaly score, conformal p-value) of one client's features at one checkpoint."""
         row = np.array([[features[n] for n in self.feature_names_]])
-        score = float(self._row_scores(np.array([checkpoint_of(features)]), row)[0])
-        return score, self.p_value(score)
+        checkpoint = np.array([checkpoint_of(features)])
+        score = float(self._row_scores(checkpoint, row)[0])
+        chain = float(self._chain_scores(checkpoint, np.array([features["chain_lift"]]))[0])
+        return score, self.p_value(score, chain)
 
     def unusual(self, features: dict[str, float], top: int = 2) -> list[str]:
         """The features furthest from benign users of the same volume, in their standard deviations: the
-        reason given for a flag."""
-        model, _, _ = self._model(checkpoint_of(features))
+        reason given for a flag (led by the chain test's, when it is the test that flags)."""
+        checkpoint = checkpoint_of(features)
+        chain = float(self._chain_scores(np.array([checkpoint]), np.array([features["chain_lift"]]))[0])
+        score = float(self._row_scores(np.array([checkpoint]),
+                                       np.array([[features[n] for n in self.feature_names_]]))[0])
+        led = []
+        if _conformal(self.calibration_chain_, chain) < _conformal(self.calibration_scores_, score):
+            median = (self.chain_.get(checkpoint) or self.chain_[max(self.chain_)])[0]
+            led = [f"answers chained: chain_lift={features['chain_lift']:.2f} (benign median {median:.2f})"]
+        model, _, _ = self._model(checkpoint)
         z = model.standardise(np.array([features[n] for n in self.feature_names_]))
-        return [f"{self.feature_names_[i]}={features[self.feature_names_[i]]:.2f} ({z[i]:+.0f} sd)"
-                for i in np.argsort(-np.abs(z))[:top]]
+        return led + [f"{self.feature_names_[i]}={features[self.feature_names_[i]]:.2f} ({z[i]:+.0f} sd)"
+                      for i in np.argsort(-np.abs(z))[:top]]
 
-    def p_value(self, score: float) -> float:
-        n = len(self.calibration_scores_)
-        return float((1 + n - np.searchsorted(self.calibration_scores_, score, side="left")) / (n + 1))
+    def _min_p(self, score: float, chain: float) -> float:
+        return min(_conformal(self.calibration_scores_, score), _conformal(self.calibration_chain_, chain))
+
+    def p_value(self, score: float, chain: float = -np.inf) -> float:
+        """The conformal p-value of a client whose most anomalous row scored `score` and most chained `chain`."""
+        if not self.chain_:
+            return _conformal(self.calibration_scores_, score)
+        n = len(self.calibration_min_p_)
+        return float((1 + np.searchsorted(self.calibration_min_p_, self._min_p(score, chain), side="right")) / (n + 1))
 
     def score(self, events: list[Event], y=None) -> dict[str, dict]:
         """Per client: its score, conformal p-value, whether flagged, and after how many of its requests
@@ -205,9 +250,15 @@ class TrafficDetector(BaseEstimator):
                 verdicts[client] = {"score": None, "p_value": 1.0, "flagged": False, "queries_to_flag": None,
                                     "requests": len(mine), "judged": False}
                 continue
-            best, path = scores[client]
-            p = self.p_value(best)
-            first = next((n for n, s in path if self.p_value(s) <= self.target_fpr), None)
-            verdicts[client] = {"score": best, "p_value": p, "flagged": p <= self.target_fpr,
+            best, chain, path = scores[client]
+            p = self.p_value(best, chain)
+            first = next((n for n, s, c in path if self.p_value(s, c) <= self.target_fpr), None)
+            verdicts[client] = {"score": best, "chain": chain, "p_value": p, "flagged": p <= self.target_fpr,
                                 "queries_to_flag": first, "requests": len(mine), "judged": True}
         return verdicts
+
+
+def _conformal(calibration: np.ndarray, score: float) -> float:
+    """(1 + #{calibration scores at least `score`}) / (n + 1): small when `score` is higher than benign ones."""
+    n = len(calibration)
+    return float((1 + n - np.searchsorted(calibration, score, side="left")) / (n + 1))

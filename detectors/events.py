@@ -26,6 +26,7 @@ class Event:
     endpoint: str = "chat"
     ip: str | None = None  # optional account metadata, for linking accounts
     payment: str | None = None
+    response: str | None = None  # what the account was answered, when known: answer chaining reads it
 
 
 PROMPT_BYTES = 2048  # the most of a prompt the online monitor keeps (UTF-8 bytes)
@@ -33,21 +34,29 @@ CUT = " ... "
 
 
 def compact(event: Event, limit: int = PROMPT_BYTES) -> Event:
-    """`event` as the online monitor keeps it: a prompt of at most `limit` UTF-8 bytes. A longer prompt has its
+    """`event` as the online monitor keeps it: a prompt (and a response) of at most `limit` UTF-8 bytes. A longer prompt has its
     whitespace collapsed, then, if still too long, is cut to its head and tail (an instruction to reason is
     asked for at either end), so a client's sample and the replicas' event stream stay bounded however long
     the prompts sent. Every feature reads the prompt's words (shingles, its key, an instruction to reason), and
     a prompt within the limit, as nearly every benign one is, is kept exactly: online and offline agree."""
-    data = event.prompt.encode()
+    prompt, response = cap(event.prompt, limit), event.response and cap(event.response, limit)
+    return event if prompt is event.prompt and response is event.response else replace(event, prompt=prompt,
+                                                                                          response=response)
+
+
+def cap(text: str, limit: int = PROMPT_BYTES) -> str:
+    """`text` itself within `limit` UTF-8 bytes; else whitespace collapsed and, if still too long, its head
+    and tail."""
+    data = text.encode()
     if len(data) <= limit:
-        return event
-    data = " ".join(event.prompt.split()).encode()
+        return text
+    data = " ".join(text.split()).encode()
     if len(data) > limit:
         head = (limit - len(CUT)) * 3 // 4
         tail = limit - len(CUT) - head
         data = data[:head] + CUT.encode() + data[-tail:]
     # a cut may split a character: its broken bytes are dropped, never replaced (that could outgrow the limit)
-    return replace(event, prompt=data.decode(errors="ignore"))
+    return data.decode(errors="ignore")
 
 
 class EventFormatError(ValueError):
@@ -88,10 +97,12 @@ def event_from_row(row) -> Event:
         raise ValueError("client must be a non-empty string")
     if not isinstance(row["prompt"], str):
         raise ValueError("prompt must be a string")
+    if row.get("response") is not None and not isinstance(row["response"], str):
+        raise ValueError("response must be a string when given")
     optional = {k: (str(row[k]) if row.get(k) is not None else None) for k in ("ip", "payment")}
     return Event(client=row["client"], time=_time(row["time"]), prompt=row["prompt"],
                  prompt_tokens=_count(row, "prompt_tokens"), response_tokens=_count(row, "response_tokens"),
-                 endpoint=str(row.get("endpoint") or "chat"), **optional)
+                 endpoint=str(row.get("endpoint") or "chat"), response=row.get("response"), **optional)
 
 
 def events_from_rows(rows: Iterable, source: str = "rows",

@@ -25,7 +25,17 @@ in a question about a person, the name), and a window is described by
   beta near 1 for an enumeration, lower for someone returning to what interests them);
 - `key_runs` and `key_ascending`: enumeration order (the same key several times in a row, as a decomposer
   asking every fact of one person does; keys in alphabetical order, as a script walking a list does);
-- `cot_share`: the share of requests asking for reasoning.
+- `cot_share`: the share of requests asking for reasoning;
+- `chain_share` and `chain_fanout`: answer chaining. An entity is a word of a response the benign population
+  rarely uses (a name, as a rule) that the prompt answered did not contain: something the client learned from
+  its own answer. `chain_share` is the share of prompts keyed by such an entity, learned earlier in the
+  window; `chain_fanout` the distinct things asked per learned entity that was asked about. A decomposer feeds
+  each answer into its next questions and asks every relation of what it learns (as the same person comes
+  back in later answers, its asks about it add up); a person following up on an answer asks one or two things
+  and moves on. Someone asking about everything also asks, by chance, about what its answers named, the more so
+  the smaller the task's world; `chain_lift` takes that chance away: the share of prompts keyed by a learned
+  entity, less the share keyed by one of as many of the client's own earlier keys (a client covering the space
+  returns to what it was told as often as to what it asked; a decomposer asks about what it was told).
 """
 
 from __future__ import annotations
@@ -52,7 +62,10 @@ COT = re.compile(r"step[- ]by[- ]step|chain[- ]of[- ]thought|(show|explain|write
 WORD = re.compile(r"[a-z]+")
 TIMING = ("log_requests", "log_rate_per_hour", "log_interarrival_cv", "night_share")
 WORDING = ("distinct_share", "template_share", "log_prompt_tokens")
-EXTRACTION = ("cot_share", "key_surprisal", "key_unseen", "key_novelty", "heaps_exponent", "key_runs", "key_ascending")
+EXTRACTION = ("cot_share", "key_surprisal", "key_unseen", "key_novelty", "heaps_exponent", "key_runs", "key_ascending",
+              "chain_share", "chain_lift", "chain_fanout")
+ENTITIES = 128  # entities learned from a window's responses that are kept (the oldest replaced): about 1 KB
+ENTITY_SHARE = 0.01  # the most of benign prompts a word may appear in and be an entity
 NON_EMBEDDING = TIMING + WORDING + EXTRACTION
 EMBEDDING = ("mmd", "spread", "nn_normality")
 FEATURES = NON_EMBEDDING + EMBEDDING
@@ -98,6 +111,13 @@ class Popularity:
                 counts[word] += 1
         self.counts = dict(counts)
         self.log_total = float(np.log(len(prompts) + 2))
+        self.entity_count = ENTITY_SHARE * len(prompts)
+
+    def entities(self, prompt: str, response: str) -> set[str]:
+        """The words of `response` the benign population rarely uses that `prompt` did not contain."""
+        asked = set(WORD.findall(prompt.lower()))
+        return {w for w in WORD.findall(response.lower())
+                if w not in asked and len(w) > 2 and self.counts.get(w, 0) <= self.entity_count}
 
     def key(self, prompt: str) -> tuple[str, float | None]:
         """The prompt's rarest word and its surprisal; None for a word no benign user used (most words of a
@@ -152,6 +172,10 @@ class ClientState:
         self.unseen = 0
         self.key = ""
         self.heaps = (1, 1.0, 1.0)  # (requests, distinct keys, exponent) at the last checkpoint
+        self.entities = np.zeros(ENTITIES, dtype=np.uint32)  # crc32 of entities learned (a ring; 0: empty)
+        self.asks = np.zeros(ENTITIES, dtype=np.uint32)  # per entity, a bit per distinct thing asked about it
+        self.own_keys = np.zeros(ENTITIES, dtype=np.uint32)  # crc32 of the client's own recent keys (a ring)
+        self.learned = self.chained = self.keyed = self.returned = 0
 
     @property
     def due(self) -> bool:
@@ -189,6 +213,7 @@ class ClientState:
                 self.runs += key == self.key
                 self.ascending += key > self.key
             self.key = key
+            self._chain(prompt, key)
         entry = (-self.rng.random(), self.count, prompt)
         if len(self.heap) < self.sample_size:
             heapq.heappush(self.heap, entry)
@@ -200,6 +225,35 @@ class ClientState:
             n, distinct = self.in_window, max(self.keys.count(), 1.0)
             before, seen, _ = self.heaps
             self.heaps = (n, distinct, float(np.log(distinct / seen) / np.log(n / before)))
+        if event.response is not None:
+            self.learn(prompt, event.response)
+
+    def _chain(self, prompt: str, key: str) -> None:
+        if not key:
+            return
+        digest = np.uint32(zlib.crc32(key.encode()))
+        found = np.flatnonzero(self.entities == digest)
+        if len(found):
+            self.chained += 1
+            rest = " ".join(w for w in WORD.findall(prompt.lower()) if w != key)  # what is asked about it
+            self.asks[found[0]] |= np.uint32(1 << (zlib.crc32(rest.encode()) % 32))
+        if (self.own_keys == digest).any():
+            self.returned += 1
+        else:
+            self.own_keys[self.keyed % ENTITIES] = digest
+            self.keyed += 1
+
+    def learn(self, prompt: str, response: str) -> None:
+        """What the client was answered to `prompt`: its entities join the window's learned ones. The monitor
+        calls this when a completion finishes; a log's events carry their response."""
+        if self.popularity is None:
+            return
+        for word in sorted(self.popularity.entities(prompt, response)):
+            digest = np.uint32(zlib.crc32(word.encode()))
+            if not (self.entities == digest).any():  # learned again: what was asked about it still counts
+                slot = self.learned % ENTITIES
+                self.entities[slot], self.asks[slot] = digest, 0
+                self.learned += 1
 
     def sample(self) -> list[str]:
         return [prompt for _, _, prompt in sorted(self.heap, key=lambda e: e[1])]
@@ -215,7 +269,13 @@ class ClientState:
                 "template_share": self.templated / n, "log_prompt_tokens": float(np.log(self.words / n + 1)),
                 "key_surprisal": self.surprisal / max(n - self.unseen, 1), "key_unseen": self.unseen / n, "key_novelty": min(self.keys.count() / n, 1.0),
                 "heaps_exponent": self.heaps[2], "key_runs": self.runs / max(n - 1, 1),
-                "key_ascending": self.ascending / max(n - 1, 1)}
+                "key_ascending": self.ascending / max(n - 1, 1), "chain_share": self.chained / n,
+                "chain_lift": (self.chained - self.returned) / n,
+                "chain_fanout": self._fanout()}
+
+    def _fanout(self) -> float:
+        asked = self.asks[self.asks != 0]
+        return float(np.mean([bin(int(bits)).count("1") for bits in asked])) if len(asked) else 0.0
 
 
 def rbf_mmd2(x: np.ndarray, y: np.ndarray, bandwidth: float) -> float:

@@ -98,6 +98,17 @@ class Monitor:
             self.next_served[client] = event.time + self.throttle_gap
         return action
 
+    def answered(self, client: str, prompt: str, response: str) -> None:
+        """`client`'s request `prompt` was answered `response` (when its completion finished): what it learned
+        from its answers is what answer chaining reads. Its linked group, if any, learns it too."""
+        event = compact(Event(client, 0.0, prompt, response=response))
+        state = self.states.get(client)
+        if state is not None:
+            state.learn(event.prompt, event.response)
+        root = self.linker.root(client) if self.linker is not None else None
+        if root is not None and root in self.pooled:
+            self.pooled[root].learn(event.prompt, event.response)
+
     def _state(self, states: OrderedDict[str, ClientState], name: str) -> ClientState:
         """`name`'s state in `states` (a client's or a group's), made if new; the least recent evicted."""
         state = states.get(name)

@@ -13,7 +13,9 @@ Benign personas:
   with some other questions besides; each stops after a few to a few hundred questions;
 - `evaluator`: a legitimate customer who runs a benchmark of a few hundred task questions once, drawn
   uniformly over the task, at a scripted pace: the hard case, since it asks what a harvester asks, as a
-  harvester does, and differs only in stopping.
+  harvester does, and differs only in stopping;
+- `followup`: a student who, when an answer names a person, asks one or two things about that person and
+  moves on: people ask about what they were just told, which is answer chaining done benignly.
 
 Attackers (questions from the reference task's attacker pool, each worded by a script that draws from many
 wordings, as a competent distiller's would):
@@ -26,10 +28,14 @@ wordings, as a competent distiller's would):
   asked twice, each with its own payment and network, run by one script from the same few minutes;
 - `hydra`: attack prompts mixed into a legitimate power user's account;
 - `mimic`: replays a heavy student's timing and its own questions, and swaps half of them for harvest;
-- `decompose`: only 1-hop sub-questions, from which the attacker writes the 2-hop chains itself;
+- `decompose`: only 1-hop sub-questions, from which the attacker writes the 2-hop chains itself: the first hop
+  of 64 of the pool's 2-hop questions, then the second hop about each answer (`eval.strategies.decompose`);
 - `spread`: the attack this detector does not stop: the harvest split over `spread_accounts` accounts (5)
   that each ask no more than an evaluation customer does, each with its own payment, network and wording,
   started hours apart at their own scripted pace.
+
+Every event carries the teacher's response: the worked answer (`write_chain`) to a task question, a sentence
+of prose to anything else.
 
 Wordings: each account has its own habits (a few of the many phrasings, reused), so reusing a wording is
 common among benign users too; the lab format (`question: ...`) is one phrasing among them.
@@ -49,17 +55,17 @@ from detectors.events import Event
 from eval.metrics import Accuracy
 from eval.personas import ATTACKERS, BENIGN
 from eval.prose import human_prose
-from eval.reference.world import (ATTRIBUTES, RELATIONS, Question, reference_world,
-                                  split_world)
+from eval.reference.world import (ATTRIBUTES, RELATIONS, Question, reference_world, split_world,
+                                  write_chain)
 from eval.task import Task
 from guard.teacher import Caller, Completion, Sampling, Teacher
 
 DAY = 86_400.0
-SAME_DOMAIN = ("student", "evaluator")  # benign users who ask the teacher's task questions
+SAME_DOMAIN = ("student", "evaluator", "followup")  # benign users who ask the teacher's task questions
 # What detectors are fitted on by default: half of it (390 clients) is held out to calibrate, enough to
 # resolve a 1% false-positive rate with a threshold above the third-highest held-out score. Same-domain
 # users are part of it: a detector must not learn that asking the task's questions is suspect.
-BENIGN_POPULATION = {"human": 240, "power": 80, "batch": 80, "student": 300, "evaluator": 80}
+BENIGN_POPULATION = {"human": 240, "power": 80, "batch": 80, "student": 300, "evaluator": 80, "followup": 100}
 ZIPF = 1.1  # popularity exponent of the world's people among benign askers
 
 ASKS = ("Summarize this in two sentences: {p}", "What does this mean, in plain words? {p}",
@@ -97,10 +103,11 @@ WRAPPERS = ("question: {q}\n", "{Q}", "Q: {Q}", "quick question: {q}", "{Q} than
 
 
 class Habits:
-    """An account's way of wording the task's questions: a few forms per fact type and a few wrappers."""
+    """An account's way of wording the task's questions: a few forms per fact type and a few wrappers. `said`
+    records the question each wording asks (for the simulator's responses)."""
 
-    def __init__(self, rng, forms: int = 2, wrappers: int = 3):
-        self.rng = rng
+    def __init__(self, rng, forms: int = 2, wrappers: int = 3, said: dict[str, Question] | None = None):
+        self.rng, self.said = rng, said
         self.forms = {kind: [options[i] for i in rng.choice(len(options), min(forms, len(options)), replace=False)]
                       for kind, options in FORMS.items()}
         self.wrappers = [WRAPPERS[i] for i in rng.choice(len(WRAPPERS), wrappers, replace=False)]
@@ -118,6 +125,8 @@ class Habits:
         text = self.pick(self.wrappers).format(q=q, Q=q[0].upper() + q[1:])
         if self.rng.random() < 0.05:  # typed in a hurry
             text = text.lower().rstrip("?.!\n")
+        if self.said is not None:
+            self.said[text] = question
         return text
 
 
@@ -136,7 +145,7 @@ class PromptSource:
         paragraphs = human_prose(max_chars=400_000)
         self.paragraphs = [p[:400] for p in paragraphs]
         self.sentences = [s.strip() + "." for p in paragraphs for s in p.split(". ") if 30 < len(s) < 200]
-        world = reference_world()
+        self.world = world = reference_world()
         self.pool_questions = split_world(world).attacker_pool
         self.one_hop_questions = world.one_hop_questions()
         self.all_questions = self.one_hop_questions + world.two_hop_questions()
@@ -177,6 +186,40 @@ class PromptSource:
             prompts.append(habits.word(question))
         return prompts
 
+    def followup(self, count: int, habits: Habits, task_share: float) -> list[str]:
+        """A same-domain user's `count` prompts who, when an answer names a person, asks one or two things about
+        that person most of the time, then moves on."""
+        prompts: list[str] = []
+        while len(prompts) < count:
+            if self.rng.random() > task_share:
+                prompts.append(self.benign())
+                continue
+            question = self.curious()
+            prompts.append(habits.word(question))
+            if question.hops[-1] in RELATIONS and self.rng.random() < 0.8:
+                person = self.world.answer(question)
+                for _ in range(int(self.rng.integers(1, 3))):
+                    prompts.append(habits.word(Question(person, (self.pick((*RELATIONS, *ATTRIBUTES)),))))
+        return prompts[:count]
+
+    def decompose(self, count: int, habits: Habits, batch: int = 64) -> list[str]:
+        """A decomposer's prompts, as `eval.strategies.decompose` asks: the first hop of `batch` of the pool's
+        2-hop questions, then the second hop about each first hop's answer; each sub-question once."""
+        two_hop = [q for q in self.pool_questions if len(q.hops) == 2]
+        asked, prompts = set(), []
+        order = self.rng.permutation(len(two_hop))
+        for start in range(0, len(order), batch):
+            chunk = [two_hop[i] for i in order[start:start + batch]]
+            firsts = [Question(q.person, q.hops[:1]) for q in chunk]
+            seconds = [Question(self.world.answer(first), q.hops[1:]) for first, q in zip(firsts, chunk)]
+            for sub in firsts + seconds:
+                if sub not in asked:
+                    asked.add(sub)
+                    prompts.append(habits.word(sub))
+            if len(prompts) >= count:
+                break
+        return prompts[:count]
+
     def harvest(self, questions: list[Question], count: int, habits: Habits) -> list[str]:
         """`count` prompts over `questions` in a random order, each worded by the harvester's script."""
         order = self.rng.permutation(len(questions))
@@ -200,9 +243,10 @@ def regular_times(rng, start: float, count: int, interval: float, jitter: float)
     return start + np.cumsum(np.maximum(gaps, 0.05))
 
 
-def _events(client: str, times, prompts, rng, ip: str, payment: str, response_mean: float) -> list[Event]:
+def _events(client: str, times, prompts, rng, ip: str, payment: str, response_mean: float, respond) -> list[Event]:
     return [Event(client=client, time=float(t), prompt=p, prompt_tokens=max(1, int(len(p.split()) * 1.3)),
-                  response_tokens=int(rng.lognormal(np.log(response_mean), 0.5)), ip=ip, payment=payment)
+                  response_tokens=int(rng.lognormal(np.log(response_mean), 0.5)), ip=ip, payment=payment,
+                  response=respond(p))
             for t, p in zip(times, prompts)]
 
 
@@ -220,12 +264,18 @@ def simulate(population: dict[str, int], days: float = 3.0, seed: int = 0, attac
     rng = np.random.default_rng(seed)
     source = PromptSource(seed)
     events, labels = [], {}
+    said: dict[str, Question] = {}  # each task prompt's question, for its response
+    talk = np.random.default_rng([seed, 7])  # responses draw apart, so that adding them changed no prompt
+
+    def respond(prompt: str) -> str:
+        question = said.get(prompt)
+        return write_chain(source.world.chain(question)) if question else source.sentences[talk.integers(len(source.sentences))]
 
     def address():
         return f"{rng.integers(1, 223)}.{rng.integers(256)}.{rng.integers(256)}.{rng.integers(1, 255)}"
 
     def script_habits():  # a harvester's script words its questions as broadly or narrowly as its author chose
-        return Habits(rng, forms=int(rng.integers(1, 6)), wrappers=int(rng.integers(1, len(WRAPPERS) + 1)))
+        return Habits(rng, forms=int(rng.integers(1, 6)), wrappers=int(rng.integers(1, len(WRAPPERS) + 1)), said=said)
 
     for kind, count in population.items():
         for n in range(count):
@@ -243,21 +293,24 @@ def simulate(population: dict[str, int], days: float = 3.0, seed: int = 0, attac
                         for s in start + rng.uniform(0, days * DAY, int(rng.integers(1, 4)))]
                 times = np.sort(np.concatenate(jobs))
                 prompts = [source.job(template) for _ in times]
-            elif kind == "student":
+            elif kind in ("student", "followup"):
                 times = poisson_times(rng, start, days, np.exp(rng.uniform(np.log(5), np.log(150))), diurnal=True)
                 times = times[: int(np.exp(rng.uniform(np.log(3), np.log(400))))]  # then stops
-                habits = Habits(rng, forms=int(rng.integers(1, 4)), wrappers=int(rng.integers(1, 6)))
-                prompts = source.student(len(times), habits, task_share=rng.uniform(0.6, 1.0))
+                habits = Habits(rng, forms=int(rng.integers(1, 4)), wrappers=int(rng.integers(1, 6)), said=said)
+                asks = source.student if kind == "student" else source.followup
+                prompts = asks(len(times), habits, task_share=rng.uniform(0.6, 1.0))
             elif kind == "evaluator":
                 benchmark = rng.choice(len(source.all_questions), int(rng.integers(100, 501)), replace=False)
                 times = regular_times(rng, start + rng.uniform(0, days * DAY), len(benchmark), rng.uniform(0.5, 5), 0.2)
-                harness = Habits(rng, forms=1, wrappers=1)
+                harness = Habits(rng, forms=1, wrappers=1, said=said)
                 prompts = [harness.word(source.all_questions[i]) for i in benchmark]
-            elif kind in ("naive", "cot", "decompose"):
+            elif kind in ("naive", "cot"):
                 times = regular_times(rng, start + rng.uniform(0, DAY), attack_budget, rng.uniform(1, 4), 0.3)
-                questions = source.one_hop_questions if kind == "decompose" else source.pool_questions
                 prefix = source.pick(COT_PREFIXES) if kind == "cot" else ""
-                prompts = [prefix + p for p in source.harvest(questions, attack_budget, script_habits())]
+                prompts = [prefix + p for p in source.harvest(source.pool_questions, attack_budget, script_habits())]
+            elif kind == "decompose":
+                times = regular_times(rng, start + rng.uniform(0, DAY), attack_budget, rng.uniform(1, 4), 0.3)
+                prompts = source.decompose(attack_budget, script_habits())
             elif kind == "slow":
                 times = regular_times(rng, start + rng.uniform(0, DAY), attack_budget, rng.uniform(60, 150), 0.5)
                 prompts = source.harvest(source.pool_questions, attack_budget, script_habits())
@@ -290,7 +343,7 @@ def simulate(population: dict[str, int], days: float = 3.0, seed: int = 0, attac
                         prompts = [habits.word(source.pool_questions[i]) for i in mine]
                     else:
                         prompts = harvest[a * per_account:(a + 1) * per_account]
-                    events += _events(member, times, prompts, rng, member_ip, member_payment, 60)
+                    events += _events(member, times, prompts, rng, member_ip, member_payment, 60, respond)
                     labels[member] = kind
                 continue
             elif kind == "hydra":
@@ -302,12 +355,12 @@ def simulate(population: dict[str, int], days: float = 3.0, seed: int = 0, attac
                            source.harvest(source.pool_questions, attack_budget, script_habits()))
             elif kind == "mimic":
                 times = poisson_times(rng, start, days, rng.uniform(300, 700), diurnal=True)
-                habits = Habits(rng, forms=int(rng.integers(1, 4)), wrappers=int(rng.integers(1, 6)))
+                habits = Habits(rng, forms=int(rng.integers(1, 4)), wrappers=int(rng.integers(1, 6)), said=said)
                 prompts = source.student(len(times), habits, task_share=rng.uniform(0.6, 1.0))
                 swapped = rng.random(len(times)) < 0.5
                 harvest = iter(source.harvest(source.pool_questions, int(swapped.sum()), habits))
                 prompts = [next(harvest) if s else p for p, s in zip(prompts, swapped)]
-            events += _events(client, times, prompts, rng, ip, payment, 120 if kind in BENIGN else 60)
+            events += _events(client, times, prompts, rng, ip, payment, 120 if kind in BENIGN else 60, respond)
             labels[client] = kind
     events.sort(key=lambda e: e.time)
     return events, labels

@@ -57,6 +57,10 @@ class Monitored(Defense):
                 answers = served.complete([prompts[i] for i in chosen], sampling, [callers[i] for i in chosen])
                 for i, completion in zip(chosen, answers):
                     out[i] = completion
+        with self.lock:  # what each account was answered: answer chaining reads it
+            for prompt, caller, completion in zip(prompts, callers, out):
+                if completion is not None:
+                    self.monitor.answered(caller.account, prompt, completion.text)
         for i, action in enumerate(actions):
             if out[i] is None:
                 out[i] = Completion(text="", finish_reason="refused")

@@ -24,7 +24,9 @@ APPEND = """
 local seq = redis.call('INCR', KEYS[2])
 return redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[1], '*', 'seq', seq, unpack(ARGV, 2))
 """
-EVENT_BYTES = PROMPT_BYTES + 512  # an event in the stream: its capped prompt, its other fields, Redis' overhead
+# the most an event in the stream takes: its capped prompt (and an answer's capped response), its other fields,
+# Redis' overhead
+EVENT_BYTES = 2 * PROMPT_BYTES + 512
 
 
 def _id(event_id: str) -> tuple[int, int]:
@@ -75,6 +77,17 @@ class SharedMonitor:
         except Unreachable:
             return self.monitor.actions.get(event.client, ALLOW)
 
+    def answered(self, client: str, prompt: str, response: str) -> None:
+        """As `Monitor.answered`, for every replica: the answer joins the stream, and each replica applies it
+        in its place in the order. Unreachable Redis: it is lost (as an event is then), no replica diverges."""
+        event = compact(Event(client, 0.0, prompt, response=response))
+        try:
+            self.shared.call("monitor", self._append, keys=[self.stream, self.counter],
+                             args=[self.max_events, "answer", "1", "client", client, "prompt", event.prompt,
+                                   "response", event.response])
+        except Unreachable:
+            pass
+
     def _catch_up(self, mine: str) -> Action | None:
         """Applies every event after the last one applied, up to `mine`; the action `mine` got (None if it
         was trimmed before any replica here read it). Reads from Redis outside the lock, applies under it:
@@ -103,7 +116,10 @@ class SharedMonitor:
             logger.warning("the shared monitor missed %d events trimmed from the stream before it read them; "
                            "raise its bound (max_bytes) or give the replica more CPU", seq - self.seq - 1)
         self.seq = seq
-        self.answers[event_id] = self.monitor.observe(_event(fields))
+        if "answer" in fields:
+            self.monitor.answered(fields["client"], fields["prompt"], fields["response"])
+        else:
+            self.answers[event_id] = self.monitor.observe(_event(fields))
         self.applied = event_id
 
     def _write(self, client: str, action: Action) -> None:

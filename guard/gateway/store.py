@@ -62,8 +62,8 @@ AUDIT_COLUMNS = ("request_id, account, time, ip, payment, endpoint, prompt, resp
                  "completion_tokens, decisions, latency, status")
 # the audit columns as events' fields (detectors.events.event_from_row reads rows keyed so)
 EVENT_COLUMNS = ("account AS client, time, prompt, prompt_tokens, completion_tokens AS response_tokens, endpoint, "
-                 "ip, payment")
-EVENT_KEYS = ("client", "time", "prompt", "prompt_tokens", "response_tokens", "endpoint", "ip", "payment")
+                 "ip, payment, response")
+EVENT_KEYS = ("client", "time", "prompt", "prompt_tokens", "response_tokens", "endpoint", "ip", "payment", "response")
 INSERT_AUDIT = f"INSERT INTO audit ({AUDIT_COLUMNS}) VALUES ({', '.join('?' * 13)})"
 
 
@@ -108,6 +108,15 @@ def _digest(key: str) -> str:
 
 def text_digest(text: str) -> str:
     return "sha256:" + hashlib.sha256(text.encode()).hexdigest()
+
+
+def _event_fields(row) -> dict:
+    """An audit row as an event's fields. A response logged as its digest (`keep_text=False`) is no text the
+    detectors can read: the event has none (the online monitor read the text before it was hashed)."""
+    fields = {k: row[k] for k in EVENT_KEYS}
+    if fields["response"] and fields["response"].startswith("sha256:") and len(fields["response"]) == 71:
+        fields["response"] = None
+    return fields
 
 
 class Store:
@@ -236,7 +245,7 @@ class Store:
         """The audit log as each account's events in time order, one account at a time (what `distill-guard
         detect --log URL` reads: memory holds an account, not the log); `skipped[0]` counts bad rows."""
         rows = self._stream(f"SELECT {EVENT_COLUMNS} FROM audit ORDER BY account, time, seq")
-        return events_by_client(rows, f"audit log {self.name}", errors, skipped)
+        return events_by_client(map(_event_fields, rows), f"audit log {self.name}", errors, skipped)
 
     def events_of(self, accounts: list[str]) -> list[Event]:
         """The events of `accounts`, in time order (a linked group's pooled traffic)."""
@@ -247,13 +256,13 @@ class Store:
                                f"({', '.join('?' * len(part))})", tuple(part))
         rows.sort(key=lambda r: (r["time"], r["seq"]))
         # rows the account stream skipped as bad are skipped here too
-        return events_from_rows(({k: r[k] for k in EVENT_KEYS} for r in rows), f"audit log {self.name}", "skip")[0]
+        return events_from_rows(map(_event_fields, rows), f"audit log {self.name}", "skip")[0]
 
     def read_events(self, errors: Literal["raise", "skip"] = "raise") -> tuple[list[Event], int]:
         """The audit log as the detectors' events, all held at once (what `distill-guard detect --benign URL` reads)."""
-        rows = ({"client": r.account, "time": r.time, "prompt": r.prompt, "prompt_tokens": r.prompt_tokens,
-                 "response_tokens": r.completion_tokens, "endpoint": r.endpoint, "ip": r.ip, "payment": r.payment}
-                for r in self.records())
+        rows = (_event_fields({"client": r.account, "time": r.time, "prompt": r.prompt, "prompt_tokens": r.prompt_tokens,
+                               "response_tokens": r.completion_tokens, "endpoint": r.endpoint, "ip": r.ip,
+                               "payment": r.payment, "response": r.response}) for r in self.records())
         return events_from_rows(rows, f"audit log {self.name}", errors)
 
 

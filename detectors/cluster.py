@@ -32,6 +32,7 @@ import numpy as np
 from scipy.sparse import coo_matrix, csr_matrix
 from scipy.sparse.csgraph import connected_components
 
+from detectors.campaign import QuestionLog, find_campaigns
 from detectors.detector import TrafficDetector
 from detectors.events import Event
 from detectors.features import LINK_AT, Popularity, by_client, task_surprisal
@@ -202,14 +203,17 @@ def judge_groups(detector: TrafficDetector, groups: list[list[str]],
 
 
 def detect_accounts(detector: TrafficDetector, accounts: Iterable[tuple[str, list[Event]]],
-                    events_of: Callable[[list[str]], list[Event]], min_size: int = 3) -> tuple[dict, list[dict], dict]:
+                    events_of: Callable[[list[str]], list[Event]],
+                    min_size: int = 3) -> tuple[dict, list[dict], list[dict], dict]:
     """What `distill-guard detect` does to a log, streamed: `accounts` gives each account's events in time
-    order, one at a time (from `Store.events_by_account`, say), and only a chunk of accounts' events and each
-    account's summary are held; a linked group's events are read again through `events_of`. Returns the
-    per-account verdicts (a member of a flagged group is flagged `via_cluster`), the groups' verdicts, and
-    the seconds spent in each stage."""
+    order, one at a time (from `Store.events_by_account`, say), and only a chunk of accounts' events, each
+    account's summary and its question keys (`detectors.campaign`) are held; a linked group's events are read
+    again through `events_of`. Returns the per-account verdicts (a member of a flagged group is flagged
+    `via_cluster`; a member a campaign names carries `campaign` and its own p-value), the groups' verdicts,
+    the campaigns, and the seconds spent in each stage."""
     seconds = defaultdict(float)
     summaries = []
+    questions = QuestionLog(detector.popularity_)
 
     def timed(stage: str, iterable):  # the time spent producing each item, charged to `stage`
         iterator = iter(iterable)
@@ -225,6 +229,8 @@ def detect_accounts(detector: TrafficDetector, accounts: Iterable[tuple[str, lis
         for client, mine in stream:
             begun = time.perf_counter()
             summaries.append(summarize(client, mine, detector.popularity_, detector.rare_key_surprisal_))
+            for event in mine:
+                questions.add(event)
             seconds["summaries"] += time.perf_counter() - begun
             yield client, mine
 
@@ -241,7 +247,15 @@ def detect_accounts(detector: TrafficDetector, accounts: Iterable[tuple[str, lis
             if group["flagged"] and not verdicts[member]["flagged"]:
                 verdicts[member] |= {"flagged": True, "via_cluster": group["cluster"]}
     seconds["cluster_verdicts"] = time.perf_counter() - begun
-    return verdicts, groups, dict(seconds)
+    begun = time.perf_counter()
+    campaigns = find_campaigns(questions.candidates(detector.rare_key_surprisal_))
+    for number, campaign in enumerate(campaigns):
+        campaign["campaign"] = number
+        for member in campaign["members"]:
+            if member["named"]:
+                verdicts[member["client"]] |= {"campaign": number, "campaign_p_value": member["p_value"]}
+    seconds["campaigns"] = time.perf_counter() - begun
+    return verdicts, groups, campaigns, dict(seconds)
 
 
 class AccountIndex:
@@ -332,6 +346,8 @@ class Linker:
         self.first.move_to_end(client)
         first.append(event)
         if len(first) < LINK_AT:
+            while len(self.first) > self.max_accounts:  # accounts that never send LINK_AT requests are many
+                self.first.popitem(last=False)
             return None, []
         del self.first[client]
         account = summarize(client, first, self.popularity, self.rare_surprisal)

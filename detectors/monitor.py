@@ -24,6 +24,11 @@ more accounts has its pooled traffic judged as one client, from its members' fir
 level applies to each member (the stronger of the two when the member has its own). Groups that merge keep
 the larger one's pooled traffic.
 
+Campaigns: every `campaign_every` requests, the clients kept are tested as a population
+(`detectors.campaign`: accounts that, together, ask the task's rare questions without ever asking one twice,
+as the parts of one harvest spread over small accounts do); each member an alarming campaign names is
+degraded. The test runs on the request that crosses the mark (a few seconds, once per `campaign_every`).
+
 Memory is bounded in clients as well as in requests per client. At most `max_clients` states are kept
 (least recently seen evicted). Flagged clients' actions (and a throttled client's next allowed time) are
 kept apart from the states, for up to `max_flagged` clients (least recently seen evicted): an action is
@@ -40,6 +45,7 @@ from dataclasses import dataclass, replace
 from typing import Literal
 
 
+from detectors.campaign import QuestionLog, find_campaigns
 from detectors.cluster import Linker
 from detectors.detector import TrafficDetector
 from detectors.events import Event, compact
@@ -62,10 +68,12 @@ ALLOW = Action("allow")
 class Monitor:
     def __init__(self, detector: TrafficDetector, throttle_factor: float = 2.0, degrade_factor: float = 3.0,
                  throttle_per_hour: float = 60.0, max_clients: int = 100_000, seed: int = 0,
-                 max_flagged: int = 1_000_000, link: bool = True, min_group: int = 3):
+                 max_flagged: int = 1_000_000, link: bool = True, min_group: int = 3, campaign_every: int = 10_000):
         self.detector, self.seed, self.max_clients, self.max_flagged = detector, seed, max_clients, max_flagged
         self.settings = (throttle_factor, degrade_factor, throttle_per_hour, max_clients, seed, max_flagged, link,
-                         min_group)
+                         min_group, campaign_every)
+        self.campaign_every, self.observed = campaign_every, 0
+        self.questions = QuestionLog(detector.popularity_)  # the kept clients' answered questions (campaigns)
         fpr = detector.target_fpr
         self.thresholds = (("block", fpr), ("throttle", fpr * throttle_factor), ("degrade", fpr * degrade_factor))
         self.throttle_gap = 3600.0 / throttle_per_hour
@@ -81,8 +89,13 @@ class Monitor:
         client = event.client
         state = self._state(self.states, client)
         state.update(event)
+        if event.response is not None:  # a log replayed: its events carry their answers
+            self.questions.add(event)
         if state.due:
             self._decide(client, state)
+        self.observed += 1
+        if self.campaign_every and self.observed % self.campaign_every == 0:
+            self._campaigns()
         action = self.actions.get(client, ALLOW)
         if self.linker is not None:
             group = self._observe_group(event)
@@ -105,6 +118,7 @@ class Monitor:
         state = self.states.get(client)
         if state is not None:
             state.learn(event.prompt, event.response)
+            self.questions.add(event)
         root = self.linker.root(client) if self.linker is not None else None
         if root is not None and root in self.pooled:
             self.pooled[root].learn(event.prompt, event.response)
@@ -115,7 +129,8 @@ class Monitor:
         if state is None:
             state = states[name] = ClientState(seed=hash_seed(name, self.seed), popularity=self.detector.popularity_)
             if len(states) > self.max_clients:
-                states.popitem(last=False)
+                evicted, _ = states.popitem(last=False)
+                self.questions.forget(evicted)
         else:
             states.move_to_end(name)
         return state
@@ -148,6 +163,19 @@ class Monitor:
                     reason = f"p={p:.3g} after {state.count} requests{who}{judged}: " + ", ".join(d.unusual(features))
                     self._flag(client, Action(kind, reason, p, served=kind != "block"))
                 return
+
+    def _campaigns(self) -> None:
+        """The campaign test over the kept clients (`detectors.campaign`): each member an alarming campaign
+        names is degraded (answers without their reasoning), at least."""
+        for campaign in find_campaigns(self.questions.candidates(self.detector.rare_key_surprisal_)):
+            if not campaign["alarm"]:
+                continue
+            named = [m for m in campaign["members"] if m["named"]]
+            for member in named:
+                self.remember(member["client"], Action(
+                    "degrade", f"named in a campaign of {len(named)} accounts that never ask one question twice "
+                               f"(p={campaign['p_value']:.3g}, permutation; its own p={member['p_value']:.3g})",
+                    member["p_value"]))
 
     def remember(self, client: str, action: Action) -> None:
         """Takes `client`'s verdict as given (a verdict kept outside this process: `guard.gateway.shared_state`), unless

@@ -11,7 +11,9 @@ features carry the signal (ablation); and protection measured by real distillati
    many of their requests, and how many requests were served to them; per benign kind the share blocked
    (FPR) and the share of its requests refused or served degraded.
 3. Ablation: the same replay with each feature group, and each extraction feature, left out (and the
-   features left out by default put back).
+   features left out by default put back), and without the answer-chaining test.
+5. Headline: the timing+content detector on `HELD_OUT` traffic, a seed never used while the features, the
+   chain test and their thresholds were chosen (seeds 1-3 were).
 4. Protection: `evaluate` with the `monitor` defence in front of teacher-a: the naive attacker's harvest
    sent at the scripted pace (2 s), at the slow-rate pace (90 s), from a sybil of 10 accounts and a swarm of
    100 (no payment or network shared), hidden in a legitimate account's traffic (hydra) and among a
@@ -31,7 +33,7 @@ from scipy.stats import binomtest
 
 from detectors.detector import EXCLUDED, TrafficDetector
 from detectors.features import CHECKPOINTS, EXTRACTION, TIMING, WORDING
-from detectors.monitor import Monitor
+from detectors.monitor import Action, Monitor
 from eval.attack import BENIGN_REPLAY, AttackConfig, evaluate, lab_parts
 from eval.reference import load_teacher
 from eval.reference.world import reference_task
@@ -40,6 +42,7 @@ from eval.student import StudentConfig
 from eval.traffic import ATTACKERS, BENIGN, BENIGN_POPULATION, TrafficShape, simulate
 from guard.defenses import DefenseParts
 
+HELD_OUT = 1001  # the headline seed: never looked at while choosing features or thresholds
 ATTACK_MIX = {**{kind: 10 for kind in ATTACKERS if kind not in ("sybil", "swarm", "spread")}, "sybil": 2, "swarm": 1,
               "spread": 2}
 
@@ -53,11 +56,13 @@ def simulated(seeds: list[int], mix: dict[str, int]) -> list[tuple[list, dict]]:
     return [simulate(mix, days=3, seed=seed) for seed in seeds]
 
 
-def replay(detector: TrafficDetector, traffics: list[tuple[list, dict]], link: bool = True) -> dict:
-    """Each seed's traffic through a fresh monitor; per kind: accounts blocked, judged, requests refused."""
+def replay(detector: TrafficDetector, traffics: list[tuple[list, dict]], link: bool = True,
+           campaigns: bool = True) -> dict:
+    """Each seed's traffic through a fresh monitor; per kind: accounts blocked, judged, requests refused, named
+    in a campaign."""
     per_kind = defaultdict(lambda: defaultdict(int, before_block=[]))
     for traffic, labels in traffics:
-        monitor = Monitor(detector, link=link)
+        monitor = Monitor(detector, link=link, campaign_every=10_000 if campaigns else 0)
         requests, served, degraded, blocked_at, via_link = defaultdict(int), defaultdict(int), defaultdict(int), {}, set()
         for event in traffic:
             client = event.client
@@ -74,6 +79,7 @@ def replay(detector: TrafficDetector, traffics: list[tuple[list, dict]], link: b
             k["accounts"] += 1
             k["judged"] += requests[client] >= CHECKPOINTS[0] or client in blocked_at
             k["blocked"] += client in blocked_at
+            k["campaign"] += "campaign" in monitor.actions.get(client, Action("allow")).reason
             k["via_link"] += client in via_link
             k["requests"] += requests[client]
             k["refused"] += requests[client] - served[client]
@@ -86,6 +92,7 @@ def replay(detector: TrafficDetector, traffics: list[tuple[list, dict]], link: b
         out[kind] = {"accounts": k["accounts"], "blocked": share(k["blocked"], k["accounts"]),
                      "blocked_of_judged": share(k["blocked"], k["judged"]),
                      "via_link": k["via_link"] / k["accounts"],
+                     "named_in_campaign": share(k["campaign"], k["accounts"]),
                      "median_requests_before_block": float(np.median(k["before_block"])) if k["before_block"] else None,
                      "served_per_account": k["served"] / k["accounts"],
                      "refused_share": k["refused"] / max(k["requests"], 1),
@@ -97,18 +104,22 @@ def ablation(benign, traffics: list[tuple[list, dict]]) -> dict:
     """Detection with each feature group, and each extraction feature, left out; and with the features left
     out by default put back. Each row: the worst benign kind's blocked share; per attacker the share
     blocked and the requests served per account before it was."""
-    settings = {"default": EXCLUDED}
+    # the campaign test runs in one row only (it is slow): the other rows compare features
+    settings = {"default": (EXCLUDED, True, False), "without the chain test": (EXCLUDED, False, False),
+                "with the campaign test": (EXCLUDED, True, True)}
     for name, group in (("timing", TIMING[1:]), ("wording", WORDING), ("extraction", EXTRACTION)):
-        settings[f"without {name}"] = EXCLUDED + group
-    settings.update({f"without {f}": EXCLUDED + (f,) for f in EXTRACTION if f not in EXCLUDED})
-    settings.update({f"with {f}": tuple(e for e in EXCLUDED if e != f) for f in EXCLUDED})
+        settings[f"without {name}"] = (EXCLUDED + group, True, False)
+    settings.update({f"without {f}": (EXCLUDED + (f,), True, False) for f in EXTRACTION if f not in EXCLUDED})
+    settings.update({f"with {f}": (tuple(e for e in EXCLUDED if e != f), True, False) for f in EXCLUDED})
     rows = {}
-    for name, exclude in settings.items():
-        detector = TrafficDetector(use_embeddings=False, exclude=exclude).fit(benign)
-        found = replay(detector, traffics)
+    for name, (exclude, chain_test, campaigns) in settings.items():
+        detector = TrafficDetector(use_embeddings=False, exclude=exclude, chain_test=chain_test).fit(benign)
+        found = replay(detector, traffics, campaigns=campaigns)
         worst = max((k for k in BENIGN if k in found), key=lambda k: found[k]["blocked"]["share"])
-        rows[name] = {"exclude": list(exclude), "worst benign": found[worst]["blocked"]["share"], "worst kind": worst,
+        rows[name] = {"exclude": list(exclude), "chain_test": chain_test, "campaign_test": campaigns,
+                      "worst benign": found[worst]["blocked"]["share"], "worst kind": worst,
                       "blocked": {k: found[k]["blocked"]["share"] for k in (*ATTACKERS, *BENIGN) if k in found},
+                      "named_in_campaign": {k: found[k]["named_in_campaign"]["share"] for k in found},
                       "served_per_account": {k: found[k]["served_per_account"] for k in ATTACKERS if k in found}}
         print(name, json.dumps(rows[name]), flush=True)
     return rows
@@ -156,9 +167,24 @@ def percent(cell: dict) -> str:
 def markdown(report: dict) -> str:
     variants = [v for v in VARIANTS if v in report]
     first = report[variants[0]]["detection"]
-    lines = ["| traffic | accounts | " + " | ".join(f"blocked, {v} [95% CI]" for v in variants) +
-             " | blocked of judged | via a linked group | median requests before the block | served per account |",
-             "|---|---|" + "---|" * (len(variants) + 4)]
+    lines = []
+    if "held_out" in report:
+        held = report["held_out"]["detection"]
+        lines += [f"Headline, timing+content, held-out seed {report['held_out']['seed']}:", "",
+                  "| traffic | accounts | blocked [95% CI] | blocked of judged [95% CI] | named in a campaign [95% CI] | "
+                  "median requests before the block |",
+                  "|---|---|---|---|---|---|"]
+        for kind in [*ATTACKERS, *BENIGN]:
+            if kind in held:
+                median = held[kind]["median_requests_before_block"]
+                lines.append(f"| {kind} | {held[kind]['accounts']} | {percent(held[kind]['blocked'])} | "
+                             f"{percent(held[kind]['blocked_of_judged'])} | {percent(held[kind]['named_in_campaign'])} | "
+                             f"{'—' if median is None else f'{median:.0f}'} |")
+        lines += ["", f"Seeds {', '.join(map(str, report['seeds']))}:", ""]
+    lines += ["| traffic | accounts | " + " | ".join(f"blocked, {v} [95% CI]" for v in variants) +
+             " | blocked of judged | via a linked group | named in a campaign | median requests before the block | "
+             "served per account |",
+             "|---|---|" + "---|" * (len(variants) + 5)]
     for kind in [*ATTACKERS, *BENIGN]:
         if kind not in first:
             continue
@@ -166,7 +192,7 @@ def markdown(report: dict) -> str:
         median = k["median_requests_before_block"]
         lines.append(f"| {kind} | {k['accounts']} | " + " | ".join(percent(report[v]['detection'][kind]['blocked'])
                                                                     for v in variants) +
-                     f" | {percent(k['blocked_of_judged'])} | {k['via_link']:.0%} | "
+                     f" | {percent(k['blocked_of_judged'])} | {k['via_link']:.0%} | {percent(k['named_in_campaign'])} | "
                      f"{'—' if median is None else f'{median:.0f}'} | {k['served_per_account']:.0f} |")
     lines += ["", "| benign kind | refused share of its requests | served degraded |", "|---|---|---|"]
     for kind in BENIGN:
@@ -197,7 +223,7 @@ VARIANTS = {"timing+content": False, "with embeddings": True}
 def main(out: str, seeds: list[int], budget: int, attack_seeds: int, fit_mix: dict[str, int] = BENIGN_POPULATION,
          variants: tuple[str, ...] = tuple(VARIANTS), steps: int | None = None, eval_items: int | None = None,
          progress: bool = True, replay_mix: dict[str, int] = BENIGN_REPLAY, students: str | None = None,
-         ablate: bool = True) -> dict:
+         ablate: bool = True, held_out: int | None = HELD_OUT) -> dict:
     start, out_dir = time.perf_counter(), Path(out)
     benign, _ = simulate(fit_mix, days=3, seed=0)
     test_mix = {**fit_mix, **ATTACK_MIX}
@@ -208,6 +234,9 @@ def main(out: str, seeds: list[int], budget: int, attack_seeds: int, fit_mix: di
         detector = detectors[name] = TrafficDetector(target_fpr=0.01, use_embeddings=VARIANTS[name]).fit(benign)
         report[name] = {"detection": replay(detector, traffics)}
         print(name, json.dumps(report[name], indent=1), flush=True)
+    if held_out is not None:
+        detector = detectors.get("timing+content") or TrafficDetector(use_embeddings=False).fit(benign)
+        report["held_out"] = {"seed": held_out, "detection": replay(detector, simulated([held_out], test_mix))}
     if ablate:
         report["ablation"] = ablation(benign, traffics)
     if attack_seeds:

@@ -830,12 +830,12 @@ def detect(log: Annotated[str, typer.Option(help="traffic log: JSONL, an Arrow d
         if is_store_url(log):  # read account by account: an audit log may hold more than memory does
             with open_store(log) as store:
                 bad = [0]
-                verdicts, groups, _ = detect_accounts(detector, store.events_by_account(errors, bad),
-                                                      store.events_of)
+                verdicts, groups, campaigns, _ = detect_accounts(detector, store.events_by_account(errors, bad),
+                                                                 store.events_of)
                 skipped = bad[0]
         else:
             events, skipped = _events(log, errors)
-            verdicts, groups, _ = detect_accounts(
+            verdicts, groups, campaigns, _ = detect_accounts(
                 detector, by_client(events).items(), lambda members: [e for e in events if e.client in set(members)])
     except (EventFormatError, FileNotFoundError, ValueError, sqlite3.Error, psycopg.Error) as e:
         raise typer.BadParameter(str(e)) from None
@@ -845,13 +845,25 @@ def detect(log: Annotated[str, typer.Option(help="traffic log: JSONL, an Arrow d
             table.add_row(client, str(v["requests"]), f"{v['p_value']:.3g}", "yes" if v["flagged"] else "no",
                           str(v["queries_to_flag"] or "—"), str(v.get("via_cluster", "—")))
     console.print(table)
+    alarms = [c for c in campaigns if c["alarm"]]
+    for campaign in alarms:
+        named = Table("member", "questions", "evidence", "p-value",
+                      title=f"campaign {campaign['campaign']}: p={campaign['p_value']:.3g} (permutation), "
+                            f"evidence {campaign['evidence']:.0f} (redraws at most {campaign['null_evidence_max']:.0f})")
+        for member in campaign["members"]:
+            if member["named"]:
+                named.add_row(member["client"], str(member["questions"]), f"{member['evidence']:.1f}",
+                              f"{member['p_value']:.3g}")
+        console.print(named)
     flagged = sum(v["flagged"] for v in verdicts.values())
     young = sum(not v["judged"] for v in verdicts.values())
     console.print(f"{flagged} of {len(verdicts)} clients flagged at target FPR {fpr:g} ({young} not yet judged: "
                   f"fewer than {CHECKPOINTS[0]} requests); {len(groups)} clusters of linked accounts "
-                  f"({sum(g['flagged'] for g in groups)} flagged); {skipped} bad rows skipped")
+                  f"({sum(g['flagged'] for g in groups)} flagged); {len(alarms)} campaigns "
+                  f"({sum(m['named'] for c in alarms for m in c['members'])} accounts named); "
+                  f"{skipped} bad rows skipped")
     _write_json(out, {"log": shown_url(log), "target_fpr": fpr, "skipped_rows": skipped, "clients": verdicts,
-                      "clusters": groups})
+                      "clusters": groups, "campaigns": campaigns})
 
 
 StoreOpt = Annotated[str, typer.Option(help="the gateway's store: sqlite:///PATH (relative), sqlite:////PATH, or "

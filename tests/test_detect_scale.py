@@ -60,7 +60,7 @@ def test_the_detect_scale_benchmark_runs_quick(benign_detector):
     result = main(300, 30_000, quick=True, detector=benign_detector)
     assert result["found"]["accounts"] == result["written"]["accounts"] > 100
     assert set(result["seconds"]["detect_stages"]) == {"read", "summaries", "features_and_verdicts", "clusters",
-                                                        "cluster_verdicts"}
+                                                        "cluster_verdicts", "campaigns"}
     assert result["peak_rss_mib"]["after_detect"] > 0
 
 

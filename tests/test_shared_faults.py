@@ -125,6 +125,21 @@ def test_a_replica_that_lags_past_trimmed_events_counts_what_it_missed(redis_sta
     assert redis_state.missed._value.get() == 8
 
 
+def test_an_answer_served_by_one_replica_teaches_every_replicas_monitor(redis_state, benign_detector):
+    """Answer chaining across replicas: replica a serves the first hop and hands its answer to the shared
+    monitor; the second hop, about the person that answer named, reaches replica b, whose monitor counts it as
+    chained, as one monitor would. (Answers kept to the replica that served them would leave b none.)"""
+    from eval.traffic import popularity_order
+
+    asked, named = popularity_order()[-2:]  # two of the people benign users ask about least
+    a, b = (SharedMonitor(Monitor(benign_detector), redis_state) for _ in range(2))
+    prompt, second = f"who is the boss of {asked}?", f"where does {named} live?"
+    a.observe(Event("client", 1.8e9, prompt))
+    a.answered("client", prompt, f"the boss of {asked} is {named}.\nanswer: {named}")
+    b.observe(Event("client", 1.8e9 + 2, second))
+    assert b.monitor.states["client"].features()["chain_share"] == 1 / 2
+
+
 def test_the_event_stream_keeps_a_capped_prompt_and_stays_within_its_bytes(redis_state, benign_detector):
     """Prompts of 256 KiB each: the stream keeps no more of each than the monitor's features read (a capped
     prompt), and its memory in Redis stays within the bound set in bytes, however many events arrive."""

@@ -77,7 +77,7 @@ def main(accounts: int = 10_000, events: int = 1_000_000, quick: bool = False, d
         seconds["fit"] = time.perf_counter() - begun
         begun = time.perf_counter()
         with open_store(f"sqlite:///{path}") as store:
-            verdicts, groups, stages = detect_accounts(detector, store.events_by_account(), store.events_of)
+            verdicts, groups, _, stages = detect_accounts(detector, store.events_by_account(), store.events_of)
         seconds["detect"] = time.perf_counter() - begun
     swarm_linked = sum(m.startswith("swarm-") for g in groups for m in g["members"])
     result = {"quick": quick, "asked": {"accounts": accounts, "events": events}, "written": written,

@@ -3,7 +3,7 @@ nothing shared between them (payment, network, start, pace, wording). Alone, eac
 together they cover the task's space the way one harvester does: without asking anything twice.
 
 Each account's questions are keyed by content: what was asked about (the prompt's key, its rarest word) and
-what the answer named (the response's entities, see `Popularity.entities`). Two accounts asking one question
+what the answer named (its words that at most a tenth of benign prompts use). Two accounts asking one question
 in their own words share that key; two different questions about one person do not. Independent accounts
 asking in the same space ask some of the same questions, at a rate the space's popularity sets: accounts a
 and b are expected to share E_ab = n_a n_b sum_q pi_q^2 questions (pi: how often each question is asked,
@@ -17,7 +17,7 @@ the compatible account that adds the most evidence, counting what it leaves room
 one does. Its statistic is the
 evidence, sum over member pairs of -log P(sharing so few | independent, E_ab) (E_ab when they share none). Its
 p-value is permutation-based and one-sided: each account's questions redrawn from the pooled popularity (the
-null of independent askers), the same search run on each redraw, p = (1 + #{redraws at least as extreme}) /
+null of independent askers; with replacement), the same search run on each redraw, p = (1 + #{redraws at least as extreme}) /
 (1 + redraws). Members are ranked by their own evidence, sum over the other members of E_ab, and named with
 their own p-value, exp(-evidence): the chance that an independent account of their volume shared so little.
 
@@ -40,6 +40,9 @@ from detectors.features import Popularity
 
 QUESTIONS_KEPT = 512  # question keys kept per account (the first ones, 4 KB): an account past that is judged alone
 MIN_QUESTIONS = 20  # fewer answered questions are no evidence of anything
+# what an answer named, for telling questions apart: its words that at most a tenth of benign prompts use
+# (a popular person, named in two answers' chains, tells them apart too), whatever the prompt's wording
+ANSWER_SHARE = 0.1
 
 
 class QuestionLog:
@@ -60,7 +63,7 @@ class QuestionLog:
             return
         mine = self.questions.setdefault(event.client, array("I"))
         if len(mine) < QUESTIONS_KEPT:
-            entities = " ".join(sorted(self.popularity.entities(event.prompt, event.response)))
+            entities = " ".join(sorted(self.popularity.rare_words(event.response, ANSWER_SHARE)))
             mine.append(zlib.crc32(f"{key}|{entities}".encode()))
             self.subjects.setdefault(event.client, array("I")).append(zlib.crc32(key.encode()))
             total = self.surprisal.setdefault(event.client, [0.0, 0])
@@ -105,20 +108,23 @@ def _search(matrix: csr_matrix, asked: np.ndarray) -> tuple[list[int], float, np
     # Two answers can name the same things by chance (a person who is two others' friend), so a few shared
     # are allowed; independent askers share about what is expected, far more than a third
     disjoint = shared <= np.floor(expected / 3)
-    weight = np.where(disjoint, -poisson.logcdf(shared, expected), 0.0)
-    np.fill_diagonal(weight, 0.0)
+    np.fill_diagonal(disjoint, False)
+    weight = np.zeros_like(expected)
+    weight[disjoint] = -poisson.logcdf(shared[disjoint], expected[disjoint])
     members = [int(np.argmax(weight.sum(axis=1)))]
     open_ = disjoint[members[0]].copy()
     open_[members[0]] = False
     gain = weight[members[0]].copy()
+    # what joining adds now, and what it leaves room for: an account that shares nothing with one member but
+    # much with the others would close the campaign for the sake of one pair
+    room = weight[:, open_].sum(axis=1)
     while open_.any():
-        # what joining adds now, and what it leaves room for: an account that shares nothing with one member
-        # but much with the others would close the campaign for the sake of one pair
-        room = weight[:, open_].sum(axis=1)
         best = int(np.argmax(np.where(open_, gain + room, -1.0)))
         members.append(best)
-        open_ &= disjoint[best]
-        open_[best] = False
+        still = open_ & disjoint[best]
+        still[best] = False
+        room -= weight[:, open_ & ~still].sum(axis=1)
+        open_ = still
         gain += weight[best]
     own = weight[np.ix_(members, members)].sum(axis=1)
     return members, float(own.sum() / 2), own
@@ -142,18 +148,23 @@ def find_campaigns(questions: dict[str, np.ndarray], permutations: int = 99, alp
         rows = [questions[c] for c in clients]
         matrix, asked = _incidence(rows)
         members, evidence, own = _search(matrix, asked)
-        sizes = [len(r) for r in rows]
-        pi = asked / asked.sum()
+        sizes = np.array([len(r) for r in rows])
+        cumulative, owner = np.cumsum(asked), np.repeat(np.arange(len(rows)), sizes)
         null = []
         for _ in range(permutations):  # independent askers of the same volumes, in the same space
-            redrawn = [rng.choice(len(pi), size=min(n, len(pi)), replace=False, p=pi) for n in sizes]
-            null.append(_search(*_incidence(redrawn))[1])
+            # each account's questions drawn from the pooled popularity (with replacement: a repeat is one
+            # question, as an account asking one twice is)
+            drawn = np.searchsorted(cumulative, rng.random(len(owner)) * cumulative[-1], side="right")
+            redrawn = csr_matrix((np.ones(len(owner), dtype=np.int32), (owner, drawn)), shape=matrix.shape)
+            redrawn.sum_duplicates()
+            redrawn.data[:] = 1
+            null.append(_search(redrawn, np.asarray(redrawn.sum(axis=0)).ravel())[1])
         p = (1 + sum(t >= evidence for t in null)) / (1 + permutations)
         ranked = sorted(zip(members, own), key=lambda m: -m[1])
         found.append({"evidence": evidence, "p_value": p, "alarm": p <= alpha, "null_evidence_max": max(null),
                       "members": [{"client": clients[m], "evidence": float(e), "p_value": float(np.exp(-e)),
                                    "named": bool(p <= alpha and np.exp(-e) <= member_alpha),
-                                   "questions": sizes[m]} for m, e in ranked]})
+                                   "questions": int(sizes[m])} for m, e in ranked]})
         if p > alpha:
             break
         gone = {clients[m] for m in members}

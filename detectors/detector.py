@@ -10,12 +10,14 @@ many: asking what an evaluation customer asks is judged against how much evaluat
 anomaly is its mean distance to its nearest benign rows, put on one scale across checkpoints by the benign
 rows' own median and 95th percentile. A client's score is its most anomalous checkpoint.
 
-Answer chaining has a test of its own, beside the neighbour model: from checkpoint `CHAIN_FROM` on, a row's
+Answer chaining has a test of its own (`chain_test=True`), beside the neighbour model: from checkpoint `CHAIN_FROM` on, a row's
 `chain_lift` (see `detectors.features`) is put on the same kind of scale by the benign rows of its checkpoint.
 A decomposer differs from an evaluation customer in that one respect only, which a distance over every feature
-dilutes. The two tests are calibrated together: a client's statistic is the smaller of its two conformal
-p-values, and its p-value is that statistic's rank among the calibration clients' (so the union of the two
-tests still flags at most `target_fpr` of benign clients). Half of the benign clients are held out of the model to calibrate: a client's
+dilutes. The false-positive budget is split (a weighted Bonferroni): the chain test gets 1/(n+1) of it, n the
+calibration clients, so it flags a client only when its chain score is beyond every calibration client's
+(exchangeable with them, a benign client is, with probability at most 1/(n+1); and at most one in
+(evaluation customers among them + 1) of the benign kind that chains most by chance); the neighbour model
+gets the rest. A client's p-value is the smaller of its two conformal p-values, each over its test's share. Half of the benign clients are held out of the model to calibrate: a client's
 p-value is the conformal (1 + #{held-out benign clients scoring at least as high}) / (n + 1), one-sided
 (small = harvester), and a client is flagged when p <= target_fpr, which bounds the benign-account FPR at
 target_fpr for clients that live as long as the calibration clients did (a client judged over more windows
@@ -78,7 +80,7 @@ def checkpoint_of(features: dict[str, float]) -> int:
 class TrafficDetector(BaseEstimator):
     def __init__(self, target_fpr: float = 0.01, use_embeddings: bool = True, n_neighbors: int = 5,
                  calibration_share: float = 0.5, reference_size: int = 256, embedding_cache: int = EMBEDDING_CACHE,
-                 random_state: int = 0, exclude: tuple[str, ...] = EXCLUDED, chain_test: bool = True):
+                 random_state: int = 0, exclude: tuple[str, ...] = EXCLUDED, chain_test: bool = False):
         self.target_fpr = target_fpr
         self.use_embeddings = use_embeddings
         self.n_neighbors = n_neighbors
@@ -87,7 +89,11 @@ class TrafficDetector(BaseEstimator):
         self.embedding_cache = embedding_cache
         self.random_state = random_state
         self.exclude = exclude  # features left out (an ablation)
-        self.chain_test = chain_test  # the answer-chaining test beside the neighbour model (off: an ablation)
+        # the answer-chaining test beside the neighbour model. Off by default until its calibration holds per
+        # benign kind: with the lab's 80 evaluation customers to calibrate on (about 40 held out), it blocked
+        # 4 to 9% of a fresh seed's evaluation customers (each beyond every calibration client), where the
+        # target is 1%; its bound for a kind is about 1/(that kind's calibration clients + 1)
+        self.chain_test = chain_test
 
     @property
     def feature_names_(self) -> tuple[str, ...]:
@@ -157,7 +163,6 @@ class TrafficDetector(BaseEstimator):
         calibration = self._client_scores([e for e in events if e.client in held_out], self.random_state + 1)
         self.calibration_scores_ = np.sort([s for s, _, _ in calibration.values()])
         self.calibration_chain_ = np.sort([c for _, c, _ in calibration.values()])
-        self.calibration_min_p_ = np.sort([self._min_p(s, c) for s, c, _ in calibration.values()])
         return self
 
     def _model(self, checkpoint: int):
@@ -208,7 +213,7 @@ class TrafficDetector(BaseEstimator):
         score = float(self._row_scores(np.array([checkpoint]),
                                        np.array([[features[n] for n in self.feature_names_]]))[0])
         led = []
-        if _conformal(self.calibration_chain_, chain) < _conformal(self.calibration_scores_, score):
+        if self.chain_ and self._p_chain(chain) < self._p_knn(score):
             median = (self.chain_.get(checkpoint) or self.chain_[max(self.chain_)])[0]
             led = [f"answers chained: chain_lift={features['chain_lift']:.2f} (benign median {median:.2f})"]
         model, _, _ = self._model(checkpoint)
@@ -216,15 +221,23 @@ class TrafficDetector(BaseEstimator):
         return led + [f"{self.feature_names_[i]}={features[self.feature_names_[i]]:.2f} ({z[i]:+.0f} sd)"
                       for i in np.argsort(-np.abs(z))[:top]]
 
-    def _min_p(self, score: float, chain: float) -> float:
-        return min(_conformal(self.calibration_scores_, score), _conformal(self.calibration_chain_, chain))
+    @property
+    def chain_share_(self) -> float:
+        """The chain test's share of the false-positive budget: beyond every calibration client, no more."""
+        return min(1 / (len(self.calibration_chain_) + 1) / self.target_fpr, 0.5) if self.chain_ else 0.0
+
+    def _p_knn(self, score: float) -> float:
+        return _conformal(self.calibration_scores_, score) / (1 - self.chain_share_)
+
+    def _p_chain(self, chain: float) -> float:
+        return _conformal(self.calibration_chain_, chain) / self.chain_share_
 
     def p_value(self, score: float, chain: float = -np.inf) -> float:
-        """The conformal p-value of a client whose most anomalous row scored `score` and most chained `chain`."""
+        """The p-value of a client whose most anomalous row scored `score` and most chained `chain`: the
+        smaller of the two tests' conformal p-values, each over its share of the budget (at most 1)."""
         if not self.chain_:
             return _conformal(self.calibration_scores_, score)
-        n = len(self.calibration_min_p_)
-        return float((1 + np.searchsorted(self.calibration_min_p_, self._min_p(score, chain), side="right")) / (n + 1))
+        return float(min(1.0, self._p_knn(score), self._p_chain(chain)))
 
     def score(self, events: list[Event], y=None) -> dict[str, dict]:
         """Per client: its score, conformal p-value, whether flagged, and after how many of its requests

@@ -32,10 +32,11 @@ in a question about a person, the name), and a window is described by
   window; `chain_fanout` the distinct things asked per learned entity that was asked about. A decomposer feeds
   each answer into its next questions and asks every relation of what it learns (as the same person comes
   back in later answers, its asks about it add up); a person following up on an answer asks one or two things
-  and moves on. Someone asking about everything also asks, by chance, about what its answers named, the more so
-  the smaller the task's world; `chain_lift` takes that chance away: the share of prompts keyed by a learned
-  entity, less the share keyed by one of as many of the client's own earlier keys (a client covering the space
-  returns to what it was told as often as to what it asked; a decomposer asks about what it was told).
+  and moves on. An entity the client asked about before any answer named it is not learned. Someone asking
+  about everything also asks, by chance, about what its answers named, the more so the smaller the task's
+  world; `chain_lift` takes that chance away: the share of prompts keyed by a learned entity, less the share
+  returning to one of the client's own recent keys that no answer taught it (a client covering the space
+  returns to what it asked about as often as to what it was told; a decomposer asks about what it was told).
 """
 
 from __future__ import annotations
@@ -111,13 +112,16 @@ class Popularity:
                 counts[word] += 1
         self.counts = dict(counts)
         self.log_total = float(np.log(len(prompts) + 2))
-        self.entity_count = ENTITY_SHARE * len(prompts)
+        self.prompts = len(prompts)
+
+    def rare_words(self, text: str, share: float = ENTITY_SHARE) -> set[str]:
+        """The words of `text` (of three letters or more) that at most `share` of benign prompts use."""
+        most = share * self.prompts
+        return {w for w in WORD.findall(text.lower()) if len(w) > 2 and self.counts.get(w, 0) <= most}
 
     def entities(self, prompt: str, response: str) -> set[str]:
-        """The words of `response` the benign population rarely uses that `prompt` did not contain."""
-        asked = set(WORD.findall(prompt.lower()))
-        return {w for w in WORD.findall(response.lower())
-                if w not in asked and len(w) > 2 and self.counts.get(w, 0) <= self.entity_count}
+        """What `response` told: its rare words that `prompt` did not contain."""
+        return self.rare_words(response) - set(WORD.findall(prompt.lower()))
 
     def key(self, prompt: str) -> tuple[str, float | None]:
         """The prompt's rarest word and its surprisal; None for a word no benign user used (most words of a
@@ -233,13 +237,14 @@ class ClientState:
             return
         digest = np.uint32(zlib.crc32(key.encode()))
         found = np.flatnonzero(self.entities == digest)
+        asked_before = (self.own_keys == digest).any()
         if len(found):
             self.chained += 1
             rest = " ".join(w for w in WORD.findall(prompt.lower()) if w != key)  # what is asked about it
             self.asks[found[0]] |= np.uint32(1 << (zlib.crc32(rest.encode()) % 32))
-        if (self.own_keys == digest).any():
+        elif asked_before:
             self.returned += 1
-        else:
+        if not asked_before:
             self.own_keys[self.keyed % ENTITIES] = digest
             self.keyed += 1
 
@@ -250,6 +255,8 @@ class ClientState:
             return
         for word in sorted(self.popularity.entities(prompt, response)):
             digest = np.uint32(zlib.crc32(word.encode()))
+            if (self.own_keys == digest).any():  # asked about before it was told: not learned from an answer
+                continue
             if not (self.entities == digest).any():  # learned again: what was asked about it still counts
                 slot = self.learned % ENTITIES
                 self.entities[slot], self.asks[slot] = digest, 0

@@ -11,7 +11,7 @@ features carry the signal (ablation); and protection measured by real distillati
    many of their requests, and how many requests were served to them; per benign kind the share blocked
    (FPR) and the share of its requests refused or served degraded.
 3. Ablation: the same replay with each feature group, and each extraction feature, left out (and the
-   features left out by default put back), and without the answer-chaining test.
+   features left out by default put back), and with the answer-chaining test (off by default).
 5. Headline: the timing+content detector on `HELD_OUT` traffic, a seed never used while the features, the
    chain test and their thresholds were chosen (seeds 1-3 were).
 4. Protection: `evaluate` with the `monitor` defence in front of teacher-a: the naive attacker's harvest
@@ -105,12 +105,12 @@ def ablation(benign, traffics: list[tuple[list, dict]]) -> dict:
     out by default put back. Each row: the worst benign kind's blocked share; per attacker the share
     blocked and the requests served per account before it was."""
     # the campaign test runs in one row only (it is slow): the other rows compare features
-    settings = {"default": (EXCLUDED, True, False), "without the chain test": (EXCLUDED, False, False),
-                "with the campaign test": (EXCLUDED, True, True)}
+    settings = {"default": (EXCLUDED, False, False), "with the chain test": (EXCLUDED, True, False),
+                "with the campaign test": (EXCLUDED, False, True)}
     for name, group in (("timing", TIMING[1:]), ("wording", WORDING), ("extraction", EXTRACTION)):
-        settings[f"without {name}"] = (EXCLUDED + group, True, False)
-    settings.update({f"without {f}": (EXCLUDED + (f,), True, False) for f in EXTRACTION if f not in EXCLUDED})
-    settings.update({f"with {f}": (tuple(e for e in EXCLUDED if e != f), True, False) for f in EXCLUDED})
+        settings[f"without {name}"] = (EXCLUDED + group, False, False)
+    settings.update({f"without {f}": (EXCLUDED + (f,), False, False) for f in EXTRACTION if f not in EXCLUDED})
+    settings.update({f"with {f}": (tuple(e for e in EXCLUDED if e != f), False, False) for f in EXCLUDED})
     rows = {}
     for name, (exclude, chain_test, campaigns) in settings.items():
         detector = TrafficDetector(use_embeddings=False, exclude=exclude, chain_test=chain_test).fit(benign)
@@ -164,6 +164,11 @@ def percent(cell: dict) -> str:
     return f"{cell['share']:.1%} [{low:.1%}, {high:.1%}]" if cell["of"] else "—"
 
 
+def named(kind: dict) -> str:
+    """The share named in a campaign; a report from before the campaign test has none."""
+    return percent(kind["named_in_campaign"]) if "named_in_campaign" in kind else "—"
+
+
 def markdown(report: dict) -> str:
     variants = [v for v in VARIANTS if v in report]
     first = report[variants[0]]["detection"]
@@ -178,13 +183,14 @@ def markdown(report: dict) -> str:
             if kind in held:
                 median = held[kind]["median_requests_before_block"]
                 lines.append(f"| {kind} | {held[kind]['accounts']} | {percent(held[kind]['blocked'])} | "
-                             f"{percent(held[kind]['blocked_of_judged'])} | {percent(held[kind]['named_in_campaign'])} | "
+                             f"{percent(held[kind]['blocked_of_judged'])} | {named(held[kind])} | "
                              f"{'—' if median is None else f'{median:.0f}'} |")
         lines += ["", f"Seeds {', '.join(map(str, report['seeds']))}:", ""]
+    campaigns = any("named_in_campaign" in k for k in first.values())  # a report from before the campaign test
     lines += ["| traffic | accounts | " + " | ".join(f"blocked, {v} [95% CI]" for v in variants) +
-             " | blocked of judged | via a linked group | named in a campaign | median requests before the block | "
-             "served per account |",
-             "|---|---|" + "---|" * (len(variants) + 5)]
+              " | blocked of judged | via a linked group | " + ("named in a campaign | " if campaigns else "") +
+              "median requests before the block | served per account |",
+              "|---|---|" + "---|" * (len(variants) + 4 + campaigns)]
     for kind in [*ATTACKERS, *BENIGN]:
         if kind not in first:
             continue
@@ -192,7 +198,8 @@ def markdown(report: dict) -> str:
         median = k["median_requests_before_block"]
         lines.append(f"| {kind} | {k['accounts']} | " + " | ".join(percent(report[v]['detection'][kind]['blocked'])
                                                                     for v in variants) +
-                     f" | {percent(k['blocked_of_judged'])} | {k['via_link']:.0%} | {percent(k['named_in_campaign'])} | "
+                     f" | {percent(k['blocked_of_judged'])} | {k['via_link']:.0%} | " +
+                     (f"{named(k)} | " if campaigns else "") +
                      f"{'—' if median is None else f'{median:.0f}'} | {k['served_per_account']:.0f} |")
     lines += ["", "| benign kind | refused share of its requests | served degraded |", "|---|---|---|"]
     for kind in BENIGN:

@@ -807,7 +807,7 @@ def detect(log: Annotated[str, typer.Option(help="traffic log: JSONL, an Arrow d
            benign: Annotated[str | None, typer.Option(help="benign traffic to fit on (JSONL, Arrow or "
                                                          "a store URL): your own users, from the same "
                                                          "domain")] = None,
-           lab: Annotated[bool, typer.Option(help="fit on the reference lab's simulated benign traffic (600 "
+           lab: Annotated[bool, typer.Option(help="fit on the reference lab's simulated benign traffic (880 "
                                                   "clients, seed 0) instead")] = False,
            fpr: Annotated[float, typer.Option(help="target benign-account false-positive rate")] = 0.01,
            embeddings: Annotated[bool, typer.Option(help="use sentence-embedding features (slower)")] = False,

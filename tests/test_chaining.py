@@ -4,15 +4,17 @@ ask about what its own answers named."""
 import sqlite3
 
 import numpy as np
+import pytest
 
 from conftest import live_server
+from detectors.detector import TrafficDetector
 from detectors.events import Event, read_events, write_events
 from detectors.features import ENTITIES, ClientState, Popularity
 from detectors.monitor import Monitor
 from eval.harvest import Budget, Harvester
 from eval.reference.world import reference_task
 from eval.strategies import decompose
-from eval.traffic import ShapedClient, TrafficShape
+from eval.traffic import BENIGN_POPULATION, ShapedClient, TrafficShape, simulate
 from guard.gateway.app import create_app
 from guard.gateway.store import SQLiteStore
 from guard.monitored import Monitored
@@ -49,15 +51,16 @@ def test_a_question_about_the_person_an_answer_named_is_chained_and_the_same_que
     assert unanswered["chain_share"] == unanswered["chain_fanout"] == 0
 
 
-def test_a_name_the_client_asked_about_before_its_answer_named_it_is_no_lift():
-    """A client covering the space asks about zumith, is told about her in another answer, asks again:
-    chained, but as often as it returns to what it asked itself, so no lift. A decomposer's lift is its share."""
+def test_a_name_the_client_asked_about_before_an_answer_named_it_is_not_learned_and_its_return_is_no_lift():
+    """A client covering the space asks about zumith, is told about her in another answer, asks again: that is
+    a return to its own question, not a chain, and it lowers the lift. A decomposer's lift is its share: every
+    question about zumith asks about what an answer taught it."""
     covering = [Event("c", 0.0, "where does zumith live?", response="zumith lives in tilden."),
                 *chained_client(answered=True)[:2]]
     row = features(covering)
-    assert row["chain_share"] == 1 / 3 and row["chain_lift"] == 0
+    assert row["chain_share"] == 0 and row["chain_lift"] == -1 / 3
     decomposer = features(chained_client(answered=True))
-    assert decomposer["chain_lift"] == decomposer["chain_share"] - 2 / 4  # zumith's 2nd and 3rd asks return to her
+    assert decomposer["chain_lift"] == decomposer["chain_share"] == 3 / 4
 
 
 def test_popular_words_and_the_prompts_own_words_are_never_entities():
@@ -95,14 +98,21 @@ def test_what_a_client_learned_is_kept_in_a_ring_of_fixed_size_however_many_answ
     assert state.entities.nbytes + state.asks.nbytes + state.own_keys.nbytes <= 2_048
 
 
-def test_a_decomposer_that_chains_answers_is_blocked_through_a_real_gateway(tmp_path, teacher_a, benign_detector):
+@pytest.fixture(scope="module")
+def chain_detector():
+    """The lab's detector with the chain test on (off by default: see `TrafficDetector.chain_test`)."""
+    benign, _ = simulate(BENIGN_POPULATION, days=3, seed=0)
+    return TrafficDetector(use_embeddings=False, chain_test=True).fit(benign)
+
+
+def test_a_decomposer_that_chains_answers_is_blocked_through_a_real_gateway(tmp_path, teacher_a, chain_detector):
     """The decomposition attacker (`eval.strategies.decompose`: first hops, then the second hop about each
     answer) through a gateway over loopback HTTP, on the lab clock at its scripted pace. The gateway's monitor
     reads each completion's text, and blocks the account at its 100th request (the first checkpoint the chain test judges) for chaining its answers: the
     neighbour model alone would serve it hundreds more (it asks as an evaluation customer does)."""
     store = SQLiteStore(tmp_path / "gateway.sqlite")
     key = store.create_key("decomposer")
-    served = Monitored(teacher_a, Monitor(benign_detector))
+    served = Monitored(teacher_a, Monitor(chain_detector))
     with live_server(create_app(lambda: served, "teacher-a", store=store, lab_clock=True)) as url:
         wire = OpenAITeacher(f"{url}/v1", "teacher-a", api_key=key, lab_clock=True)
         harvester = Harvester(ShapedClient(wire, TrafficShape(pace=2.0)), tmp_path / "harvest", Budget(queries=140),

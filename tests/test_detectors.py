@@ -307,11 +307,10 @@ def test_traffic_study_smoke_at_toy_scale(tmp_path):
                   steps=5, eval_items=40, progress=False, ablate=False,
                   replay_mix={"human": 10, "power": 1, "student": 10})
     detection = report["timing+content"]["detection"]
-    # 60 requests reach two checkpoints only: half the naive harvesters are blocked there at this toy scale
-    assert detection["naive"]["blocked"]["share"] >= 0.5 and detection["student"]["accounts"] == BENIGN_MIX["student"]
+    assert detection["naive"]["blocked"]["share"] == 1.0 and detection["student"]["accounts"] == BENIGN_MIX["student"]
     assert 0 <= detection["student"]["refused_share"] < 0.1
     shapes = {(r["attack"], r["shape"]) for r in report["protection"]}
     assert shapes == {("naive/sft", k) for k in [*SHAPES, "undefended"]} | {("decompose/sft", "decompose"),
                                                                            ("decompose/sft", "undefended")}
     text = (tmp_path / "report.md").read_text()
-    assert "| naive | 10 | " in text and "| naive/sft (swarm of 100) | monitor | 60 |" in text
+    assert "| naive | 10 | 100.0% [" in text and "| naive/sft (swarm of 100) | monitor | 60 |" in text

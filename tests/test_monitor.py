@@ -125,10 +125,8 @@ def test_memory_per_client_stays_flat_from_2k_to_100k_requests_with_embeddings_o
 def test_a_client_that_turns_to_harvesting_after_10k_benign_requests_is_blocked_within_a_window(benign_detector):
     """A power user's 10,000 requests, then a scripted harvest from the same account. The checkpoints of
     the client's first window are long past; later windows are judged afresh, so the harvest is blocked
-    before it has sent two windows' worth of requests (the first it shares with the power user's last 400;
-    it was blocked in the second window's 400th request, before the chain test took its part of the
-    false-positive budget, and is now at its 800th), and the offline detector, replaying the same log, flags
-    it at the same request."""
+    before it has sent a window's worth of requests, and the offline detector, replaying the same log,
+    flags it at the same request."""
     life, _ = simulate({"power": 1}, days=30, seed=1)
     assert len(life) >= 10_000
     life = life[:10_000]
@@ -140,7 +138,7 @@ def test_a_client_that_turns_to_harvesting_after_10k_benign_requests_is_blocked_
     actions = [monitor.observe(event) for event in traffic]
     assert all(a.kind == "allow" for a in actions[:10_000])  # judged through its benign life and let through
     blocked_at = next((n for n, a in enumerate(actions, 1) if a.kind == "block"), None)
-    assert blocked_at is not None and blocked_at - 10_000 <= 2 * CHECKPOINTS[-1], blocked_at
+    assert blocked_at is not None and blocked_at - 10_000 <= CHECKPOINTS[-1], blocked_at
     assert benign_detector.score(traffic)[client]["queries_to_flag"] == blocked_at
 
 

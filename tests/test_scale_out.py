@@ -79,8 +79,10 @@ def test_when_redis_dies_the_gateway_fails_as_configured_counts_it_and_never_ans
                for s in family.samples
                if s.name == "distill_guard_shared_state_failures_total" and s.labels["outcome"] == outcome}
     # closed: the limited key stops at its admission, the unlimited one at its judging. Open: the limited key's
-    # admission fails and both are judged (neither has a token limit, so no charge is sent)
-    assert counted == ({"rate_limit": 1.0, "monitor": 2.0} if fail == "open" else {"rate_limit": 1.0, "monitor": 1.0})
+    # admission fails and both are judged (neither has a token limit, so no charge is sent), and both answers
+    # are lost to the other replicas' monitors
+    assert counted == ({"rate_limit": 1.0, "monitor": 2.0, "monitor_answers": 2.0} if fail == "open"
+                       else {"rate_limit": 1.0, "monitor": 1.0})
     assert "Redis unreachable" in caplog.text and f"fail-{fail}" in caplog.text
 
 

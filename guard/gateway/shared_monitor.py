@@ -79,13 +79,15 @@ class SharedMonitor:
 
     def answered(self, client: str, prompt: str, response: str) -> None:
         """As `Monitor.answered`, for every replica: the answer joins the stream, and each replica applies it
-        in its place in the order. Unreachable Redis: it is lost (as an event is then), no replica diverges."""
+        in its place in the order. Unreachable Redis: it is lost, counted under its own component
+        (`monitor_answers`), and no replica diverges; the answer itself, generated already, is still served
+        (even failing closed: the request was admitted)."""
         event = compact(Event(client, 0.0, prompt, response=response))
         try:
-            self.shared.call("monitor", self._append, keys=[self.stream, self.counter],
+            self.shared.call("monitor_answers", self._append, keys=[self.stream, self.counter],
                              args=[self.max_events, "answer", "1", "client", client, "prompt", event.prompt,
                                    "response", event.response])
-        except Unreachable:
+        except (Unreachable, APIError):
             pass
 
     def _catch_up(self, mine: str) -> Action | None:
